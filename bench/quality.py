@@ -1,0 +1,87 @@
+"""Perplexity and decode speed of each weights option on the embedded 270M, beside llama.cpp on the same file.
+
+    python bench/quality.py --tokens 4096 --out bench/results/quality-270m.json
+
+Perplexity: the same token ids and windows (eval.py's) for every row, llama.cpp included (its logits
+through llama-cpp-python). Decode speed: greedy, 128 new tokens after a short prompt, bf16, one run.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoint import embedded_gguf  # noqa: E402
+from eval import chunked_logits, perplexity  # noqa: E402
+from generation import Sampling, generate  # noqa: E402
+from model import Gemma3  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+
+def text_ids(tok: Tokenizer, n: int) -> list[int]:
+    import pydoc_data.topics  # real English documentation text shipped with Python
+
+    return tok.encode("\n\n".join(pydoc_data.topics.topics.values()))[:n]
+
+
+def decode_speed(step_fn, prompt: list[int], n: int = 128) -> float:
+    step_fn(prompt, 8)  # warm-up
+    t0 = time.perf_counter()
+    got = step_fn(prompt, n)
+    return (got - 1) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--stride", type=int, default=512)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    path = embedded_gguf()
+    tok = Tokenizer.from_pretrained(path)
+    ids = text_ids(tok, args.tokens)
+    prompt = tok.encode("The history of the printing press", bos=True)
+    rows = []
+    for weights, dtype in [("dense", torch.float32), ("auto", torch.float32), ("int4", torch.float32)]:
+        model = Gemma3.from_pretrained(path, dtype=dtype, weights=weights)
+        ppl = perplexity(chunked_logits(model), ids, args.context, args.stride)["perplexity"]
+        fast = Gemma3.from_pretrained(path, dtype=torch.bfloat16, weights=weights)
+        run = lambda prompt, n, m=fast: len(list(generate(m, prompt, n, Sampling(temperature=0))))  # noqa: E731
+        rows.append({"name": f"ours --weights {weights}", "perplexity": ppl, "decode_tok_s": decode_speed(run, prompt)})
+        print(rows[-1], file=sys.stderr)
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=args.context, n_batch=args.context, n_ubatch=args.context,
+                logits_all=True, n_threads=torch.get_num_threads(), verbose=False)  # fmt: skip
+
+    def llama_logits(x: torch.Tensor) -> torch.Tensor:
+        llm.reset()
+        llm.eval(x[0].tolist())
+        return torch.from_numpy(np.array(llm.scores[: x.shape[1]])).unsqueeze(0)
+
+    def llama_run(prompt: list[int], n: int) -> int:
+        llm.reset()
+        return sum(1 for _ in zip(range(n), llm.generate(prompt, temp=0.0, reset=True), strict=False))
+
+    ppl = perplexity(llama_logits, ids, args.context, args.stride)["perplexity"]
+    speed = decode_speed(llama_run, prompt)
+    rows.append({"name": "llama.cpp (the Q4_K_M file as is)", "perplexity": ppl, "decode_tok_s": speed})
+    print(rows[-1], file=sys.stderr)
+    table = ["| weights | perplexity | decode tok/s (bf16) |", "|---|---|---|"]
+    table += [f"| {r['name']} | {r['perplexity']:.2f} | {r['decode_tok_s']:.1f} |" for r in rows]
+    print("\n".join(table))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"tokens": len(ids), "context": args.context, "stride": args.stride, "threads": torch.get_num_threads()}
+        args.out.write_text(json.dumps({"setup": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

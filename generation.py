@@ -1,0 +1,109 @@
+"""Sampling and the decode loop, as free functions (gpt-fast style); generate.py and chat.py call them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from model import Gemma3
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the context
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style, as in transformers: seen tokens' positive logits are divided by the penalty, negative multiplied."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample(
+    logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """logits (B, V) float -> next token ids (B,)."""
+    if seen is not None and s.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.min_p:
+        probs = probs.masked_fill(probs < s.min_p * probs.amax(-1, keepdim=True), 0.0)
+    if s.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p
+        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
+    # Sampling via exponential races (Gumbel-max in disguise): no host sync, no renormalisation needed.
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1)
+
+
+def prefill(model: Gemma3, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Run the prompt (B, T) through the model, filling the cache; return the last position's logits (B, V)."""
+    h = model.hidden_states(model.embed_tokens(ids), pos)
+    return model.logits(h[:, -1])
+
+
+def decode_one_token(model: Gemma3, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """token (B, 1) at position pos (1,) -> logits (B, V). The fixed-shape step that --compile compiles."""
+    return model(token, pos)[:, -1]
+
+
+@torch.no_grad()
+def generate(
+    model: Gemma3,
+    prompt: list[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    stop_ids: tuple[int, ...] = (),
+    generator: torch.Generator | None = None,
+    decode_step: Callable = decode_one_token,
+) -> Iterator[int]:
+    """Yield new token ids one at a time; stop after a stop id (which is yielded) or max_new_tokens.
+
+    Sets up a KV cache for len(prompt) + max_new_tokens positions; both must fit in the model's context.
+    """
+    context = model.config.max_seq_len
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if len(prompt) >= context:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, but the model's context is {context} tokens")
+    max_new_tokens = min(max_new_tokens, context - len(prompt))
+    device = model.norm.weight.device
+    model.setup_cache(1, len(prompt) + max_new_tokens)
+    ids = torch.tensor([prompt], device=device)
+    seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
+    seen[0, ids[0]] = True
+    logits = prefill(model, ids, torch.arange(len(prompt), device=device))
+    for i in range(max_new_tokens):
+        token = sample(logits, sampling, seen, generator)
+        token_id = int(token)
+        yield token_id
+        if token_id in stop_ids or i == max_new_tokens - 1:
+            return
+        seen[0, token] = True
+        logits = decode_step(model, token.view(1, 1), torch.tensor([len(prompt) + i], device=device))

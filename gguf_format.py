@@ -1,0 +1,338 @@
+"""GGUF (llama.cpp) checkpoints of Gemma 3, read and written with llama.cpp's own `gguf` package.
+
+llama.cpp's conventions differ from transformers' in three places, all undone here:
+- tensor names (`blk.{i}.attn_q.weight`, ...), mapped onto ours in NAMES;
+- norm weights are stored with the +1 of Gemma's (1 + w) RMSNorm already added;
+- the tokenizer lives in the metadata (tokens, scores, token types), rebuilt here as a SentencePiece model.
+Q4_0 is symmetric int4 with groups of 32, like ours, and imports exactly; types with more than 4 bits are
+kept at 8 bits by weights="auto" (int8, one scale per row: +0.3% perplexity on the 270M, see README).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import quant
+
+if TYPE_CHECKING:
+    from model import Gemma3Config
+
+ARCH = "gemma3"
+NAMES = {  # GGUF -> ours; "blk.{i}." becomes "layers.{i}."
+    "token_embd": "embed",
+    "output_norm": "norm",
+    "attn_norm": "input_norm",
+    "attn_q": "attn.q_proj",
+    "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj",
+    "attn_q_norm": "attn.q_norm",
+    "attn_k_norm": "attn.k_norm",
+    "post_attention_norm": "post_attn_norm",
+    "ffn_norm": "pre_ffw_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_ffw_norm": "post_ffw_norm",
+}
+Q = gguf.GGMLQuantizationType
+# Types that hold more than a symmetric int4 g32 grid (more bits, or 4 bits with sub-block scales and minimums)
+MORE_THAN_INT4 = {Q.Q4_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q8_1, Q.Q8_K}
+
+
+@functools.lru_cache(maxsize=1)  # parsing the 262k-token vocabulary takes gguf's reader seconds: do it once
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = field(reader, "general.architecture")
+    if arch != ARCH:
+        raise ValueError(f"{path}: GGUF architecture is {arch!r}, not {ARCH!r} (Gemma 3)")
+    return reader
+
+
+def field(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
+    """The transformers `gemma3_text` config this GGUF describes (llama.cpp keeps what it does not store fixed)."""
+
+    def get(key, default=None):
+        value = field(reader, f"{ARCH}.{key}", default)
+        if value is None:
+            raise ValueError(f"{path}: GGUF metadata has no {ARCH}.{key}")
+        return value
+
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length", hidden // heads)
+    scaling = field(reader, f"{ARCH}.rope.scaling.type", "none")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    return {
+        "model_type": "gemma3_text",
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "sliding_window": get("attention.sliding_window"),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "max_position_embeddings": get("context_length"),
+        "rope_theta": get("rope.freq_base", 1_000_000.0),
+        "rope_local_base_freq": get("rope.freq_base_swa", 10_000.0),
+        "rope_scaling": {"rope_type": "linear", "factor": get("rope.scaling.factor")} if scaling == "linear" else None,
+        "query_pre_attn_scalar": query_pre_attn_scalar(reader, hidden, heads, head_dim, get("block_count")),
+        "vocab_size": len(tokens.data) if tokens is not None else get("vocab_size"),
+    }
+
+
+def query_pre_attn_scalar(reader: gguf.GGUFReader, hidden: int, heads: int, head_dim: int, layers: int) -> float:
+    """From attention.scale if the file has it; else llama.cpp's rule: 1/sqrt(head_dim), but for the
+    27B (62 layers) 1/sqrt(hidden / heads) = 1/sqrt(168)."""
+    scale = field(reader, f"{ARCH}.attention.scale")
+    if scale:
+        return round(scale**-2, 3)
+    return hidden // heads if layers == 62 else head_dim
+
+
+def our_name(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return f"layers.{parts[1]}.{NAMES.get(parts[2], parts[2])}.{parts[3]}"
+    return f"{NAMES.get(parts[0], parts[0])}.{parts[1]}"
+
+
+def q4_0_ints(raw: np.ndarray, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integers and scales of a Q4_0 tensor: each block of 32 starts with its fp16 scale d, and gguf's
+    dequantization w = q * d is exact in float32, so q = w / d is recovered exactly."""
+    n, k = w.shape
+    d = torch.from_numpy(np.array(raw)).view(n, k // 32, -1)[..., :2].contiguous().view(torch.float16)
+    q = torch.round(w.view(n, k // 32, 32) / d.float())
+    return torch.where(d == 0, 0.0, q).view(n, k).to(torch.int8), d.view(n, k // 32)
+
+
+def load_text_model(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
+    """The config and tensors (our names) of a Gemma 3 GGUF: Q4_0 as our int4 (exact), every other type
+    as float32 from gguf's own dequantizers (norms shifted back to transformers' w). The third item
+    names the weights the file stores above 4 bits (Q5_0, Q8_0, K-quants...), which weights="auto" keeps
+    at 8 bits."""
+    reader = open_gguf(path)
+    config, tensors, above_4_bits = hf_config(reader, path), {}, set()
+    for t in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", disable=None, leave=False):
+        name, shape = our_name(t.name), tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest first
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)).view(shape)
+        if t.tensor_type == Q.Q4_0:
+            q, d = q4_0_ints(t.data, w)
+            module = name.removesuffix(".weight")
+            tensors[f"{module}.int4_data"], tensors[f"{module}.scales"] = quant.pack_int4(q), d
+        elif name.endswith("norm.weight"):
+            tensors[name] = w - 1.0  # llama.cpp stores 1 + w
+        else:
+            tensors[name] = w
+            if t.tensor_type in MORE_THAN_INT4:
+                above_4_bits.add(name)
+    return config, tensors, above_4_bits
+
+
+def tokenizer_proto(path: Path) -> bytes:
+    """Rebuild Gemma's SentencePiece model (a serialized ModelProto) from the GGUF tokenizer metadata."""
+    reader = open_gguf(path)
+    if field(reader, "tokenizer.ggml.model") != "llama":
+        raise ValueError(f"{path}: tokenizer model {field(reader, 'tokenizer.ggml.model')!r} is not SentencePiece")
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    scores = field(reader, "tokenizer.ggml.scores")
+    types = field(reader, "tokenizer.ggml.token_type")
+    # llama.cpp writes the whitespace-run pieces ("▁▁", ...) with real spaces; SentencePiece matches pieces
+    # after turning spaces into U+2581, so no piece of its own contains a space.
+    pieces = [bytes(tokens.parts[i]).replace(b" ", "\u2581".encode()) for i in tokens.data]
+    ids = {k: field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("unknown", "bos", "eos", "padding")}
+    return sentencepiece_proto(pieces, scores, types, ids)
+
+
+# A SentencePiece ModelProto is small enough to write by hand (sentencepiece_model.proto field numbers),
+# which spares a protobuf dependency.
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value) -> bytes:
+    if isinstance(value, bytes):  # length-delimited
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):  # fixed32
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    return _varint(number << 3) + _varint(value & 0xFFFFFFFFFFFFFFFF)  # varint (bool, int, enum)
+
+
+def sentencepiece_proto(pieces: list[bytes], scores, types, ids: dict[str, int | None]) -> bytes:
+    """Gemma's settings: BPE with byte fallback, no normalization, no dummy prefix, spaces as U+2581."""
+    proto = b"".join(
+        _field(1, _field(1, p) + _field(2, float(s)) + _field(3, int(t)))
+        for p, s, t in zip(pieces, scores, types, strict=True)
+    )
+    trainer = _field(3, 2) + _field(4, len(pieces)) + _field(35, True)  # model_type BPE, vocab_size, byte_fallback
+    for number, key in ((40, "unknown"), (41, "bos"), (42, "eos"), (43, "padding")):
+        trainer += _field(number, -1 if ids[key] is None else ids[key])
+    normalizer = _field(1, b"identity") + _field(3, False) + _field(4, False) + _field(5, True)
+    return proto + _field(2, trainer) + _field(3, normalizer)
+
+
+def parse_sentencepiece_proto(proto: bytes) -> list[tuple[bytes, float, int]]:
+    """(piece, score, type) of every piece of a serialized SentencePiece ModelProto (field 1 of it)."""
+
+    def fields(buf: bytes):
+        i = 0
+        while i < len(buf):
+            key, i = _read_varint(buf, i)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                value, i = _read_varint(buf, i)
+            elif wire == 5:
+                value, i = struct.unpack_from("<f", buf, i)[0], i + 4
+            elif wire == 1:
+                value, i = buf[i : i + 8], i + 8
+            elif wire == 2:
+                n, i = _read_varint(buf, i)
+                value, i = buf[i : i + n], i + n
+            else:
+                raise ValueError(f"tokenizer: unsupported protobuf wire type {wire}")
+            yield number, value
+
+    pieces = []
+    for number, value in fields(proto):
+        if number == 1:
+            p = {1: b"", 2: 0.0, 3: 1} | dict(fields(value))
+            pieces.append((p[1], p[2], p[3]))
+    return pieces
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def gguf_name(name: str) -> str:
+    inverse = {v: k for k, v in NAMES.items()}
+    parts = name.rsplit(".", 1)[0].split(".")
+    if parts[0] == "layers":
+        return f"blk.{parts[1]}.{inverse['.'.join(parts[2:])]}.weight"
+    return f"{inverse[parts[0]]}.weight"
+
+
+def fp16_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Scales as GGUF's fp16 block scales; bf16 has the wider range, so check that nothing overflows or vanishes."""
+    half = scales.to(torch.float16)
+    if torch.isinf(half).any() or ((half == 0) & (scales != 0)).any():
+        raise ValueError("quantization scales outside float16's range cannot be stored in GGUF blocks")
+    return half
+
+
+def q4_0_blocks(int4_data: torch.Tensor, scales: torch.Tensor) -> tuple[np.ndarray, bool]:
+    """Our int4 pair -> Q4_0 bytes (N, K/32 * 18), and whether the fp16 scales are exactly ours."""
+    n, k = int4_data.shape[0], int4_data.shape[1] * 2
+    q = (quant.unpack_int4(int4_data).view(n, k // 32, 32) + 8).to(torch.uint8)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)  # byte j: q[j] low, q[j + 16] high
+    d = fp16_scales(scales)
+    blocks = torch.cat([d.view(n, k // 32, 1).view(torch.uint8), nibbles], dim=-1)
+    return blocks.reshape(n, -1).numpy(), bool(torch.equal(d.float(), scales.float()))
+
+
+def q8_0_blocks(int8_data: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+    """Our int8 pair -> Q8_0 bytes (N, K/32 * 34): every block of a row gets the row's scale (as fp16)."""
+    n, k = int8_data.shape
+    d = fp16_scales(scales)[:, None, None].expand(n, k // 32, 1).contiguous().view(torch.uint8)
+    blocks = torch.cat([d, int8_data.view(n, k // 32, 32).view(torch.uint8)], dim=-1)
+    return blocks.reshape(n, -1).numpy()
+
+
+def save(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer: bytes, path: Path) -> None:
+    """Write a Gemma 3 GGUF that llama.cpp runs: int4 -> Q4_0 (exact when the bf16 scales fit fp16 exactly, as
+    QAT scales do), int8 -> Q8_0 (row scales rounded to fp16), norms F32 as 1 + w, and the full tokenizer.
+    Written to a temporary file, renamed at the end."""
+    if config.global_layers != [(i + 1) % 6 == 0 for i in range(config.num_layers)]:
+        raise ValueError("llama.cpp's gemma3 expects every 6th layer to be global; this model's pattern differs")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    w = gguf.GGUFWriter(tmp, ARCH)
+    w.add_name("Gemma 3")
+    w.add_context_length(config.max_seq_len)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_heads)
+    w.add_head_count_kv(config.num_kv_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(config.rope_theta_global)
+    w.add_rope_freq_base_swa(config.rope_theta_local)
+    w.add_sliding_window(config.sliding_window)
+    w.add_attention_scale(config.query_pre_attn_scalar**-0.5)
+    if config.rope_scale_global != 1.0:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(config.rope_scale_global)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    pieces = parse_sentencepiece_proto(tokenizer)
+    # llama.cpp matches user-defined pieces on the raw text: its whitespace pieces hold real spaces
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([p.replace("\u2581".encode(), b" ") if t == 4 else p for p, _, t in pieces])
+    w.add_token_scores([s for _, s, _ in pieces])
+    w.add_token_types([t for _, _, t in pieces])
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if kind == "int4_data":
+            blocks, exact = q4_0_blocks(t, tensors[f"{module}.scales"])
+            if exact:
+                w.add_tensor(gguf_name(name), blocks, raw_dtype=Q.Q4_0)
+                continue
+            warnings.warn(f"{module}: scales are not exact in fp16; written as F32", stacklevel=2)
+            dense = quant.dequantize_int4(t, tensors[f"{module}.scales"].float())
+            w.add_tensor(gguf_name(name), dense.numpy())
+        elif kind == "int8_data":
+            w.add_tensor(gguf_name(name), q8_0_blocks(t, tensors[f"{module}.scales"]), raw_dtype=Q.Q8_0)
+        elif kind == "weight":
+            t = t.float() + 1.0 if module.endswith("norm") else t.float()  # llama.cpp stores 1 + w
+            w.add_tensor(gguf_name(name), t.numpy())
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=True)
+        w.close()
+        tmp.rename(path)
+    finally:
+        tmp.unlink(missing_ok=True)

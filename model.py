@@ -1,0 +1,378 @@
+"""The Gemma 3 text decoder, top to bottom.
+
+Read in order: the config with the published sizes, RMSNorm, rotary embeddings, the KV cache,
+attention, the GeGLU MLP, the sandwich-norm block, and the model with its loader.
+Weights are plain nn.Linear / nn.Embedding here; quant.py swaps in int4 versions from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import checkpoint
+import quant
+
+TEXT_VOCAB_SIZE = 262144  # real tokens; multimodal checkpoints pad the embedding to 262208 rows
+
+
+@dataclass
+class Gemma3Config:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    sliding_window: int
+    vocab_size: int = 262144  # embedding rows, padding included
+    query_pre_attn_scalar: float = 256  # attention scale is query_pre_attn_scalar ** -0.5
+    rope_theta_local: float = 10_000.0
+    rope_theta_global: float = 1_000_000.0
+    rope_scale_global: float = 1.0  # linear RoPE scaling on global layers: positions / rope_scale_global
+    max_seq_len: int = 32768
+    rms_norm_eps: float = 1e-6
+    # layer i attends globally iff global_layers[i]; by default every 6th layer
+    global_layers: list[bool] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.global_layers:
+            self.global_layers = [(i + 1) % 6 == 0 for i in range(self.num_layers)]
+        if len(self.global_layers) != self.num_layers:
+            raise ValueError(f"global_layers has {len(self.global_layers)} entries for {self.num_layers} layers")
+
+    @classmethod
+    def from_name(cls, name: str) -> Gemma3Config:
+        if name not in CONFIGS:
+            raise ValueError(f"unknown Gemma 3 size {name!r}; known: {', '.join(CONFIGS)}")
+        return cls(**CONFIGS[name])
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> Gemma3Config:
+        """From a transformers config.json: text-only `gemma3_text` or multimodal `gemma3` (text_config)."""
+        model_type = hf.get("model_type")
+        if model_type == "gemma3":
+            hf = dict(hf.get("text_config") or {})
+            hf.setdefault("vocab_size", 262208)  # transformers' default for the multimodal models
+        elif model_type != "gemma3_text":
+            raise ValueError(f"config.json: model_type {model_type!r} is not Gemma 3 ('gemma3' or 'gemma3_text')")
+        for name in ("hidden_size", "num_hidden_layers", "intermediate_size"):
+            if name not in hf:
+                raise ValueError(f"config.json: Gemma 3 text config has no {name!r}")
+        for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if hf.get(name) is not None:
+                raise ValueError(f"config.json: {name} is set, but Gemma 3 has no logit soft-capping")
+        # Fields a config.json may omit take transformers' Gemma3TextConfig defaults.
+        theta_global = hf.get("rope_theta", 1_000_000.0)
+        theta_local = hf.get("rope_local_base_freq", 10_000.0)
+        scaling = hf.get("rope_scaling") or {}
+        rope = hf.get("rope_parameters") or {}  # newer transformers: one dict per layer type
+        if "full_attention" in rope:
+            scaling = rope["full_attention"]
+            theta_global = scaling.get("rope_theta", theta_global)
+            theta_local = rope.get("sliding_attention", {}).get("rope_theta", theta_local)
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ("default", "linear"):
+            raise ValueError(f"config.json: RoPE type {rope_type!r} is not supported (only default and linear)")
+        n_layers = hf["num_hidden_layers"]
+        pattern = hf.get("sliding_window_pattern", 6)
+        layer_types = hf.get("layer_types") or [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)
+        ]
+        return cls(
+            hidden_size=hf["hidden_size"],
+            num_layers=n_layers,
+            num_heads=hf.get("num_attention_heads", 8),
+            num_kv_heads=hf.get("num_key_value_heads", 4),
+            head_dim=hf.get("head_dim", 256),
+            intermediate_size=hf["intermediate_size"],
+            sliding_window=hf.get("sliding_window", 4096),
+            vocab_size=hf.get("vocab_size", 262208),
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+            rope_theta_local=theta_local,
+            rope_theta_global=theta_global,
+            rope_scale_global=scaling.get("factor", 1.0) if rope_type == "linear" else 1.0,
+            max_seq_len=hf.get("max_position_embeddings", 131072),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            global_layers=[t == "full_attention" for t in layer_types],
+        )
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> Gemma3Config:
+        """Identify a published size from a state dict's shapes (our names), for checkpoints without config.json."""
+        n_layers = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("layers.")), default=-1)
+        embed = shapes.get("embed.weight") or shapes.get("embed.int4_data") or shapes.get("embed.int8_data")
+        for c in CONFIGS.values():
+            if c["num_layers"] == n_layers and shapes.get("norm.weight") == (c["hidden_size"],) and embed:
+                return cls(**{**c, "vocab_size": embed[0]})
+        raise ValueError(
+            f"no config.json, and the tensor shapes ({n_layers} layers, norm {shapes.get('norm.weight')}) "
+            f"match no published Gemma 3 size ({', '.join(CONFIGS)})"
+        )
+
+    def to_hf(self) -> dict:
+        """The `gemma3_text` config.json that transformers reads back to this config."""
+        return {
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "sliding_window": self.sliding_window,
+            "vocab_size": self.vocab_size,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "rope_local_base_freq": self.rope_theta_local,
+            "rope_theta": self.rope_theta_global,
+            "rope_scaling": None
+            if self.rope_scale_global == 1.0
+            else {"rope_type": "linear", "factor": self.rope_scale_global},
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.rms_norm_eps,
+            "layer_types": ["full_attention" if g else "sliding_attention" for g in self.global_layers],
+            "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": True,
+            "bos_token_id": 2,
+            "eos_token_id": [1, 106],
+            "pad_token_id": 0,
+        }
+
+
+# The published sizes (Google's configs). Vocab 262208 = 262144 tokens padded for the vision models.
+CONFIGS = {
+    "270m": dict(hidden_size=640, num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256,
+                 intermediate_size=2048, sliding_window=512, vocab_size=262144, max_seq_len=32768),
+    "1b": dict(hidden_size=1152, num_layers=26, num_heads=4, num_kv_heads=1, head_dim=256,
+               intermediate_size=6912, sliding_window=512, vocab_size=262144, max_seq_len=32768),
+    "4b": dict(hidden_size=2560, num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256,
+               intermediate_size=10240, sliding_window=1024, vocab_size=262208, rope_scale_global=8.0,
+               max_seq_len=131072),
+    "12b": dict(hidden_size=3840, num_layers=48, num_heads=16, num_kv_heads=8, head_dim=256,
+                intermediate_size=15360, sliding_window=1024, vocab_size=262208, rope_scale_global=8.0,
+                max_seq_len=131072),
+    "27b": dict(hidden_size=5376, num_layers=62, num_heads=32, num_kv_heads=16, head_dim=128,
+                intermediate_size=21504, sliding_window=1024, vocab_size=262208, rope_scale_global=8.0,
+                query_pre_attn_scalar=168, max_seq_len=131072),
+}  # fmt: skip
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in float32, scaled by (1 + weight), cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, scale: float, dtype: torch.dtype):
+    """cos, sin of shape (T, head_dim) for positions pos (T,), computed in float32 like transformers."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float) / head_dim))
+    freqs = pos.float()[:, None] * (inv_freq / scale)[None, :]  # (T, head_dim / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # rotate-half convention
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values; `update` writes at the given positions (fixed shapes, so it compiles)."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, pos, k)  # k, v: (B, n_kv, T, hd)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)  # QK-norm, per head
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, rope, mask, pos=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if pos is not None:
+            k, v = self.kv_cache.update(pos, k, v)  # (B, n_kv, max_seq_len, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Sandwich norms: each sub-layer's output is normalised again before the residual add."""
+
+    def __init__(self, config: Gemma3Config, is_global: bool):
+        super().__init__()
+        self.is_global = is_global
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pre_ffw_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.post_ffw_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, rope, mask, pos=None):
+        h = x + self.post_attn_norm(self.attn(self.input_norm(x), rope, mask, pos))
+        return h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h)))
+
+
+class TiedEmbedding(nn.Embedding):
+    """The token embedding, which is also the output head (tied weights). quant.QuantLinear has the same
+    lookup/unembed pair, so an int4 embedding drops in."""
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self(ids)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Gemma3(nn.Module):
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.config = config
+        self.embed = TiedEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, g) for g in config.global_layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.cache_len = 0
+
+    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
+        """Allocate the static KV cache; afterwards forward(ids, pos) decodes incrementally."""
+        c = self.config
+        if max_seq_len > c.max_seq_len:
+            raise ValueError(f"a cache of {max_seq_len} tokens exceeds the model's context of {c.max_seq_len}")
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype, device)
+        self.cache_len = max_seq_len
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed.lookup(input_ids)
+        return x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)  # scale rounded to x's dtype
+
+    def forward(self, input_ids: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> float logits (B, T, vocab_size).
+
+        pos=None: a plain causal forward at positions 0..T-1, no cache.
+        pos (T,): the tokens' positions; keys/values are written to the cache and attention reads all of it.
+        """
+        return self.logits(self.hidden_states(self.embed_tokens(input_ids), pos))
+
+    def hidden_states(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings (B, T, D) -> final normed hidden states (B, T, D)."""
+        c = self.config
+        q_pos = torch.arange(x.shape[1], device=x.device) if pos is None else pos
+        kv_pos = q_pos if pos is None else torch.arange(self.cache_len, device=x.device)
+        if pos is not None and self.cache_len == 0:
+            raise RuntimeError("call setup_cache(batch_size, max_seq_len) before decoding with positions")
+        dist = q_pos[:, None] - kv_pos[None, :]  # (T, S): how far back each key is from each query
+        global_mask = dist >= 0
+        local_mask = global_mask & (dist < c.sliding_window)
+        rope_global = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_global, c.rope_scale_global, x.dtype)
+        rope_local = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_local, 1.0, x.dtype)
+        for layer in self.layers:
+            if layer.is_global:
+                x = layer(x, rope_global, global_mask, pos)
+            else:
+                x = layer(x, rope_local, local_mask, pos)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.embed.unembed(h).float()
+        if self.config.vocab_size > TEXT_VOCAB_SIZE:  # padding rows are never valid outputs
+            logits[..., TEXT_VOCAB_SIZE:] = float("-inf")
+        return logits
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | Path,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+        weights: str = "auto",
+    ) -> Gemma3:
+        """Load a checkpoint directory, a .safetensors or .gguf file, or a hub repo id.
+
+        weights="auto":  int4 stays int4, dense weights are quantized to int4 (round to nearest, group 32),
+                         GGUF tensors stored at more than 4 bits become int8 (see gguf_format.py);
+        weights="int4":  every linear weight int4;  weights="dense": every weight a float tensor of `dtype`.
+        """
+        config, tensors, above_4_bits = load_checkpoint(path_or_hub_id)
+        tensors = quant.convert_state_dict(tensors, weights, above_4_bits)
+        with torch.device("meta"):
+            model = cls(config)
+        quant.replace_linears(model, tensors)
+        check_state_dict(model, tensors)
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        model.load_state_dict(tensors, assign=True)
+        model = model.to(device).eval()
+        return quant.use_cpu_kernels(model)
+
+
+def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Gemma3Config, dict[str, torch.Tensor], set[str]]:
+    """Config, tensors as stored (our names) and the GGUF weights stored above 4 bits, of any checkpoint."""
+    hf_config, tensors, above_4_bits = checkpoint.load_text_model(path_or_hub_id)
+    if hf_config is not None:
+        config = Gemma3Config.from_hf(hf_config)
+    else:  # no config.json: recognise a published size by its shapes
+        config = Gemma3Config.from_shapes({k: tuple(t.shape) for k, t in tensors.items()})
+    return config, tensors, above_4_bits
+
+
+def check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor the model needs is present with its shape, and nothing else: errors name the tensor."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
+    if unexpected:
+        raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:8])}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")

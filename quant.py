@@ -1,0 +1,224 @@
+"""INT4 weights: symmetric, group size 32 along K, bf16 scales, no zero point.
+
+The storage layout is gaunernst's (the Gemma 3 QAT int4 checkpoints): a weight W (N, K) is
+  int4_data: int8 (N, K/2), two's-complement nibbles, element 2j in the low nibble, 2j+1 in the high one
+  scales:    (N, K/32), W[n, k] = q[n, k] * scales[n, k // 32]
+Int4Linear holds exactly these two tensors. Its portable path dequantizes on the fly: a few elementwise
+ops followed by a matmul, which torch.compile fuses; on CPU it runs PyTorch's int4 kernel instead.
+Int8Linear (per-row scales) is for weights that lose quality at 4 bits, like llama.cpp's Q8_0/Q6_K.
+Either serves as a tied embedding/head. This module imports nothing of ours: replace_linears swaps
+any model's nn.Linear/nn.Embedding for the quantized module its state dict asks for.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GROUP_SIZE = 32
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int values in [-8, 7] of shape (N, K) -> int8 (N, K/2), element 2j in the low nibble."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd number of int4 values ({q.shape[-1]}) into bytes")
+    q = q.to(torch.int8)
+    return (q[..., 0::2] & 0x0F) | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K/2) -> int8 (N, K) in [-8, 7]; the arithmetic shifts sign-extend each nibble."""
+    return torch.stack([packed << 4 >> 4, packed >> 4], dim=-1).flatten(-2)
+
+
+def dequantize_int4(int4_data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The plain reference: (N, K/2) int8 and (N, K/32) scales -> (N, K) in the scales' dtype."""
+    q = unpack_int4(int4_data)  # (N, K)
+    groups = q.unflatten(-1, (-1, GROUP_SIZE)) * scales[..., None]  # (N, K/32, 32)
+    return groups.flatten(-2)
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: float (N, K) -> (int4_data (N, K/2) int8, scales (N, K/32) bf16).
+
+    The scale maps each group's largest magnitude to 7 (the symmetric grid Google's QAT uses);
+    q is rounded against the bf16-rounded scale that is stored, so dequantization reproduces it exactly.
+    """
+    if w.dim() != 2 or w.shape[1] % GROUP_SIZE:
+        raise ValueError(f"int4 needs a 2-D weight with K a multiple of {GROUP_SIZE}, got shape {tuple(w.shape)}")
+    groups = w.float().unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
+    scales = (groups.abs().amax(-1) / 7).to(torch.bfloat16)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # all-zero group: any scale works
+    q = torch.round(groups / scales.float()[..., None]).clamp(-8, 7)
+    return pack_int4(q.flatten(-2)), scales
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest int8, one scale per output row: float (N, K) -> (int8 (N, K), float32 scales (N,))."""
+    if w.dim() != 2:
+        raise ValueError(f"int8 needs a 2-D weight, got shape {tuple(w.shape)}")
+    scales = w.float().abs().amax(-1) / 127
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    return torch.round(w.float() / scales[:, None]).to(torch.int8), scales
+
+
+def dequantize_int8(int8_data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return int8_data * scales[..., None]
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer y = x @ W.T whose W (N, K) is dequantized on the fly by the subclass.
+
+    It also serves as a tied embedding of N rows: `lookup` dequantizes only the rows it reads, and
+    `unembed` (the output head) is the linear layer itself.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(ids)  # (..., K)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+    def dequantize(self, rows=slice(None)) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int4Linear(QuantLinear):
+    """int4 g32 weights in gaunernst's layout: int4_data int8 (N, K/2), scales (N, K/32).
+
+    On CPU, `pack_for_cpu` repacks them for PyTorch's int4 kernel (_weight_int4pack_mm_for_cpu), which
+    computes (q + 8 - 8) * scale + 0 per group: our symmetric grid with a zero point of 0.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        if in_features % GROUP_SIZE:
+            raise ValueError(f"int4 needs in_features to be a multiple of {GROUP_SIZE}, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("int4_data", torch.zeros(out_features, in_features // 2, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, in_features // GROUP_SIZE, dtype=dtype, device=device))
+        self.cpu_packed: torch.Tensor | None = None
+        self.cpu_scales_and_zeros: torch.Tensor | None = None
+
+    def dequantize(self, rows=slice(None)) -> torch.Tensor:
+        return dequantize_int4(self.int4_data[rows], self.scales[rows])
+
+    def pack_for_cpu(self) -> None:
+        """Repack for the CPU kernel (int4_data stays: the embedding's lookups and large batches use it)."""
+        q = unpack_int4(self.int4_data).to(torch.int32) + 8  # (N, K) in 0..15
+        self.cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        zeros = torch.zeros_like(self.scales)
+        self.cpu_scales_and_zeros = torch.stack([self.scales.t(), zeros.t()], dim=-1).contiguous()  # (K/32, N, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_packed is None or not use_cpu_kernel(x, self.in_features):
+            return super().forward(x)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features), self.cpu_packed, GROUP_SIZE, self.cpu_scales_and_zeros
+        )
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(QuantLinear):
+    """int8 weights with one scale per output row: int8_data (N, K), scales (N,). On CPU, PyTorch's
+    _weight_int8pack_mm reads them as they are."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("int8_data", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+
+    def dequantize(self, rows=slice(None)) -> torch.Tensor:
+        return dequantize_int8(self.int8_data[rows], self.scales[rows])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not use_cpu_kernel(x, self.in_features):
+            return super().forward(x)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.int8_data, self.scales)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+# PyTorch's CPU int4/int8 kernels are fast for decoding's few rows in bf16 (the 270M's int4 head: 6.5 ms
+# against 22 ms dense) and slow for a prefill's hundreds of rows or in float32 (up to 100x slower than
+# dequantize + matmul, measured on 2 cores): use them only where they win.
+CPU_KERNEL_MAX_ROWS = 8
+
+
+def use_cpu_kernel(x: torch.Tensor, in_features: int) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() <= CPU_KERNEL_MAX_ROWS * in_features
+
+
+def use_cpu_kernels(model: nn.Module) -> nn.Module:
+    """Repack every bf16 Int4Linear on the CPU for PyTorch's int4 CPU kernel (Int8Linear needs no repacking)."""
+    for module in model.modules():
+        if (
+            isinstance(module, Int4Linear)
+            and module.scales.device.type == "cpu"
+            and module.scales.dtype == torch.bfloat16
+        ):
+            module.pack_for_cpu()
+    return model
+
+
+# state-dict key of the quantized data -> (module, quantize, dequantize)
+FORMATS = {
+    "int4_data": (Int4Linear, quantize_int4, dequantize_int4),
+    "int8_data": (Int8Linear, quantize_int8, dequantize_int8),
+}
+
+
+def replace_linears(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> nn.Module:
+    """Swap each nn.Linear / nn.Embedding whose weight `tensors` holds quantized ("<name>.int4_data" or
+    "<name>.int8_data") for the matching QuantLinear, in place, on the module's device."""
+    for name, child in model.named_children():
+        full = f"{prefix}{name}"
+        kind = next((k for k in FORMATS if f"{full}.{k}" in tensors), None)
+        if kind is None or not isinstance(child, (nn.Linear, nn.Embedding)):
+            replace_linears(child, tensors, f"{full}.")
+            continue
+        if isinstance(child, nn.Linear) and child.bias is not None:
+            raise ValueError(f"{full}: quantized linear layers have no bias")
+        out_features, in_features = child.weight.shape  # nn.Embedding's (V, D) is a head's (N, K)
+        setattr(model, name, FORMATS[kind][0](in_features, out_features, device=child.weight.device))
+    return model
+
+
+# State dicts: a dense weight is "<module>.weight"; a quantized one "<module>.int4_data" or "<module>.int8_data",
+# with "<module>.scales".
+
+
+def convert_state_dict(
+    tensors: dict[str, torch.Tensor], weights: str, keep_8bit: set[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """Apply a weights policy to a state dict:
+    "auto":  dense 2-D weights -> int4 (round to nearest), or int8 if named in keep_8bit; int4 and int8 stay;
+    "int4":  everything -> int4 (int8 is dequantized first);
+    "dense": everything -> float32.
+    """
+    if weights not in ("auto", "int4", "dense"):
+        raise ValueError(f"weights must be 'auto', 'int4' or 'dense', not {weights!r}")
+    out = {}
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if kind in FORMATS:
+            keep = weights != "dense" and (kind == "int4_data" or (kind == "int8_data" and weights == "auto"))
+            if keep:
+                out[name], out[f"{module}.scales"] = t, tensors[f"{module}.scales"]
+                continue
+            t = FORMATS[kind][2](t, tensors[f"{module}.scales"].float())  # dequantized, float32
+            kind = "weight"
+        if kind == "weight" and t.dim() == 2 and weights == "auto" and name in keep_8bit:
+            out[f"{module}.int8_data"], out[f"{module}.scales"] = quantize_int8(t)
+        elif kind == "weight" and t.dim() == 2 and weights != "dense":
+            out[f"{module}.int4_data"], out[f"{module}.scales"] = quantize_int4(t)
+        elif kind != "scales":
+            out[f"{module}.{kind}"] = t
+    return out

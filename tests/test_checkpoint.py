@@ -1,0 +1,184 @@
+"""Loading checkpoints in every layout people have: gaunernst int4 (sharded or not), dense HF, hub ids."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, hf_text_model, int4_checkpoint
+from safetensors.torch import load_file, save_file
+
+import model as model_module
+import quant
+from model import Gemma3
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def max_diff(ours, hf, ids) -> float:
+    with torch.no_grad():
+        return (ours(ids) - hf(ids).logits).abs().max().item()
+
+
+IDS = torch.randint(0, TINY["vocab_size"], (1, 30), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 40_000])
+def test_gaunernst_int4_matches_transformers(tmp_path, max_shard_bytes):
+    hf = hf_text_model()
+    int4_checkpoint(hf, tmp_path, max_shard_bytes)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert files[0] == "model-00001.safetensors" and (len(files) > 1) == (max_shard_bytes < 2**20)
+    ours = Gemma3.from_pretrained(tmp_path, dtype=torch.float32)
+    assert isinstance(ours.layers[0].attn.q_proj, quant.Int4Linear)
+    assert isinstance(ours.embed, quant.Int4Linear)
+    assert max_diff(ours, hf, IDS) <= 1e-3
+    dense = Gemma3.from_pretrained(tmp_path, dtype=torch.float32, weights="dense")
+    assert max_diff(dense, hf, IDS) <= 1e-3
+
+
+def test_multimodal_names_load_the_language_model(tmp_path):
+    """language_model.model.* names, a gemma3 config with text_config, and vision tensors to skip."""
+    hf = hf_text_model()
+    int4_checkpoint(hf, tmp_path)
+    for shard in tmp_path.glob("*.safetensors"):
+        tensors = {f"language_model.{k}": v for k, v in load_file(shard).items()}
+        tensors["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(8)
+        tensors["multi_modal_projector.mm_input_projection_weight"] = torch.ones(8, 64)
+        save_file(tensors, shard)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {f"language_model.{k}": v for k, v in index["weight_map"].items()}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    text_config = json.loads((tmp_path / "config.json").read_text())
+    config = {"model_type": "gemma3", "text_config": text_config, "vision_config": {"hidden_size": 8}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert max_diff(Gemma3.from_pretrained(tmp_path, dtype=torch.float32), hf, IDS) <= 1e-3
+
+
+def test_dense_hf_checkpoint_sharded_and_quantized_on_load(tmp_path):
+    hf = hf_text_model()
+    with torch.no_grad():  # a bf16 checkpoint, like Google's
+        for p in hf.parameters():
+            p.copy_(p.bfloat16().float())
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")  # model-00001-of-0000N.safetensors + index
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    assert max_diff(Gemma3.from_pretrained(tmp_path, dtype=torch.float32, weights="dense"), hf, IDS) <= 1e-3
+    ours = Gemma3.from_pretrained(tmp_path, dtype=torch.float32)  # round-to-nearest int4 on load
+    int4_checkpoint(hf, tmp_path / "ref")  # hf now holds the same round-to-nearest weights
+    assert max_diff(ours, hf, IDS) <= 1e-3
+
+
+def test_single_safetensors_file_without_config(tmp_path, monkeypatch):
+    """No config.json: a published size is recognised from the shapes (a tiny 'size' stands in here)."""
+    hf = hf_text_model()
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    cfg = model_module.Gemma3Config.from_hf({**hf.config.to_dict(), "model_type": "gemma3_text"})
+    sizes = {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                          "intermediate_size", "sliding_window", "query_pre_attn_scalar",
+                                          "rope_scale_global", "max_seq_len")}  # fmt: skip
+    monkeypatch.setitem(model_module.CONFIGS, "tiny", sizes)
+    ours = Gemma3.from_pretrained(tmp_path / "model.safetensors", dtype=torch.float32, weights="dense")
+    assert ours.config.vocab_size == TINY["vocab_size"]
+    assert max_diff(ours, hf, IDS) <= 1e-3
+    monkeypatch.delitem(model_module.CONFIGS, "tiny")
+    with pytest.raises(ValueError, match="match no published Gemma 3 size"):
+        Gemma3.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+@pytest.fixture
+def int4_dir(tmp_path):
+    int4_checkpoint(hf_text_model(), tmp_path, max_shard_bytes=40_000)
+    return tmp_path
+
+
+def edit_shards(directory, edit):
+    for shard in directory.glob("model-*.safetensors"):
+        save_file(edit(load_file(shard)), shard)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        Gemma3.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        Gemma3.from_pretrained(tmp_path)
+
+
+def test_corrupt_safetensors_names_the_file(int4_dir):
+    shard = int4_dir / "model-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="model-00002.safetensors: not a readable safetensors file"):
+        Gemma3.from_pretrained(int4_dir)
+
+
+def test_missing_shard(int4_dir):
+    (int4_dir / "model-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="shard model-00002.safetensors, which is missing"):
+        Gemma3.from_pretrained(int4_dir)
+
+
+def test_missing_tensor_is_named(int4_dir):
+    edit_shards(int4_dir, lambda t: {k: v for k, v in t.items() if not k.startswith("model.layers.3.mlp.up_proj")})
+    with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): layers.3.mlp.up_proj.weight"):
+        Gemma3.from_pretrained(int4_dir)
+
+
+def test_unexpected_tensor_is_named(int4_dir):
+    edit_shards(int4_dir, lambda t: {**t, "model.layers.0.mlp.extra.weight": torch.zeros(4)})
+    with pytest.raises(ValueError, match="unexpected tensor.*layers.0.mlp.extra.weight"):
+        Gemma3.from_pretrained(int4_dir)
+
+
+def test_wrong_shape_is_named(int4_dir):
+    def edit(t):
+        if "model.norm.weight" in t:
+            t["model.norm.weight"] = torch.zeros(65, dtype=torch.bfloat16)
+        return t
+
+    edit_shards(int4_dir, edit)
+    with pytest.raises(ValueError, match=r"norm.weight has shape \(65,\), expected \(64,\)"):
+        Gemma3.from_pretrained(int4_dir)
+
+
+def test_int4_data_without_scales(int4_dir):
+    name = "model.layers.1.self_attn.q_proj.weight.scales"
+    edit_shards(int4_dir, lambda t: {k: v for k, v in t.items() if k != name})
+    with pytest.raises(ValueError, match="quantized tensor layers.1.attn.q_proj.int4_data has no matching scales"):
+        Gemma3.from_pretrained(int4_dir)
+
+
+def test_bad_config_json(int4_dir):
+    (int4_dir / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        Gemma3.from_pretrained(int4_dir)
+    (int4_dir / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(ValueError, match="'mistral' is not Gemma 3"):
+        Gemma3.from_pretrained(int4_dir)
+
+
+def test_hub_id_loads_from_the_hub_cache_layout(int4_dir, tmp_path_factory):
+    """owner/name goes through huggingface_hub.snapshot_download; offline, it resolves the HF cache layout."""
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / "models--someone--gemma-3-tiny-it-int4"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for f in int4_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    code = (
+        "import torch; from model import Gemma3; "
+        "m = Gemma3.from_pretrained('someone/gemma-3-tiny-it-int4', dtype=torch.float32); "
+        "print(type(m.embed).__name__, m.config.num_layers)"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["Int4Linear", "7"]
+    code = "from model import Gemma3; Gemma3.from_pretrained('someone/not-cached')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "downloading it from the hub failed" in out.stderr

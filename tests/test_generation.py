@@ -1,0 +1,159 @@
+"""Sampling against transformers' logits processors, and the decode loop against transformers' generate."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hf_text_model
+
+from generation import Sampling, decode_one_token, generate, sample
+from model import Gemma3
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_greedy_and_top_k_1_are_argmax():
+    logits = torch.randn(3, 100)
+    assert torch.equal(sample(logits, Sampling(temperature=0)), logits.argmax(-1))
+    assert torch.equal(sample(logits, Sampling(temperature=5.0, top_k=1)), logits.argmax(-1))
+
+
+def test_seeded_sampling_reproduces():
+    logits = torch.randn(1, 1000)
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [int(sample(logits, Sampling(), generator=g)) for _ in range(20)]
+
+    assert draw(1) == draw(1) and len(set(draw(1))) > 1
+    assert draw(1) != draw(2)
+
+
+def support(logits, s: Sampling) -> set[int]:
+    """The tokens sample() can return: draw many times."""
+    g = torch.Generator().manual_seed(0)
+    return {int(t) for t in sample(logits.expand(4000, -1), s, generator=g)}
+
+
+@pytest.mark.parametrize("s", [Sampling(top_k=5), Sampling(top_p=0.6), Sampling(min_p=0.2),
+                               Sampling(temperature=0.7, top_k=8, top_p=0.9, min_p=0.05)])  # fmt: skip
+def test_filters_match_transformers(s):
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(3)) * 2
+    ref = TemperatureLogitsWarper(s.temperature)(None, logits.clone())
+    if s.top_k:
+        ref = TopKLogitsWarper(s.top_k)(None, ref)
+    if s.min_p:
+        ref = MinPLogitsWarper(s.min_p)(None, ref)
+    if s.top_p < 1:
+        ref = TopPLogitsWarper(s.top_p)(None, ref)
+    allowed = set(torch.nonzero(ref[0] > float("-inf")).flatten().tolist())
+    assert support(logits, s) == allowed
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(1, 50)
+    seen_ids = torch.tensor([[3, 7, 7, 20, 41]])
+    seen = torch.zeros(1, 50, dtype=torch.bool)
+    seen[0, seen_ids[0]] = True
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(seen_ids, logits.clone())
+    from generation import apply_repetition_penalty
+
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.3), expected)
+
+
+def test_bad_sampling_settings():
+    for kwargs, msg in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
+                        ({"min_p": 1.0}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            Sampling(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = hf_text_model()
+    directory = tmp_path_factory.mktemp("dense")
+    hf.save_pretrained(directory)
+    return hf, Gemma3.from_pretrained(directory, dtype=torch.float32, weights="dense")
+
+
+def test_greedy_generation_matches_transformers(models):
+    """40 new tokens: far past the sliding window of 8, through the cache."""
+    hf, ours = models
+    prompt = [2, 17, 300, 45, 99, 12]
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, min_new_tokens=40)
+    got = list(generate(ours, prompt, 40, Sampling(temperature=0)))
+    assert got == expected[0, len(prompt) :].tolist()
+
+
+def test_stop_ids_and_max_new_tokens(models):
+    _, ours = models
+    prompt = [2, 17, 300, 45]
+    tokens = list(generate(ours, prompt, 12, Sampling(temperature=0)))
+    assert len(tokens) == 12
+    stop = tokens[4]
+    stopped = list(generate(ours, prompt, 12, Sampling(temperature=0), stop_ids=(stop,)))
+    assert stopped == tokens[: tokens.index(stop) + 1]
+
+
+def test_seeded_generation_reproduces(models):
+    _, ours = models
+    run = lambda seed: list(generate(ours, [2, 5], 15, Sampling(), generator=torch.Generator().manual_seed(seed)))
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_prompt_longer_than_context(models):
+    _, ours = models
+    with pytest.raises(ValueError, match="prompt has 300 tokens, but the model's context is 256"):
+        next(generate(ours, [5] * 300, 10, Sampling()))
+    with pytest.raises(ValueError, match="empty"):
+        next(generate(ours, [], 10, Sampling()))
+    assert len(list(generate(ours, [5] * 250, 100, Sampling(temperature=0)))) == 6  # clipped to the context
+
+
+def test_compiled_decode_step_matches_eager(models):
+    _, ours = models
+    step = torch.compile(decode_one_token, fullgraph=True)
+    prompt = [2, 17, 300, 45, 99]
+    torch._dynamo.utils.counters.clear()
+    compiled = list(generate(ours, prompt, 20, Sampling(temperature=0), decode_step=step))
+    assert compiled == list(generate(ours, prompt, 20, Sampling(temperature=0)))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # no recompilation per token
+
+
+def run_generate(*args):
+    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_generate_script_streams_and_reports(tiny_int4_dir):
+    out = run_generate("--model", str(tiny_int4_dir), "--prompt", "Hello", "--temperature", "0",
+                       "--max-new-tokens", "12", "--stats-json", "--dtype", "float32")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stderr.strip().splitlines()[-1])
+    assert {"prompt_tokens", "new_tokens", "load_s", "prefill_tok_s", "decode_tok_s", "peak_mem_mb"} <= stats.keys()
+    tok = Tokenizer.from_file(tiny_int4_dir / "tokenizer.model")
+    prompt = tok.chat_prompt([{"role": "user", "content": "Hello"}])  # the name says -it: chat template
+    assert stats["prompt_tokens"] == len(prompt)
+    ours = Gemma3.from_pretrained(tiny_int4_dir, dtype=torch.float32)
+    tokens = [t for t in generate(ours, prompt, 12, Sampling(temperature=0)) if t not in (1, 106)]
+    assert out.stdout == tok.decode(tokens) + "\n"
+    raw = run_generate("--model", str(tiny_int4_dir), "--prompt", "Hello", "--raw", "--max-new-tokens", "3",
+                       "--stats-json", "--seed", "1")  # fmt: skip
+    assert json.loads(raw.stderr.strip().splitlines()[-1])["prompt_tokens"] == len(tok.encode("Hello", bos=True))
+
+
+def test_generate_script_errors(tiny_int4_dir, tmp_path):
+    out = run_generate("--model", str(tmp_path / "missing"), "--prompt", "x")
+    assert out.returncode == 1 and "error: no such checkpoint" in out.stderr and "Traceback" not in out.stderr
+    out = run_generate("--model", str(tiny_int4_dir), "--prompt", "word " * 400)
+    assert out.returncode == 2 and "but the model's context is 256 tokens" in out.stderr
+    out = run_generate("--model", str(tiny_int4_dir), "--prompt", "x", "--top-p", "2")
+    assert out.returncode == 1 and "top_p" in out.stderr

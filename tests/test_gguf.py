@@ -1,0 +1,117 @@
+"""GGUF in and out on tiny models: int4 -> GGUF -> int4 is bit-exact; bad files give clear errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import gguf_format
+import quant
+from model import Gemma3, load_checkpoint
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_convert(*args):
+    return subprocess.run([sys.executable, "convert.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_int4_to_gguf_to_int4_is_bit_exact(tiny_int4_dir, tmp_path):
+    out = run_convert(tiny_int4_dir, tmp_path / "tiny.gguf", "--to", "gguf")
+    assert out.returncode == 0, out.stderr
+    src_config, src, _ = load_checkpoint(tiny_int4_dir)
+    config, back, above_4_bits = load_checkpoint(tmp_path / "tiny.gguf")
+    assert above_4_bits == set()
+    assert set(back) == set(src)
+    for name, t in src.items():
+        if name.endswith(("int4_data", "scales")):
+            assert torch.equal(back[name].float(), t.float()) and back[name].dtype in (t.dtype, torch.float16), name
+        else:  # norms: bf16 in the checkpoint, F32 (1 + w) in the GGUF
+            assert torch.equal(back[name], t.float()), name
+    assert config.query_pre_attn_scalar == src_config.query_pre_attn_scalar == 24
+    assert config.rope_scale_global == 8.0 and config.global_layers == src_config.global_layers
+    ids = torch.randint(0, 512, (1, 30))
+    a = Gemma3.from_pretrained(tiny_int4_dir, dtype=torch.float32)(ids)
+    b = Gemma3.from_pretrained(tmp_path / "tiny.gguf", dtype=torch.float32)(ids)
+    assert (a - b).abs().max().item() < 1e-4  # only the stored rms eps differs (float32 in GGUF)
+    # and back to our safetensors layout
+    out = run_convert(tmp_path / "tiny.gguf", tmp_path / "again", "--to", "int4")
+    assert out.returncode == 0, out.stderr
+    _, again, _ = load_checkpoint(tmp_path / "again")
+    assert all(torch.equal(again[k], back[k]) for k in back if k.endswith("int4_data"))
+
+
+def test_gguf_tokenizer_round_trip(tiny_int4_dir, tmp_path, tokenizer_file):
+    run_convert(tiny_int4_dir, tmp_path / "tiny.gguf", "--to", "gguf")
+    ours, theirs = Tokenizer.from_file(tokenizer_file), Tokenizer.from_pretrained(tmp_path / "tiny.gguf")
+    for text in ["Hello  world", "naïve café 日本語 🦀", "def f(x):\n    return x"]:
+        assert theirs.encode(text) == ours.encode(text)
+    proto = tokenizer_file.read_bytes()
+    assert gguf_format.parse_sentencepiece_proto(gguf_format.tokenizer_proto(tmp_path / "tiny.gguf")) == [
+        (p, pytest.approx(s), t) for p, s, t in gguf_format.parse_sentencepiece_proto(proto)
+    ]
+
+
+def test_q4_0_bytes_follow_llama_cpp(tmp_path):
+    """Our Q4_0 blocks decode, by gguf's own dequantizer, to exactly our dequantized weights."""
+    data, scales = quant.quantize_int4(torch.randn(16, 128))
+    blocks, exact = gguf_format.q4_0_blocks(data, scales)
+    assert exact
+    theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0)
+    assert np.array_equal(theirs, quant.dequantize_int4(data, scales.float()).numpy())
+    data8, scales8 = quant.quantize_int8(torch.randn(16, 128))
+    theirs8 = gguf.quants.dequantize(gguf_format.q8_0_blocks(data8, scales8), gguf.GGMLQuantizationType.Q8_0)
+    ours8 = quant.dequantize_int8(data8, scales8.half().float()).numpy()
+    assert np.array_equal(theirs8, ours8)
+
+
+def test_bf16_scales_that_fp16_cannot_hold(tmp_path):
+    data, scales = quant.quantize_int4(torch.randn(4, 64))
+    small = scales.clone()
+    small[0, 0] = torch.tensor(1.0078125 * 2**-20, dtype=torch.bfloat16)  # subnormal in fp16: bits lost
+    assert not gguf_format.q4_0_blocks(data, small)[1]
+    huge = scales.clone()
+    huge[0, 0] = 1e6
+    with pytest.raises(ValueError, match="outside float16's range"):
+        gguf_format.q4_0_blocks(data, huge)
+
+
+def test_inexact_scales_fall_back_to_f32(tiny_int4_dir, tmp_path):
+    config, tensors, _ = load_checkpoint(tiny_int4_dir)
+    tensors["layers.0.mlp.up_proj.scales"][0, 0] = 1.0078125 * 2**-20
+    tokenizer = (tiny_int4_dir / "tokenizer.model").read_bytes()
+    with pytest.warns(UserWarning, match="layers.0.mlp.up_proj: scales are not exact in fp16"):
+        gguf_format.save(config, tensors, tokenizer, tmp_path / "x.gguf")
+    _, back, _ = load_checkpoint(tmp_path / "x.gguf")
+    up = "layers.0.mlp.up_proj"
+    expected = quant.dequantize_int4(tensors[f"{up}.int4_data"], tensors[f"{up}.scales"].float())
+    assert torch.equal(back[f"{up}.weight"], expected)
+
+
+def test_bad_gguf_files(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 40)
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+        Gemma3.from_pretrained(tmp_path / "junk.gguf")
+    w = gguf.GGUFWriter(tmp_path / "llama.gguf", "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="architecture is 'llama', not 'gemma3'"):
+        Gemma3.from_pretrained(tmp_path / "llama.gguf")
+
+
+def test_convert_errors_leave_nothing_behind(tiny_int4_dir, tmp_path):
+    (tmp_path / "exists.gguf").write_bytes(b"keep me")
+    out = run_convert(tiny_int4_dir, tmp_path / "exists.gguf", "--to", "gguf")
+    assert out.returncode == 1 and "already exists" in out.stderr
+    assert (tmp_path / "exists.gguf").read_bytes() == b"keep me"
+    out = run_convert(tmp_path / "missing", tmp_path / "out.gguf", "--to", "gguf")
+    assert out.returncode == 1 and "no such checkpoint" in out.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "exists.gguf"]

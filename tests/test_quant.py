@@ -1,0 +1,175 @@
+"""INT4 packing, quantization and the int4 modules, against independent plain references."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import quant
+from quant import GROUP_SIZE, Int4Linear, Int8Linear
+
+
+def reference_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Byte by byte: element 2j is the low nibble, 2j+1 the high one, both two's complement."""
+    out = []
+    for row in packed.view(torch.uint8).tolist():
+        values = []
+        for byte in row:
+            for nibble in (byte & 0xF, byte >> 4):
+                values.append(nibble - 16 if nibble >= 8 else nibble)
+        out.append(values)
+    return torch.tensor(out, dtype=torch.int8)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_pack_unpack_roundtrip(n, half_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (n, 2 * half_k), generator=g, dtype=torch.int8)
+    packed = quant.pack_int4(q)
+    assert packed.dtype == torch.int8 and packed.shape == (n, half_k)
+    assert torch.equal(quant.unpack_int4(packed), q)
+    assert torch.equal(reference_unpack(packed), q)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.binary(min_size=1, max_size=64))
+def test_unpack_every_byte(data):
+    packed = torch.frombuffer(bytearray(data), dtype=torch.int8).view(1, -1)
+    assert torch.equal(quant.unpack_int4(packed), reference_unpack(packed))
+    assert torch.equal(quant.pack_int4(quant.unpack_int4(packed)), packed)
+
+
+def test_odd_k_cannot_be_packed():
+    with pytest.raises(ValueError, match="odd number"):
+        quant.pack_int4(torch.zeros(2, 3))
+
+
+def test_quantize_is_round_to_nearest():
+    w = torch.randn(16, 4 * GROUP_SIZE)
+    w[3, :GROUP_SIZE] = 0.0  # an all-zero group
+    data, scales = quant.quantize_int4(w)
+    assert data.shape == (16, 2 * GROUP_SIZE) and scales.shape == (16, 4) and scales.dtype == torch.bfloat16
+    err = (quant.dequantize_int4(data, scales.float()) - w).abs().unflatten(-1, (-1, GROUP_SIZE))
+    assert (err <= scales.float()[..., None] / 2 + 1e-7).all()
+    assert torch.equal(quant.dequantize_int4(data, scales.float())[3, :GROUP_SIZE], torch.zeros(GROUP_SIZE))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_quantize_recovers_weights_on_the_grid(seed):
+    """A weight that is exactly q * scale (bf16 scale, max |q| = 7 per group) quantizes back losslessly."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-7, 8, (8, 2 * GROUP_SIZE), generator=g, dtype=torch.int8)
+    q[:, 0], q[:, GROUP_SIZE] = 7, -7
+    scales = (torch.rand(8, 2, generator=g) + 0.01).to(torch.bfloat16)
+    w = quant.dequantize_int4(quant.pack_int4(q), scales.float())
+    data, got_scales = quant.quantize_int4(w)
+    assert torch.equal(got_scales, scales)
+    assert torch.equal(quant.unpack_int4(data), q)
+
+
+def test_quantize_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant.quantize_int4(torch.randn(4, 48))
+    with pytest.raises(ValueError, match="2-D"):
+        quant.quantize_int4(torch.randn(64))
+
+
+def random_int4_linear(n=48, k=128, dtype=torch.float32) -> Int4Linear:
+    layer = Int4Linear(k, n, dtype=dtype)
+    layer.int4_data, scales = quant.quantize_int4(torch.randn(n, k))
+    layer.scales = scales.to(dtype)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_is_the_dequant_matmul(dtype):
+    layer = random_int4_linear(dtype=dtype)
+    x = torch.randn(3, 5, 128, dtype=dtype)
+    w = quant.dequantize_int4(layer.int4_data, layer.scales)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, w))
+
+
+def test_compiled_int4_linear_agrees_with_eager():
+    layer = random_int4_linear()
+    x = torch.randn(2, 7, 128)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def quantized(cls, n: int, k: int, dtype=torch.float32):
+    """A random Int4Linear/Int8Linear of n rows, k columns, quantized from a normal weight."""
+    layer = cls(k, n, dtype=dtype)
+    data, scales = (quant.quantize_int4 if cls is Int4Linear else quant.quantize_int8)(torch.randn(n, k))
+    layer.load_state_dict({next(iter(layer.state_dict())): data, "scales": scales.to(dtype)})
+    return layer
+
+
+@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+def test_tied_embedding_lookup_and_head(cls):
+    """As an embedding of 64 rows of 96: lookups dequantize just those rows, unembed is the head."""
+    emb = quantized(cls, 64, 96)
+    w = emb.dequantize()
+    ids = torch.tensor([[0, 5, 63], [7, 7, 1]])
+    assert torch.equal(emb.lookup(ids), w[ids])
+    x = torch.randn(2, 96)
+    torch.testing.assert_close(emb.unembed(x), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+def test_cpu_kernels_against_the_dequant_reference(cls):
+    """The CPU kernels (bf16, few rows) read exactly our weights (bit-exact: identity rows return rows of
+    W.T itself) and compute x @ W.T up to accumulation order; larger batches take the portable path."""
+    layer = quantized(cls, 96, 128, torch.bfloat16)
+    reference = layer.dequantize()
+    quant.use_cpu_kernels(layer)
+    assert cls is Int8Linear or layer.cpu_packed is not None
+    eye = torch.eye(128, dtype=torch.bfloat16)
+    for rows in range(0, 128, quant.CPU_KERNEL_MAX_ROWS):
+        assert quant.use_cpu_kernel(eye[rows : rows + 8], 128)
+        assert torch.equal(layer(eye[rows : rows + 8]), reference.t()[rows : rows + 8])
+    x = torch.randn(1, 3, 128, dtype=torch.bfloat16)
+    expected = torch.nn.functional.linear(x.float(), reference.float())
+    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    big = torch.randn(2, 40, 128, dtype=torch.bfloat16)
+    assert not quant.use_cpu_kernel(big, 128)
+    assert torch.equal(layer(big), torch.nn.functional.linear(big, reference))
+
+
+def test_int8_round_to_nearest():
+    w = torch.randn(8, 64) * 3
+    data, scales = quant.quantize_int8(w)
+    assert data.dtype == torch.int8 and scales.shape == (8,) and (data.abs().amax(-1) == 127).all()
+    assert ((quant.dequantize_int8(data, scales) - w).abs() <= scales[:, None] / 2 + 1e-6).all()
+
+
+def test_replace_linears_follows_the_state_dict():
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(10, 32), torch.nn.Sequential(torch.nn.Linear(32, 8, bias=False)), torch.nn.Linear(32, 32)
+    )
+    quant.replace_linears(model, {"0.int8_data": None, "1.0.int4_data": None})
+    assert isinstance(model[0], Int8Linear) and (model[0].in_features, model[0].out_features) == (32, 10)
+    assert isinstance(model[1][0], Int4Linear) and isinstance(model[2], torch.nn.Linear)
+    with pytest.raises(ValueError, match="no bias"):
+        quant.replace_linears(model, {"2.int4_data": None})
+
+
+def test_weights_policies():
+    w4, w8, dense = torch.randn(8, 64), torch.randn(8, 64), torch.randn(8, 64)
+    d4, s4 = quant.quantize_int4(w4)
+    d8, s8 = quant.quantize_int8(w8)
+    tensors = {"a.int4_data": d4, "a.scales": s4, "b.int8_data": d8, "b.scales": s8, "c.weight": dense,
+               "norm.weight": torch.randn(64)}  # fmt: skip
+    auto = quant.convert_state_dict(tensors, "auto")
+    assert auto["a.int4_data"] is d4 and auto["b.int8_data"] is d8 and "c.int4_data" in auto
+    assert torch.equal(auto["c.int4_data"], quant.quantize_int4(dense)[0]) and "c.weight" not in auto
+    all4 = quant.convert_state_dict(tensors, "int4")
+    assert set(all4) == {"a.int4_data", "a.scales", "b.int4_data", "b.scales", "c.int4_data", "c.scales", "norm.weight"}
+    assert torch.equal(all4["b.int4_data"], quant.quantize_int4(quant.dequantize_int8(d8, s8))[0])
+    dense_sd = quant.convert_state_dict(tensors, "dense")
+    assert set(dense_sd) == {"a.weight", "b.weight", "c.weight", "norm.weight"}
+    assert torch.equal(dense_sd["a.weight"], quant.dequantize_int4(d4, s4.float()))
+    assert torch.equal(dense_sd["b.weight"], quant.dequantize_int8(d8, s8))
+    with pytest.raises(ValueError, match="weights must be"):
+        quant.convert_state_dict(tensors, "int3")
