@@ -62,9 +62,13 @@ def sample(
     return (probs / race).argmax(-1)
 
 
-def prefill(model: Gemma3, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling the cache; return the last position's logits (B, V)."""
-    h = model.hidden_states(model.embed_tokens(ids), pos)
+def prefill(model: Gemma3, ids: torch.Tensor, start: int = 0, chunk: int = 512) -> torch.Tensor:
+    """Run the prompt (B, T) through the model at positions start.., filling the cache, `chunk` tokens at a
+    time (attention's (T, S) masks and activations stay small for long prompts); return the last logits (B, V)."""
+    for i in range(0, ids.shape[1], chunk):
+        piece = ids[:, i : i + chunk]
+        pos = torch.arange(start + i, start + i + piece.shape[1], device=ids.device)
+        h = model.hidden_states(model.embed_tokens(piece), pos)
     return model.logits(h[:, -1])
 
 
@@ -85,7 +89,8 @@ def generate(
 ) -> Iterator[int]:
     """Yield new token ids one at a time; stop after a stop id (which is yielded) or max_new_tokens.
 
-    Sets up a KV cache for len(prompt) + max_new_tokens positions; both must fit in the model's context.
+    Sets up a KV cache for len(prompt) + max_new_tokens positions unless the model has one big enough;
+    the prompt must fit in the model's context, and generation stops at its end.
     """
     context = model.config.max_seq_len
     if not prompt:
@@ -94,11 +99,13 @@ def generate(
         raise ValueError(f"the prompt has {len(prompt)} tokens, but the model's context is {context} tokens")
     max_new_tokens = min(max_new_tokens, context - len(prompt))
     device = model.norm.weight.device
-    model.setup_cache(1, len(prompt) + max_new_tokens)
+    needed = len(prompt) + max_new_tokens
+    if model.cache_len < needed:  # else reuse it: same shapes, so a compiled decode step is not recompiled
+        model.setup_cache(1, min(context, -(-needed // 1024) * 1024))  # whole KiB of tokens: fewer new shapes
     ids = torch.tensor([prompt], device=device)
     seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
     seen[0, ids[0]] = True
-    logits = prefill(model, ids, torch.arange(len(prompt), device=device))
+    logits = prefill(model, ids)
     for i in range(max_new_tokens):
         token = sample(logits, sampling, seen, generator)
         token_id = int(token)

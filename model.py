@@ -190,19 +190,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class KVCache(nn.Module):
-    """Pre-allocated keys and values; `update` writes at the given positions (fixed shapes, so it compiles)."""
+def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(T, S) bool, True where query i may attend to key j: causal, and within `window` tokens if given."""
+    dist = q_pos[:, None] - kv_pos[None, :]  # how far back each key is from each query
+    return (dist >= 0) if window is None else (dist >= 0) & (dist < window)
 
-    def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int, dtype, device=None):
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values for one layer (fixed shapes, so the decode step compiles).
+
+    A global layer keeps every position: slot = position. A local layer only ever looks back
+    `sliding_window` tokens, so it keeps a ring buffer of that many slots (slot = position % length)
+    and its memory stays flat however long the context grows.
+    """
+
+    def __init__(self, batch_size: int, length: int, num_kv_heads: int, head_dim: int, dtype, device, ring: bool):
         super().__init__()
-        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.ring = ring
+        shape = (batch_size, num_kv_heads, length, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, pos, k)  # k, v: (B, n_kv, T, hd)
-        self.v.index_copy_(2, pos, v)
-        return self.k, self.v
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) of positions pos (T,); return the keys and values to attend over:
+        the whole cache (global), or the ring as it was followed by the T new entries (local; a chunk
+        longer than one token would otherwise overwrite keys its own first queries still need)."""
+        if not self.ring:
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+            return self.k, self.v
+        k_all, v_all = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, n_kv, length + T, hd)
+        keep = min(k.shape[2], self.k.shape[2])  # only the newest `length` entries survive in the ring
+        slots = pos[-keep:] % self.k.shape[2]
+        self.k.index_copy_(2, slots, k[:, :, -keep:])
+        self.v.index_copy_(2, slots, v[:, :, -keep:])
+        return k_all, v_all
 
 
 class Attention(nn.Module):
@@ -224,9 +246,11 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if q.device.type == "cpu":  # PyTorch's CPU attention is several times faster in float32 than in bf16
+            q, k, v = q.float(), k.float(), v.float()  # (and the cache is float32 there, see setup_cache)
         if pos is not None:
-            k, v = self.kv_cache.update(pos, k, v)  # (B, n_kv, max_seq_len, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            k, v = self.kv_cache.update(pos, k, v)  # (B, n_kv, S, hd): S = cache length, or ring + T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True).type_as(x)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -286,9 +310,16 @@ class Gemma3(nn.Module):
         c = self.config
         if max_seq_len > c.max_seq_len:
             raise ValueError(f"a cache of {max_seq_len} tokens exceeds the model's context of {c.max_seq_len}")
-        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        device = self.norm.weight.device
+        dtype = torch.float32 if device.type == "cpu" else self.norm.weight.dtype  # attention's dtype (see Attention)
+        ring = min(c.sliding_window, max_seq_len)
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch_size, max_seq_len, c.num_kv_heads, c.head_dim, dtype, device)
+            length = max_seq_len if layer.is_global else ring
+            layer.attn.kv_cache = KVCache(
+                batch_size, length, c.num_kv_heads, c.head_dim, dtype, device, ring=not layer.is_global
+            )
+        # the position held in each ring slot; never-written slots lie a whole window back, outside every window
+        self.register_buffer("ring_pos", torch.full((ring,), -c.sliding_window, device=device), persistent=False)
         self.cache_len = max_seq_len
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -306,13 +337,21 @@ class Gemma3(nn.Module):
     def hidden_states(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings (B, T, D) -> final normed hidden states (B, T, D)."""
         c = self.config
-        q_pos = torch.arange(x.shape[1], device=x.device) if pos is None else pos
-        kv_pos = q_pos if pos is None else torch.arange(self.cache_len, device=x.device)
-        if pos is not None and self.cache_len == 0:
-            raise RuntimeError("call setup_cache(batch_size, max_seq_len) before decoding with positions")
-        dist = q_pos[:, None] - kv_pos[None, :]  # (T, S): how far back each key is from each query
-        global_mask = dist >= 0
-        local_mask = global_mask & (dist < c.sliding_window)
+        if pos is None:  # a plain causal forward: keys are the queries' own positions
+            q_pos = kv_global = kv_local = torch.arange(x.shape[1], device=x.device)
+        else:
+            if self.cache_len == 0:
+                raise RuntimeError("call setup_cache(batch_size, max_seq_len) before decoding with positions")
+            q_pos = pos
+            kv_global = torch.arange(self.cache_len, device=x.device)  # global caches: slot = position
+            # local caches: the ring as it was, then this chunk (see KVCache.update). Ring entries at or past
+            # pos[0] are stale, left by an earlier sequence in a reused cache: move them out of the window.
+            # (So a chunk either continues where the last one ended or starts a new sequence at 0: a ring
+            # cannot rewind, it has already overwritten what the rewound queries would need.)
+            stale = self.ring_pos >= pos[0]
+            kv_local = torch.cat([self.ring_pos.masked_fill(stale, -c.sliding_window), pos])
+        global_mask = attention_mask(q_pos, kv_global)
+        local_mask = attention_mask(q_pos, kv_local, c.sliding_window)
         rope_global = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_global, c.rope_scale_global, x.dtype)
         rope_local = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_local, 1.0, x.dtype)
         for layer in self.layers:
@@ -320,6 +359,9 @@ class Gemma3(nn.Module):
                 x = layer(x, rope_global, global_mask, pos)
             else:
                 x = layer(x, rope_local, local_mask, pos)
+        if pos is not None:
+            keep = pos[-self.ring_pos.shape[0] :]
+            self.ring_pos.index_copy_(0, keep % self.ring_pos.shape[0], keep)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

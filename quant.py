@@ -4,7 +4,8 @@ The storage layout is gaunernst's (the Gemma 3 QAT int4 checkpoints): a weight W
   int4_data: int8 (N, K/2), two's-complement nibbles, element 2j in the low nibble, 2j+1 in the high one
   scales:    (N, K/32), W[n, k] = q[n, k] * scales[n, k // 32]
 Int4Linear holds exactly these two tensors. Its portable path dequantizes on the fly: a few elementwise
-ops followed by a matmul, which torch.compile fuses; on CPU it runs PyTorch's int4 kernel instead.
+ops followed by a matmul, which torch.compile fuses; on CPU it runs PyTorch's int4 kernel instead
+(Int8Linear too, as two int4 digits).
 Int8Linear (per-row scales) is for weights that lose quality at 4 bits, like llama.cpp's Q8_0/Q6_K.
 Either serves as a tied embedding/head. This module imports nothing of ours: replace_linears swaps
 any model's nn.Linear/nn.Embedding for the quantized module its state dict asks for.
@@ -72,10 +73,24 @@ class QuantLinear(nn.Module):
 
     It also serves as a tied embedding of N rows: `lookup` dequantizes only the rows it reads, and
     `unembed` (the output head) is the linear layer itself.
+
+    On CPU, `pack_for_cpu` (see use_cpu_kernels) prepares the weight for PyTorch's int4 kernel,
+    _weight_int4pack_mm_for_cpu, which computes x @ ((q - 8) * scale + zero).T for q in 0..15 with a
+    scale and a zero per group of 32 along K. The quantized tensors stay as they are: the embedding's
+    lookups and large batches (prefill) use them.
     """
 
+    cpu_packed: torch.Tensor | None = None  # the weight repacked for the CPU kernel, or None
+    cpu_scales_and_zeros: torch.Tensor | None = None  # (groups, N, 2)
+    cpu_digits = 1  # how many int4 digits make one weight (the kernel's K is digits * in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype))
+        if self.cpu_packed is None or not use_cpu_kernel(x, self.in_features):
+            return F.linear(x, self.dequantize().to(x.dtype))
+        x2 = x.reshape(-1, self.in_features)
+        x2 = torch.cat([x2] * self.cpu_digits, dim=1)  # (M, digits * K)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.cpu_packed, GROUP_SIZE, self.cpu_scales_and_zeros)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.dequantize(ids)  # (..., K)
@@ -86,16 +101,20 @@ class QuantLinear(nn.Module):
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         raise NotImplementedError
 
+    def pack_for_cpu(self) -> None:
+        raise NotImplementedError
+
+    def set_cpu_weight(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """q (N, K') in 0..15, scales and zeros (N, K'/32) -> the CPU kernel's packed weight and (K'/32, N, 2)."""
+        self.cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        self.cpu_scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class Int4Linear(QuantLinear):
-    """int4 g32 weights in gaunernst's layout: int4_data int8 (N, K/2), scales (N, K/32).
-
-    On CPU, `pack_for_cpu` repacks them for PyTorch's int4 kernel (_weight_int4pack_mm_for_cpu), which
-    computes (q + 8 - 8) * scale + 0 per group: our symmetric grid with a zero point of 0.
-    """
+    """int4 g32 weights in gaunernst's layout: int4_data int8 (N, K/2), scales (N, K/32)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
@@ -104,31 +123,17 @@ class Int4Linear(QuantLinear):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("int4_data", torch.zeros(out_features, in_features // 2, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, in_features // GROUP_SIZE, dtype=dtype, device=device))
-        self.cpu_packed: torch.Tensor | None = None
-        self.cpu_scales_and_zeros: torch.Tensor | None = None
 
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         return dequantize_int4(self.int4_data[rows], self.scales[rows])
 
     def pack_for_cpu(self) -> None:
-        """Repack for the CPU kernel (int4_data stays: the embedding's lookups and large batches use it)."""
-        q = unpack_int4(self.int4_data).to(torch.int32) + 8  # (N, K) in 0..15
-        self.cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        zeros = torch.zeros_like(self.scales)
-        self.cpu_scales_and_zeros = torch.stack([self.scales.t(), zeros.t()], dim=-1).contiguous()  # (K/32, N, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_packed is None or not use_cpu_kernel(x, self.in_features):
-            return super().forward(x)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features), self.cpu_packed, GROUP_SIZE, self.cpu_scales_and_zeros
-        )
-        return y.view(*x.shape[:-1], self.out_features)
+        # our symmetric grid is the kernel's with q shifted by 8 and a zero of 0
+        self.set_cpu_weight(unpack_int4(self.int4_data) + 8, self.scales, torch.zeros_like(self.scales))
 
 
 class Int8Linear(QuantLinear):
-    """int8 weights with one scale per output row: int8_data (N, K), scales (N,). On CPU, PyTorch's
-    _weight_int8pack_mm reads them as they are."""
+    """int8 weights with one scale per output row: int8_data (N, K), scales (N,)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
@@ -139,16 +144,25 @@ class Int8Linear(QuantLinear):
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         return dequantize_int8(self.int8_data[rows], self.scales[rows])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not use_cpu_kernel(x, self.in_features):
-            return super().forward(x)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.int8_data, self.scales)
-        return y.view(*x.shape[:-1], self.out_features)
+    def pack_for_cpu(self) -> None:
+        """PyTorch's int8 CPU kernel (_weight_int8pack_mm) is compute-bound: the 270M's int8 head takes 19 ms
+        on 2 cores, where the int4 kernel streams the same bytes in 11. So write each weight as two int4
+        digits, w = 16 * hi + lo with lo in 0..15 and hi in -8..7, side by side along K: one int4 matmul of
+        [x, x] accumulates x.lo * s + x.hi * 16s = x.w * s in float32. Exact: 8s and 16s are exact in bf16."""
+        if self.in_features % GROUP_SIZE:
+            return  # no whole groups: stay on the portable path
+        w = self.int8_data.to(torch.int32)
+        lo, hi = w & 15, w >> 4  # arithmetic shift: hi is signed
+        s = self.scales.float()[:, None].expand(-1, self.in_features // GROUP_SIZE)  # (N, K/32)
+        self.cpu_digits = 2
+        self.set_cpu_weight(
+            torch.cat([lo, hi + 8], dim=1), torch.cat([s, 16 * s], dim=1), torch.cat([8 * s, 0 * s], dim=1)
+        )
 
 
-# PyTorch's CPU int4/int8 kernels are fast for decoding's few rows in bf16 (the 270M's int4 head: 6.5 ms
-# against 22 ms dense) and slow for a prefill's hundreds of rows or in float32 (up to 100x slower than
-# dequantize + matmul, measured on 2 cores): use them only where they win.
+# PyTorch's CPU int4 kernel is fast for decoding's few rows in bf16 (the 270M's int4 head: 6.5 ms against
+# 22 ms dense) and slow for a prefill's hundreds of rows or in float32 (up to 100x slower than
+# dequantize + matmul, measured on 2 cores): use it only where it wins.
 CPU_KERNEL_MAX_ROWS = 8
 
 
@@ -157,14 +171,11 @@ def use_cpu_kernel(x: torch.Tensor, in_features: int) -> bool:
 
 
 def use_cpu_kernels(model: nn.Module) -> nn.Module:
-    """Repack every bf16 Int4Linear on the CPU for PyTorch's int4 CPU kernel (Int8Linear needs no repacking)."""
+    """Repack every bf16 QuantLinear on the CPU for PyTorch's int4 CPU kernel."""
     for module in model.modules():
-        if (
-            isinstance(module, Int4Linear)
-            and module.scales.device.type == "cpu"
-            and module.scales.dtype == torch.bfloat16
-        ):
-            module.pack_for_cpu()
+        if isinstance(module, QuantLinear) and module.scales.device.type == "cpu":
+            if module.scales.dtype == torch.bfloat16:
+                module.pack_for_cpu()
     return model
 
 

@@ -57,18 +57,39 @@ def test_bf16_close_to_float32(tmp_path):
     assert (got - ref).abs().max().item() < 0.1 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("prompt_len", [3, 20])
-def test_cached_decoding_matches_full_forward(tmp_path, prompt_len):
-    """Prefill, then one token at a time, far past the sliding window (8) and a global layer."""
+@pytest.mark.parametrize("prompt_len, chunk", [(3, 3), (20, 20), (29, 5), (29, 12)])
+def test_cached_decoding_matches_full_forward(tmp_path, prompt_len, chunk):
+    """Prefill in chunks (shorter and longer than the sliding window of 8), then one token at a time, far past
+    the window and a global layer: the local layers' ring buffers must give the full forward's logits."""
     ours = ours_from(hf_text_model(), tmp_path)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 40))
+    ids = torch.randint(0, TINY["vocab_size"], (2, 48))
     with torch.no_grad():
         full = ours(ids)
         ours.setup_cache(batch_size=2, max_seq_len=64)
-        steps = [ours(ids[:, :prompt_len], torch.arange(prompt_len))]
+        steps = []
+        for t in range(0, prompt_len, chunk):
+            end = min(t + chunk, prompt_len)
+            steps.append(ours(ids[:, t:end], torch.arange(t, end)))
         for t in range(prompt_len, ids.shape[1]):
             steps.append(ours(ids[:, t : t + 1], torch.tensor([t])))
+    assert all(layer.attn.kv_cache.k.shape[2] == 8 for layer in ours.layers if not layer.is_global)
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_a_reused_cache_forgets_the_previous_sequence(tmp_path):
+    """generate() reuses a big enough cache (no new shapes to compile): a new sequence from position 0 must not
+    see what the last one left in the ring buffers, even where a stale slot holds the query's own position."""
+    ours = ours_from(hf_text_model(), tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 30))
+    old = torch.randint(0, TINY["vocab_size"], (1, 30))
+    with torch.no_grad():
+        full = ours(ids)
+        ours.setup_cache(batch_size=1, max_seq_len=64)
+        for end in (5, 30):  # a short old sequence leaves slots that hold exactly their own position
+            ours(old[:, :end], torch.arange(end))
+            got = [ours(ids[:, :3], torch.arange(3))]
+            got += [ours(ids[:, t : t + 1], torch.tensor([t])) for t in range(3, 30)]
+            assert (torch.cat(got, dim=1) - full).abs().max().item() <= 1e-4
 
 
 def test_decoding_without_cache_is_an_error(tmp_path):
