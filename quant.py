@@ -82,13 +82,13 @@ class QuantLinear(nn.Module):
 
     cpu_packed: torch.Tensor | None = None  # the weight repacked for the CPU kernel, or None
     cpu_scales_and_zeros: torch.Tensor | None = None  # (groups, N, 2)
-    cpu_digits = 1  # how many int4 digits make one weight (the kernel's K is digits * in_features)
+    cpu_digits_per_weight = 1  # the kernel's K is cpu_digits_per_weight * in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_packed is None or not use_cpu_kernel(x, self.in_features):
             return F.linear(x, self.dequantize().to(x.dtype))
         x2 = x.reshape(-1, self.in_features)
-        x2 = torch.cat([x2] * self.cpu_digits, dim=1)  # (M, digits * K)
+        x2 = torch.cat([x2] * self.cpu_digits_per_weight, dim=1)  # (M, digits * K)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.cpu_packed, GROUP_SIZE, self.cpu_scales_and_zeros)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -102,12 +102,21 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def pack_for_cpu(self) -> None:
+        """Repack for the CPU kernel, a slice of rows at a time (its packer takes int32: 4 bytes per weight)."""
+        if self.out_features % 16 or self.in_features % GROUP_SIZE:
+            return  # the kernel wants N % 16 == 0 and whole groups: stay on the portable path
+        pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        packed = [pack(self.cpu_digits(slice(i, i + 4096)), 1) for i in range(0, self.out_features, 4096)]
+        scales, zeros = self.cpu_scales_zeros()  # (N, groups) each
+        self.cpu_packed = torch.cat(packed)
+        self.cpu_scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+    def cpu_digits(self, rows: slice) -> torch.Tensor:
+        """The kernel's q in 0..15 (int32) for these rows: (rows, cpu_digits_per_weight * K)."""
         raise NotImplementedError
 
-    def set_cpu_weight(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
-        """q (N, K') in 0..15, scales and zeros (N, K'/32) -> the CPU kernel's packed weight and (K'/32, N, 2)."""
-        self.cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        self.cpu_scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+    def cpu_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -127,9 +136,12 @@ class Int4Linear(QuantLinear):
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         return dequantize_int4(self.int4_data[rows], self.scales[rows])
 
-    def pack_for_cpu(self) -> None:
-        # our symmetric grid is the kernel's with q shifted by 8 and a zero of 0
-        self.set_cpu_weight(unpack_int4(self.int4_data) + 8, self.scales, torch.zeros_like(self.scales))
+    # our symmetric grid is the kernel's with q shifted by 8 and a zero of 0
+    def cpu_digits(self, rows: slice) -> torch.Tensor:
+        return unpack_int4(self.int4_data[rows]).to(torch.int32) + 8
+
+    def cpu_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scales, torch.zeros_like(self.scales)
 
 
 class Int8Linear(QuantLinear):
@@ -144,20 +156,19 @@ class Int8Linear(QuantLinear):
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         return dequantize_int8(self.int8_data[rows], self.scales[rows])
 
-    def pack_for_cpu(self) -> None:
-        """PyTorch's int8 CPU kernel (_weight_int8pack_mm) is compute-bound: the 270M's int8 head takes 19 ms
-        on 2 cores, where the int4 kernel streams the same bytes in 11. So write each weight as two int4
-        digits, w = 16 * hi + lo with lo in 0..15 and hi in -8..7, side by side along K: one int4 matmul of
-        [x, x] accumulates x.lo * s + x.hi * 16s = x.w * s in float32. Exact: 8s and 16s are exact in bf16."""
-        if self.in_features % GROUP_SIZE:
-            return  # no whole groups: stay on the portable path
-        w = self.int8_data.to(torch.int32)
-        lo, hi = w & 15, w >> 4  # arithmetic shift: hi is signed
+    # PyTorch's int8 CPU kernel (_weight_int8pack_mm) is compute-bound: the 270M's int8 head takes 19 ms on
+    # 2 cores, where the int4 kernel streams the same bytes in 11. So each weight goes to the int4 kernel as
+    # two int4 digits, w = 16 * hi + lo with lo in 0..15 and hi in -8..7, side by side along K: one int4
+    # matmul of [x, x] accumulates x.lo * s + x.hi * 16s = x.w * s in float32 (8s and 16s are exact in bf16).
+    cpu_digits_per_weight = 2
+
+    def cpu_digits(self, rows: slice) -> torch.Tensor:
+        w = self.int8_data[rows].to(torch.int32)
+        return torch.cat([w & 15, (w >> 4) + 8], dim=1)  # lo, and hi shifted to 0..15; >> sign-extends
+
+    def cpu_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.scales.float()[:, None].expand(-1, self.in_features // GROUP_SIZE)  # (N, K/32)
-        self.cpu_digits = 2
-        self.set_cpu_weight(
-            torch.cat([lo, hi + 8], dim=1), torch.cat([s, 16 * s], dim=1), torch.cat([8 * s, 0 * s], dim=1)
-        )
+        return torch.cat([s, 16 * s], dim=1), torch.cat([8 * s, 0 * s], dim=1)
 
 
 # PyTorch's CPU int4 kernel is fast for decoding's few rows in bf16 (the 270M's int4 head: 6.5 ms against

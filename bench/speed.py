@@ -20,6 +20,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ ROWS = {
 
 
 def prompt_ids(n: int) -> list[int]:
+    """The first n tokens of real English text (Python's pydoc topics), <bos> first."""
     import pydoc_data.topics
 
     from checkpoint import embedded_gguf
@@ -62,16 +64,17 @@ def timed(tokens, n_new: int) -> tuple[float, float]:
     return t1 - t0, (n_new - 1) / (time.perf_counter() - t1)
 
 
-def ours_tokens(args, path: str):
+def ours_tokens(args, path: str):  # from the converted default model, as generate.py runs it
     import torch
 
     import quant
+    from checkpoint import default_model
     from generation import Sampling, compile_decode_step, decode_one_token, generate
     from model import Gemma3
 
     if args.no_cpu_kernels:
         quant.CPU_KERNEL_MAX_ROWS = 0
-    model = Gemma3.from_pretrained(path, dtype=torch.bfloat16, weights=args.weights)
+    model = Gemma3.from_pretrained(default_model(), dtype=torch.bfloat16, weights=args.weights)
     step = compile_decode_step(torch.device("cpu")) if args.compile else decode_one_token
     return lambda ids, n: generate(model, ids, n, Sampling(temperature=0), decode_step=step)
 
@@ -99,7 +102,12 @@ def llama_tokens(args, path: str):
 
     llm = Llama(model_path=path, n_ctx=max(args.contexts) + args.new_tokens, n_batch=512, n_threads=args.threads,
                 verbose=False)  # fmt: skip
-    return lambda ids, n: llm.generate(ids, temp=0.0, reset=True)
+
+    def tokens(ids, n):
+        llm.reset()  # or generate() reuses the KV cache of a matching prefix, and the prefill is not measured
+        return llm.generate(ids, temp=0.0, reset=True)
+
+    return tokens
 
 
 def worker(args) -> None:
@@ -113,8 +121,9 @@ def worker(args) -> None:
     make = {"ours": ours_tokens, "hf": hf_tokens, "llama.cpp": llama_tokens}[args.worker]
     run = make(args, path)
     result = {"load_s": round(time.perf_counter() - t0, 2), "contexts": {}}
+    all_ids = json.loads(args.ids_file.read_text())  # tokenized by the parent: not counted in peak memory
     for context in args.contexts:
-        ids = prompt_ids(context)
+        ids = all_ids[:context]
         t0 = time.perf_counter()
         timed(iter(run(ids, args.new_tokens)), args.new_tokens)  # warm-up (and compiling)
         warmup_s = time.perf_counter() - t0
@@ -184,12 +193,15 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-cpu-kernels", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ids-file", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
 
     common = ["--contexts", *map(str, args.contexts), "--new-tokens", str(args.new_tokens)]
-    common += ["--threads", str(args.threads)]
+    ids_file = Path(tempfile.mkdtemp()) / "ids.json"
+    ids_file.write_text(json.dumps(prompt_ids(max(args.contexts))))
+    common += ["--threads", str(args.threads), "--ids-file", str(ids_file)]
     results = {}
     for name in args.rows:
         print(f"== {name}", file=sys.stderr, flush=True)
