@@ -107,7 +107,7 @@ def generate(
     max_new_tokens = min(max_new_tokens, context - len(prompt))
     device = model.norm.weight.device
     needed = len(prompt) + max_new_tokens
-    if model.cache_len < needed:  # else reuse it: same shapes, so a compiled decode step is not recompiled
+    if model.cache_len < needed or model.cache_batch != 1:  # else reuse it: same shapes, no recompiling
         model.setup_cache(1, min(context, -(-needed // 1024) * 1024))  # whole KiB of tokens: fewer new shapes
     ids = torch.tensor([prompt], device=device)
     seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)

@@ -303,7 +303,7 @@ class Gemma3(nn.Module):
         self.embed = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, g) for g in config.global_layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.cache_len = 0
+        self.cache_len = self.cache_batch = 0
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Allocate the static KV cache; afterwards forward(ids, pos) decodes incrementally."""
@@ -320,7 +320,7 @@ class Gemma3(nn.Module):
             )
         # the position held in each ring slot; never-written slots lie a whole window back, outside every window
         self.register_buffer("ring_pos", torch.full((ring,), -c.sliding_window, device=device), persistent=False)
-        self.cache_len = max_seq_len
+        self.cache_len, self.cache_batch = max_seq_len, batch_size
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed.lookup(input_ids)

@@ -103,6 +103,13 @@ def test_stop_ids_and_max_new_tokens(models):
     assert stopped == tokens[: tokens.index(stop) + 1]
 
 
+def test_generate_sets_up_its_own_cache_after_a_batched_one(models):
+    _, ours = models
+    ours.setup_cache(batch_size=2, max_seq_len=64)
+    tokens = list(generate(ours, [2, 17, 300], 5, Sampling(temperature=0)))  # reallocates a batch-1 cache
+    assert ours.cache_batch == 1 and len(tokens) == 5
+
+
 def test_seeded_generation_reproduces(models):
     _, ours = models
     run = lambda seed: list(generate(ours, [2, 5], 15, Sampling(), generator=torch.Generator().manual_seed(seed)))
