@@ -330,7 +330,8 @@ class Gemma3(nn.Module):
         """input_ids (B, T) -> float logits (B, T, vocab_size).
 
         pos=None: a plain causal forward at positions 0..T-1, no cache.
-        pos (T,): the tokens' positions; keys/values are written to the cache and attention reads all of it.
+        pos (T,): the tokens' positions, continuing the cached sequence (or 0.. to start a new one); their
+        keys/values are written to the cache and attention reads it (see hidden_states).
         """
         return self.logits(self.hidden_states(self.embed_tokens(input_ids), pos))
 
