@@ -175,3 +175,21 @@ def test_generate_script_errors(tiny_int4_dir, tmp_path):
     assert out.returncode == 2 and "but the model's context is 256 tokens" in out.stderr
     out = run_generate("--model", str(tiny_int4_dir), "--prompt", "x", "--top-p", "2")
     assert out.returncode == 1 and "top_p" in out.stderr
+
+
+def test_ctrl_c_stops_generate_cleanly(tiny_int4_dir, monkeypatch, capsys):
+    """Ctrl-C mid-generation: what was streamed stays, a short note on stderr, exit code 130, no traceback."""
+    import generate as script
+
+    tok = Tokenizer.from_file(tiny_int4_dir / "tokenizer.model")
+    word = next(i for i in range(3, 500) if tok.decode([i]).strip().isalpha())  # a whole word, not a byte piece
+
+    def interrupted(*args, **kwargs):
+        yield word
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "generate", interrupted)
+    assert script.main(["--model", str(tiny_int4_dir), "--prompt", "Hello", "--raw"]) == 130
+    out = capsys.readouterr()
+    assert out.out == tok.decode([word])
+    assert "[interrupted]" in out.err and "Traceback" not in out.err
