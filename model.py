@@ -190,6 +190,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype attention computes and caches in: PyTorch's CPU attention is several times faster in float32
+    than in bf16, so float32 there; elsewhere the activations' own."""
+    return torch.float32 if device.type == "cpu" else dtype
+
+
 def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """(T, S) bool, True where query i may attend to key j: causal, and within `window` tokens if given."""
     dist = q_pos[:, None] - kv_pos[None, :]  # how far back each key is from each query
@@ -246,8 +252,8 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if q.device.type == "cpu":  # PyTorch's CPU attention is several times faster in float32 than in bf16
-            q, k, v = q.float(), k.float(), v.float()  # (and the cache is float32 there, see setup_cache)
+        dtype = attention_dtype(x.dtype, x.device)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if pos is not None:
             k, v = self.kv_cache.update(pos, k, v)  # (B, n_kv, S, hd): S = cache length, or ring + T
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True).type_as(x)
@@ -311,7 +317,7 @@ class Gemma3(nn.Module):
         if max_seq_len > c.max_seq_len:
             raise ValueError(f"a cache of {max_seq_len} tokens exceeds the model's context of {c.max_seq_len}")
         device = self.norm.weight.device
-        dtype = torch.float32 if device.type == "cpu" else self.norm.weight.dtype  # attention's dtype (see Attention)
+        dtype = attention_dtype(self.norm.weight.dtype, device)
         ring = min(c.sliding_window, max_seq_len)
         for layer in self.layers:
             length = max_seq_len if layer.is_global else ring
