@@ -137,6 +137,16 @@ def test_cpu_kernels_against_the_dequant_reference(cls):
     assert torch.equal(layer(big), torch.nn.functional.linear(big, reference))
 
 
+@pytest.mark.parametrize("cls, n, k", [(Int4Linear, 24, 128), (Int8Linear, 24, 128), (Int8Linear, 32, 100)])
+def test_shapes_the_cpu_kernel_cannot_take_stay_portable(cls, n, k):
+    """The kernel wants N % 16 == 0 and whole groups of 32 along K: other shapes keep the dequant-matmul."""
+    layer = quantized(cls, n, k, torch.bfloat16)
+    quant.use_cpu_kernels(layer)
+    assert layer.cpu_packed is None
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantize()))
+
+
 def test_int8_round_to_nearest():
     w = torch.randn(8, 64) * 3
     data, scales = quant.quantize_int8(w)
