@@ -199,18 +199,19 @@ def main() -> None:
         return worker(args)
 
     common = ["--contexts", *map(str, args.contexts), "--new-tokens", str(args.new_tokens)]
-    ids_file = Path(tempfile.mkdtemp()) / "ids.json"
-    ids_file.write_text(json.dumps(prompt_ids(max(args.contexts))))
-    common += ["--threads", str(args.threads), "--ids-file", str(ids_file)]
     results = {}
-    for name in args.rows:
-        print(f"== {name}", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--worker", *ROWS[name], *common]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        if proc.returncode:
-            results[name] = {"error": f"exit code {proc.returncode}"}
-        else:
-            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_file = Path(tmp) / "ids.json"
+        ids_file.write_text(json.dumps(prompt_ids(max(args.contexts))))
+        common += ["--threads", str(args.threads), "--ids-file", str(ids_file)]
+        for name in args.rows:
+            print(f"== {name}", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, "--worker", *ROWS[name], *common]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            if proc.returncode:
+                results[name] = {"error": f"exit code {proc.returncode}"}
+            else:
+                results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "python": platform.python_version()},
