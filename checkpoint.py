@@ -27,9 +27,22 @@ import quant
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
 INDEX = "model.safetensors.index.json"
 
-# Where the language model lives in each layout; everything else (vision tower, projector) is skipped here.
+# Where each part lives in each layout: gaunernst's / older transformers' multimodal, newer transformers'
+# multimodal (model.language_model.*), text-only (model.*).
 TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")
-SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+VISION_PREFIXES = {  # -> ours, first match wins; inside, the tower keeps the checkpoints' module names (vision.py)
+    "vision_tower.vision_model.": "vision.",
+    "model.vision_tower.vision_model.": "vision.",
+    "vision_tower.": "vision.",  # transformers 5 drops the vision_model level
+    "model.vision_tower.": "vision.",
+    "multi_modal_projector.": "vision.projector.",
+    "model.multi_modal_projector.": "vision.projector.",
+}
+VISION_RENAMES = {  # checkpoint -> ours, within the tower: vision.py has no embeddings/encoder containers
+    "embeddings.patch_embedding.": "patch_embedding.",
+    "embeddings.position_embedding.": "position_embedding.",
+    "encoder.layers.": "layers.",
+}
 RENAMES = {  # HF module names -> ours
     "embed_tokens.": "embed.",
     ".self_attn.": ".attn.",
@@ -97,9 +110,16 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def our_name(name: str) -> str | None:
-    """A checkpoint tensor name -> ours, or None for tensors that are not the language model's."""
-    if name.startswith(SKIPPED_PREFIXES) or name == "lm_head.weight":  # the head is tied to the embedding
+    """A checkpoint tensor name -> ours, or None for the output head (tied to the embedding)."""
+    if name.endswith("lm_head.weight"):  # lm_head.weight, or language_model.lm_head.weight in older layouts
         return None
+    for prefix, ours in VISION_PREFIXES.items():
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            for old, new in VISION_RENAMES.items():
+                if name.startswith(old):
+                    name = new + name[len(old) :]
+            return ours + name
     for prefix in TEXT_PREFIXES:
         if name.startswith(prefix):
             name = name[len(prefix) :]
@@ -109,9 +129,9 @@ def our_name(name: str) -> str | None:
     return name
 
 
-def load_text_model(path_or_hub_id: str | Path) -> tuple[dict | None, dict[str, torch.Tensor], set[str]]:
-    """The config.json (None if there is none), the language model's tensors (our names, as stored), and the
-    names of float weights that weights="auto" should keep at 8 bits (only GGUF has such)."""
+def load_weights(path_or_hub_id: str | Path) -> tuple[dict | None, dict[str, torch.Tensor], set[str]]:
+    """The config.json (None if there is none), the tensors (our names, as stored), and the names of float
+    weights that weights="auto" should keep at 8 bits (only GGUF has such; its files hold no vision tower)."""
     path = resolve(path_or_hub_id)
     if path.suffix == ".gguf":
         return gguf_format.load_text_model(path)
@@ -153,11 +173,20 @@ def tokenizer_proto(path_or_hub_id: str | Path) -> bytes:
     return model_file.read_bytes()
 
 
-def hf_name(name: str) -> str:
-    """Ours -> the checkpoint name a text-only HF / gaunernst checkpoint uses."""
+def hf_name(name: str, multimodal: bool = False) -> str:
+    """Ours -> the checkpoint name in gaunernst's layout (text-only: model.*; multimodal: language_model.model.*,
+    vision_tower.vision_model.*, multi_modal_projector.*)."""
+    if name.startswith("vision.projector."):
+        return "multi_modal_projector." + name.removeprefix("vision.projector.")
+    if name.startswith("vision."):
+        name = name.removeprefix("vision.")
+        for old, new in VISION_RENAMES.items():
+            if name.startswith(new):
+                name = old + name[len(new) :]
+        return "vision_tower.vision_model." + name
     for old, new in RENAMES.items():
         name = name.replace(new, old)
-    return f"model.{name}"
+    return ("language_model.model." if multimodal else "model.") + name
 
 
 def save(hf_config: dict, tensors: dict[str, torch.Tensor], tokenizer: bytes, directory: Path) -> None:
@@ -168,7 +197,8 @@ def save(hf_config: dict, tensors: dict[str, torch.Tensor], tokenizer: bytes, di
         raise FileExistsError(f"{directory} already exists")
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     try:
-        write_shards({hf_name(k): v for k, v in tensors.items()}, tmp)
+        multimodal = hf_config.get("model_type") == "gemma3"
+        write_shards({hf_name(k, multimodal): v for k, v in tensors.items()}, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "tokenizer.model").write_bytes(tokenizer)
         tmp.rename(directory)

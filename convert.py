@@ -14,15 +14,14 @@ from pathlib import Path
 
 import checkpoint
 import gguf_format
-import quant
-from model import load_checkpoint
+from model import convert_weights, load_checkpoint
 
 
 def convert(src: str, dst: Path, to: str, weights: str = "auto") -> None:
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
     config, tensors, above_4_bits = load_checkpoint(src)
-    tensors = quant.convert_state_dict(tensors, weights, above_4_bits)
+    tensors = convert_weights(tensors, weights, above_4_bits)
     tokenizer = checkpoint.tokenizer_proto(src)
     if to == "gguf":
         gguf_format.save(config, tensors, tokenizer, dst)

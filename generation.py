@@ -62,13 +62,26 @@ def sample(
     return (probs / race).argmax(-1)
 
 
-def prefill(model: Gemma3, ids: torch.Tensor, start: int = 0, chunk: int = 512) -> torch.Tensor:
-    """Run the prompt (B, T) through the model at positions start.., filling the cache, `chunk` tokens at a
-    time (attention's (T, S) masks and activations stay small for long prompts); return the last logits (B, V)."""
-    for i in range(0, ids.shape[1], chunk):
-        piece = ids[:, i : i + chunk]
-        pos = torch.arange(start + i, start + i + piece.shape[1], device=ids.device)
-        h = model.hidden_states(model.embed_tokens(piece), pos)
+def prefill(
+    model: Gemma3, ids: torch.Tensor, start: int = 0, chunk: int = 512, pixel_values: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run the prompt (B, T) through the model at positions start.., filling the cache, about `chunk` tokens
+    at a time (attention's (T, S) masks and activations stay small for long prompts); return the last logits
+    (B, V). pixel_values (N, 3, S, S): the images whose soft tokens the prompt holds. A chunk never ends
+    inside an image, whose tokens must see each other."""
+    x = model.embed_tokens(ids, pixel_values)  # (B, T, D)
+    groups = None if pixel_values is None else model.image_groups(ids)
+    inside_image = [False] * ids.shape[1]  # [j]: tokens j and j + 1 are the same image's, so no chunk ends at j
+    if groups is not None:
+        inside_image = ((groups[:, 1:] >= 0) & (groups[:, 1:] == groups[:, :-1])).any(0).tolist() + [False]
+    i = 0
+    while i < ids.shape[1]:
+        end = min(i + chunk, ids.shape[1])
+        while inside_image[end - 1]:
+            end += 1
+        pos = torch.arange(start + i, start + end, device=ids.device)
+        h = model.hidden_states(x[:, i:end], pos, None if groups is None else groups[:, i:end])
+        i = end
     return model.logits(h[:, -1])
 
 
@@ -93,8 +106,10 @@ def generate(
     stop_ids: tuple[int, ...] = (),
     generator: torch.Generator | None = None,
     decode_step: Callable = decode_one_token,
+    pixel_values: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time; stop after a stop id (which is yielded) or max_new_tokens.
+    pixel_values (N, 3, S, S): the images whose soft tokens the prompt holds (Tokenizer.encode makes them).
 
     Sets up a KV cache for len(prompt) + max_new_tokens positions unless the model has one big enough;
     the prompt must fit in the model's context, and generation stops at its end.
@@ -112,7 +127,7 @@ def generate(
     ids = torch.tensor([prompt], device=device)
     seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
     seen[0, ids[0]] = True
-    logits = prefill(model, ids)
+    logits = prefill(model, ids, pixel_values=pixel_values)
     for i in range(max_new_tokens):
         token = sample(logits, sampling, seen, generator)
         token_id = int(token)

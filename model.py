@@ -17,8 +17,71 @@ import torch.nn.functional as F
 
 import checkpoint
 import quant
+import vision  # vision.py builds on this file, and Gemma3 holds its tower: names resolve at call time
+from tokenizer import END_OF_IMAGE_ID, IMAGE_TOKEN_ID, START_OF_IMAGE_ID
 
 TEXT_VOCAB_SIZE = 262144  # real tokens; multimodal checkpoints pad the embedding to 262208 rows
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP-So400m at 896x896, the same for every Gemma 3 vision model."""
+
+    image_size: int = 896
+    patch_size: int = 14
+    hidden_size: int = 1152
+    num_layers: int = 27
+    num_heads: int = 16
+    intermediate_size: int = 4304
+    layer_norm_eps: float = 1e-6
+    tokens_per_image: int = 256  # after the projector's average pooling
+    image_token_id: int = IMAGE_TOKEN_ID
+
+    def __post_init__(self):
+        side, pooled = self.image_size // self.patch_size, math.isqrt(self.tokens_per_image)
+        if self.image_size % self.patch_size or pooled**2 != self.tokens_per_image or side % pooled:
+            raise ValueError(
+                f"vision config: {self.image_size}px images in {self.patch_size}px patches cannot be pooled "
+                f"to {self.tokens_per_image} tokens (a square whose side divides the patch grid's)"
+            )
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> VisionConfig:
+        """From a multimodal transformers config.json (model_type "gemma3"): its vision_config and the
+        image token fields; what it omits takes transformers' defaults."""
+        v = hf.get("vision_config") or {}
+        if v.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+            raise ValueError(f"config.json: vision model {v.get('model_type')!r} is not SigLIP")
+        d = cls()
+        return cls(
+            image_size=v.get("image_size", d.image_size),
+            patch_size=v.get("patch_size", d.patch_size),
+            hidden_size=v.get("hidden_size", d.hidden_size),
+            num_layers=v.get("num_hidden_layers", d.num_layers),
+            num_heads=v.get("num_attention_heads", d.num_heads),
+            intermediate_size=v.get("intermediate_size", d.intermediate_size),
+            layer_norm_eps=v.get("layer_norm_eps", d.layer_norm_eps),
+            tokens_per_image=hf.get("mm_tokens_per_image", d.tokens_per_image),
+            image_token_id=hf.get("image_token_index", d.image_token_id),
+        )
+
+    def to_hf(self) -> dict:
+        return {
+            "model_type": "siglip_vision_model",
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_act": "gelu_pytorch_tanh",
+            "vision_use_head": False,
+        }
 
 
 @dataclass
@@ -39,6 +102,7 @@ class Gemma3Config:
     rms_norm_eps: float = 1e-6
     # layer i attends globally iff global_layers[i]; by default every 6th layer
     global_layers: list[bool] = field(default_factory=list)
+    vision_config: VisionConfig | None = None  # the SigLIP tower of the 4B/12B/27B models (vision.py)
 
     def __post_init__(self):
         if not self.global_layers:
@@ -55,8 +119,9 @@ class Gemma3Config:
     @classmethod
     def from_hf(cls, hf: dict) -> Gemma3Config:
         """From a transformers config.json: text-only `gemma3_text` or multimodal `gemma3` (text_config)."""
-        model_type = hf.get("model_type")
+        model_type, vision_config = hf.get("model_type"), None
         if model_type == "gemma3":
+            vision_config = VisionConfig.from_hf(hf)
             hf = dict(hf.get("text_config") or {})
             hf.setdefault("vocab_size", 262208)  # transformers' default for the multimodal models
         elif model_type != "gemma3_text":
@@ -100,6 +165,7 @@ class Gemma3Config:
             max_seq_len=hf.get("max_position_embeddings", 131072),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             global_layers=[t == "full_attention" for t in layer_types],
+            vision_config=vision_config,
         )
 
     @classmethod
@@ -107,17 +173,19 @@ class Gemma3Config:
         """Identify a published size from a state dict's shapes (our names), for checkpoints without config.json."""
         n_layers = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("layers.")), default=-1)
         embed = shapes.get("embed.weight") or shapes.get("embed.int4_data") or shapes.get("embed.int8_data")
+        has_vision = "vision.patch_embedding.weight" in shapes
         for c in CONFIGS.values():
             if c["num_layers"] == n_layers and shapes.get("norm.weight") == (c["hidden_size"],) and embed:
-                return cls(**{**c, "vocab_size": embed[0]})
+                return cls(**{**c, "vocab_size": embed[0], "vision_config": VisionConfig() if has_vision else None})
         raise ValueError(
             f"no config.json, and the tensor shapes ({n_layers} layers, norm {shapes.get('norm.weight')}) "
             f"match no published Gemma 3 size ({', '.join(CONFIGS)})"
         )
 
     def to_hf(self) -> dict:
-        """The `gemma3_text` config.json that transformers reads back to this config."""
-        return {
+        """The config.json that transformers reads back to this config: `gemma3_text`, or with a vision
+        tower the multimodal `gemma3` that holds it as its text_config."""
+        text = {
             "architectures": ["Gemma3ForCausalLM"],
             "model_type": "gemma3_text",
             "hidden_size": self.hidden_size,
@@ -143,6 +211,19 @@ class Gemma3Config:
             "eos_token_id": [1, 106],
             "pad_token_id": 0,
         }
+        if self.vision_config is None:
+            return text
+        return {
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "model_type": "gemma3",
+            "text_config": {k: v for k, v in text.items() if k != "architectures"},
+            "vision_config": self.vision_config.to_hf(),
+            "mm_tokens_per_image": self.vision_config.tokens_per_image,
+            "image_token_index": self.vision_config.image_token_id,
+            "boi_token_index": START_OF_IMAGE_ID,
+            "eoi_token_index": END_OF_IMAGE_ID,
+            "eos_token_id": [1, 106],
+        }
 
 
 # The published sizes (Google's configs). Vocab 262208 = 262144 tokens padded for the vision models.
@@ -153,13 +234,13 @@ CONFIGS = {
                intermediate_size=6912, sliding_window=512, vocab_size=262144, max_seq_len=32768),
     "4b": dict(hidden_size=2560, num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256,
                intermediate_size=10240, sliding_window=1024, vocab_size=262208, rope_scale_global=8.0,
-               max_seq_len=131072),
+               max_seq_len=131072, vision_config=VisionConfig()),
     "12b": dict(hidden_size=3840, num_layers=48, num_heads=16, num_kv_heads=8, head_dim=256,
                 intermediate_size=15360, sliding_window=1024, vocab_size=262208, rope_scale_global=8.0,
-                max_seq_len=131072),
+                max_seq_len=131072, vision_config=VisionConfig()),
     "27b": dict(hidden_size=5376, num_layers=62, num_heads=32, num_kv_heads=16, head_dim=128,
                 intermediate_size=21504, sliding_window=1024, vocab_size=262208, rope_scale_global=8.0,
-                query_pre_attn_scalar=168, max_seq_len=131072),
+                query_pre_attn_scalar=168, max_seq_len=131072, vision_config=VisionConfig()),
 }  # fmt: skip
 
 
@@ -196,10 +277,28 @@ def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else dtype
 
 
-def attention_mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
-    """(T, S) bool, True where query i may attend to key j: causal, and within `window` tokens if given."""
+def attention_mask(
+    q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None = None, same_image: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(T, S) bool, True where query i may attend to key j: causal, or either way between tokens of one image
+    (same_image, (B, 1, T, S): then the mask is (B, 1, T, S) too); and, if a window is given, not more than
+    window - 1 tokens back (so an image token sees its image's later tokens however far, as in transformers)."""
     dist = q_pos[:, None] - kv_pos[None, :]  # how far back each key is from each query
-    return (dist >= 0) if window is None else (dist >= 0) & (dist < window)
+    mask = dist >= 0 if same_image is None else (dist >= 0) | same_image
+    return mask if window is None else mask & (dist < window)
+
+
+def image_groups(is_image: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True at image soft tokens -> (B, T): which image each token belongs to (0, 1, ...: each run
+    of soft tokens is one image), -1 for text tokens."""
+    starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
+    return torch.where(is_image, starts.cumsum(1) - 1, -1)
+
+
+def same_image_mask(q_groups: torch.Tensor, kv_groups: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, S) bool, True where query and key are tokens of the same image: those attend both ways."""
+    q, kv = q_groups[:, :, None], kv_groups[:, None, :]
+    return ((q == kv) & (q >= 0))[:, None]
 
 
 class KVCache(nn.Module):
@@ -309,6 +408,7 @@ class Gemma3(nn.Module):
         self.embed = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, g) for g in config.global_layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.vision = vision.VisionEncoder(config.vision_config, config.hidden_size) if config.vision_config else None
         self.cache_len = self.cache_batch = 0
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
@@ -328,21 +428,50 @@ class Gemma3(nn.Module):
         self.register_buffer("ring_pos", torch.full((ring,), -c.sliding_window, device=device), persistent=False)
         self.cache_len, self.cache_batch = max_seq_len, batch_size
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed.lookup(input_ids)
-        return x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)  # scale rounded to x's dtype
+    def embed_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D), scaled by sqrt(D). With pixel_values (N, 3, S, S), the image soft tokens
+        take the N images' features instead (vision.py; not scaled), image after image in reading order."""
+        if pixel_values is None:
+            x = self.embed.lookup(input_ids)
+            return x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)  # scale rounded to x's dtype
+        if self.vision is None:
+            raise ValueError("this model has no vision tower: it takes text only (images need Gemma 3 4B, 12B or 27B)")
+        is_image = input_ids == self.config.vision_config.image_token_id
+        features = self.vision(pixel_values)  # (N, tokens_per_image, D)
+        if int(is_image.sum()) != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"the prompt has {int(is_image.sum())} image soft tokens, but {features.shape[0]} image(s) "
+                f"need {features.shape[1]} each"
+            )
+        x = self.embed_tokens(input_ids.masked_fill(is_image, 0))
+        return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
-    def forward(self, input_ids: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    def image_groups(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T): which image each token of input_ids belongs to, -1 for text (see hidden_states)."""
+        return image_groups(input_ids == self.config.vision_config.image_token_id)
+
+    def forward(
+        self, input_ids: torch.Tensor, pos: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """input_ids (B, T) -> float logits (B, T, vocab_size).
 
         pos=None: a plain causal forward at positions 0..T-1, no cache.
         pos (T,): the tokens' positions, continuing the cached sequence (or 0.. to start a new one); their
         keys/values are written to the cache and attention reads it (see hidden_states).
+        pixel_values (N, 3, S, S): the images whose soft tokens input_ids holds (vision.preprocess makes them).
         """
-        return self.logits(self.hidden_states(self.embed_tokens(input_ids), pos))
+        x = self.embed_tokens(input_ids, pixel_values)
+        groups = None if pixel_values is None else self.image_groups(input_ids)
+        return self.logits(self.hidden_states(x, pos, groups))
 
-    def hidden_states(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Input embeddings (B, T, D) -> final normed hidden states (B, T, D)."""
+    def hidden_states(
+        self, x: torch.Tensor, pos: torch.Tensor | None = None, image_groups: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Input embeddings (B, T, D) -> final normed hidden states (B, T, D).
+
+        image_groups (B, T), from image_groups(): the tokens of one image attend to each other both ways
+        (causal elsewhere). An image must lie whole within one call (generation.prefill sees to that).
+        """
         c = self.config
         if pos is None:  # a plain causal forward: keys are the queries' own positions
             q_pos = kv_global = kv_local = torch.arange(x.shape[1], device=x.device)
@@ -357,8 +486,18 @@ class Gemma3(nn.Module):
             # cannot rewind, it has already overwritten what the rewound queries would need.)
             stale = self.ring_pos >= pos[0]
             kv_local = torch.cat([self.ring_pos.masked_fill(stale, -c.sliding_window), pos])
-        global_mask = attention_mask(q_pos, kv_global)
-        local_mask = attention_mask(q_pos, kv_local, c.sliding_window)
+        same_image_global = same_image_local = None
+        if image_groups is not None:  # the keys' images: only this call's own tokens can share one with a query
+            if pos is None:
+                kv_groups_global = kv_groups_local = image_groups
+            else:
+                kv_groups_global = torch.full((x.shape[0], self.cache_len), -1, device=x.device)
+                kv_groups_global = kv_groups_global.index_copy(1, pos, image_groups)
+                kv_groups_local = F.pad(image_groups, (self.ring_pos.shape[0], 0), value=-1)  # (ring, then chunk)
+            same_image_global = same_image_mask(image_groups, kv_groups_global)
+            same_image_local = same_image_mask(image_groups, kv_groups_local)
+        global_mask = attention_mask(q_pos, kv_global, same_image=same_image_global)
+        local_mask = attention_mask(q_pos, kv_local, c.sliding_window, same_image_local)
         rope_global = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_global, c.rope_scale_global, x.dtype)
         rope_local = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_local, 1.0, x.dtype)
         for layer in self.layers:
@@ -390,9 +529,10 @@ class Gemma3(nn.Module):
         weights="auto":  int4 stays int4, dense weights are quantized to int4 (round to nearest, group 32),
                          GGUF tensors stored at more than 4 bits become int8 (see gguf_format.py);
         weights="int4":  every linear weight int4;  weights="dense": every weight a float tensor of `dtype`.
+        The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype`.
         """
         config, tensors, above_4_bits = load_checkpoint(path_or_hub_id)
-        tensors = quant.convert_state_dict(tensors, weights, above_4_bits)
+        tensors = convert_weights(tensors, weights, above_4_bits)
         with torch.device("meta"):
             model = cls(config)
         quant.replace_linears(model, tensors)
@@ -405,12 +545,20 @@ class Gemma3(nn.Module):
 
 def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Gemma3Config, dict[str, torch.Tensor], set[str]]:
     """Config, tensors as stored (our names) and the GGUF weights stored above 4 bits, of any checkpoint."""
-    hf_config, tensors, above_4_bits = checkpoint.load_text_model(path_or_hub_id)
+    hf_config, tensors, above_4_bits = checkpoint.load_weights(path_or_hub_id)
     if hf_config is not None:
         config = Gemma3Config.from_hf(hf_config)
     else:  # no config.json: recognise a published size by its shapes
         config = Gemma3Config.from_shapes({k: tuple(t.shape) for k, t in tensors.items()})
     return config, tensors, above_4_bits
+
+
+def convert_weights(tensors: dict[str, torch.Tensor], weights: str, above_4_bits: set[str]) -> dict[str, torch.Tensor]:
+    """The weights policy (quant.convert_state_dict) applied to the language model; the vision tower is
+    left as it is (the checkpoints keep it bf16, and its 4096-token passes are compute-bound anyway)."""
+    vision_tensors = {k: v for k, v in tensors.items() if k.startswith("vision.")}
+    text_tensors = {k: v for k, v in tensors.items() if k not in vision_tensors}
+    return quant.convert_state_dict(text_tensors, weights, above_4_bits) | vision_tensors
 
 
 def check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

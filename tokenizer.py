@@ -12,6 +12,9 @@ import checkpoint
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 START_OF_TURN_ID, END_OF_TURN_ID = 105, 106
 STOP_IDS = (EOS_ID, END_OF_TURN_ID)
+START_OF_IMAGE_ID, END_OF_IMAGE_ID = 255999, 256000
+IMAGE_TOKEN_ID = 262144  # the soft token that stands for one image embedding (just past the text vocabulary)
+IMAGE_MARK = "<start_of_image>"  # in a prompt, where an image goes (as in transformers' Gemma3Processor)
 
 
 class Tokenizer:
@@ -36,27 +39,54 @@ class Tokenizer:
         """A GGUF's own tokenizer, else the tokenizer.model of a checkpoint directory (or beside a file)."""
         return cls(checkpoint.tokenizer_proto(path_or_hub_id), str(path_or_hub_id))
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        return [BOS_ID] * bos + self.sp.encode(text)
+    def encode(self, text: str, bos: bool = False, num_images: int = 0, tokens_per_image: int = 256) -> list[int]:
+        """Text -> ids. With num_images, the text marks where each image goes with "<start_of_image>" (see
+        place_images); each becomes "\\n\\n<start_of_image>" + tokens_per_image soft tokens + "<end_of_image>\\n\\n",
+        as transformers' Gemma3Processor expands it (the model puts the image's features at the soft tokens)."""
+        ids = [BOS_ID] * bos
+        if not num_images:
+            return ids + self.sp.encode(text)
+        pieces = text.split(IMAGE_MARK)
+        if len(pieces) - 1 != num_images:
+            raise ValueError(f"the prompt marks {len(pieces) - 1} image place(s) with {IMAGE_MARK} for {num_images}")
+        image = [START_OF_IMAGE_ID, *[IMAGE_TOKEN_ID] * tokens_per_image, END_OF_IMAGE_ID]
+        for i, piece in enumerate(pieces):
+            last = i == num_images
+            ids += self.sp.encode(("\n\n" if i else "") + piece + ("" if last else "\n\n"))
+            ids += [] if last else image
+        return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+        """Ids -> text; ids past the tokenizer's pieces (image soft tokens, vocabulary padding) decode to nothing."""
+        return self.sp.decode([i for i in ids if i < self.vocab_size])
 
-    def chat_prompt(self, messages: list[dict[str, str]], system: str | None = None) -> list[int]:
+    def chat_prompt(self, messages: list[dict], system: str | None = None, tokens_per_image: int = 256) -> list[int]:
         """Gemma's chat template, ending with the opened model turn:
         <bos><start_of_turn>user\\n{system}\\n\\n{message}<end_of_turn>\\n<start_of_turn>model\\n ...
 
-        messages: [{"role": "user" | "model", "content": str}, ...]. There is no system role in Gemma:
-        the system prompt is prepended to the first user message. Special tokens are inserted by id,
-        so text that happens to contain "<start_of_turn>" stays plain text.
+        messages: [{"role": "user" | "model", "content": str, "images": int (optional, default 0)}, ...].
+        There is no system role in Gemma: the system prompt is prepended to the first user message. A
+        message's images go where its text marks them, else before its text (place_images). Special tokens
+        are inserted by id, so text that happens to contain "<start_of_turn>" stays plain text.
         """
         ids = [BOS_ID]
         for i, m in enumerate(messages):
             if m["role"] not in ("user", "model"):
                 raise ValueError(f"chat role must be 'user' or 'model', not {m['role']!r}")
-            text = f"{system}\n\n{m['content']}" if i == 0 and system else m["content"]
-            ids += [START_OF_TURN_ID, *self.encode(f"{m['role']}\n{text}"), END_OF_TURN_ID, *self.encode("\n")]
+            num_images = m.get("images", 0)
+            text = place_images(m["content"], num_images)
+            text = f"{system}\n\n{text}" if i == 0 and system else text
+            turn = self.encode(f"{m['role']}\n{text}", num_images=num_images, tokens_per_image=tokens_per_image)
+            ids += [START_OF_TURN_ID, *turn, END_OF_TURN_ID, *self.encode("\n")]
         return ids + [START_OF_TURN_ID, *self.encode("model\n")]
+
+
+def place_images(text: str, num_images: int) -> str:
+    """The text with a "<start_of_image>" mark per image: its own marks if it has any, else all the images
+    before the text (where transformers' chat template puts them)."""
+    if num_images and IMAGE_MARK not in text:
+        return IMAGE_MARK * num_images + text
+    return text
 
 
 def is_instruction_tuned(name: str | Path) -> bool:

@@ -21,6 +21,18 @@ TINY = dict(
 )  # fmt: skip
 
 
+# Small SigLIP: 28x28 images in 7x7 patches (a 4x4 grid), pooled to tokens_per_image soft tokens.
+VISION_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                   image_size=28, patch_size=7, layer_norm_eps=1e-6, vision_use_head=False)  # fmt: skip
+
+
+def randomize(model) -> None:
+    """Random weights, norms included (transformers initialises Gemma norms to zero, which would hide bugs)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.5 if "norm" in name else 0.1)
+
+
 def hf_text_model(seed: int = 0, **overrides):
     """A random transformers Gemma3ForCausalLM in float32 with non-zero norm weights."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
@@ -28,22 +40,43 @@ def hf_text_model(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = Gemma3TextConfig(**{**TINY, **overrides}, attn_implementation="eager")
     model = Gemma3ForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
-            else:
-                p.normal_(0.0, 0.1)
+    randomize(model)
     return model
 
 
+def hf_multimodal_model(seed: int = 0, tokens_per_image: int = 4):
+    """A random transformers Gemma3ForConditionalGeneration in float32: the tiny text model (with the real
+    padded vocabulary of 262208, so the real image token ids fit) and a tiny SigLIP."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Gemma3Config(
+        text_config={**TINY, "vocab_size": 262208}, vision_config=VISION_TINY, mm_tokens_per_image=tokens_per_image,
+        attn_implementation="eager",
+    )  # fmt: skip
+    model = Gemma3ForConditionalGeneration(config).float().eval()
+    randomize(model)
+    return model
+
+
+# transformers' module names -> gaunernst's (google's original files, which transformers still saves)
+GAUNERNST_PREFIXES = {
+    "model.language_model.": "language_model.model.",
+    "model.vision_tower.": "vision_tower.vision_model.",
+    "model.multi_modal_projector.": "multi_modal_projector.",
+}
+
+
 def int4_checkpoint(hf_model, directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write hf_model in gaunernst's int4 layout, then load the dequantized weights back into hf_model,
-    so that the two describe the same network."""
+    """Write hf_model in gaunernst's int4 layout (the language model's 2-D weights int4, everything else
+    bf16), then load the stored weights back into hf_model, so that the two describe the same network."""
     tensors = {}
-    state = {k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
-    for name, w in state.items():
-        if w.dim() == 2:
+    for name, w in hf_model.state_dict().items():
+        if name.endswith("lm_head.weight"):  # tied to the embedding
+            continue
+        for new, old in GAUNERNST_PREFIXES.items():
+            name = old + name[len(new) :] if name.startswith(new) else name
+        if w.dim() == 2 and not name.startswith(("vision_tower.", "multi_modal_projector.")):
             data, scales = quant.quantize_int4(w)
             tensors[f"{name}.int4_data"], tensors[f"{name}.scales"] = data, scales
             w.copy_(quant.dequantize_int4(data, scales.float()))

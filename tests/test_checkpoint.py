@@ -40,24 +40,6 @@ def test_gaunernst_int4_matches_transformers(tmp_path, max_shard_bytes):
     assert max_diff(dense, hf, IDS) <= 1e-3
 
 
-def test_multimodal_names_load_the_language_model(tmp_path):
-    """language_model.model.* names, a gemma3 config with text_config, and vision tensors to skip."""
-    hf = hf_text_model()
-    int4_checkpoint(hf, tmp_path)
-    for shard in tmp_path.glob("*.safetensors"):
-        tensors = {f"language_model.{k}": v for k, v in load_file(shard).items()}
-        tensors["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(8)
-        tensors["multi_modal_projector.mm_input_projection_weight"] = torch.ones(8, 64)
-        save_file(tensors, shard)
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {f"language_model.{k}": v for k, v in index["weight_map"].items()}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    text_config = json.loads((tmp_path / "config.json").read_text())
-    config = {"model_type": "gemma3", "text_config": text_config, "vision_config": {"hidden_size": 8}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert max_diff(Gemma3.from_pretrained(tmp_path, dtype=torch.float32), hf, IDS) <= 1e-3
-
-
 def test_dense_hf_checkpoint_sharded_and_quantized_on_load(tmp_path):
     hf = hf_text_model()
     with torch.no_grad():  # a bf16 checkpoint, like Google's

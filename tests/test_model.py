@@ -106,12 +106,15 @@ def test_cache_longer_than_context_is_an_error(tmp_path):
 
 def test_published_configs_match_transformers_defaults():
     """The config.json of every published size, as transformers reads it, gives our table's config."""
+    from transformers import Gemma3Config as HFGemma3Config
     from transformers import Gemma3TextConfig
 
     for name in CONFIGS:
         ours = Gemma3Config.from_name(name)
-        hf = Gemma3TextConfig(**ours.to_hf()).to_dict()
+        hf_class = Gemma3TextConfig if ours.vision_config is None else HFGemma3Config  # 4B/12B/27B: multimodal
+        hf = hf_class(**ours.to_hf()).to_dict()
         assert Gemma3Config.from_hf(hf) == ours, name
+        assert (ours.vision_config is None) == (name in ("270m", "1b")), name
         assert sum(ours.global_layers) == ours.num_layers // 6
 
 

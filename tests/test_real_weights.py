@@ -180,4 +180,3 @@ def test_gguf_export_runs_in_llama_cpp(real_gguf, tmp_path, tok):
     _, exported, _ = load_checkpoint(tmp_path / "int4.gguf")
     for name, t in original.items():
         assert torch.equal(exported[name].float(), t.float()), name
-
