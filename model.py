@@ -527,7 +527,8 @@ class Gemma3(nn.Module):
         """Load a checkpoint directory, a .safetensors or .gguf file, or a hub repo id.
 
         weights="auto":  int4 stays int4, dense weights are quantized to int4 (round to nearest, group 32),
-                         GGUF tensors stored at more than 4 bits become int8 (see gguf_format.py);
+                         GGUF tensors stored at more than 4 bits become int8 (see gguf_format.py), and
+                         an int8 head ranks the vocabulary with an int4 copy first (Int8Linear.unembed);
         weights="int4":  every linear weight int4;  weights="dense": every weight a float tensor of `dtype`.
         The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype`.
         """
@@ -540,6 +541,8 @@ class Gemma3(nn.Module):
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         model.load_state_dict(tensors, assign=True)
         model = model.to(device).eval()
+        if weights == "auto" and isinstance(model.embed, quant.Int8Linear):  # an int8 head: rank with int4 first
+            model.embed.add_ranker()
         return quant.use_cpu_kernels(model)
 
 

@@ -88,7 +88,8 @@ def test_int4_linear_is_the_dequant_matmul(dtype):
     layer = random_int4_linear(dtype=dtype)
     x = torch.randn(3, 5, 128, dtype=dtype)
     w = quant.dequantize_int4(layer.int4_data, layer.scales)
-    assert torch.equal(layer(x), torch.nn.functional.linear(x, w))
+    dt = quant.matmul_dtype(x)  # float32 on CPUs without native bf16 matmuls, rounded back to x's dtype
+    assert torch.equal(layer(x), torch.nn.functional.linear(x.to(dt), w.to(dt)).to(dtype))
 
 
 def test_compiled_int4_linear_agrees_with_eager():
@@ -183,3 +184,24 @@ def test_weights_policies():
     assert torch.equal(dense_sd["b.weight"], quant.dequantize_int8(d8, s8))
     with pytest.raises(ValueError, match="weights must be"):
         quant.convert_state_dict(tensors, "int3")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_head_ranked_by_an_int4_copy(dtype):
+    """Int8Linear.unembed with a ranker: the int4 copy's top RESCORE_TOP tokens get the int8 head's exact
+    logits, the rest the copy's; the best token is the int8 head's. Without the rescoring this fails."""
+    head = quantized(Int8Linear, 4096, 64, dtype)
+    reference = torch.nn.functional.linear  # the int8 head and its int4 copy, dequantized
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    int8_logits = reference(x, head.dequantize().to(dtype)).float()
+    head.add_ranker()
+    head = quant.use_cpu_kernels(head)  # bf16: the int4 copy goes through the CPU kernel
+    int4_logits = head.ranker(x).float()
+    got = head.unembed(x).float()
+    top = int4_logits.topk(quant.RESCORE_TOP, dim=-1).indices
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(got.gather(-1, top), int8_logits.gather(-1, top), **tol)
+    rest = torch.ones_like(got, dtype=torch.bool).scatter(-1, top, False)
+    assert torch.equal(got[rest], int4_logits[rest])
+    assert torch.equal(got.argmax(-1), int8_logits.argmax(-1))
+    assert (int4_logits - int8_logits).abs().max() > 10 * tol["atol"]  # the copy alone would not do

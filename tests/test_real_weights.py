@@ -100,6 +100,19 @@ def test_default_import_perplexity_is_within_5_percent_of_llama_cpp(real_gguf, l
     assert int4_ppl["perplexity"] > auto_ppl["perplexity"]
 
 
+def test_ranked_int8_head_decodes_as_the_int8_head(real_gguf, tok):
+    """The default import's int8 head, ranked by its int4 copy (Int8Linear.unembed), gives the same greedy
+    continuations as the int8 head alone."""
+    model = Gemma3.from_pretrained(real_gguf, dtype=torch.float32)
+    ranker = model.embed.ranker
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt, bos=True)
+        model.embed.ranker = ranker
+        ranked = list(generate(model, ids, 24, Sampling(temperature=0)))
+        model.embed.ranker = None
+        assert ranked == list(generate(model, ids, 24, Sampling(temperature=0))), prompt
+
+
 def test_generate_runs_the_embedded_default_model(tmp_path):
     """No --model: the 270M from PyPI is converted once into the cache, then reused."""
     env = {**os.environ, "GEMMA3_INT4_CACHE": str(tmp_path)}
@@ -150,6 +163,7 @@ def test_gguf_import_keeps_each_tensors_precision(real_gguf):
     assert all(
         isinstance(m, Int8Linear) for m in (model.embed, model.layers[0].attn.q_proj, model.layers[0].attn.o_proj)
     )
+    assert model.embed.ranker is not None  # the int8 head is ranked by an int4 copy (Int8Linear.unembed)
 
 
 def test_gguf_export_runs_in_llama_cpp(real_gguf, tmp_path, tok):
