@@ -1,7 +1,9 @@
-"""The Gemma 3 text decoder, top to bottom.
+"""The Gemma 3 decoder, top to bottom.
 
-Read in order: the config with the published sizes, RMSNorm, rotary embeddings, the KV cache,
-attention, the GeGLU MLP, the sandwich-norm block, and the model with its loader.
+Read in order: the configs with the published sizes, RMSNorm, rotary embeddings, the attention masks
+(causal, sliding window, images seen both ways), the KV cache, attention, the GeGLU MLP, the
+sandwich-norm block, and the model with its loader. Image prompts (4B/12B/27B) add vision.py's tower,
+whose output takes the place of the image soft tokens' embeddings.
 Weights are plain nn.Linear / nn.Embedding here; quant.py swaps in int4 versions from outside.
 """
 
