@@ -65,6 +65,7 @@ class Conversation:
         self.system, self.max_new_tokens, self.decode_step = system, max_new_tokens, decode_step
         vc = model.config.vision_config
         self.tokens_per_image = vc.tokens_per_image if vc else 0
+        self.attached: list[tuple[str, torch.Tensor]] = []  # (path, pixel values) for the next message
         model.setup_cache(1, context)
         self.reset()
 
@@ -78,16 +79,17 @@ class Conversation:
         self.pixel_values: list[torch.Tensor] = []  # every image of the transcript, in order
         self.cached = 0  # a new sequence starts at position 0; the cache forgets the old one (model.hidden_states)
 
-    def preprocess(self, image_paths: list[str]) -> list[torch.Tensor]:
-        if image_paths and self.model.vision is None:
+    def attach(self, path: str) -> None:
+        """Read and preprocess an image for the next message: a bad file fails here, before anything is sent."""
+        if self.model.vision is None:
             raise ValueError("this model is text-only: images need Gemma 3 4B, 12B or 27B")
-        return [vision.preprocess(p, self.model.config.vision_config.image_size) for p in image_paths]
+        self.attached.append((str(path), vision.preprocess(path, self.model.config.vision_config.image_size)))
 
-    def ask(self, text: str, image_paths: list[str] = ()) -> Iterator[str]:
-        """Send a user message (with images) and stream the reply as text. Raises ContextFull, before
-        changing anything, if the message leaves no room for a reply. If the caller stops early (Ctrl-C),
-        the reply so far is kept and its turn closed."""
-        pixels = self.preprocess(list(image_paths))
+    def ask(self, text: str) -> Iterator[str]:
+        """Send a user message (with the attached images) and stream the reply as text. Raises ContextFull,
+        before changing anything, if the message leaves no room for a reply. If the caller stops early
+        (Ctrl-C), the reply so far is kept and its turn closed."""
+        pixels = [p for _, p in self.attached]
         first = not self.ids
         message = self.tokenizer.turn("user", text, len(pixels), self.system if first else None, self.tokens_per_image)
         prompt = self.ids + [BOS_ID] * first + message + self.tokenizer.model_turn()
@@ -97,7 +99,8 @@ class Conversation:
                 f"context holds {self.context}. /reset starts a new conversation (/save first to keep this one)."
             )
         self.pixel_values += pixels
-        self.messages.append({"role": "user", "content": text, "images": [str(p) for p in image_paths]})
+        self.messages.append({"role": "user", "content": text, "images": [path for path, _ in self.attached]})
+        self.attached = []
         start = self.cached
         images_before = self.ids[:start].count(IMAGE_TOKEN_ID) // max(self.tokens_per_image, 1)
         new_images = self.pixel_values[images_before:]
@@ -156,8 +159,8 @@ def main(argv=None) -> int:
         context = min(args.context, model.config.max_seq_len)
         chat = Conversation(model, tokenizer, sampling_from(args), context, args.system, args.max_new_tokens,
                             generator, step)  # fmt: skip
-        chat.preprocess(args.image)  # a bad --image fails now, not at the first message
-        pending = list(args.image)
+        for path in args.image:  # a bad --image fails now, not at the first message
+            chat.attach(path)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -183,13 +186,13 @@ def main(argv=None) -> int:
         if not line:
             continue
         if line.startswith("/"):
-            if command(chat, line, pending) == "exit":
+            if command(chat, line) == "exit":
                 return 0
             continue
-        pending = reply(chat, line, pending)
+        reply(chat, line)
 
 
-def command(chat: Conversation, line: str, pending: list[str]) -> str | None:
+def command(chat: Conversation, line: str) -> str | None:
     """Run a /command; "exit" to leave."""
     name, _, arg = line.partition(" ")
     arg = arg.strip()
@@ -199,7 +202,7 @@ def command(chat: Conversation, line: str, pending: list[str]) -> str | None:
         print(HELP, file=sys.stderr)
     elif name == "/reset":
         chat.reset()
-        pending.clear()
+        chat.attached.clear()
         print("(new conversation)", file=sys.stderr)
     elif name == "/system":
         if not arg:
@@ -213,11 +216,10 @@ def command(chat: Conversation, line: str, pending: list[str]) -> str | None:
             print("usage: /image PATH", file=sys.stderr)
             return None
         try:
-            chat.preprocess([arg])  # check it now: a bad path is reported here, and the chat goes on
+            chat.attach(arg)  # a bad path is reported now, and the chat goes on
         except (OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return None
-        pending.append(arg)
         print(f"(image {arg} attached to your next message)", file=sys.stderr)
     elif name == "/save":
         if not arg:
@@ -233,29 +235,28 @@ def command(chat: Conversation, line: str, pending: list[str]) -> str | None:
     return None
 
 
-def reply(chat: Conversation, text: str, images: list[str]) -> list[str]:
-    """Stream the reply to one message; return the images still waiting (all of them if it was not sent)."""
-    stream = chat.ask(text, images)
+def reply(chat: Conversation, text: str) -> None:
+    """Stream the reply to one message (a message that is not sent keeps its attached images)."""
+    stream = chat.ask(text)
     try:
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
     except ContextFull as e:
         print(str(e), file=sys.stderr)
-        return images
+        return
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return images
+        return
     except KeyboardInterrupt:
         stream.close()
         sys.stdout.write("\n")
         print("(stopped)", file=sys.stderr)
-        return []
+        return
     sys.stdout.write("\n")
     sys.stdout.flush()
     if chat.reply_was_cut():
         print("(the context is full: /reset starts a new conversation)", file=sys.stderr)
-    return []
 
 
 def setup_readline() -> None:

@@ -137,7 +137,7 @@ def test_images_need_a_vision_model(tiny):
     model, tok = tiny
     chat = Conversation(model, tok, GREEDY, context=64)
     with pytest.raises(ValueError, match="text-only"):
-        "".join(chat.ask("What is this?", ["cat.png"]))
+        chat.attach("cat.png")
 
 
 # ---------------------------------------------------------------------------------------------------
