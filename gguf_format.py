@@ -313,12 +313,11 @@ def save(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer: byte
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
 
-    if any(name.startswith("vision.") for name in tensors):
+    text_tensors = {name: t for name, t in tensors.items() if not name.startswith("vision.")}
+    if len(text_tensors) < len(tensors):
         warnings.warn("the vision tower is not written: llama.cpp keeps it in a separate mmproj GGUF", stacklevel=2)
-    for name, t in tensors.items():
+    for name, t in text_tensors.items():
         module, _, kind = name.rpartition(".")
-        if name.startswith("vision."):
-            continue
         if kind == "int4_data":
             blocks, exact = q4_0_blocks(t, tensors[f"{module}.scales"])
             if exact:
