@@ -40,19 +40,35 @@ def dequantize_int4(int4_data: torch.Tensor, scales: torch.Tensor) -> torch.Tens
     return groups.flatten(-2)
 
 
+def on_grid(groups: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(N, G, 32) weights, (N, G) scales -> (N, G) bool: every weight is a multiple of its group's scale, to bf16
+    precision (QAT checkpoints stored in bf16 are on their grid only that far)."""
+    q = torch.round(groups / scales[..., None])
+    return ((q * scales[..., None] - groups).abs() <= groups.abs() / 256).all(-1)
+
+
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest: float (N, K) -> (int4_data (N, K/2) int8, scales (N, K/32) bf16).
 
-    The scale maps each group's largest magnitude to 7 (the symmetric grid Google's QAT uses);
-    q is rounded against the bf16-rounded scale that is stored, so dequantization reproduces it exactly.
+    The scale maps each group's largest magnitude to 7 (the symmetric grid Google's QAT uses); q is rounded
+    against the bf16-rounded scale that is stored. QAT weights lie on such a grid already, w = q * s, but a
+    group whose largest |q| is m < 7 needs s = max |w| / m: we take the coarsest grid that reproduces the group, so
+    QAT weights round-trip losslessly.
     """
     if w.dim() != 2 or w.shape[1] % GROUP_SIZE:
         raise ValueError(f"int4 needs a 2-D weight with K a multiple of {GROUP_SIZE}, got shape {tuple(w.shape)}")
     groups = w.float().unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
-    scales = (groups.abs().amax(-1) / 7).to(torch.bfloat16)
+    absmax = groups.abs().amax(-1)
+    scales = (absmax / 7).to(torch.bfloat16).float()
+    if on_grid(groups, scales).any():  # QAT weights (never so in a dense model): the coarsest grid that fits
+        found = torch.zeros_like(absmax, dtype=torch.bool)
+        for m in range(1, 7):
+            coarse = (absmax / m).to(torch.bfloat16).float()
+            fits = ~found & on_grid(groups, coarse)
+            scales, found = torch.where(fits, coarse, scales), found | fits
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # all-zero group: any scale works
-    q = torch.round(groups / scales.float()[..., None]).clamp(-8, 7)
-    return pack_int4(q.flatten(-2)), scales
+    q = torch.round(groups / scales[..., None]).clamp(-8, 7)
+    return pack_int4(q.flatten(-2)), scales.to(torch.bfloat16)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
