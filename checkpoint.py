@@ -1,10 +1,12 @@
-"""Safetensors checkpoints in the Hugging Face layout: dense HF (google/gemma-3-*) and gaunernst int4;
-GGUF files are handed to gguf_format.py.
+"""Safetensors checkpoints in the Hugging Face layout: dense HF (google/gemma-3-*), gaunernst int4, and the
+int4 layouts serving engines load: AWQ (AutoAWQ's "gemm") and compressed-tensors ("pack-quantized").
+GGUF files are handed to gguf_format.py, Google's Flax/Orbax checkpoints to flax_format.py.
 
 Finds the files (a directory, one .safetensors file or a hub repo id), reads the tensors and maps the
 checkpoint's names onto ours in one place (`our_name`). An int4 weight "<module>.weight.int4_data" /
-"<module>.weight.scales" becomes the pair "<module>.int4_data" / "<module>.scales" (see quant.py).
-Only safetensors is read: never pickle.
+"<module>.weight.scales" becomes the pair "<module>.int4_data" / "<module>.scales" (see quant.py); AWQ and
+compressed-tensors weights are first decoded into that pair (`decode_int4_layouts`). Only safetensors is read:
+never pickle.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import flax_format
 import gguf_format
 import quant
 
@@ -135,8 +138,12 @@ def load_weights(path_or_hub_id: str | Path) -> tuple[dict | None, dict[str, tor
     path = resolve(path_or_hub_id)
     if path.suffix == ".gguf":
         return gguf_format.load_text_model(path)
+    if flax_format.is_orbax(path):
+        return flax_format.load(path)
+    hf_config = read_config(path if path.is_dir() else path.parent)
+    quantization = (hf_config or {}).get("quantization_config")
     tensors = {}
-    for name, t in read_safetensors(safetensors_files(path)).items():
+    for name, t in decode_int4_layouts(read_safetensors(safetensors_files(path)), quantization).items():
         if (ours := our_name(name)) is not None:
             tensors[ours] = t
     for name, t in tensors.items():
@@ -149,7 +156,9 @@ def load_weights(path_or_hub_id: str | Path) -> tuple[dict | None, dict[str, tor
                 raise ValueError(f"{path}: quantized tensor {name} has no matching scales")
             if t.dtype != torch.int8:
                 raise ValueError(f"{path}: quantized tensor {name} has dtype {t.dtype}, expected torch.int8")
-    return read_config(path if path.is_dir() else path.parent), tensors, set()
+    if hf_config is not None:
+        hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}  # decoded above
+    return hf_config, tensors, set()
 
 
 def read_config(directory: Path) -> dict | None:
@@ -163,14 +172,17 @@ def read_config(directory: Path) -> dict | None:
 
 
 def tokenizer_proto(path_or_hub_id: str | Path) -> bytes:
-    """The serialized SentencePiece model: a GGUF's own (from its metadata), else the checkpoint's tokenizer.model."""
+    """The serialized SentencePiece model: a GGUF's own (from its metadata), else the checkpoint's tokenizer.model
+    (for an Orbax checkpoint, Google ships it beside the checkpoint directory)."""
     path = resolve(path_or_hub_id)
     if path.suffix == ".gguf":
         return gguf_format.tokenizer_proto(path)
-    model_file = (path if path.is_dir() else path.parent) / "tokenizer.model"
-    if not model_file.is_file():
-        raise FileNotFoundError(f"tokenizer not found: {model_file}")
-    return model_file.read_bytes()
+    directory = path if path.is_dir() else path.parent
+    candidates = [directory / "tokenizer.model"] + ([directory.parent / "tokenizer.model"] * flax_format.is_orbax(path))
+    for model_file in candidates:
+        if model_file.is_file():
+            return model_file.read_bytes()
+    raise FileNotFoundError(f"tokenizer not found: {' or '.join(map(str, candidates))} (convert.py takes --tokenizer)")
 
 
 def hf_name(name: str, multimodal: bool = False) -> str:
@@ -189,16 +201,27 @@ def hf_name(name: str, multimodal: bool = False) -> str:
     return ("language_model.model." if multimodal else "model.") + name
 
 
-def save(hf_config: dict, tensors: dict[str, torch.Tensor], tokenizer: bytes, directory: Path) -> None:
-    """Write a checkpoint directory in gaunernst's layout (our names and tensors in), atomically: everything
-    goes to a temporary sibling, renamed to `directory` at the end; an existing `directory` is an error."""
+def save(
+    hf_config: dict, tensors: dict[str, torch.Tensor], tokenizer: bytes, directory: Path, layout: str = "int4"
+) -> None:
+    """Write a checkpoint directory (our names and tensors in), atomically: everything goes to a temporary
+    sibling, renamed to `directory` at the end; an existing `directory` is an error. Layouts:
+    "int4": gaunernst's (int4 and int8 pairs as they are, the rest bf16);
+    "awq", "compressed-tensors": every int4 linear in that layout, the embedding dense bf16 (neither has an
+    int4 embedding), with the quantization_config vLLM reads;   "dense": every weight bf16, as Google's."""
     directory = Path(directory)
     if directory.exists():
         raise FileExistsError(f"{directory} already exists")
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     try:
         multimodal = hf_config.get("model_type") == "gemma3"
-        write_shards({hf_name(k, multimodal): v for k, v in tensors.items()}, tmp)
+        tensors = {hf_name(k, multimodal): v for k, v in tensors.items()}
+        if layout != "int4":
+            tensors, quantization = encode_int4_layout(tensors, layout, multimodal)
+            hf_config = {**hf_config, "torch_dtype": "bfloat16"}
+            if quantization is not None:
+                hf_config["quantization_config"] = quantization
+        write_shards(tensors, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "tokenizer.model").write_bytes(tokenizer)
         tmp.rename(directory)
@@ -260,3 +283,135 @@ def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_by
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX).write_text(json.dumps(index, indent=2))
+
+
+# AWQ and compressed-tensors: both store unsigned nibbles (q + 8) packed eight to an int32, with (N, K/32)
+# scales; they differ in the packing order and orientation. Checkpoint names ("<module>.weight...") in and out.
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AWQ: nibble i (bits 4i..4i+3) of an int32 holds element AWQ_ORDER[i] of 8
+PACKED_ORDER = list(range(8))  # compressed-tensors: element i in nibble i
+
+
+def pack_nibbles(u: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """Values 0..15 of shape (..., 8M) -> int32 (..., M): each run of 8 along the last dim in one int32."""
+    u = u.to(torch.int64).unflatten(-1, (-1, 8))[..., order]  # (..., M, 8), in nibble order
+    words = (u << (4 * torch.arange(8))).sum(-1)  # 0 .. 2^32 - 1
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_nibbles(packed: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """int32 (..., M) -> int64 (..., 8M), values 0..15 (the inverse of pack_nibbles)."""
+    nibbles = (packed.to(torch.int64)[..., None] >> (4 * torch.arange(8))) & 0xF  # (..., M, 8), nibble order
+    return nibbles[..., torch.argsort(torch.tensor(order))].flatten(-2)
+
+
+def int4_pair(q_unsigned: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> dict:
+    """(N, K) values 0..15, (N, K/group) zero points and scales -> our {"int4_data", "scales"} when the zero points
+    are all 8 (symmetric) and groups are whole multiples of 32 (each scale repeats: lossless); otherwise a dense
+    float32 "weight" (asymmetric AWQ, e.g.), which the weights policy quantizes again."""
+    if bool((zeros == 8).all()) and group_size % quant.GROUP_SIZE == 0:
+        scales = scales.repeat_interleave(group_size // quant.GROUP_SIZE, dim=1)
+        return {"int4_data": quant.pack_int4(q_unsigned - 8), "scales": scales}
+    w = (q_unsigned - zeros.repeat_interleave(group_size, dim=1)) * scales.float().repeat_interleave(group_size, dim=1)
+    return {"weight": w}
+
+
+def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | None) -> dict[str, torch.Tensor]:
+    """AWQ ("<m>.qweight/qzeros/scales") and compressed-tensors ("<m>.weight_packed/weight_scale/weight_shape
+    [/weight_zero_point]") weights -> "<m>.weight.int4_data/.scales" (or "<m>.weight"); other tensors pass."""
+    method = (quantization or {}).get("quant_method")
+    if method not in ("awq", "compressed-tensors"):
+        if method is not None:
+            raise ValueError(f"quantization_config: quant_method {method!r}: we read awq and compressed-tensors")
+        return tensors
+    if method == "awq":
+        group_size, bits = quantization.get("group_size"), quantization.get("bits")
+        suffixes, order = ("qweight", "qzeros", "scales"), AWQ_ORDER
+    else:
+        if quantization.get("format") != "pack-quantized":
+            raise ValueError(f"compressed-tensors format {quantization.get('format')!r}: we read pack-quantized")
+        groups = list(quantization.get("config_groups", {}).values())
+        weights = groups[0].get("weights") or {} if len(groups) == 1 else {}
+        if len(groups) != 1 or weights.get("strategy") != "group" or weights.get("type") != "int":
+            raise ValueError("compressed-tensors: we read one config group of grouped int weights")
+        group_size, bits = weights.get("group_size"), weights.get("num_bits")
+        suffixes, order = ("weight_packed", "weight_zero_point", "weight_scale"), PACKED_ORDER
+    if bits != 4 or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"{method}: we read 4-bit weights in groups, not bits={bits}, group_size={group_size}")
+    out = {}
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if kind != suffixes[0]:
+            if kind not in suffixes and kind != "weight_shape":
+                out[name] = t
+            continue
+        required = ("qzeros", "scales") if method == "awq" else ("weight_scale", "weight_shape")
+        if missing := [f"{module}.{r}" for r in required if f"{module}.{r}" not in tensors]:
+            raise ValueError(f"{method} weight {name} comes without {', '.join(missing)}")
+        if method == "awq":  # (K, N/8) and (K/group, N/8) -> (N, K) and (N, K/group)
+            q = unpack_nibbles(t, order).t()
+            zeros = unpack_nibbles(tensors[f"{module}.qzeros"], order).t()
+            scales = tensors[f"{module}.scales"].t()
+        else:  # (N, K/8), symmetric unless a zero point is stored
+            q = unpack_nibbles(t, order)[:, : int(tensors[f"{module}.weight_shape"][1])]
+            scales = tensors[f"{module}.weight_scale"]
+            if f"{module}.weight_zero_point" in tensors:  # packed along N: (N/8, K/group)
+                zeros = unpack_nibbles(tensors[f"{module}.weight_zero_point"].t(), order).t()[: q.shape[0]]
+            else:
+                zeros = torch.full(scales.shape, 8)
+        for kind, value in int4_pair(q, zeros, scales, group_size).items():
+            out[f"{module}.weight" if kind == "weight" else f"{module}.weight.{kind}"] = value
+    return out
+
+
+def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal: bool) -> tuple[dict, dict | None]:
+    """Checkpoint tensors in gaunernst's layout -> `layout` ("awq", "compressed-tensors" or "dense") and the
+    quantization_config that describes it (None for dense). The embedding and, for "dense", every int4 weight
+    are dequantized to bf16."""
+    out = {}
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if kind not in quant.FORMATS:  # norms, the vision tower, a dense embedding (scales are read with their data)
+            if kind != "scales":
+                out[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
+            continue
+        scales = tensors[f"{module}.scales"]
+        if layout == "dense" or "embed_tokens" in module:
+            out[module] = quant.FORMATS[kind][2](t, scales.float()).to(torch.bfloat16)
+        elif kind == "int8_data":
+            raise ValueError(f"{layout} holds 4-bit linear weights, but {module} is int8 (convert with --weights int4)")
+        elif layout == "awq":  # transposed: (K, N/8), zero points (K/32, N/8) all 0x88888888, scales (K/32, N)
+            q, base = quant.unpack_int4(t).t() + 8, module.removesuffix(".weight")
+            out[f"{base}.qweight"] = pack_nibbles(q, AWQ_ORDER)
+            out[f"{base}.qzeros"] = pack_nibbles(torch.full(scales.t().shape, 8), AWQ_ORDER)
+            out[f"{base}.scales"] = scales.t().to(torch.bfloat16).contiguous()
+        else:  # compressed-tensors: (N, K/8), scales (N, K/32), the shape, no zero point (symmetric)
+            q, base = quant.unpack_int4(t) + 8, module.removesuffix(".weight")
+            out[f"{base}.weight_packed"] = pack_nibbles(q, PACKED_ORDER)
+            out[f"{base}.weight_scale"] = scales.to(torch.bfloat16)
+            out[f"{base}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
+    skip = ["vision_tower", "multi_modal_projector"] if multimodal else []
+    if layout == "awq":
+        config = {"quant_method": "awq", "bits": 4, "group_size": quant.GROUP_SIZE, "zero_point": True,
+                  "version": "gemm", "modules_to_not_convert": skip or None}  # fmt: skip
+    elif layout == "compressed-tensors":
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "dynamic": False,
+                   "group_size": quant.GROUP_SIZE, "actorder": None, "observer": "minmax"}  # fmt: skip
+        config = {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": weights,
+                    "format": "pack-quantized",
+                    "input_activations": None,
+                    "output_activations": None,
+                }
+            },  # fmt: skip
+            "ignore": ["lm_head"] + [f"re:.*{m}.*" for m in skip],
+            "kv_cache_scheme": None,
+        }
+    else:
+        config = None
+    return out, config

@@ -2,10 +2,16 @@
 
     python convert.py gaunernst/gemma-3-1b-it-int4 gemma-3-1b-it-q4_0.gguf --to gguf
     python convert.py model.gguf ./gemma-3-270m-int4 --to int4
+    python convert.py ./gemma-3-1b-it-int4 ./gemma-3-1b-it-awq --to awq
+    python convert.py ./gemma-3-1b-it-int4 ./gemma-3-1b-it-w4a16 --to compressed-tensors
+    python convert.py ./gemma-3-1b-it-int4 ./gemma-3-1b-it-bf16 --to dense
+    python convert.py ./gemma3-1b-it-int4-flax ./gemma-3-1b-it-int4 --to int4   # pip install .[flax]
 
-The source format is detected: our int4 directory (gaunernst's layout), a dense HF directory, a .gguf
-file or a hub id. The output is written to a temporary path and renamed at the end, so a failed or
-interrupted conversion leaves no half-written DST.
+The source format is detected: our int4 directory (gaunernst's layout), a dense HF directory, an AWQ or
+compressed-tensors directory, a .gguf file, a Google Flax/Orbax checkpoint directory, or a hub id. QAT weights
+(Google's Flax int4 checkpoints) come out lossless: each group's int4 grid is recovered exactly.
+The output is written to a temporary path and renamed at the end, so a failed or interrupted conversion leaves
+no half-written DST.
 """
 
 import argparse
@@ -16,36 +22,47 @@ import checkpoint
 import gguf_format
 from model import convert_weights, load_checkpoint
 
+TARGETS = {
+    "int4": "our int4 (gaunernst's safetensors layout; GGUF tensors above 4 bits stay 8-bit with --weights auto)",
+    "gguf": "for llama.cpp: int4 -> Q4_0 (lossless), int8 -> Q8_0, the tokenizer in the metadata",
+    "awq": "AutoAWQ's gemm layout for vLLM / SGLang / transformers: every linear int4, embedding bf16",
+    "compressed-tensors": "W4A16 pack-quantized (symmetric, group 32) for vLLM: every linear int4, embedding bf16",
+    "dense": "bf16 safetensors as Google's checkpoints (int4 weights dequantized), for transformers or fine-tuning",
+}
 
-def convert(src: str, dst: Path, to: str, weights: str = "auto") -> None:
+
+def convert(src: str, dst: Path, to: str, weights: str = "auto", tokenizer: Path | None = None) -> None:
+    if to not in TARGETS:
+        raise ValueError(f"unknown target format {to!r}: choose one of {', '.join(TARGETS)}")
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
     config, tensors, above_4_bits = load_checkpoint(src)
-    tensors = convert_weights(tensors, weights, above_4_bits)
-    tokenizer = checkpoint.tokenizer_proto(src)
+    if to in ("awq", "compressed-tensors"):
+        weights = "int4"  # both formats are 4-bit only
+    tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits)
+    tokenizer = tokenizer.read_bytes() if tokenizer else checkpoint.tokenizer_proto(src)
     if to == "gguf":
         gguf_format.save(config, tensors, tokenizer, dst)
     else:
-        checkpoint.save(config.to_hf(), tensors, tokenizer, dst)
+        checkpoint.save(config.to_hf(), tensors, tokenizer, dst, layout=to)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="checkpoint directory, .safetensors or .gguf file, or hub id (owner/name)")
-    p.add_argument("dst", type=Path, help="output: a .gguf file, or a directory for int4")
-    p.add_argument(
-        "--to",
-        required=True,
-        choices=["gguf", "int4"],  # fmt: skip
-        help="gguf: for llama.cpp (int4 -> Q4_0, int8 -> Q8_0); int4: gaunernst's safetensors layout",
-    )
+    p.add_argument("dst", type=Path, help="output: a .gguf file, or a directory")
+    p.add_argument("--to", required=True, choices=list(TARGETS),
+                   help="; ".join(f"{k}: {v}" for k, v in TARGETS.items()))  # fmt: skip
     p.add_argument("--weights", choices=["auto", "int4"], default="auto",
-                   help="auto: keep each tensor's precision (dense -> int4, GGUF above 4 bits -> 8 bits); "
-                        "int4: every linear weight int4 (default auto)")  # fmt: skip
+                   help="for --to int4/gguf. auto: keep each tensor's precision (dense -> int4, GGUF above 4 bits "
+                        "-> 8 bits); int4: every linear weight int4 (default auto)")  # fmt: skip
+    p.add_argument("--tokenizer", type=Path,
+                   help="tokenizer.model to write (default: the source's own, or for an Orbax checkpoint the one "
+                        "beside it)")  # fmt: skip
     args = p.parse_args(argv)
     try:
-        convert(args.src, args.dst, args.to, args.weights)
-    except (OSError, ValueError) as e:
+        convert(args.src, args.dst, args.to, args.weights, args.tokenizer)
+    except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst}", file=sys.stderr)

@@ -40,33 +40,47 @@ def dequantize_int4(int4_data: torch.Tensor, scales: torch.Tensor) -> torch.Tens
     return groups.flatten(-2)
 
 
-def on_grid(groups: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(N, G, 32) weights, (N, G) scales -> (N, G) bool: every weight is a multiple of its group's scale, to bf16
-    precision (QAT checkpoints stored in bf16 are on their grid only that far)."""
-    q = torch.round(groups / scales[..., None])
-    return ((q * scales[..., None] - groups).abs() <= groups.abs() / 256).all(-1)
+def grid_scales(groups: torch.Tensor, absmax: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Is each group of (N, G, 32) weights on a symmetric int4 grid whose largest |q| is m? -> (scales, fits), (N, G).
+
+    The scale is absmax / m in bf16, or one of its bf16 neighbours: weights stored in bf16 after quantization
+    (an AWQ export's embedding, a bf16 QAT checkpoint) moved absmax a little. A candidate fits when it reproduces
+    every weight to bf16 precision; of those that fit we take the one closest to the weights."""
+    nearest = (absmax / m).to(torch.bfloat16).view(torch.int16)
+    candidates = torch.stack([(nearest + d).view(torch.bfloat16) for d in (-1, 0, 1)]).float()  # (3, N, G)
+    err = (torch.round(groups / candidates[..., None]) * candidates[..., None] - groups).abs()  # (3, N, G, 32)
+    fits = (err <= groups.abs() / 256).all(-1)
+    best = torch.where(fits, err.sum(-1), torch.inf).argmin(0, keepdim=True)
+    return candidates.gather(0, best)[0], fits.any(0)
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest: float (N, K) -> (int4_data (N, K/2) int8, scales (N, K/32) bf16).
 
     The scale maps each group's largest magnitude to 7 (the symmetric grid Google's QAT uses); q is rounded
-    against the bf16-rounded scale that is stored. QAT weights lie on such a grid already, w = q * s, but a
-    group whose largest |q| is m < 7 needs s = max |w| / m: we take the coarsest grid that reproduces the group, so
-    QAT weights round-trip losslessly.
+    against the bf16-rounded scale that is stored. QAT weights lie on such a grid already, w = q * s: a group
+    that fits it (grid_scales) keeps its s, and the rare group whose largest |q| is m < 7 gets the coarsest
+    grid that fits, s = max |w| / m. So QAT weights, and our int4 exported to bf16, round-trip losslessly.
     """
     if w.dim() != 2 or w.shape[1] % GROUP_SIZE:
         raise ValueError(f"int4 needs a 2-D weight with K a multiple of {GROUP_SIZE}, got shape {tuple(w.shape)}")
     groups = w.float().unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
     absmax = groups.abs().amax(-1)
     scales = (absmax / 7).to(torch.bfloat16).float()
-    if on_grid(groups, scales).any():  # QAT weights (never so in a dense model): the coarsest grid that fits
-        found = torch.zeros_like(absmax, dtype=torch.bool)
-        for m in range(1, 7):
-            coarse = (absmax / m).to(torch.bfloat16).float()
-            fits = ~found & on_grid(groups, coarse)
-            scales, found = torch.where(fits, coarse, scales), found | fits
-    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # all-zero group: any scale works
+    grid, fits = grid_scales(groups, absmax, 7)
+    if fits.any():  # QAT weights (never so in a dense model)
+        scales = torch.where(fits, grid, scales)
+        rest = ~fits & (absmax > 0)  # the few groups whose largest |q| is below 7: the coarsest grid that fits
+        if rest.any():
+            found = scales[rest]
+            for m in range(6, 0, -1):
+                coarser, coarser_fits = grid_scales(groups[rest], absmax[rest], m)
+                found = torch.where(coarser_fits, coarser, found)
+            scales[rest] = found
+        ternary = (torch.round(groups / scales[..., None]).abs() % 7 == 0).all(-1) & (absmax > 0)  # q in {0, +-7}
+        if ternary.any():  # on the 7-grid, but the coarsest grid is q in {-1, 0, 1}
+            scales[ternary] = grid_scales(groups[ternary], absmax[ternary], 1)[0]
+    scales = torch.where(absmax == 0, torch.ones_like(scales), scales)  # all-zero group: any scale works
     q = torch.round(groups / scales[..., None]).clamp(-8, 7)
     return pack_int4(q.flatten(-2)), scales.to(torch.bfloat16)
 

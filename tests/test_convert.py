@@ -1,0 +1,219 @@
+"""convert.py's serving formats: AWQ, compressed-tensors and dense bf16 out (and back in), checked against
+independent readers (AutoAWQ's unpacking, the compressed-tensors library, transformers)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, hf_multimodal_model, hf_text_model, int4_checkpoint
+from safetensors.torch import load_file, save_file
+
+import checkpoint
+import convert
+import quant
+from model import TEXT_VOCAB_SIZE, Gemma3, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+IDS = torch.randint(0, TINY["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(0))
+
+
+def run_convert(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "convert.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """export(src, to) -> the directory convert.py wrote (in-process, each conversion once per module)."""
+    done = {}
+
+    def run(src: Path, to: str) -> Path:
+        if (src, to) not in done:
+            done[src, to] = tmp_path_factory.mktemp("export") / to
+            convert.convert(str(src), done[src, to], to)
+        return done[src, to]
+
+    return run
+
+
+def stored(directory: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.read_safetensors(checkpoint.safetensors_files(directory))
+
+
+@pytest.fixture(scope="module")
+def multimodal_int4_dir(tmp_path_factory, tokenizer_file) -> Path:
+    directory = tmp_path_factory.mktemp("mm") / "gemma-3-tiny-mm-int4"
+    int4_checkpoint(hf_multimodal_model(), directory)
+    (directory / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
+    return directory
+
+
+@pytest.mark.parametrize("to", ["awq", "compressed-tensors", "dense"])
+@pytest.mark.parametrize("multimodal", [False, True])
+def test_round_trip_is_bit_exact(to, multimodal, tiny_int4_dir, multimodal_int4_dir, export):
+    """int4 -> FORMAT -> int4 gives back every int4 tensor bit for bit (the bf16 embedding, and for dense every
+    weight, by recovering its int4 grid), and the vision tower unchanged; the tokenizer travels along."""
+    src = multimodal_int4_dir if multimodal else tiny_int4_dir
+    back = export(export(src, to), "int4")
+    assert stored(back).keys() == stored(src).keys()
+    for name, t in stored(src).items():
+        assert torch.equal(stored(back)[name], t), name
+    assert (back / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    assert json.loads((back / "config.json").read_text()).get("quantization_config") is None
+
+
+def awq_reference_unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ's own recipe (awq/utils/packing_utils.py): shift out 8 nibbles, undo the order with
+    AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7], subtract the zeros, multiply by the scales; (N, K) out."""
+    shifts = torch.arange(0, 32, 4)
+    reverse = [0, 4, 1, 5, 2, 6, 3, 7]
+
+    def unpack(x):
+        nibbles = (x[:, :, None] >> shifts[None, None, :]).to(torch.int8)
+        return (nibbles.view(x.shape[0], -1, 8)[:, :, reverse].reshape(x.shape[0], -1)) & 0xF
+
+    iweight, izeros = unpack(qweight), unpack(qzeros)
+    groups = qweight.shape[0] // qzeros.shape[0]
+    w = (iweight - izeros.repeat_interleave(groups, 0)) * scales.repeat_interleave(groups, 0)
+    return w.t()
+
+
+def test_awq_export_is_autoawq_layout(tiny_int4_dir, export):
+    exported = export(tiny_int4_dir, "awq")
+    config = json.loads((exported / "config.json").read_text())
+    q = config["quantization_config"]
+    assert (q["quant_method"], q["bits"], q["group_size"], q["zero_point"]) == ("awq", 4, 32, True)
+    assert q["version"] == "gemm"
+    src, out = stored(tiny_int4_dir), stored(exported)
+    module = "model.layers.3.mlp.down_proj"
+    qweight, qzeros, scales = (out[f"{module}.{k}"] for k in ("qweight", "qzeros", "scales"))
+    n, k = src[f"{module}.weight.int4_data"].shape[0], src[f"{module}.weight.int4_data"].shape[1] * 2
+    assert qweight.dtype == qzeros.dtype == torch.int32 and scales.dtype == torch.bfloat16
+    assert qweight.shape == (k, n // 8) and qzeros.shape == (k // 32, n // 8) and scales.shape == (k // 32, n)
+    assert (qzeros == torch.tensor(0x88888888 - 2**32, dtype=torch.int32)).all()
+    ours = quant.dequantize_int4(src[f"{module}.weight.int4_data"], src[f"{module}.weight.scales"])
+    assert torch.equal(awq_reference_unpack(qweight, qzeros, scales), ours)
+    assert out["model.embed_tokens.weight"].dtype == torch.bfloat16  # AWQ has no int4 embedding
+    assert not any(k.startswith("model.embed_tokens.q") for k in out)
+
+
+def test_compressed_tensors_library_decompresses_our_export(multimodal_int4_dir, export):
+    """The compressed-tensors library parses our quantization_config and decompresses every weight to exactly
+    our dequantized weight (bf16, as both compute it)."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    exported = export(multimodal_int4_dir, "compressed-tensors")
+    config = json.loads((exported / "config.json").read_text())["quantization_config"]
+    config = QuantizationConfig.model_validate(config)
+    assert config.format == "pack-quantized" and config.quantization_status == "compressed"
+    scheme = config.config_groups["group_0"]
+    src, out = stored(multimodal_int4_dir), stored(exported)
+    modules = [k.removesuffix(".weight_packed") for k in out if k.endswith(".weight_packed")]
+    assert len(modules) == 7 * TINY["num_hidden_layers"]  # every linear of the language model, nothing else
+    for module in modules:
+        parts = {k: out[f"{module}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape")}
+        decompressed = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+        expected = quant.dequantize_int4(src[f"{module}.weight.int4_data"], src[f"{module}.weight.scales"])
+        assert torch.equal(decompressed, expected), module
+    assert all(k.startswith(("vision_tower", "multi_modal_projector", "language_model")) for k in out)
+
+
+def test_transformers_loads_the_dense_export(multimodal_int4_dir, export):
+    """--to dense writes what transformers loads as it loads Google's checkpoints; its logits equal ours."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    exported = export(multimodal_int4_dir, "dense")
+    hf = Gemma3ForConditionalGeneration.from_pretrained(exported, dtype=torch.float32, attn_implementation="eager")
+    ours = Gemma3.from_pretrained(exported, dtype=torch.float32, weights="dense")
+    with torch.no_grad():
+        diff = (ours(IDS) - hf(IDS).logits)[..., :TEXT_VOCAB_SIZE].abs().max().item()  # ours masks the padding
+    assert diff < 1e-3
+
+
+def test_transformers_loads_the_compressed_tensors_export(tiny_int4_dir, export):
+    """transformers (with the compressed-tensors library) loads our W4A16 export: its logits equal ours on the
+    same file read dense (the int4 linears dequantized exactly, the bf16 embedding as it is)."""
+    from transformers import AutoModelForCausalLM
+
+    exported = export(tiny_int4_dir, "compressed-tensors")
+    hf = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    ours = Gemma3.from_pretrained(exported, dtype=torch.float32, weights="dense")
+    with torch.no_grad():
+        diff = (ours(IDS) - hf(IDS).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def awq_dir(tmp_path: Path, zeros: int, group_size: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny text model as AutoAWQ writes it, with the given zero point and group size; and its dense weights."""
+    hf = hf_text_model(hidden_size=128, intermediate_size=256)  # K a multiple of 128 everywhere
+    tensors, dense = {}, {}
+    g = torch.Generator().manual_seed(0)
+    for name, w in hf.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        if w.dim() == 2 and "embed_tokens" not in name:
+            n, k = w.shape
+            q = torch.randint(0, 16, (n, k), generator=g)
+            z = torch.full((n, k // group_size), zeros)
+            s = (torch.rand(n, k // group_size, generator=g) / 50).to(torch.bfloat16)
+            module = name.removesuffix(".weight")
+            tensors[f"{module}.qweight"] = checkpoint.pack_nibbles(q.t(), checkpoint.AWQ_ORDER)
+            tensors[f"{module}.qzeros"] = checkpoint.pack_nibbles(z.t(), checkpoint.AWQ_ORDER)
+            tensors[f"{module}.scales"] = s.t().contiguous()
+            parts = tensors[f"{module}.qweight"], tensors[f"{module}.qzeros"], tensors[f"{module}.scales"].float()
+            dense[name] = awq_reference_unpack(*parts)
+        else:
+            tensors[name] = dense[name] = w.to(torch.bfloat16)
+    tmp_path.mkdir()
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = hf.config.to_dict() | {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": group_size,
+                                                            "zero_point": True, "version": "gemm"}}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path, dense
+
+
+def test_awq_in_symmetric_group_128_is_lossless(tmp_path):
+    """AutoAWQ checkpoints use groups of 128: with zero point 8 each scale covers 4 of our groups exactly."""
+    directory, dense = awq_dir(tmp_path / "awq", zeros=8, group_size=128)
+    _, tensors, _ = load_checkpoint(directory)
+    w = dense["model.layers.2.mlp.up_proj.weight"]
+    data, scales = tensors["layers.2.mlp.up_proj.int4_data"], tensors["layers.2.mlp.up_proj.scales"]
+    assert scales.shape == (w.shape[0], w.shape[1] // 32)
+    assert torch.equal(quant.dequantize_int4(data, scales.float()), w)
+
+
+def test_awq_in_asymmetric_is_dequantized_then_requantized(tmp_path):
+    """Real zero points do not fit our symmetric format: the weights come in dense (exactly AutoAWQ's
+    dequantization) and the weights policy quantizes them again."""
+    directory, dense = awq_dir(tmp_path / "awq", zeros=5, group_size=128)
+    _, tensors, _ = load_checkpoint(directory)
+    assert torch.equal(tensors["layers.2.mlp.up_proj.weight"], dense["model.layers.2.mlp.up_proj.weight"].float())
+    ours = Gemma3.from_pretrained(directory, dtype=torch.float32)
+    assert isinstance(ours.layers[2].mlp.up_proj, quant.Int4Linear)
+
+
+def test_bad_inputs_give_clear_errors(tiny_int4_dir, export, tmp_path):
+    out = run_convert(tiny_int4_dir, tmp_path / "x", "--to", "exl2")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+    awq = tmp_path / "awq"
+    shutil.copytree(export(tiny_int4_dir, "awq"), awq)
+    out = run_convert(tiny_int4_dir, awq, "--to", "awq")
+    assert out.returncode == 1 and "already exists" in out.stderr
+    config = json.loads((awq / "config.json").read_text())
+    for bad, message in [({"quant_method": "gptq"}, "quant_method 'gptq'"), ({"bits": 8}, "bits=8")]:
+        broken = config | {"quantization_config": config["quantization_config"] | bad}
+        (awq / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=message):
+            convert.convert(str(awq), tmp_path / "again", "int4")
+    (awq / "config.json").write_text(json.dumps(config))
+    shard = next(awq.glob("*.safetensors"))
+    tensors = load_file(shard)
+    del tensors[next(k for k in tensors if k.endswith(".qzeros"))]
+    save_file(tensors, shard)
+    out = run_convert(awq, tmp_path / "again", "--to", "int4")
+    assert out.returncode == 1 and "comes without" in out.stderr and "qzeros" in out.stderr
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))
