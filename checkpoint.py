@@ -27,7 +27,13 @@ import flax_format
 import gguf_format
 import quant
 
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+HUB_FILES = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
+# Files a conversion carries over verbatim, so that transformers, vLLM and SGLang find the tokenizer, chat
+# template, generation defaults and image processor of the source checkpoint beside the converted weights.
+COMPANION_FILES = [
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json", "chat_template.jinja",
+    "generation_config.json", "preprocessor_config.json", "processor_config.json",
+]  # fmt: skip
 INDEX = "model.safetensors.index.json"
 
 # Where each part lives in each layout: gaunernst's / older transformers' multimodal, newer transformers'
@@ -185,6 +191,12 @@ def tokenizer_proto(path_or_hub_id: str | Path) -> bytes:
     raise FileNotFoundError(f"tokenizer not found: {' or '.join(map(str, candidates))} (convert.py takes --tokenizer)")
 
 
+def companion_files(path_or_hub_id: str | Path) -> list[Path]:
+    """The source checkpoint's COMPANION_FILES that exist (a GGUF or Orbax checkpoint has none)."""
+    path = resolve(path_or_hub_id)
+    return [path / name for name in COMPANION_FILES if path.is_dir() and (path / name).is_file()]
+
+
 def hf_name(name: str, multimodal: bool = False) -> str:
     """Ours -> the checkpoint name in gaunernst's layout (text-only: model.*; multimodal: language_model.model.*,
     vision_tower.vision_model.*, multi_modal_projector.*)."""
@@ -202,13 +214,19 @@ def hf_name(name: str, multimodal: bool = False) -> str:
 
 
 def save(
-    hf_config: dict, tensors: dict[str, torch.Tensor], tokenizer: bytes, directory: Path, layout: str = "int4"
+    hf_config: dict,
+    tensors: dict[str, torch.Tensor],
+    tokenizer: bytes,
+    directory: Path,
+    layout: str = "int4",
+    companions: list[Path] = (),
 ) -> None:
     """Write a checkpoint directory (our names and tensors in), atomically: everything goes to a temporary
     sibling, renamed to `directory` at the end; an existing `directory` is an error. Layouts:
     "int4": gaunernst's (int4 and int8 pairs as they are, the rest bf16);
     "awq", "compressed-tensors": every int4 linear in that layout, the embedding dense bf16 (neither has an
-    int4 embedding), with the quantization_config vLLM reads;   "dense": every weight bf16, as Google's."""
+    int4 embedding), with the quantization_config vLLM reads;   "dense": every weight bf16, as Google's.
+    `companions` (see companion_files) are copied as they are."""
     directory = Path(directory)
     if directory.exists():
         raise FileExistsError(f"{directory} already exists")
@@ -224,6 +242,8 @@ def save(
         write_shards(tensors, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "tokenizer.model").write_bytes(tokenizer)
+        for file in companions:
+            shutil.copyfile(file, tmp / file.name)
         tmp.rename(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

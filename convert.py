@@ -40,11 +40,14 @@ def convert(src: str, dst: Path, to: str, weights: str = "auto", tokenizer: Path
     if to in ("awq", "compressed-tensors"):
         weights = "int4"  # both formats are 4-bit only
     tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits)
-    tokenizer = tokenizer.read_bytes() if tokenizer else checkpoint.tokenizer_proto(src)
+    if tokenizer is not None:  # the source's tokenizer files would contradict it: carry none over
+        tokenizer, companions = tokenizer.read_bytes(), []
+    else:
+        tokenizer, companions = checkpoint.tokenizer_proto(src), checkpoint.companion_files(src)
     if to == "gguf":
         gguf_format.save(config, tensors, tokenizer, dst)
     else:
-        checkpoint.save(config.to_hf(), tensors, tokenizer, dst, layout=to)
+        checkpoint.save(config.to_hf(), tensors, tokenizer, dst, layout=to, companions=companions)
 
 
 def main(argv=None) -> int:

@@ -217,3 +217,17 @@ def test_bad_inputs_give_clear_errors(tiny_int4_dir, export, tmp_path):
     out = run_convert(awq, tmp_path / "again", "--to", "int4")
     assert out.returncode == 1 and "comes without" in out.stderr and "qzeros" in out.stderr
     assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))
+
+
+def test_tokenizer_and_generation_files_travel_along(tiny_int4_dir, tokenizer_file, tmp_path):
+    """A serving engine reads the chat template, tokenizer and generation defaults from the checkpoint directory:
+    the source's are copied into the export, unless --tokenizer replaces the tokenizer."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_int4_dir, src)
+    files = {"tokenizer_config.json": '{"chat_template": "{{ messages }}"}', "generation_config.json": '{"top_k": 64}'}
+    for name, text in files.items():
+        (src / name).write_text(text)
+    convert.convert(str(src), tmp_path / "awq", "awq")
+    assert all((tmp_path / "awq" / name).read_text() == text for name, text in files.items())
+    convert.convert(str(src), tmp_path / "other", "dense", tokenizer=tokenizer_file)
+    assert not any((tmp_path / "other" / name).exists() for name in files)
