@@ -61,6 +61,7 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     against the bf16-rounded scale that is stored. QAT weights lie on such a grid already, w = q * s: a group
     that fits it (grid_scales) keeps its s, and the rare group whose largest |q| is m < 7 gets the coarsest
     grid that fits, s = max |w| / m. So QAT weights, and our int4 exported to bf16, round-trip losslessly.
+    (A group whose q are all 0 or +-m has two grids, m and 1: we keep the 7-grid, as QAT and RTN make it.)
     """
     if w.dim() != 2 or w.shape[1] % GROUP_SIZE:
         raise ValueError(f"int4 needs a 2-D weight with K a multiple of {GROUP_SIZE}, got shape {tuple(w.shape)}")
@@ -77,9 +78,6 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 coarser, coarser_fits = grid_scales(groups[rest], absmax[rest], m)
                 found = torch.where(coarser_fits, coarser, found)
             scales[rest] = found
-        ternary = (torch.round(groups / scales[..., None]).abs() % 7 == 0).all(-1) & (absmax > 0)  # q in {0, +-7}
-        if ternary.any():  # on the 7-grid, but the coarsest grid is q in {-1, 0, 1}
-            scales[ternary] = grid_scales(groups[ternary], absmax[ternary], 1)[0]
     scales = torch.where(absmax == 0, torch.ones_like(scales), scales)  # all-zero group: any scale works
     q = torch.round(groups / scales[..., None]).clamp(-8, 7)
     return pack_int4(q.flatten(-2)), scales.to(torch.bfloat16)

@@ -32,11 +32,11 @@ VISION = {**VISION_TINY, "image_size": 56}  # an 8x8 patch grid, pooled 4x4 to 2
 
 def grid_weight(rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """q (rows, cols) and s (rows, cols/32) of a QAT-like weight w = q * s: q in -7..7, each group of 32 with a
-    largest |q| of 7 (most groups) or less, and a +-1 beside it, so that gcd(q) = 1 and s is the one grid that fits.
+    largest |q| of 7 (most groups) or 2..6, and a +-1 beside it, so that gcd(q) = 1 and s is the one grid that fits.
     s has 5 significant bits, so every q * s is exact in bf16 too."""
     groups = cols // 32
     randint = lambda low, high: torch.randint(low, high, (rows, groups), generator=gen)
-    m = torch.where(torch.rand(rows, groups, generator=gen) < 0.7, 7, randint(1, 7))  # the largest |q|
+    m = torch.where(torch.rand(rows, groups, generator=gen) < 0.7, 7, randint(2, 7))  # the largest |q|
     q = torch.round((torch.rand(rows, groups, 32, generator=gen) * 2 - 1) * m[..., None])
     q[..., 0], q[..., 1] = m * (randint(0, 2) * 2 - 1), randint(0, 2) * 2 - 1
     s = randint(16, 32) * 2.0 ** randint(-11, -9)

@@ -61,16 +61,28 @@ def test_quantize_recovers_weights_on_the_grid(seed):
     """A weight that is exactly q * scale (bf16 scale, |q| <= 7) quantizes back losslessly, also the groups whose
     largest |q| is below 7 (QAT checkpoints have them)."""
     g = torch.Generator().manual_seed(seed)
-    m = torch.randint(1, 8, (8, 2, 1), generator=g)  # each group's largest |q|
+    m = torch.randint(2, 8, (8, 2, 1), generator=g)  # each group's largest |q| (1: see the next test)
     q = (torch.rand(8, 2, GROUP_SIZE, generator=g) * (2 * m + 1) - m - 0.5).round().clamp(-m, m)
     q[:, :, 0] = m[..., 0] * torch.where(torch.rand(8, 2, generator=g) < 0.5, -1, 1)
     q[:, :, 1] = 1  # so that no coarser grid fits the group: the scale is unique
+    q[0, 0, 0] = m[0, 0, 0] = 7  # as in any QAT tensor, some groups use the whole grid
     q = q.flatten(1).to(torch.int8)
     scales = (torch.rand(8, 2, generator=g) + 0.01).to(torch.bfloat16)
     w = quant.dequantize_int4(quant.pack_int4(q), scales.float())
     data, got_scales = quant.quantize_int4(w)
     assert torch.equal(got_scales, scales)
     assert torch.equal(quant.unpack_int4(data), q)
+
+
+def test_quantize_keeps_the_7_grid_when_two_fit():
+    """q in {0, +-1} on scale s is also q in {0, +-7} on s / 7: the 7-grid wins, as QAT and RTN make such groups
+    (a single non-zero weight, say): RTN -> bf16 -> quantize gives back the same int4."""
+    w = torch.zeros(2, GROUP_SIZE)
+    w[0, 5], w[1, :3] = 0.3, torch.tensor([0.2, -0.2, 0.2])
+    data, scales = quant.quantize_int4(w)
+    assert (quant.unpack_int4(data).abs().amax(-1) == 7).all()
+    again = quant.quantize_int4(quant.dequantize_int4(data, scales).to(torch.bfloat16))
+    assert torch.equal(again[0], data) and torch.equal(again[1], scales)
 
 
 def test_quantize_rejects_bad_shapes():
