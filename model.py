@@ -519,6 +519,23 @@ class Gemma3(nn.Module):
         return logits
 
     @classmethod
+    def from_tensors(
+        cls,
+        config: Gemma3Config,
+        tensors: dict[str, torch.Tensor],
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+    ) -> Gemma3:
+        """The model holding a state dict in our names as it is: dense weights, or int4/int8 pairs (the layers
+        become Int4Linear / Int8Linear); float tensors cast to `dtype`."""
+        with torch.device("meta"):
+            model = cls(config)
+        quant.replace_linears(model, tensors)
+        check_state_dict(model, tensors)
+        model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, assign=True)
+        return model.to(device).eval()
+
+    @classmethod
     def from_pretrained(
         cls,
         path_or_hub_id: str | Path,
@@ -535,14 +552,7 @@ class Gemma3(nn.Module):
         The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype`.
         """
         config, tensors, above_4_bits = load_checkpoint(path_or_hub_id)
-        tensors = convert_weights(tensors, weights, above_4_bits)
-        with torch.device("meta"):
-            model = cls(config)
-        quant.replace_linears(model, tensors)
-        check_state_dict(model, tensors)
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        model.load_state_dict(tensors, assign=True)
-        model = model.to(device).eval()
+        model = cls.from_tensors(config, convert_weights(tensors, weights, above_4_bits), dtype, device)
         if weights == "auto" and isinstance(model.embed, quant.Int8Linear):  # an int8 head: rank with int4 first
             model.embed.add_ranker()
         return quant.use_cpu_kernels(model)

@@ -14,7 +14,7 @@ from conftest import TINY, VISION_TINY, randomize
 import flax_format
 import quant
 from checkpoint import our_name
-from model import CONFIGS, TEXT_VOCAB_SIZE, Gemma3, Gemma3Config, check_state_dict, convert_weights, load_checkpoint
+from model import CONFIGS, TEXT_VOCAB_SIZE, Gemma3, Gemma3Config, convert_weights, load_checkpoint
 from tokenizer import IMAGE_TOKEN_ID
 
 ocp = pytest.importorskip("orbax.checkpoint")
@@ -165,16 +165,6 @@ def int4(tensors: dict[str, torch.Tensor], grids: dict) -> dict[str, torch.Tenso
     return convert_weights({k: v for k, v in tensors.items() if k not in dense}, "auto", set()) | dense
 
 
-def our_model(hf_config: dict, tensors: dict[str, torch.Tensor]) -> Gemma3:
-    """As Gemma3.from_pretrained builds it from the converted tensors, in float32."""
-    with torch.device("meta"):
-        model = Gemma3(Gemma3Config.from_hf(hf_config))
-    quant.replace_linears(model, tensors)
-    check_state_dict(model, tensors)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, assign=True)
-    return model.eval()
-
-
 def test_qat_grid_is_recovered_bit_exactly(loaded):
     hf, grids, (_, tensors, above_4_bits) = loaded
     assert above_4_bits == set()
@@ -196,7 +186,7 @@ def test_config_is_inferred_from_the_shapes(loaded):
 
 def test_logits_match_transformers(loaded):
     hf, grids, (hf_config, tensors, _) = loaded
-    ours = our_model(hf_config, int4(tensors, grids))
+    ours = Gemma3.from_tensors(Gemma3Config.from_hf(hf_config), int4(tensors, grids), torch.float32)
     g = torch.Generator().manual_seed(2)
     words = lambda n: torch.randint(0, 500, (n,), generator=g).tolist()
     if ours.vision is None:
