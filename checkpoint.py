@@ -296,7 +296,7 @@ def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_by
         shards[-1][name] = t.contiguous()
         size += nbytes
     weight_map = {}
-    for i, shard in enumerate(shards, 1):
+    for i, shard in enumerate(tqdm(shards, desc="writing", unit="shard", disable=None, leave=False), 1):
         file = f"model-{i:05d}.safetensors"
         save_file(shard, directory / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
@@ -324,20 +324,23 @@ def unpack_nibbles(packed: torch.Tensor, order: list[int]) -> torch.Tensor:
     return nibbles[..., torch.argsort(torch.tensor(order))].flatten(-2)
 
 
-def int4_pair(q_unsigned: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> dict:
-    """(N, K) values 0..15, (N, K/group) zero points and scales -> our {"int4_data", "scales"} when the zero points
-    are all 8 (symmetric) and groups are whole multiples of 32 (each scale repeats: lossless); otherwise a dense
-    float32 "weight" (asymmetric AWQ, e.g.), which the weights policy quantizes again."""
-    if bool((zeros == 8).all()) and group_size % quant.GROUP_SIZE == 0:
-        scales = scales.repeat_interleave(group_size // quant.GROUP_SIZE, dim=1)
+def int4_pair(q_unsigned: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_of: torch.Tensor) -> dict:
+    """(N, K) values 0..15, (N, groups) zero points and scales, and each column's group (K,) -> our {"int4_data",
+    "scales"} when the zero points are all 8 (symmetric) and the groups are runs of a multiple of 32 columns (each
+    scale then repeats: lossless); otherwise (real zero points, activation-ordered groups) a dense float32
+    "weight", which the weights policy quantizes again."""
+    k = q_unsigned.shape[1]
+    run = k // scales.shape[1]
+    if bool((zeros == 8).all()) and run % quant.GROUP_SIZE == 0 and torch.equal(group_of, torch.arange(k) // run):
+        scales = scales.repeat_interleave(run // quant.GROUP_SIZE, dim=1)
         return {"int4_data": quant.pack_int4(q_unsigned - 8), "scales": scales}
-    w = (q_unsigned - zeros.repeat_interleave(group_size, dim=1)) * scales.float().repeat_interleave(group_size, dim=1)
-    return {"weight": w}
+    return {"weight": (q_unsigned - zeros[:, group_of]) * scales.float()[:, group_of]}
 
 
 def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | None) -> dict[str, torch.Tensor]:
     """AWQ ("<m>.qweight/qzeros/scales") and compressed-tensors ("<m>.weight_packed/weight_scale/weight_shape
-    [/weight_zero_point]") weights -> "<m>.weight.int4_data/.scales" (or "<m>.weight"); other tensors pass."""
+    [/weight_zero_point][/weight_g_idx]") weights -> "<m>.weight.int4_data/.scales" (or "<m>.weight"); other
+    tensors pass."""
     method = (quantization or {}).get("quant_method")
     if method not in ("awq", "compressed-tensors"):
         if method is not None:
@@ -347,12 +350,12 @@ def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | N
         group_size, bits = quantization.get("group_size"), quantization.get("bits")
         suffixes, order = ("qweight", "qzeros", "scales"), AWQ_ORDER
     else:
-        if quantization.get("format") != "pack-quantized":
-            raise ValueError(f"compressed-tensors format {quantization.get('format')!r}: we read pack-quantized")
         groups = list(quantization.get("config_groups", {}).values())
         weights = groups[0].get("weights") or {} if len(groups) == 1 else {}
         if len(groups) != 1 or weights.get("strategy") != "group" or weights.get("type") != "int":
             raise ValueError("compressed-tensors: we read one config group of grouped int weights")
+        if "pack-quantized" not in (quantization.get("format"), groups[0].get("format")):
+            raise ValueError(f"compressed-tensors format {quantization.get('format')!r}: we read pack-quantized")
         group_size, bits = weights.get("group_size"), weights.get("num_bits")
         suffixes, order = ("weight_packed", "weight_zero_point", "weight_scale"), PACKED_ORDER
     if bits != 4 or not isinstance(group_size, int) or group_size <= 0:
@@ -361,7 +364,7 @@ def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | N
     for name, t in tensors.items():
         module, _, kind = name.rpartition(".")
         if kind != suffixes[0]:
-            if kind not in suffixes and kind != "weight_shape":
+            if kind not in suffixes and kind not in ("weight_shape", "weight_g_idx"):
                 out[name] = t
             continue
         required = ("qzeros", "scales") if method == "awq" else ("weight_scale", "weight_shape")
@@ -371,6 +374,7 @@ def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | N
             q = unpack_nibbles(t, order).t()
             zeros = unpack_nibbles(tensors[f"{module}.qzeros"], order).t()
             scales = tensors[f"{module}.scales"].t()
+            group_of = torch.arange(q.shape[1]) // group_size
         else:  # (N, K/8), symmetric unless a zero point is stored
             q = unpack_nibbles(t, order)[:, : int(tensors[f"{module}.weight_shape"][1])]
             scales = tensors[f"{module}.weight_scale"]
@@ -378,7 +382,9 @@ def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | N
                 zeros = unpack_nibbles(tensors[f"{module}.weight_zero_point"].t(), order).t()[: q.shape[0]]
             else:
                 zeros = torch.full(scales.shape, 8)
-        for kind, value in int4_pair(q, zeros, scales, group_size).items():
+            group_of = tensors.get(f"{module}.weight_g_idx")  # activation order: each column's group
+            group_of = torch.arange(q.shape[1]) // group_size if group_of is None else group_of.long()
+        for kind, value in int4_pair(q, zeros, scales, group_of).items():
             out[f"{module}.weight" if kind == "weight" else f"{module}.weight.{kind}"] = value
     return out
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 GROUP_SIZE = 32
 
@@ -294,7 +295,7 @@ def convert_state_dict(
     if weights not in ("auto", "int4", "dense"):
         raise ValueError(f"weights must be 'auto', 'int4' or 'dense', not {weights!r}")
     out = {}
-    for name, t in tensors.items():
+    for name, t in tqdm(tensors.items(), desc=f"weights: {weights}", unit="tensor", disable=None, leave=False):
         module, _, kind = name.rpartition(".")
         if kind in FORMATS:
             keep = weights != "dense" and (kind == "int4_data" or (kind == "int8_data" and weights == "auto"))

@@ -231,3 +231,50 @@ def test_tokenizer_and_generation_files_travel_along(tiny_int4_dir, tokenizer_fi
     assert all((tmp_path / "awq" / name).read_text() == text for name, text in files.items())
     convert.convert(str(src), tmp_path / "other", "dense", tokenizer=tokenizer_file)
     assert not any((tmp_path / "other" / name).exists() for name in files)
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "activation order", "zero points"])
+def test_compressed_tensors_in_as_llm_compressor_writes_it(kind, tmp_path):
+    """A W4A16 checkpoint packed by the compressed-tensors library itself: symmetric groups load exactly as int4;
+    activation-ordered groups (weight_g_idx) and real zero points load as the weights they stand for."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    hf = hf_text_model()
+    tensors, expected = {}, {}
+    g = torch.Generator().manual_seed(0)
+    for name, w in hf.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        if w.dim() != 2 or "embed_tokens" in name:
+            tensors[name] = w.to(torch.bfloat16)
+            continue
+        n, k = w.shape
+        module = name.removesuffix(".weight")
+        q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+        scales = (torch.rand(n, k // 32, generator=g) / 50).to(torch.bfloat16)
+        group_of = torch.arange(k) // 32
+        zeros = torch.zeros(n, k // 32, dtype=torch.int8)
+        if kind == "activation order":
+            group_of = group_of[torch.randperm(k, generator=g)]
+            tensors[f"{module}.weight_g_idx"] = group_of.to(torch.int32)
+        if kind == "zero points":
+            zeros = torch.randint(-3, 4, (n, k // 32), generator=g, dtype=torch.int8)
+            tensors[f"{module}.weight_zero_point"] = pack_to_int32(zeros, 4, packed_dim=0)
+        tensors[f"{module}.weight_packed"] = pack_to_int32(q, 4)
+        tensors[f"{module}.weight_scale"] = scales
+        tensors[f"{module}.weight_shape"] = torch.tensor([n, k])
+        expected[name] = (q.float() - zeros.float()[:, group_of]) * scales.float()[:, group_of]
+    (tmp_path / "ct").mkdir()
+    save_file(tensors, tmp_path / "ct" / "model.safetensors")
+    weights = {"num_bits": 4, "type": "int", "symmetric": kind != "zero points", "strategy": "group", "group_size": 32}
+    quantization = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                    "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}  # fmt: skip
+    config = hf.config.to_dict() | {"quantization_config": quantization}
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
+    _, ours, _ = load_checkpoint(tmp_path / "ct")
+    for name, w in expected.items():
+        module = checkpoint.our_name(name).removesuffix(".weight")
+        if kind == "symmetric":
+            assert torch.equal(quant.dequantize_int4(ours[f"{module}.int4_data"], ours[f"{module}.scales"].float()), w)
+        else:
+            assert torch.equal(ours[f"{module}.weight"], w), name
