@@ -15,12 +15,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import model  # Gemma3Config, VisionConfig, CONFIGS; model.py reaches this module through checkpoint.py
+if TYPE_CHECKING:  # model.py imports this module (through checkpoint.py): import it only where it is used
+    from model import Gemma3Config, VisionConfig
 
 SIGLIP = "SigLiPFromPatches_0/siglip_encoder"
 MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")  # what orbax writes beside the arrays
@@ -83,11 +85,12 @@ def unflatten(flat: dict) -> dict:
     return tree
 
 
-def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "checkpoint") -> model.Gemma3Config:
+def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "checkpoint") -> Gemma3Config:
     """The config of a Gemma 3 tree (slash-joined keys -> shapes). Orbax checkpoints hold no config: a tree whose
     shapes are a published size's gets that size's config; any other (tiny test models) gets what the shapes say
     (layers, widths, heads, vocabulary, vision tower) and Gemma 3's defaults for the rest, as the published models
     of its kind have them (text-only like 1B, multimodal like 4B; query_pre_attn_scalar = head_dim)."""
+    from model import CONFIGS, Gemma3Config, VisionConfig
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
@@ -110,7 +113,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "c
         _, patches, width = shape(f"{SIGLIP}/pos_embedding")
         patch_size, side = shape(f"{SIGLIP}/embedding/kernel")[0], math.isqrt(patches)
         block = f"{SIGLIP}/Transformer/encoderblock_0"
-        vision = model.VisionConfig(
+        vision = VisionConfig(
             image_size=side * patch_size,
             patch_size=patch_size,
             hidden_size=width,
@@ -120,11 +123,11 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "c
             tokens_per_image=(side // POOL) ** 2,
         )
         vocab += MULTIMODAL_EXTRA_ROWS
-    for published in model.CONFIGS.values():
+    for published in CONFIGS.values():
         if all(published[k] == v for k, v in dims.items()):
-            return model.Gemma3Config(**{**published, "vocab_size": vocab, "vision_config": vision})
-    like = model.CONFIGS["4b" if vision else "1b"]
-    return model.Gemma3Config(
+            return Gemma3Config(**{**published, "vocab_size": vocab, "vision_config": vision})
+    like = CONFIGS["4b" if vision else "1b"]
+    return Gemma3Config(
         **dims,
         vocab_size=vocab,
         sliding_window=like["sliding_window"],
@@ -143,7 +146,7 @@ def count(shapes: dict, pattern: str) -> int:
     return n
 
 
-def describe(c: model.Gemma3Config) -> str:
+def describe(c: Gemma3Config) -> str:
     vision = f", SigLIP {c.vision_config.num_layers}x{c.vision_config.hidden_size}" if c.vision_config else ""
     return f"{c.num_layers} layers of {c.hidden_size}, {c.num_heads}/{c.num_kv_heads} heads of {c.head_dim}{vision}"
 
@@ -157,7 +160,7 @@ def heads_to_rows(w: np.ndarray) -> np.ndarray:
     return w.transpose(0, 2, 1).reshape(-1, w.shape[1])
 
 
-def layout(c: model.Gemma3Config) -> dict[str, tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]]:
+def layout(c: Gemma3Config) -> dict[str, tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]]:
     """Our name -> (Google's key, its shape, how its array becomes ours)."""
     D, H, K, hd, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
     pad = MULTIMODAL_EXTRA_ROWS if c.vision_config else 0
@@ -191,7 +194,7 @@ def layout(c: model.Gemma3Config) -> dict[str, tuple[str, tuple[int, ...], Calla
     return tensors
 
 
-def vision_layout(v: model.VisionConfig, text_hidden: int) -> dict[str, tuple[str, tuple[int, ...], Callable]]:
+def vision_layout(v: VisionConfig, text_hidden: int) -> dict[str, tuple[str, tuple[int, ...], Callable]]:
     """The SigLIP tower and the projector (which Google keeps in the text embedder)."""
     C, heads, P, Fv = v.hidden_size, v.num_heads, v.patch_size, v.intermediate_size
     hd = C // heads

@@ -1,5 +1,6 @@
 """Loading checkpoints in every layout people have: gaunernst int4 (sharded or not), dense HF, hub ids."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -164,3 +165,19 @@ def test_hub_id_loads_from_the_hub_cache_layout(int4_dir, tmp_path_factory):
     code = "from model import Gemma3; Gemma3.from_pretrained('someone/not-cached')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "downloading it from the hub failed" in out.stderr
+
+
+MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_module_imports_first(module):
+    """Whichever of our modules a script or a user imports first, no import cycle bites (eval.py imports
+    tokenizer first, which reaches model through checkpoint and flax_format)."""
+    saved = {m: sys.modules.pop(m) for m in MODULES if m in sys.modules}
+    try:
+        importlib.import_module(module)
+    finally:
+        for m in MODULES:
+            sys.modules.pop(m, None)
+        sys.modules.update(saved)
