@@ -41,15 +41,18 @@ def dequantize_int4(int4_data: torch.Tensor, scales: torch.Tensor) -> torch.Tens
     return groups.flatten(-2)
 
 
-def grid_scales(groups: torch.Tensor, absmax: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_scales(
+    groups: torch.Tensor, absmax: torch.Tensor, m: int, neighbours: tuple[int, ...] = (-1, 0, 1)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Is each group of (N, G, 32) weights on a symmetric int4 grid whose largest |q| is m? -> (scales, fits), (N, G).
 
     The scale is absmax / m in bf16, or one of its bf16 neighbours: weights stored in bf16 after quantization
     (an AWQ export's embedding, a bf16 QAT checkpoint) moved absmax a little. A candidate fits when it reproduces
-    every weight to bf16 precision; of those that fit we take the one closest to the weights."""
+    every weight to bf16 precision; of those that fit we take the one closest to the weights. `neighbours`: which
+    candidates, in bf16 steps from the nearest."""
     nearest = (absmax / m).to(torch.bfloat16).view(torch.int16)
-    candidates = torch.stack([(nearest + d).view(torch.bfloat16) for d in (-1, 0, 1)]).float()  # (3, N, G)
-    err = (torch.round(groups / candidates[..., None]) * candidates[..., None] - groups).abs()  # (3, N, G, 32)
+    candidates = torch.stack([(nearest + d).view(torch.bfloat16) for d in neighbours]).float()  # (candidates, N, G)
+    err = (torch.round(groups / candidates[..., None]) * candidates[..., None] - groups).abs()  # (candidates, N, G, 32)
     fits = (err <= groups.abs() / 256).all(-1)
     best = torch.where(fits, err.sum(-1), torch.inf).argmin(0, keepdim=True)
     return candidates.gather(0, best)[0], fits.any(0)
@@ -69,8 +72,9 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = w.float().unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
     absmax = groups.abs().amax(-1)
     scales = (absmax / 7).to(torch.bfloat16).float()
-    grid, fits = grid_scales(groups, absmax, 7)
-    if fits.any():  # QAT weights (never so in a dense model)
+    # QAT weights? (never so in a dense model: the one cheap pass then is all this costs over plain rounding)
+    if grid_scales(groups, absmax, 7, neighbours=(0,))[1].any():
+        grid, fits = grid_scales(groups, absmax, 7)
         scales = torch.where(fits, grid, scales)
         rest = ~fits & (absmax > 0)  # the few groups whose largest |q| is below 7: the coarsest grid that fits
         if rest.any():
