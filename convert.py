@@ -35,7 +35,7 @@ TARGETS = {
 
 
 def convert(
-    src: str,
+    src: str | Path,
     dst: Path,
     to: str,
     weights: str = "auto",
@@ -49,6 +49,7 @@ def convert(
         raise ValueError(f"quantizer {quantizer!r}: rtn or gptq, and gptq only for a quantized target")
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
+    src = checkpoint.resolve(src)  # once: a hub id is looked up (downloaded) here, not for each file read below
     config, tensors, above_4_bits = load_checkpoint(src)
     if tokenizer is not None:  # the source's tokenizer files would contradict it: carry none over
         tokenizer, companions = tokenizer.read_bytes(), []
