@@ -5,7 +5,7 @@ The storage layout is gaunernst's (the Gemma 3 QAT int4 checkpoints): a weight W
   scales:    (N, K/32), W[n, k] = q[n, k] * scales[n, k // 32]
 Int4Linear holds exactly these two tensors. Its portable path dequantizes on the fly: a few elementwise
 ops followed by a matmul, which torch.compile fuses; on CPU it runs PyTorch's int4 kernel instead
-(Int8Linear too, as two int4 digits).
+(Int8Linear: its int8 kernel, or the int4 one as two int4 digits, whichever the CPU runs faster).
 Int8Linear (per-row scales) is for weights that lose quality at 4 bits, like llama.cpp's Q8_0/Q6_K.
 Either serves as a tied embedding/head. This module imports nothing of ours: replace_linears swaps
 any model's nn.Linear/nn.Embedding for the quantized module its state dict asks for.
@@ -121,10 +121,13 @@ class QuantLinear(nn.Module):
         if self.cpu_packed is None or not use_cpu_kernel(x, self.in_features):
             dtype = matmul_dtype(x)
             return F.linear(x.to(dtype), self.dequantize().to(dtype)).to(x.dtype)
-        x2 = x.reshape(-1, self.in_features)
-        x2 = torch.cat([x2] * self.cpu_digits_per_weight, dim=1)  # (M, digits * K)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.cpu_packed, GROUP_SIZE, self.cpu_scales_and_zeros)
+        y = self.cpu_matmul(x.reshape(-1, self.in_features))  # (M, N)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, K) bf16 -> (M, N) through the int4 kernel."""
+        x2 = torch.cat([x2] * self.cpu_digits_per_weight, dim=1)  # (M, digits * K)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.cpu_packed, GROUP_SIZE, self.cpu_scales_and_zeros)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.dequantize(ids)  # (..., K)
@@ -191,11 +194,26 @@ class Int8Linear(QuantLinear):
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         return dequantize_int8(self.int8_data[rows], self.scales[rows])
 
-    # PyTorch's int8 CPU kernel (_weight_int8pack_mm) is compute-bound: the 270M's int8 head takes 19 ms on
-    # 2 cores, where the int4 kernel streams the same bytes in 11. So each weight goes to the int4 kernel as
-    # two int4 digits, w = 16 * hi + lo with lo in 0..15 and hi in -8..7, side by side along K: one int4
-    # matmul of [x, x] accumulates x.lo * s + x.hi * 16s = x.w * s in float32 (8s and 16s are exact in bf16).
+    # Which CPU kernel is faster depends on the CPU. With AVX-512, PyTorch's int8 kernel (_weight_int8pack_mm)
+    # is the slower: the 270M's int8 head takes 19 ms on 2 cores, where the int4 kernel streams the same bytes
+    # in 11. So there each weight goes to the int4 kernel as two int4 digits, w = 16 * hi + lo with lo in 0..15
+    # and hi in -8..7, side by side along K: one int4 matmul of [x, x] accumulates x.lo * s + x.hi * 16s = x.w * s
+    # in float32 (8s and 16s are exact in bf16). With AVX2 only, the int4 kernel is compute-bound (7.4 GB/s on
+    # 2 cores) and the int8 kernel the faster: 17 ms for the head against 28 as digits, and the default 270M
+    # import decodes at 28 tok/s against 23. There the int8 weight goes to the int8 kernel as it is.
     cpu_digits_per_weight = 2
+    int8_kernel = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+    def pack_for_cpu(self) -> None:
+        if not self.int8_kernel:
+            return super().pack_for_cpu()
+        if self.out_features % 16 == 0 and self.in_features % GROUP_SIZE == 0:  # the same shapes as the int4 path
+            self.cpu_packed = self.int8_data  # the int8 kernel reads our weight and scales as they are
+
+    def cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if not self.int8_kernel:
+            return super().cpu_matmul(x2)
+        return torch.ops.aten._weight_int8pack_mm(x2, self.int8_data, self.scales)
 
     def cpu_digits(self, rows: slice) -> torch.Tensor:
         w = self.int8_data[rows].to(torch.int32)

@@ -134,10 +134,12 @@ def test_tied_embedding_lookup_and_head(cls):
     torch.testing.assert_close(emb.unembed(x), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
-def test_cpu_kernels_against_the_dequant_reference(cls):
+@pytest.mark.parametrize("cls, int8_kernel", [(Int4Linear, False), (Int8Linear, False), (Int8Linear, True)])
+def test_cpu_kernels_against_the_dequant_reference(cls, int8_kernel, monkeypatch):
     """The CPU kernels (bf16, few rows) read exactly our weights (bit-exact: identity rows return rows of
-    W.T itself) and compute x @ W.T up to accumulation order; larger batches take the portable path."""
+    W.T itself) and compute x @ W.T up to accumulation order; larger batches take the portable path.
+    Int8Linear both ways: as two int4 digits through the int4 kernel, and through the int8 kernel."""
+    monkeypatch.setattr(Int8Linear, "int8_kernel", int8_kernel)
     layer = quantized(cls, 96, 128, torch.bfloat16)
     reference = layer.dequantize()
     quant.use_cpu_kernels(layer)
@@ -155,9 +157,11 @@ def test_cpu_kernels_against_the_dequant_reference(cls):
     assert torch.equal(layer(big), torch.nn.functional.linear(big.to(dtype), reference.to(dtype)).to(big.dtype))
 
 
+@pytest.mark.parametrize("int8_kernel", [False, True])
 @pytest.mark.parametrize("cls, n, k", [(Int4Linear, 24, 128), (Int8Linear, 24, 128), (Int8Linear, 32, 100)])
-def test_shapes_the_cpu_kernel_cannot_take_stay_portable(cls, n, k):
+def test_shapes_the_cpu_kernel_cannot_take_stay_portable(cls, n, k, int8_kernel, monkeypatch):
     """The kernel wants N % 16 == 0 and whole groups of 32 along K: other shapes keep the dequant-matmul."""
+    monkeypatch.setattr(Int8Linear, "int8_kernel", int8_kernel)
     layer = quantized(cls, n, k, torch.bfloat16)
     quant.use_cpu_kernels(layer)
     assert layer.cpu_packed is None
