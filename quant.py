@@ -69,6 +69,9 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if w.dim() != 2 or w.shape[1] % GROUP_SIZE:
         raise ValueError(f"int4 needs a 2-D weight with K a multiple of {GROUP_SIZE}, got shape {tuple(w.shape)}")
+    if w.shape[0] > 4096:  # a few thousand rows at a time: the grid search holds several float copies of them
+        pieces = [quantize_int4(w[i : i + 4096]) for i in range(0, w.shape[0], 4096)]
+        return torch.cat([data for data, _ in pieces]), torch.cat([scales for _, scales in pieces])
     groups = w.float().unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
     absmax = groups.abs().amax(-1)
     scales = (absmax / 7).to(torch.bfloat16).float()
@@ -230,10 +233,9 @@ class Int8Linear(QuantLinear):
     # their total mass matters, which int4 noise inflates a little (exp of the noise's variance / 2).
     def add_ranker(self) -> None:
         """Quantize an int4 copy of this weight (round to nearest, g32) to rank the vocabulary in unembed."""
-        pieces = [quantize_int4(self.dequantize(slice(i, i + 4096))) for i in range(0, self.out_features, 4096)]
         self.ranker = Int4Linear(self.in_features, self.out_features, self.scales.dtype, self.scales.device)
-        self.ranker.int4_data = torch.cat([data for data, _ in pieces])
-        self.ranker.scales = torch.cat([scales for _, scales in pieces]).to(self.scales.dtype)
+        self.ranker.int4_data, scales = quantize_int4(self.dequantize())
+        self.ranker.scales = scales.to(self.scales.dtype)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         if self.ranker is None:
