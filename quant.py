@@ -143,8 +143,6 @@ class QuantLinear(nn.Module):
 
     def pack_for_cpu(self) -> None:
         """Repack for the CPU kernel, a slice of rows at a time (its packer takes int32: 4 bytes per weight)."""
-        if self.out_features % 16 or self.in_features % GROUP_SIZE:
-            return  # the kernel wants N % 16 == 0 and whole groups: stay on the portable path
         pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
         packed = [pack(self.cpu_digits(slice(i, i + 4096)), 1) for i in range(0, self.out_features, 4096)]
         scales, zeros = self.cpu_scales_zeros()  # (N, groups) each
@@ -210,8 +208,7 @@ class Int8Linear(QuantLinear):
     def pack_for_cpu(self) -> None:
         if not self.int8_kernel:
             return super().pack_for_cpu()
-        if self.out_features % 16 == 0 and self.in_features % GROUP_SIZE == 0:  # the same shapes as the int4 path
-            self.cpu_packed = self.int8_data  # the int8 kernel reads our weight and scales as they are
+        self.cpu_packed = self.int8_data  # the int8 kernel reads our weight and scales as they are
 
     def cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if not self.int8_kernel:
@@ -273,10 +270,12 @@ def use_cpu_kernel(x: torch.Tensor, in_features: int) -> bool:
 
 
 def use_cpu_kernels(model: nn.Module) -> nn.Module:
-    """Repack every bf16 QuantLinear on the CPU for PyTorch's int4 CPU kernel."""
+    """Prepare every bf16 QuantLinear on the CPU for PyTorch's CPU kernels (QuantLinear.pack_for_cpu). They want
+    N % 16 == 0 and whole groups of 32 along K: layers of other shapes stay on the portable path."""
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.scales.device.type == "cpu":
-            if module.scales.dtype == torch.bfloat16:
+            fits = module.out_features % 16 == 0 and module.in_features % GROUP_SIZE == 0
+            if module.scales.dtype == torch.bfloat16 and fits:
                 module.pack_for_cpu()
     return model
 
