@@ -339,9 +339,9 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.scale = config.query_pre_attn_scalar**-0.5
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        # q, k and v read the same input: their weights stacked by rows (see fuse_projections) make one matmul
+        self.qkv_sizes = [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)  # QK-norm, per head
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -349,9 +349,10 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, pos=None):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = self.q_norm(q.view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dtype = attention_dtype(x.dtype, x.device)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -366,12 +367,12 @@ class MLP(nn.Module):
 
     def __init__(self, config: Gemma3Config):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # stacked
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):
@@ -395,6 +396,9 @@ class Block(nn.Module):
 class TiedEmbedding(nn.Embedding):
     """The token embedding, which is also the output head (tied weights). quant.QuantLinear has the same
     lookup/unembed pair, so an int4 embedding drops in."""
+
+    def reset_parameters(self) -> None:
+        pass  # no random init: the weights always come from a checkpoint (and normal_ is slow on the meta device)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self(ids)
@@ -528,6 +532,7 @@ class Gemma3(nn.Module):
     ) -> Gemma3:
         """The model holding a state dict in our names as it is: dense weights, or int4/int8 pairs (the layers
         become Int4Linear / Int8Linear); float tensors cast to `dtype`."""
+        tensors = fuse_projections(tensors, config.num_layers)
         with torch.device("meta"):
             model = cls(config)
         quant.replace_linears(model, tensors)
@@ -588,3 +593,62 @@ def check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+
+
+# Checkpoints store q, k, v (and gate, up) as separate weights; the model holds each group stacked by rows, so
+# that one matmul reads them all. Every format stacks row by row: int4/int8 data and their per-row scales alike.
+FUSED = {
+    "attn.qkv_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+KINDS = ("int4_data", "int8_data", "weight")  # from the narrowest to the widest
+
+
+def fuse_projections(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """A state dict in the checkpoints' names -> the model's: each layer's q/k/v and gate/up weights stacked into
+    qkv_proj and gate_up_proj (already stacked ones pass). A group mixing kinds is stacked in its widest: a GGUF's
+    int8 v_proj beside int4 q and k makes all three int8 (per-row, finer than int4's steps)."""
+    out = dict(tensors)
+    for i, fused in ((i, f) for i in range(num_layers) for f in FUSED):
+        parts = [f"layers.{i}.{p}" for p in FUSED[fused]]
+        kinds = [next((k for k in KINDS if f"{p}.{k}" in tensors), None) for p in parts]
+        if all(k is None for k in kinds):
+            continue  # already stacked, or not there at all (check_state_dict names what is missing)
+        if None in kinds:
+            missing = [f"{p}.weight" for p, k in zip(parts, kinds, strict=True) if k is None]
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing)}")
+        kind = max(kinds, key=KINDS.index)
+        stacked = [as_kind(out, p, k, kind) for p, k in zip(parts, kinds, strict=True)]
+        for j, name in enumerate(("weight",) if kind == "weight" else (kind, "scales")):
+            out[f"layers.{i}.{fused}.{name}"] = torch.cat([pieces[j] for pieces in stacked])
+    return out
+
+
+def as_kind(tensors: dict[str, torch.Tensor], module: str, kind: str, target: str) -> tuple[torch.Tensor, ...]:
+    """Pop module's weight (kind: "int4_data", "int8_data" or "weight") from tensors, converted to target's kind:
+    (weight,) or (data, scales)."""
+    w = tensors.pop(f"{module}.{kind}")
+    if kind != "weight":
+        scales = tensors.pop(f"{module}.scales")
+        if kind == target:
+            return w, scales
+        w = quant.FORMATS[kind][2](w, scales.float())  # dequantized, float32
+    return (w,) if target == "weight" else quant.FORMATS[target][1](w)
+
+
+def split_projections(tensors: dict[str, torch.Tensor], config: Gemma3Config) -> dict[str, torch.Tensor]:
+    """The inverse of fuse_projections: stacked qkv_proj / gate_up_proj tensors back to the checkpoints' names."""
+    sizes = {
+        "attn.qkv_proj": [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2,
+        "mlp.gate_up_proj": [config.intermediate_size] * 2,
+    }
+    out = {}
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        layer, _, fused = module.partition(".")[2].partition(".")
+        if not (name.startswith("layers.") and fused in FUSED):
+            out[name] = t
+            continue
+        for part, piece in zip(FUSED[fused], t.split(sizes[fused]), strict=True):
+            out[f"layers.{layer}.{part}.{kind}"] = piece
+    return out

@@ -27,7 +27,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import quant
-from model import Gemma3, Gemma3Config, attention_mask, rope_cos_sin
+from model import Gemma3, Gemma3Config, attention_mask, fuse_projections, rope_cos_sin, split_projections
 from tokenizer import BOS_ID, Tokenizer
 
 G = quant.GROUP_SIZE
@@ -197,7 +197,7 @@ def gptq(
     if quantized:
         raise ValueError(f"gptq needs dense weights, got quantized {quantized[0]} (quant.convert_state_dict first)")
     model = dense_model(config, tensors)
-    out = dict(tensors)
+    out = fuse_projections(tensors, config.num_layers)  # the model's names: q/k/v stacked share one Hessian
 
     def store(module_name: str, data: torch.Tensor, scales: torch.Tensor) -> None:
         del out[f"{module_name}.weight"]
@@ -225,4 +225,4 @@ def gptq(
         xs = run(layer, xs) if sequential else ys
     h = model.norm(xs).reshape(-1, c.hidden_size)  # what the head sees
     store("embed", *gptq_quantize(model.embed.weight, h.T @ h, damp, clip=clip))
-    return out
+    return split_projections(out, config)

@@ -34,7 +34,7 @@ def test_gaunernst_int4_matches_transformers(tmp_path, max_shard_bytes):
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert files[0] == "model-00001.safetensors" and (len(files) > 1) == (max_shard_bytes < 2**20)
     ours = Gemma3.from_pretrained(tmp_path, dtype=torch.float32)
-    assert isinstance(ours.layers[0].attn.q_proj, quant.Int4Linear)
+    assert isinstance(ours.layers[0].attn.qkv_proj, quant.Int4Linear)
     assert isinstance(ours.embed, quant.Int4Linear)
     assert max_diff(ours, hf, IDS) <= 1e-3
     dense = Gemma3.from_pretrained(tmp_path, dtype=torch.float32, weights="dense")

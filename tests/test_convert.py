@@ -193,7 +193,7 @@ def test_awq_in_asymmetric_is_dequantized_then_requantized(tmp_path):
     _, tensors, _ = load_checkpoint(directory)
     assert torch.equal(tensors["layers.2.mlp.up_proj.weight"], dense["model.layers.2.mlp.up_proj.weight"].float())
     ours = Gemma3.from_pretrained(directory, dtype=torch.float32)
-    assert isinstance(ours.layers[2].mlp.up_proj, quant.Int4Linear)
+    assert isinstance(ours.layers[2].mlp.gate_up_proj, quant.Int4Linear)
 
 
 def test_bad_inputs_give_clear_errors(tiny_int4_dir, export, tmp_path):

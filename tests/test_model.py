@@ -147,3 +147,66 @@ def test_config_json_roundtrip(tmp_path):
     c = Gemma3Config.from_name("27b")
     (tmp_path / "config.json").write_text(json.dumps(c.to_hf()))
     assert Gemma3Config.from_hf(json.loads((tmp_path / "config.json").read_text())) == c
+
+
+def small_state_dict(kinds: dict[str, str]) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:
+    """A one-layer config and its q/k/v and gate/up weights in the checkpoints' names, each of the given kind."""
+    import quant
+
+    config = Gemma3Config(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32,
+                          intermediate_size=96, sliding_window=8, vocab_size=64)  # fmt: skip
+    shapes = {"attn.q_proj": 64, "attn.k_proj": 32, "attn.v_proj": 32, "mlp.gate_proj": 96, "mlp.up_proj": 96}
+    tensors = {}
+    for name, rows in shapes.items():
+        w, module = torch.randn(rows, 64), f"layers.0.{name}"
+        kind = kinds.get(name, "int4_data")
+        if kind == "weight":
+            tensors[f"{module}.weight"] = w
+        else:
+            tensors[f"{module}.{kind}"], tensors[f"{module}.scales"] = quant.FORMATS[kind][1](w)
+    return config, tensors
+
+
+def test_projections_are_stacked_by_rows_and_split_back():
+    from model import fuse_projections, split_projections
+
+    config, tensors = small_state_dict({"mlp.up_proj": "int4_data"})
+    fused = fuse_projections(tensors, config.num_layers)
+    assert set(fused) == {
+        f"layers.0.{m}.{k}" for m in ("attn.qkv_proj", "mlp.gate_up_proj") for k in ("int4_data", "scales")
+    }
+    qkv = fused["layers.0.attn.qkv_proj.int4_data"]
+    assert qkv.shape == (128, 32) and torch.equal(qkv[64:96], tensors["layers.0.attn.k_proj.int4_data"])
+    back = split_projections(fused, config)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert fuse_projections(fused, config.num_layers).keys() == fused.keys()  # stacked ones pass
+
+
+def test_a_group_of_mixed_kinds_is_stacked_in_its_widest():
+    import quant
+    from model import fuse_projections
+
+    config, tensors = small_state_dict({"attn.v_proj": "int8_data", "mlp.gate_proj": "weight"})
+    fused = fuse_projections(tensors, config.num_layers)
+    assert fused["layers.0.attn.qkv_proj.int8_data"].shape == (128, 64)  # int4 q, k and int8 v: all int8
+    v = quant.dequantize_int8(fused["layers.0.attn.qkv_proj.int8_data"], fused["layers.0.attn.qkv_proj.scales"])[96:]
+    assert torch.equal(
+        v, quant.dequantize_int8(tensors["layers.0.attn.v_proj.int8_data"], tensors["layers.0.attn.v_proj.scales"])
+    )
+    q = quant.dequantize_int4(tensors["layers.0.attn.q_proj.int4_data"], tensors["layers.0.attn.q_proj.scales"].float())
+    q8 = quant.dequantize_int8(fused["layers.0.attn.qkv_proj.int8_data"], fused["layers.0.attn.qkv_proj.scales"])[:64]
+    assert (q8 - q).abs().max() <= q.abs().amax() / 254 + 1e-6  # int8 per row: finer than the int4 steps
+    gate_up = fused["layers.0.mlp.gate_up_proj.weight"]  # a dense gate beside an int4 up: dense
+    up = quant.dequantize_int4(
+        tensors["layers.0.mlp.up_proj.int4_data"], tensors["layers.0.mlp.up_proj.scales"].float()
+    )
+    assert torch.equal(gate_up[:96], tensors["layers.0.mlp.gate_proj.weight"]) and torch.equal(gate_up[96:], up)
+
+
+def test_a_missing_part_of_a_group_is_named():
+    from model import fuse_projections
+
+    config, tensors = small_state_dict({})
+    del tensors["layers.0.attn.k_proj.int4_data"], tensors["layers.0.attn.k_proj.scales"]
+    with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): layers.0.attn.k_proj.weight"):
+        fuse_projections(tensors, config.num_layers)

@@ -9,7 +9,7 @@ from conftest import TINY, hf_text_model, randomize
 import convert
 import ptq
 import quant
-from model import Gemma3, Gemma3Config
+from model import FUSED, Gemma3, Gemma3Config, split_projections
 from tokenizer import BOS_ID
 
 CONFIG = Gemma3Config(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=96,
@@ -21,7 +21,7 @@ def dense() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = Gemma3(CONFIG)
     randomize(model)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return split_projections({k: v.detach().clone() for k, v in model.state_dict().items()}, CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,14 @@ def model_from(tensors: dict[str, torch.Tensor]) -> Gemma3:
 
 def weight_names(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k.removesuffix(".weight") for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 2]
+
+
+def stacked_module(name: str) -> str:
+    """The model's module that computes checkpoint weight `name` (q/k/v and gate/up are stacked in one)."""
+    for fused, parts in FUSED.items():
+        for part in parts:
+            name = name.replace(part, fused)
+    return name
 
 
 def test_output_is_the_int4_format_and_the_rest_passes_through(dense, calibration):
@@ -68,7 +76,7 @@ def test_lower_layer_output_error_than_round_to_nearest(dense, calibration):
         h.remove()
     out = ptq.gptq(CONFIG, dense, calibration, sequential=False)
     for n in weight_names(dense):
-        w, x = dense[f"{n}.weight"], inputs[n]
+        w, x = dense[f"{n}.weight"], inputs[stacked_module(n)]
         rtn = quant.dequantize_int4(*quant.quantize_int4(w))
         ours = quant.dequantize_int4(out[f"{n}.int4_data"], out[f"{n}.scales"])
         err_rtn, err_ours = (x @ (w - rtn.float()).T).norm(), (x @ (w - ours.float()).T).norm()
