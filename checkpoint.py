@@ -280,7 +280,22 @@ def default_model() -> Path:
     hf_config, tensors, above_4_bits = gguf_format.load_text_model(gguf_path)
     tensors = quant.convert_state_dict(tensors, "auto", above_4_bits)
     save(hf_config, tensors, gguf_format.tokenizer_proto(gguf_path), directory)
+    if "embed.int8_data" in tensors:  # its int8 head's int4 ranker, so that no load quantizes it again
+        ranker = quant.int4_ranker(tensors["embed.int8_data"], tensors["embed.scales"])
+        tmp = directory / f".{RANKER}.tmp-{os.getpid()}"
+        save_file(ranker, tmp, metadata={"format": "pt"})
+        tmp.rename(directory / RANKER)
     return directory
+
+
+RANKER = "ranker.safetensors"  # the cached int4 ranker of a checkpoint's int8 head (quant.Int8Linear.unembed)
+
+
+def read_ranker(path: Path) -> dict[str, torch.Tensor] | None:
+    """The int4 ranker cached beside a checkpoint directory's weights (see default_model), or None."""
+    if not (path.is_dir() and (path / RANKER).is_file()):
+        return None
+    return read_safetensors([path / RANKER])
 
 
 def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:

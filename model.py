@@ -556,10 +556,11 @@ class Gemma3(nn.Module):
         weights="int4":  every linear weight int4;  weights="dense": every weight a float tensor of `dtype`.
         The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype`.
         """
-        config, tensors, above_4_bits = load_checkpoint(path_or_hub_id)
+        path = checkpoint.resolve(path_or_hub_id)  # once: a hub id is looked up (downloaded) here
+        config, tensors, above_4_bits = load_checkpoint(path)
         model = cls.from_tensors(config, convert_weights(tensors, weights, above_4_bits), dtype, device)
         if weights == "auto" and isinstance(model.embed, quant.Int8Linear):  # an int8 head: rank with int4 first
-            model.embed.add_ranker()
+            model.embed.add_ranker(checkpoint.read_ranker(path))  # cached by the default model's conversion
         return quant.use_cpu_kernels(model)
 
 

@@ -75,8 +75,12 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = w.float().unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
     absmax = groups.abs().amax(-1)
     scales = (absmax / 7).to(torch.bfloat16).float()
-    # QAT weights? (never so in a dense model: the one cheap pass then is all this costs over plain rounding)
-    if grid_scales(groups, absmax, 7, neighbours=(0,))[1].any():
+    # QAT weights? Most of their groups fit the nearest 7-grid; a dense weight's almost never do (a few in a
+    # thousand by chance, in an int8 GGUF head). An even sample of groups decides, so that a dense weight costs
+    # no more than plain rounding; a misjudged dense tensor would only cost time (the search keeps RTN's scales).
+    sample = slice(None, None, max(1, absmax.numel() // QAT_SAMPLE))
+    sampled = groups.flatten(0, 1)[sample], absmax.flatten()[sample]
+    if grid_scales(*sampled, 7, neighbours=(0,))[1].float().mean() >= 0.02:
         grid, fits = grid_scales(groups, absmax, 7)
         scales = torch.where(fits, grid, scales)
         rest = ~fits & (absmax > 0)  # the few groups whose largest |q| is below 7: the coarsest grid that fits
@@ -89,6 +93,9 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.where(absmax == 0, torch.ones_like(scales), scales)  # all-zero group: any scale works
     q = torch.round(groups / scales[..., None]).clamp(-8, 7)
     return pack_int4(q.flatten(-2)), scales.to(torch.bfloat16)
+
+
+QAT_SAMPLE = 4096  # groups
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +213,8 @@ class Int8Linear(QuantLinear):
     int8_kernel = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
     def pack_for_cpu(self) -> None:
+        if self.ranker is not None:  # a ranked head: its int4 copy runs the matmul, this weight only rescores rows
+            return
         if not self.int8_kernel:
             return super().pack_for_cpu()
         self.cpu_packed = self.int8_data  # the int8 kernel reads our weight and scales as they are
@@ -228,11 +237,13 @@ class Int8Linear(QuantLinear):
     # best-scoring tokens' logits: so an int4 copy ranks the whole vocabulary, and the int8 weight rescores
     # its top RESCORE_TOP tokens exactly. The rest keep their int4 logits: they are never sampled, and only
     # their total mass matters, which int4 noise inflates a little (exp of the noise's variance / 2).
-    def add_ranker(self) -> None:
-        """Quantize an int4 copy of this weight (round to nearest, g32) to rank the vocabulary in unembed."""
-        self.ranker = Int4Linear(self.in_features, self.out_features, self.scales.dtype, self.scales.device)
-        self.ranker.int4_data, scales = quantize_int4(self.dequantize())
-        self.ranker.scales = scales.to(self.scales.dtype)
+    def add_ranker(self, cached: dict[str, torch.Tensor] | None = None) -> None:
+        """Give this head an int4 copy of itself (round to nearest, g32) to rank the vocabulary in unembed: the
+        `cached` one ({"int4_data", "scales"} from int4_ranker, kept with the checkpoint), or quantized now."""
+        ranker = Int4Linear(self.in_features, self.out_features, self.scales.dtype, self.scales.device)
+        tensors = int4_ranker(self.int8_data, self.scales) if cached is None else cached
+        ranker.load_state_dict({"int4_data": tensors["int4_data"], "scales": tensors["scales"].to(self.scales.dtype)})
+        self.ranker = ranker
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         if self.ranker is None:
@@ -241,6 +252,12 @@ class Int8Linear(QuantLinear):
         top = logits.topk(min(RESCORE_TOP, self.out_features), dim=-1).indices  # (..., k)
         exact = (self.dequantize(top).to(x.dtype) @ x[..., :, None]).squeeze(-1)  # (..., k, K) @ (..., K, 1)
         return logits.scatter(-1, top, exact.to(logits.dtype))
+
+
+def int4_ranker(int8_data: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The int4 copy of an int8 head that ranks its vocabulary (Int8Linear.unembed): round to nearest, g32."""
+    data, int4_scales = quantize_int4(dequantize_int8(int8_data, scales))
+    return {"int4_data": data, "scales": int4_scales}
 
 
 # Perplexity of the 270M on 4096 tokens of real text, int8 head 11.70; ranked and rescoring the top

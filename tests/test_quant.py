@@ -226,3 +226,32 @@ def test_int8_head_ranked_by_an_int4_copy(dtype):
     assert torch.equal(got[rest], int4_logits[rest])
     assert torch.equal(got.argmax(-1), int8_logits.argmax(-1))
     assert (int4_logits - int8_logits).abs().max() > 10 * tol["atol"]  # the copy alone would not do
+
+
+def test_a_cached_ranker_is_used_as_it_is():
+    """add_ranker takes the ranker cached with a checkpoint (checkpoint.read_ranker) instead of quantizing again;
+    a ranked head leaves the matmul to its int4 copy, so only the copy is packed for the CPU kernel."""
+    head = quantized(Int8Linear, 4096, 64, torch.bfloat16)
+    fresh = quant.int4_ranker(head.int8_data, head.scales)
+    cached = {"int4_data": fresh["int4_data"].flip(0), "scales": fresh["scales"].flip(0)}
+    head.add_ranker(cached)
+    assert torch.equal(head.ranker.int4_data, cached["int4_data"]) and torch.equal(head.ranker.scales, cached["scales"])
+    head.add_ranker()
+    assert torch.equal(head.ranker.int4_data, fresh["int4_data"]) and torch.equal(head.ranker.scales, fresh["scales"])
+    quant.use_cpu_kernels(head)
+    assert head.cpu_packed is None and head.ranker.cpu_packed is not None
+
+
+def test_a_dense_weight_is_rounded_to_nearest_without_the_grid_search(monkeypatch):
+    """quantize_int4 on a dense weight: one sampled check, then plain rounding (the full QAT search never runs)."""
+    calls = []
+    grid_scales = quant.grid_scales
+    monkeypatch.setattr(quant, "grid_scales", lambda *a, **k: calls.append(k.get("neighbours")) or grid_scales(*a, **k))
+    w = torch.randn(8192, 256)
+    data, scales = quant.quantize_int4(w)
+    assert calls == [(0,), (0,)]  # one sampled check per 4096-row slice
+    expected = (w.abs().unflatten(-1, (-1, GROUP_SIZE)).amax(-1) / 7).to(torch.bfloat16)
+    assert torch.equal(scales, expected)
+    grid = quant.dequantize_int4(data, scales.float()).to(torch.bfloat16).float()  # a QAT-like bf16 tensor
+    calls.clear()
+    assert torch.equal(quant.quantize_int4(grid)[0], data) and None in calls  # judged QAT: the full search ran

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import llama_logits, text_sample
+from safetensors.torch import save_file
 
+from checkpoint import RANKER, read_ranker
 from eval import chunked_logits, perplexity
 from generation import Sampling, generate
 from model import Gemma3
@@ -126,6 +128,12 @@ def test_generate_runs_the_embedded_default_model(tmp_path):
     assert second.returncode == 0 and "converting" not in second.stderr
     assert second.stdout == first.stdout
     assert json.loads(second.stderr.strip().splitlines()[-1])["prompt_tokens"] == 6
+    # the int8 head's int4 ranker was cached at conversion, and loads take it as it is
+    directory = tmp_path / "gemma-3-270m"
+    ranker = read_ranker(directory)
+    assert set(ranker) == {"int4_data", "scales"} and ranker["int4_data"].shape == (262144, 320)
+    save_file({k: v.flip(0).contiguous() for k, v in ranker.items()}, directory / RANKER)
+    assert torch.equal(Gemma3.from_pretrained(directory).embed.ranker.int4_data, ranker["int4_data"].flip(0))
 
 
 def test_eval_script(real_gguf, tmp_path):
