@@ -128,11 +128,18 @@ class QuantLinear(nn.Module):
     cpu_digits_per_weight = 1  # the kernel's K is cpu_digits_per_weight * in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_packed is None or not use_cpu_kernel(x, self.in_features):
-            dtype = matmul_dtype(x)
-            return F.linear(x.to(dtype), self.dequantize().to(dtype)).to(x.dtype)
-        y = self.cpu_matmul(x.reshape(-1, self.in_features))  # (M, N)
-        return y.view(*x.shape[:-1], self.out_features)
+        if self.cpu_packed is not None and use_cpu_kernel(x, self.in_features):
+            y = self.cpu_matmul(x.reshape(-1, self.in_features))  # (M, N)
+            return y.view(*x.shape[:-1], self.out_features)
+        dtype = matmul_dtype(x)
+        # On CPU a few MB of weights at a time: each tile is used while it is still in cache, and no weight-sized
+        # temporary is allocated (a fresh one costs its page faults: more than the arithmetic, measured)
+        rows = max(16, CPU_TILE_WEIGHTS // self.in_features) if x.device.type == "cpu" else self.out_features
+        tiles = [
+            F.linear(x.to(dtype), self.dequantize(slice(i, i + rows)).to(dtype))
+            for i in range(0, self.out_features, rows)
+        ]
+        return torch.cat(tiles, dim=-1).to(x.dtype)
 
     def cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, K) bf16 -> (M, N) through the int4 kernel."""
@@ -265,10 +272,14 @@ def int4_ranker(int8_data: torch.Tensor, scales: torch.Tensor) -> dict[str, torc
 RESCORE_TOP = 1024
 
 
-# PyTorch's CPU int4 kernel is fast for decoding's few rows in bf16 (the 270M's int4 head: 6.5 ms against
-# 22 ms dense) and slow for a prefill's hundreds of rows or in float32 (up to 100x slower than
-# dequantize + matmul, measured on 2 cores): use it only where it wins.
-CPU_KERNEL_MAX_ROWS = 8
+# PyTorch's CPU int4 kernel costs about the same per row at any batch, bandwidth-bound for one row and
+# compute-bound from a few; the dequant-matmul costs a dequantization per call, then a fast bf16 matmul. So
+# the kernel is the faster up to some batch size, the crossover. bench/crossover.py measures it for each shape:
+# with AVX-512 it lies between 96 and 192 rows for the 1B and 4B shapes, and at 128 neither path loses more
+# than a fifth. Without AVX-512 the kernel is compute-bound already at one row, and a few rows are its limit
+# (8, as measured before). Only bf16 (the kernel's dtype) uses it.
+CPU_KERNEL_MAX_ROWS = 128 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+CPU_TILE_WEIGHTS = 2**21  # weights dequantized at a time by the dequant-matmul on CPU (4 MB in bf16)
 
 
 # A CPU computes bf16 matmuls natively only with AVX-512 BF16 or AMX; elsewhere (AVX2) PyTorch's bf16

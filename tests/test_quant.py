@@ -151,10 +151,13 @@ def test_cpu_kernels_against_the_dequant_reference(cls, int8_kernel, monkeypatch
     x = torch.randn(1, 3, 128, dtype=torch.bfloat16)
     expected = torch.nn.functional.linear(x.float(), reference.float())
     torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
-    big = torch.randn(2, 40, 128, dtype=torch.bfloat16)
+    big = torch.randn(2, quant.CPU_KERNEL_MAX_ROWS, 128, dtype=torch.bfloat16)
     assert not quant.use_cpu_kernel(big, 128)
     dtype = quant.matmul_dtype(big)  # float32 on CPUs without native bf16
-    assert torch.equal(layer(big), torch.nn.functional.linear(big.to(dtype), reference.to(dtype)).to(big.dtype))
+    expected = torch.nn.functional.linear(big.to(dtype), reference.to(dtype)).to(big.dtype)
+    assert torch.equal(layer(big), expected)
+    monkeypatch.setattr(quant, "CPU_TILE_WEIGHTS", 16 * 128)  # the dequant-matmul in six tiles of 16 rows
+    assert torch.equal(layer(big), expected)
 
 
 @pytest.mark.parametrize("int8_kernel", [False, True])

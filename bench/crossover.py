@@ -1,0 +1,84 @@
+"""Where PyTorch's CPU int4 kernel stops beating the dequant-matmul, for the linear shapes of the sizes people run.
+
+    python bench/crossover.py                  # 1B and 4B shapes (fused q/k/v and gate/up), bf16, 2 threads
+    python bench/crossover.py --sizes 270m 1b 4b 12b --rows 8 32 64 96 128 256
+
+For each weight (N, K) of a size (qkv_proj, o_proj, gate_up_proj, down_proj) and each batch of M rows, the time
+of QuantLinear's two CPU paths on random int4 weights: the kernel (_weight_int4pack_mm_for_cpu) and the tiled
+dequant-matmul. The crossover is the first measured M at which the dequant-matmul wins; quant.CPU_KERNEL_MAX_ROWS
+is chosen from it. Writes crossover-<name>.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import quant  # noqa: E402
+from model import CONFIGS  # noqa: E402
+
+
+def shapes(size: str) -> dict[str, tuple[int, int]]:
+    c = CONFIGS[size]
+    q, kv = c["num_heads"] * c["head_dim"], c["num_kv_heads"] * c["head_dim"]
+    d, f = c["hidden_size"], c["intermediate_size"]
+    return {"qkv_proj": (q + 2 * kv, d), "o_proj": (d, q), "gate_up_proj": (2 * f, d), "down_proj": (d, f)}
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    """The fastest of a few calls, in ms (after two warm-up calls)."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1000
+
+
+def measure(n: int, k: int, rows: list[int]) -> dict:
+    layer = quant.Int4Linear(k, n)
+    layer.int4_data, layer.scales = quant.quantize_int4(torch.randn(n, k))
+    quant.use_cpu_kernels(layer)
+    kernel, dequant = {}, {}
+    for m in rows:
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        kernel[m] = round(best_of(lambda: layer.cpu_matmul(x)), 3)  # noqa: B023
+        saved, layer.cpu_packed = layer.cpu_packed, None  # the same layer through its dequant-matmul
+        dequant[m] = round(best_of(lambda: layer(x)), 3)  # noqa: B023
+        layer.cpu_packed = saved
+    crossover = next((m for m in rows if dequant[m] < kernel[m]), None)
+    return {"kernel_ms": kernel, "dequant_matmul_ms": dequant, "crossover_rows": crossover}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["1b", "4b"], choices=list(CONFIGS))
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 48, 64, 96, 128, 192, 256, 512])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--name", default="cpu", help="results file stem: crossover-<name>.json (default cpu)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    report = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads, "shapes": {}}
+    print(f"{'shape':>24} {'N x K':>13}  crossover  kernel / dequant-matmul ms at each M")
+    for size in args.sizes:
+        for name, (n, k) in shapes(size).items():
+            r = measure(n, k, args.rows)
+            report["shapes"][f"{size} {name}"] = {"n": n, "k": k, **r}
+            cells = " ".join(f"{m}:{r['kernel_ms'][m]}/{r['dequant_matmul_ms'][m]}" for m in args.rows)
+            print(f"{size + ' ' + name:>24} {f'{n}x{k}':>13}  {str(r['crossover_rows']):>9}  {cells}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"crossover-{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
