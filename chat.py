@@ -19,6 +19,9 @@ With stdin piped, each line is one message (commands too) and each reply is one 
 
 from __future__ import annotations
 
+import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
+
+# isort: split
 import argparse
 import json
 import os

@@ -15,6 +15,9 @@ The output is written to a temporary path and renamed at the end, so a failed or
 no half-written DST.
 """
 
+import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
+
+# isort: split
 import argparse
 import sys
 from pathlib import Path

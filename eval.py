@@ -10,6 +10,9 @@ The result is one JSON object on stdout.
 
 from __future__ import annotations
 
+import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
+
+# isort: split
 import argparse
 import json
 import math

