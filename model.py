@@ -563,7 +563,9 @@ class Gemma3(nn.Module):
         """
         path = checkpoint.resolve(path_or_hub_id)  # once: a hub id is looked up (downloaded) here
         config, tensors, above_4_bits = load_checkpoint(path)
-        model = cls.from_tensors(config, convert_weights(tensors, weights, above_4_bits), dtype, device)
+        # stacked here, so that the unstacked copies are freed before the model is built and packed
+        tensors = fuse_projections(convert_weights(tensors, weights, above_4_bits), config.num_layers)
+        model = cls.from_tensors(config, tensors, dtype, device)
         if weights == "auto" and isinstance(model.embed, quant.Int8Linear):  # an int8 head: rank with int4 first
             model.embed.add_ranker(checkpoint.read_ranker(path))  # cached by the default model's conversion
         return quant.use_cpu_kernels(model)

@@ -158,7 +158,7 @@ class QuantLinear(nn.Module):
     def pack_for_cpu(self) -> None:
         """Repack for the CPU kernel, a slice of rows at a time (its packer takes int32: 4 bytes per weight)."""
         pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-        packed = [pack(self.cpu_digits(slice(i, i + 4096)), 1) for i in range(0, self.out_features, 4096)]
+        packed = [pack(self.cpu_digits(slice(i, i + 1024)), 1) for i in range(0, self.out_features, 1024)]
         scales, zeros = self.cpu_scales_zeros()  # (N, groups) each
         self.cpu_packed = torch.cat(packed)
         self.cpu_scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
@@ -190,7 +190,8 @@ class Int4Linear(QuantLinear):
 
     # our symmetric grid is the kernel's with q shifted by 8 and a zero of 0
     def cpu_digits(self, rows: slice) -> torch.Tensor:
-        return unpack_int4(self.int4_data[rows]).to(torch.int32) + 8
+        u = self.int4_data[rows].view(torch.uint8) ^ 0x88  # q + 8 in each nibble: its sign bit flipped
+        return torch.stack([u & 15, u >> 4], dim=-1).flatten(-2).to(torch.int32)
 
     def cpu_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scales, torch.zeros_like(self.scales)
