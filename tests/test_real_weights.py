@@ -169,7 +169,7 @@ def test_gguf_import_keeps_each_tensors_precision(real_gguf):
         assert f"{ours}.weight" in above_4_bits
     model = Gemma3.from_pretrained(real_gguf, dtype=torch.float32)
     assert all(
-        isinstance(m, Int8Linear) for m in (model.embed, model.layers[0].attn.q_proj, model.layers[0].attn.o_proj)
+        isinstance(m, Int8Linear) for m in (model.embed, model.layers[0].attn.qkv_proj, model.layers[0].attn.o_proj)
     )
     assert model.embed.ranker is not None  # the int8 head is ranked by an int4 copy (Int8Linear.unembed)
 
