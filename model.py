@@ -112,6 +112,11 @@ class Gemma3Config:
         if len(self.global_layers) != self.num_layers:
             raise ValueError(f"global_layers has {len(self.global_layers)} entries for {self.num_layers} layers")
 
+    @property
+    def qkv_sizes(self) -> list[int]:
+        """Rows of q, k and v in the stacked qkv_proj weight."""
+        return [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+
     @classmethod
     def from_name(cls, name: str) -> Gemma3Config:
         if name not in CONFIGS:
@@ -342,7 +347,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.scale = config.query_pre_attn_scalar**-0.5
         # q, k and v read the same input: their weights stacked by rows (see fuse_projections) make one matmul
-        self.qkv_sizes = [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2
+        self.qkv_sizes = config.qkv_sizes
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)  # QK-norm, per head
@@ -646,10 +651,7 @@ def as_kind(tensors: dict[str, torch.Tensor], module: str, kind: str, target: st
 
 def split_projections(tensors: dict[str, torch.Tensor], config: Gemma3Config) -> dict[str, torch.Tensor]:
     """The inverse of fuse_projections: stacked qkv_proj / gate_up_proj tensors back to the checkpoints' names."""
-    sizes = {
-        "attn.qkv_proj": [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2,
-        "mlp.gate_up_proj": [config.intermediate_size] * 2,
-    }
+    sizes = {"attn.qkv_proj": config.qkv_sizes, "mlp.gate_up_proj": [config.intermediate_size] * 2}
     out = {}
     for name, t in tensors.items():
         module, _, kind = name.rpartition(".")

@@ -132,12 +132,12 @@ class QuantLinear(nn.Module):
             y = self.cpu_matmul(x.reshape(-1, self.in_features))  # (M, N)
             return y.view(*x.shape[:-1], self.out_features)
         dtype = matmul_dtype(x)
+        x_mm = x.to(dtype)
         # On CPU a few MB of weights at a time: each tile is used while it is still in cache, and no weight-sized
         # temporary is allocated (a fresh one costs its page faults: more than the arithmetic, measured)
         rows = max(16, CPU_TILE_WEIGHTS // self.in_features) if x.device.type == "cpu" else self.out_features
         tiles = [
-            F.linear(x.to(dtype), self.dequantize(slice(i, i + rows)).to(dtype))
-            for i in range(0, self.out_features, rows)
+            F.linear(x_mm, self.dequantize(slice(i, i + rows)).to(dtype)) for i in range(0, self.out_features, rows)
         ]
         return torch.cat(tiles, dim=-1).to(x.dtype)
 
@@ -250,7 +250,9 @@ class Int8Linear(QuantLinear):
         `cached` one ({"int4_data", "scales"} from int4_ranker, kept with the checkpoint), or quantized now."""
         ranker = Int4Linear(self.in_features, self.out_features, self.scales.dtype, self.scales.device)
         tensors = int4_ranker(self.int8_data, self.scales) if cached is None else cached
-        ranker.load_state_dict({"int4_data": tensors["int4_data"], "scales": tensors["scales"].to(self.scales.dtype)})
+        ranker.load_state_dict(
+            {"int4_data": tensors["int4_data"], "scales": tensors["scales"].to(self.scales.dtype)}, assign=True
+        )
         self.ranker = ranker
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,14 +26,15 @@ import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
 import torch  # noqa: E402
 
 import quant  # noqa: E402
-from model import CONFIGS  # noqa: E402
+from model import CONFIGS, Gemma3, Gemma3Config  # noqa: E402
 
 
 def shapes(size: str) -> dict[str, tuple[int, int]]:
-    c = CONFIGS[size]
-    q, kv = c["num_heads"] * c["head_dim"], c["num_kv_heads"] * c["head_dim"]
-    d, f = c["hidden_size"], c["intermediate_size"]
-    return {"qkv_proj": (q + 2 * kv, d), "o_proj": (d, q), "gate_up_proj": (2 * f, d), "down_proj": (d, f)}
+    """The (N, K) of each linear weight in one of the size's blocks, as the model holds them (stacked)."""
+    with torch.device("meta"):
+        block = Gemma3(Gemma3Config.from_name(size)).layers[0]
+    return {name.rpartition(".")[2]: tuple(m.weight.shape) for name, m in block.named_modules()
+            if isinstance(m, torch.nn.Linear)}  # fmt: skip
 
 
 def best_of(fn, repeats: int = 5) -> float:
