@@ -291,11 +291,17 @@ def default_model() -> Path:
 RANKER = "ranker.safetensors"  # the cached int4 ranker of a checkpoint's int8 head (quant.Int8Linear.unembed)
 
 
-def read_ranker(path: Path) -> dict[str, torch.Tensor] | None:
-    """The int4 ranker cached beside a checkpoint directory's weights (see default_model), or None."""
+def read_ranker(path: Path, rows: int, cols: int) -> dict[str, torch.Tensor] | None:
+    """The int4 ranker of a (rows, cols) head cached beside a checkpoint directory's weights (see default_model),
+    or None if there is none."""
     if not (path.is_dir() and (path / RANKER).is_file()):
         return None
-    return read_safetensors([path / RANKER])
+    ranker = read_safetensors([path / RANKER])
+    expected = {"int4_data": (rows, cols // 2), "scales": (rows, cols // quant.GROUP_SIZE)}
+    if {k: tuple(v.shape) for k, v in ranker.items()} != expected:
+        got = ", ".join(f"{k} {tuple(v.shape)}" for k, v in ranker.items())
+        raise ValueError(f"{path / RANKER} holds {got}, not the head's ranker {expected}: delete it to recompute")
+    return ranker
 
 
 def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:

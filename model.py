@@ -572,7 +572,8 @@ class Gemma3(nn.Module):
         tensors = fuse_projections(convert_weights(tensors, weights, above_4_bits), config.num_layers)
         model = cls.from_tensors(config, tensors, dtype, device)
         if weights == "auto" and isinstance(model.embed, quant.Int8Linear):  # an int8 head: rank with int4 first
-            model.embed.add_ranker(checkpoint.read_ranker(path))  # cached by the default model's conversion
+            head = model.embed  # its ranker is cached by the default model's conversion
+            head.add_ranker(checkpoint.read_ranker(path, head.out_features, head.in_features))
         return quant.use_cpu_kernels(model)
 
 

@@ -197,3 +197,18 @@ def test_scripts_turn_on_huge_pages_before_torch_loads(script):
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     probe = "import os, hugepages; assert os.environ['THP_MEM_ALLOC_ENABLE'] == '1'"
     assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env).returncode == 0
+
+
+def test_a_cached_ranker_that_does_not_fit_the_head_is_a_clear_error(tmp_path):
+    from checkpoint import RANKER, read_ranker
+
+    assert read_ranker(tmp_path, 64, 96) is None  # none cached: the head's ranker is quantized on load
+    fits = {"int4_data": torch.zeros(64, 48, dtype=torch.int8), "scales": torch.ones(64, 3, dtype=torch.bfloat16)}
+    save_file(fits, tmp_path / RANKER)
+    assert read_ranker(tmp_path, 64, 96).keys() == fits.keys()
+    save_file({**fits, "scales": torch.ones(64, 2)}, tmp_path / RANKER)
+    with pytest.raises(ValueError, match=r"ranker.safetensors holds .*scales \(64, 2\).*delete it to recompute"):
+        read_ranker(tmp_path, 64, 96)
+    (tmp_path / RANKER).write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        read_ranker(tmp_path, 64, 96)

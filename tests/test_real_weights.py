@@ -130,7 +130,7 @@ def test_generate_runs_the_embedded_default_model(tmp_path):
     assert json.loads(second.stderr.strip().splitlines()[-1])["prompt_tokens"] == 6
     # the int8 head's int4 ranker was cached at conversion, and loads take it as it is
     directory = tmp_path / "gemma-3-270m"
-    ranker = read_ranker(directory)
+    ranker = read_ranker(directory, 262144, 640)
     assert set(ranker) == {"int4_data", "scales"} and ranker["int4_data"].shape == (262144, 320)
     save_file({k: v.flip(0).contiguous() for k, v in ranker.items()}, directory / RANKER)
     assert torch.equal(Gemma3.from_pretrained(directory).embed.ranker.int4_data, ranker["int4_data"].flip(0))
