@@ -323,22 +323,32 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv, T, hd) of positions pos (T,); return the keys and values to attend over: the
-        whole cache (global, and a local one for a single token: the slot it takes holds the key a whole window
-        back, which it no longer sees), or the ring as it was followed by the T new entries (local; a chunk
-        longer than one token would otherwise overwrite keys its own first queries still need)."""
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) of positions pos (T,); return the n keys and values to attend over (the
+        mask's length, see filled_slots): the cache's first n slots (global, and a local one for a single
+        token: the slot it takes holds the key a whole window back, which it no longer sees), or the ring's
+        first n - T slots as they were followed by the T new entries (local; a chunk longer than one token would
+        otherwise overwrite keys its own first queries still need)."""
         if not self.ring or k.shape[2] == 1:
             slots = pos % self.k.shape[2] if self.ring else pos
             self.k.index_copy_(2, slots, k)
             self.v.index_copy_(2, slots, v)
-            return self.k, self.v
-        k_all, v_all = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)  # (B, n_kv, length + T, hd)
+            return self.k[:, :, :n], self.v[:, :, :n]
+        old = n - k.shape[2]
+        k_all = torch.cat([self.k[:, :, :old], k], dim=2)  # (B, n_kv, n, hd)
+        v_all = torch.cat([self.v[:, :, :old], v], dim=2)
         keep = min(k.shape[2], self.k.shape[2])  # only the newest `length` entries survive in the ring
         slots = pos[-keep:] % self.k.shape[2]
         self.k.index_copy_(2, slots, k[:, :, -keep:])
         self.v.index_copy_(2, slots, v[:, :, -keep:])
         return k_all, v_all
+
+
+def filled_slots(upto: torch.Tensor, length: int) -> int:
+    """How many of a cache's `length` slots attention reads. Slots fill in position order from 0 until a ring
+    wraps, so eager reads only those holding positions < upto (a chat's 8k cache costs what its words do);
+    compiled, all of them (one fixed shape, compiled once). Masks hide stale and empty slots either way."""
+    return length if torch.compiler.is_compiling() else min(int(upto), length)
 
 
 class Attention(nn.Module):
@@ -364,9 +374,11 @@ class Attention(nn.Module):
         dtype = attention_dtype(x.dtype, x.device)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if pos is not None:
-            k, v = self.kv_cache.update(pos, k, v)  # (B, n_kv, S, hd): S = cache length, or ring + T
+            k, v = self.kv_cache.update(pos, k, v, mask.shape[-1])  # (B, n_kv, S, hd): the keys the mask covers
+        if T == 1 and self.num_kv_heads > 1:  # decode: each kv head's query heads as its queries (B, n_kv, g, hd),
+            q = q.view(B, self.num_kv_heads, -1, self.head_dim)  # so no copy of the cache repeated per query head
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True).type_as(x)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.reshape(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -491,25 +503,25 @@ class Gemma3(nn.Module):
         else:
             if self.cache_len == 0:
                 raise RuntimeError("call setup_cache(batch_size, max_seq_len) before decoding with positions")
-            q_pos = pos
-            kv_global = torch.arange(self.cache_len, device=x.device)  # global caches: slot = position
+            q_pos, ring_len = pos, self.ring_pos.shape[0]
+            kv_global = torch.arange(filled_slots(pos[-1] + 1, self.cache_len), device=x.device)  # slot = position
             # local caches: the ring as it was, then this chunk (see KVCache.update). Ring entries at or past
             # pos[0] are stale, left by an earlier sequence in a reused cache: move them out of the window.
             # (So a chunk either continues where the last one ended or starts a new sequence at 0: a ring
             # cannot rewind, it has already overwritten what the rewound queries would need.)
             ring = self.ring_pos.masked_fill(self.ring_pos >= pos[0], -c.sliding_window)
             if x.shape[1] == 1:  # one token: it is written into its ring slot before attending (KVCache.update)
-                kv_local = ring.index_copy(0, pos % ring.shape[0], pos)
+                kv_local = ring.index_copy(0, pos % ring_len, pos)[: filled_slots(pos[0] + 1, ring_len)]
             else:
-                kv_local = torch.cat([ring, pos])
+                kv_local = torch.cat([ring[: filled_slots(pos[0], ring_len)], pos])
         same_image_global = same_image_local = None
         if image_groups is not None:  # the keys' images: only this call's own tokens can share one with a query
             if pos is None:
                 kv_groups_global = kv_groups_local = image_groups
             else:
-                kv_groups_global = torch.full((x.shape[0], self.cache_len), -1, device=x.device)
+                kv_groups_global = torch.full((x.shape[0], kv_global.shape[0]), -1, device=x.device)
                 kv_groups_global = kv_groups_global.index_copy(1, pos, image_groups)
-                kv_groups_local = F.pad(image_groups, (self.ring_pos.shape[0], 0), value=-1)  # (ring, then chunk)
+                kv_groups_local = F.pad(image_groups, (kv_local.shape[0] - x.shape[1], 0), value=-1)  # ring, chunk
             same_image_global = same_image_mask(image_groups, kv_groups_global)
             same_image_local = same_image_mask(image_groups, kv_groups_local)
         global_mask = attention_mask(q_pos, kv_global, same_image=same_image_global)

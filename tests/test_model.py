@@ -76,6 +76,32 @@ def test_cached_decoding_matches_full_forward(tmp_path, prompt_len, chunk):
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
 
 
+def test_eager_decoding_reads_only_the_filled_cache(tmp_path, monkeypatch):
+    """A 64-slot cache holding 6 positions: eager attention reads 6 keys (global) and at most the window's 8
+    (local ring), not all 64, and the logits are unchanged (test_cached_decoding_matches_full_forward)."""
+    import model as model_module
+
+    ours = ours_from(hf_text_model(), tmp_path)
+    read, sdpa = [], model_module.F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, *args, **kwargs):
+        read.append(k.shape[2])
+        return sdpa(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording_sdpa)
+    ours.setup_cache(batch_size=1, max_seq_len=64)
+    with torch.no_grad():
+        ours(torch.tensor([[1, 2, 3, 4, 5]]), torch.arange(5))
+        read.clear()
+        ours(torch.tensor([[6]]), torch.tensor([5]))
+    assert sorted(set(read)) == [6]  # 6 < the window: the ring has not wrapped, every layer reads 6
+    with torch.no_grad():
+        for t in range(6, 20):
+            read.clear()
+            ours(torch.tensor([[7]]), torch.tensor([t]))
+    assert sorted(set(read)) == [8, 20]  # a wrapped ring reads its 8 slots; the global cache 20 of 64
+
+
 def test_a_reused_cache_forgets_the_previous_sequence(tmp_path):
     """generate() reuses a big enough cache (no new shapes to compile): a new sequence from position 0 must not
     see what the last one left in the ring buffers, even where a stale slot holds the query's own position."""
