@@ -8,7 +8,7 @@ Type a message and press Enter. Commands:
   /image PATH    attach an image to your next message (repeatable; 4B, 12B, 27B)
   /system TEXT   set the system prompt and start a new conversation (/system alone shows it)
   /reset         start a new conversation
-  /save FILE     save the conversation as JSON
+  /save FILE     save the conversation as JSON (a new file; /save! FILE may replace one)
   /help          show this help
   /exit          leave (or Ctrl-D)
 Ctrl-C stops a reply and keeps what it said so far. The KV cache is kept across turns, so each
@@ -24,16 +24,16 @@ import hugepages  # noqa: F401  (first: it configures torch's allocator, see hug
 # isort: split
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+import files
 import vision
 from checkpoint import cache_dir
-from generate import add_model_arguments, add_sampling_arguments, load, sampling_from
+from generate import add_model_arguments, add_sampling_arguments, load, positive_int, sampling_from
 from generation import Sampling, compile_decode_step, decode_one_token, generate
 from model import Gemma3
 from tokenizer import BOS_ID, END_OF_TURN_ID, IMAGE_TOKEN_ID, STOP_IDS, StreamDecoder, Tokenizer
@@ -130,12 +130,10 @@ class Conversation:
         """Whether the last reply ran into the end of the context."""
         return len(self.ids) >= self.context
 
-    def save(self, path: str | Path) -> None:
-        """The transcript as JSON, written to a temporary file and renamed."""
-        path = Path(path).expanduser()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"system": self.system, "messages": self.messages}, indent=2, ensure_ascii=False))
-        tmp.rename(path)
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """The transcript as JSON, written atomically; an existing file is replaced only with overwrite."""
+        with files.atomic_output(Path(path).expanduser(), overwrite) as tmp:
+            tmp.write_text(json.dumps({"system": self.system, "messages": self.messages}, indent=2, ensure_ascii=False))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -144,16 +142,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--system", default=None, help="system prompt (Gemma prepends it to the first message)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the first message (repeatable), like /image")  # fmt: skip
-    p.add_argument("--context", type=int, default=8192,
+    p.add_argument("--context", type=positive_int, default=8192,
                    help="tokens the conversation may hold (KV cache; default 8192, at most the model's)")  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=None, help="longest reply (default: up to the context)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="longest reply (default: up to the context)")  # fmt: skip
     add_sampling_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    files.handle_signals()  # SIGTERM, SIGHUP: leave like Ctrl-D, cleaning up (a first run's conversion too)
+    try:
+        return run(args)
+    except files.Terminated as e:
+        print(f"({e})", file=sys.stderr)
+        return e.exit_code
+
+
+def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
+    sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 is refused (Tokenizer), not fatal
     try:
         model, tokenizer = load(args)
         device = torch.device(args.device)
@@ -224,12 +233,12 @@ def command(chat: Conversation, line: str) -> str | None:
             print(f"error: {e}", file=sys.stderr)
             return None
         print(f"(image {arg} attached to your next message)", file=sys.stderr)
-    elif name == "/save":
+    elif name in ("/save", "/save!"):
         if not arg:
-            print("usage: /save FILE", file=sys.stderr)
+            print("usage: /save FILE (or /save! FILE to replace an existing file)", file=sys.stderr)
             return None
         try:
-            chat.save(arg)
+            chat.save(arg, overwrite=name == "/save!")
             print(f"(saved to {arg})", file=sys.stderr)
         except OSError as e:
             print(f"error: {e}", file=sys.stderr)

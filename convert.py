@@ -11,8 +11,9 @@
 The source format is detected: our int4 directory (gaunernst's layout), a dense HF directory, an AWQ or
 compressed-tensors directory, a .gguf file, a Google Flax/Orbax checkpoint directory, or a hub id. QAT weights
 (Google's Flax int4 checkpoints) come out lossless: each group's int4 grid is recovered exactly.
-The output is written to a temporary path and renamed at the end, so a failed or interrupted conversion leaves
-no half-written DST.
+DST's directory must exist, and DST must not: the output is written under a temporary name and published at
+the end without replacing anything (files.atomic_output), so a failed or interrupted conversion (Ctrl-C,
+SIGTERM, a full disk) leaves neither a half-written DST nor its temporary.
 """
 
 import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 import checkpoint
+import files
 import gguf_format
 import ptq
 from model import convert_weights, load_checkpoint
@@ -50,26 +52,30 @@ def convert(
         raise ValueError(f"unknown target format {to!r}: choose one of {', '.join(TARGETS)}")
     if quantizer not in ("rtn", "gptq") or (quantizer == "gptq" and to == "dense"):
         raise ValueError(f"quantizer {quantizer!r}: rtn or gptq, and gptq only for a quantized target")
-    if dst.exists():
-        raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
+    files.check_destination(dst)  # now, and again when the output is published (files.atomic_output)
     src = checkpoint.resolve(src)  # once: a hub id is looked up (downloaded) here, not for each file read below
     config, tensors, above_4_bits = load_checkpoint(src)
     if tokenizer is not None:  # the source's tokenizer files would contradict it: carry none over
-        tokenizer, companions = tokenizer.read_bytes(), []
+        proto, companions = tokenizer.read_bytes(), []
     else:
-        tokenizer, companions = checkpoint.tokenizer_proto(src), checkpoint.companion_files(src)
+        proto, companions = checkpoint.tokenizer_proto(src), checkpoint.companion_files(src)
+    sentencepiece = Tokenizer(proto, str(tokenizer or "the source's tokenizer"))  # not one: fails before writing
+    if sentencepiece.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {sentencepiece.vocab_size} tokens, more than the model's {config.vocab_size}"
+        )
     if quantizer == "gptq":  # every linear int4, from the dense (dequantized) weights
         text = calibration.read_text() if calibration else None
-        ids = ptq.calibration_ids(Tokenizer(tokenizer), text)
+        ids = ptq.calibration_ids(sentencepiece, text)
         tensors = ptq.gptq(config, convert_weights(tensors, "dense", above_4_bits), ids)
     else:
         if to in ("awq", "compressed-tensors"):
             weights = "int4"  # both formats are 4-bit only
         tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits)
     if to == "gguf":
-        gguf_format.save(config, tensors, tokenizer, dst)
+        gguf_format.save(config, tensors, proto, dst)
     else:
-        checkpoint.save(config.to_hf(), tensors, tokenizer, dst, layout=to, companions=companions)
+        checkpoint.save(config.to_hf(), tensors, proto, dst, layout=to, companions=companions)
 
 
 def main(argv=None) -> int:
@@ -92,11 +98,15 @@ def main(argv=None) -> int:
                    help="tokenizer.model to write (default: the source's own, or for an Orbax checkpoint the one "
                         "beside it)")  # fmt: skip
     args = p.parse_args(argv)
+    files.handle_signals()  # SIGTERM and SIGHUP, like Ctrl-C: the temporary output is removed
     try:
         convert(args.src, args.dst, args.to, args.weights, args.tokenizer, args.quantizer, args.calibration)
     except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, files.Terminated) as e:
+        print(f"interrupted ({e or 'SIGINT'}): {args.dst} not written", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     print(f"wrote {args.dst}", file=sys.stderr)
     return 0
 

@@ -58,7 +58,8 @@ def perplexity(logits_fn, ids: list[int], context: int, stride: int, progress: b
     for begin, end, scored_from in tqdm(spans, desc="perplexity", unit="window", disable=not progress or None):
         s, n = window_nll(logits_fn, ids, begin, end, scored_from)
         nll, count = nll + s, count + n
-    return {"perplexity": math.exp(nll / count), "tokens_scored": count, "windows": len(spans)}
+    mean = nll / count  # nan if the logits were; past 709, exp overflows a float
+    return {"perplexity": math.exp(mean) if mean < 709 else math.inf, "tokens_scored": count, "windows": len(spans)}
 
 
 def chunked_logits(model, chunk: int = 256):
@@ -72,37 +73,58 @@ def chunked_logits(model, chunk: int = 256):
     return fn
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; an error names the file and the first byte that is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+
+
 def main(argv=None) -> int:
+    import files
     from checkpoint import DEFAULT_MODEL
+    from generate import device_arg, positive_int
     from model import Gemma3
     from tokenizer import Tokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"as in generate.py (default {DEFAULT_MODEL})")
     p.add_argument("--text", required=True, type=Path, help="a UTF-8 text file")
-    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
-    p.add_argument("--context", type=int, default=1024, help="tokens per window, <bos> included (default 1024)")
-    p.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="use only the first N tokens of the text")
+    p.add_argument("--context", type=positive_int, default=1024,
+                   help="tokens per window, <bos> included (default 1024; at most the model's context)")  # fmt: skip
+    p.add_argument("--stride", type=positive_int, default=512, help="tokens between window starts (default 512)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
     p.add_argument(
         "--weights", choices=["auto", "int4", "dense"], default="auto", help="as in generate.py (default auto)"
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default cuda if there is a GPU)")  # fmt: skip
     args = p.parse_args(argv)
+    files.handle_signals()  # SIGTERM, SIGHUP: like Ctrl-C, so that a first run's conversion cleans up
     try:
-        text = args.text.read_text(encoding="utf-8")
+        windows(args.context, args.context, args.stride)  # a bad --stride fails before the slow load
+        text = read_text(args.text)
         model = Gemma3.from_pretrained(args.model, getattr(torch, args.dtype), args.device, args.weights)
+        if args.context > model.config.max_seq_len:
+            raise ValueError(f"--context {args.context} exceeds the model's context of {model.config.max_seq_len}")
         ids = Tokenizer.from_pretrained(args.model).encode(text)[: args.max_tokens]
         if len(ids) < 2:
             raise ValueError(f"{args.text}: too little text to score ({len(ids)} tokens)")
         t0 = time.perf_counter()
         result = perplexity(chunked_logits(model), ids, args.context, args.stride)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        if not math.isfinite(result["perplexity"]):
+            raise ValueError(f"the perplexity is {result['perplexity']}: the model's logits are not finite")
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, files.Terminated) as e:
+        print(f"[interrupted{f' by {e}' if str(e) else ''}]", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     result.update(model=str(args.model), text=str(args.text), weights=args.weights, dtype=args.dtype,
                   context=args.context, stride=args.stride, seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
-    print(json.dumps(result))
+    print(json.dumps(result, allow_nan=False))
     return 0
 
 

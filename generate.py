@@ -19,11 +19,12 @@ import time
 
 import torch
 
+import files
 import vision
 from checkpoint import DEFAULT_MODEL
 from generation import Sampling, compile_decode_step, decode_one_token, generate
 from model import Gemma3
-from tokenizer import STOP_IDS, StreamDecoder, Tokenizer, is_instruction_tuned, place_images
+from tokenizer import STOP_IDS, StreamDecoder, Tokenizer, check_text, is_instruction_tuned, place_images
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -32,6 +33,37 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed torch.Generator takes, 0 .. 2**64 - 1."""
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. 2**64 - 1, got {value}")
+    return value
+
+
+def device_arg(text: str) -> torch.device:
+    """argparse type: cpu or cuda[:N], checked before the model loads."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {text!r}: we run on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda: this machine has no CUDA GPU, or this PyTorch build no CUDA")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +76,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=["auto", "int4", "dense"], default="auto",
                    help="auto: int4, or int8 where a GGUF stores more than 4 bits; int4: all int4; "
                         "dense: float weights (default auto)")  # fmt: skip
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default cuda if there is a GPU)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: ~2x faster decoding after ~1 min of compiling")  # fmt: skip
 
@@ -56,7 +89,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off (default 0.95)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--seed", type=seed_int, default=None, help="random seed, for reproducible sampling")
 
 
 def sampling_from(args: argparse.Namespace) -> Sampling:
@@ -66,7 +99,13 @@ def sampling_from(args: argparse.Namespace) -> Sampling:
 def load(args: argparse.Namespace) -> tuple[Gemma3, Tokenizer]:
     """The model and tokenizer that the model arguments name."""
     model = Gemma3.from_pretrained(args.model, getattr(torch, args.dtype), torch.device(args.device), args.weights)
-    return model, Tokenizer.from_pretrained(args.model)
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"{args.model}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
+            f"{model.config.vocab_size}"
+        )
+    return model, tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the prompt (repeatable; models with vision: 4B, 12B, 27B)")  # fmt: skip
     add_model_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default 256)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256,
+                   help="stop after this many new tokens (default 256)")  # fmt: skip
     add_sampling_arguments(p)
     p.add_argument("--raw", action="store_true", help="feed the prompt as is (after <bos>), no chat template")
     p.add_argument("--chat", action="store_true", help="apply the chat template even if the name lacks '-it'")
@@ -84,17 +124,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)
+    files.handle_signals()  # SIGTERM, SIGHUP: like Ctrl-C, so that a first run's conversion cleans up
     try:
-        return run(parse_args(argv))
-    except KeyboardInterrupt:  # Ctrl-C: stop cleanly, whatever was running
-        print("\n[interrupted]", file=sys.stderr)
-        return 130
+        return run(args)
+    except (KeyboardInterrupt, files.Terminated) as e:  # Ctrl-C: stop cleanly, whatever was running
+        print(f"\n[interrupted{f' by {e}' if str(e) else ''}]", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     try:
         sampling = sampling_from(args)
+        check_text(args.prompt)  # before the slow load
         images = [vision.load_image(path) for path in args.image]  # bad images fail before the slow load
         t0 = time.perf_counter()
         model, tokenizer = load(args)

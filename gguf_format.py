@@ -11,8 +11,8 @@ kept at 8 bits by weights="auto" (int8, one scale per row: +0.3% perplexity on t
 from __future__ import annotations
 
 import functools
-import os
 import struct
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import files
 import quant
 
 if TYPE_CHECKING:
@@ -80,6 +81,9 @@ def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
     head_dim = get("attention.key_length", hidden // heads)
     scaling = field(reader, f"{ARCH}.rope.scaling.type", "none")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if tokens is None and embedding is None:
+        raise ValueError(f"{path}: the GGUF has neither a tokenizer nor a token_embd.weight tensor")
     return {
         "model_type": "gemma3_text",
         "hidden_size": hidden,
@@ -95,7 +99,7 @@ def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
         "rope_local_base_freq": get("rope.freq_base_swa", 10_000.0),
         "rope_scaling": {"rope_type": "linear", "factor": get("rope.scaling.factor")} if scaling == "linear" else None,
         "query_pre_attn_scalar": query_pre_attn_scalar(reader, hidden, heads, head_dim, get("block_count")),
-        "vocab_size": len(tokens.data) if tokens is not None else get("vocab_size"),
+        "vocab_size": len(tokens.data) if tokens is not None else int(embedding.shape[1]),  # GGUF: fastest dim first
     }
 
 
@@ -109,10 +113,13 @@ def query_pre_attn_scalar(reader: gguf.GGUFReader, hidden: int, heads: int, head
 
 
 def our_name(name: str) -> str:
+    """blk.{i}.{tensor}.{weight} or {tensor}.{weight}, GGUF's names -> ours; others are an error."""
     parts = name.split(".")
-    if parts[0] == "blk":
-        return f"layers.{parts[1]}.{NAMES.get(parts[2], parts[2])}.{parts[3]}"
-    return f"{NAMES.get(parts[0], parts[0])}.{parts[1]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in NAMES:
+        return f"layers.{parts[1]}.{NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in NAMES:
+        return f"{NAMES[parts[0]]}.{parts[1]}"
+    raise ValueError(f"GGUF tensor {name!r} is not one of Gemma 3's")
 
 
 def q4_0_ints(raw: np.ndarray, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +138,11 @@ def load_text_model(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]
     at 8 bits."""
     reader = open_gguf(path)
     config, tensors, above_4_bits = hf_config(reader, path), {}, set()
+    for t in reader.tensors:  # unknown names first, before the slow reading
+        try:
+            our_name(t.name)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     for t in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", disable=None, leave=False):
         name, shape = our_name(t.name), tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest first
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)).view(shape)
@@ -150,6 +162,8 @@ def load_text_model(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]
 def tokenizer_proto(path: Path) -> bytes:
     """Rebuild Gemma's SentencePiece model (a serialized ModelProto) from the GGUF tokenizer metadata."""
     reader = open_gguf(path)
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        raise ValueError(f"{path}: the GGUF holds no tokenizer (convert.py takes --tokenizer)")
     if field(reader, "tokenizer.ggml.model") != "llama":
         raise ValueError(f"{path}: tokenizer model {field(reader, 'tokenizer.ggml.model')!r} is not SentencePiece")
     tokens = reader.fields["tokenizer.ggml.tokens"]
@@ -272,12 +286,15 @@ def q8_0_blocks(int8_data: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
 def save(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer: bytes, path: Path) -> None:
     """Write a Gemma 3 GGUF that llama.cpp runs: int4 -> Q4_0 (exact when the bf16 scales fit fp16 exactly, as
     QAT scales do), int8 -> Q8_0 (row scales rounded to fp16), norms F32 as 1 + w, and the full tokenizer.
-    Written to a temporary file, renamed at the end."""
+    Written atomically (files.atomic_output)."""
     if config.global_layers != [(i + 1) % 6 == 0 for i in range(config.num_layers)]:
         raise ValueError("llama.cpp's gemma3 expects every 6th layer to be global; this model's pattern differs")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    w = gguf.GGUFWriter(tmp, ARCH)
+    with files.atomic_output(path) as tmp:
+        write_gguf(config, tensors, tokenizer, tmp)
+
+
+def write_gguf(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer: bytes, path: Path) -> None:
+    w = gguf.GGUFWriter(path, ARCH)
     w.add_name("Gemma 3")
     w.add_context_length(config.max_seq_len)
     w.add_embedding_length(config.hidden_size)
@@ -334,8 +351,6 @@ def save(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer: byte
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=True)
-        w.close()
-        tmp.rename(path)
+        w.write_tensors_to_file(progress=sys.stderr.isatty())  # a bar for people, none in logs
     finally:
-        tmp.unlink(missing_ok=True)
+        w.close()

@@ -25,6 +25,17 @@ from tokenizer import END_OF_IMAGE_ID, IMAGE_TOKEN_ID, START_OF_IMAGE_ID
 TEXT_VOCAB_SIZE = 262144  # real tokens; multimodal checkpoints pad the embedding to 262208 rows
 
 
+def check_fields(config, whole: tuple[str, ...], positive: tuple[str, ...]) -> None:
+    """Both configs' one validation: sizes are whole numbers >= 1, scales and epsilons finite numbers > 0 (a
+    string, a float size or a NaN read from a config.json would otherwise fail far from it, or silently)."""
+    for name in whole:
+        if type(value := getattr(config, name)) is not int or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    for name in positive:
+        if type(value := getattr(config, name)) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """SigLIP-So400m at 896x896, the same for every Gemma 3 vision model."""
@@ -40,6 +51,9 @@ class VisionConfig:
     image_token_id: int = IMAGE_TOKEN_ID
 
     def __post_init__(self):
+        whole = ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "tokens_per_image", "image_token_id")  # fmt: skip
+        check_fields(self, whole, ("layer_norm_eps",))
         side, pooled = self.image_size // self.patch_size, math.isqrt(self.tokens_per_image)
         if self.image_size % self.patch_size or pooled**2 != self.tokens_per_image or side % pooled:
             raise ValueError(
@@ -56,6 +70,8 @@ class VisionConfig:
         """From a multimodal transformers config.json (model_type "gemma3"): its vision_config and the
         image token fields; what it omits takes transformers' defaults."""
         v = hf.get("vision_config") or {}
+        if not isinstance(v, dict):
+            raise ValueError(f"vision_config must be a JSON object, not {type(v).__name__}")
         if v.get("model_type", "siglip_vision_model") != "siglip_vision_model":
             raise ValueError(f"config.json: vision model {v.get('model_type')!r} is not SigLIP")
         d = cls()
@@ -107,10 +123,22 @@ class Gemma3Config:
     vision_config: VisionConfig | None = None  # the SigLIP tower of the 4B/12B/27B models (vision.py)
 
     def __post_init__(self):
+        whole = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                 "sliding_window", "vocab_size", "max_seq_len")  # fmt: skip
+        positive = (
+            "query_pre_attn_scalar",
+            "rope_theta_local",
+            "rope_theta_global",
+            "rope_scale_global",
+            "rms_norm_eps",
+        )
+        check_fields(self, whole, positive)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self.num_heads} attention heads do not share {self.num_kv_heads} kv heads evenly")
         if not self.global_layers:
             self.global_layers = [(i + 1) % 6 == 0 for i in range(self.num_layers)]
-        if len(self.global_layers) != self.num_layers:
-            raise ValueError(f"global_layers has {len(self.global_layers)} entries for {self.num_layers} layers")
+        if len(self.global_layers) != self.num_layers or not all(type(g) is bool for g in self.global_layers):
+            raise ValueError(f"global_layers must be {self.num_layers} booleans, one per layer")
 
     @property
     def qkv_sizes(self) -> list[int]:
@@ -129,7 +157,10 @@ class Gemma3Config:
         model_type, vision_config = hf.get("model_type"), None
         if model_type == "gemma3":
             vision_config = VisionConfig.from_hf(hf)
-            hf = dict(hf.get("text_config") or {})
+            hf = hf.get("text_config") or {}
+            if not isinstance(hf, dict):
+                raise ValueError(f"text_config must be a JSON object, not {type(hf).__name__}")
+            hf = dict(hf)
             hf.setdefault("vocab_size", 262208)  # transformers' default for the multimodal models
         elif model_type != "gemma3_text":
             raise ValueError(f"config.json: model_type {model_type!r} is not Gemma 3 ('gemma3' or 'gemma3_text')")
@@ -592,10 +623,13 @@ class Gemma3(nn.Module):
 def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Gemma3Config, dict[str, torch.Tensor], set[str]]:
     """Config, tensors as stored (our names) and the GGUF weights stored above 4 bits, of any checkpoint."""
     hf_config, tensors, above_4_bits = checkpoint.load_weights(path_or_hub_id)
-    if hf_config is not None:
+    if hf_config is None:  # no config.json: recognise a published size by its shapes
+        return Gemma3Config.from_shapes({k: tuple(t.shape) for k, t in tensors.items()}), tensors, above_4_bits
+    try:
         config = Gemma3Config.from_hf(hf_config)
-    else:  # no config.json: recognise a published size by its shapes
-        config = Gemma3Config.from_shapes({k: tuple(t.shape) for k, t in tensors.items()})
+    except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
+        where = "GGUF metadata" if str(path_or_hub_id).endswith(".gguf") else "config.json"
+        raise ValueError(f"{path_or_hub_id}: {where}: {str(e).removeprefix('config.json: ')}") from None
     return config, tensors, above_4_bits
 
 
@@ -608,17 +642,25 @@ def convert_weights(tensors: dict[str, torch.Tensor], weights: str, above_4_bits
 
 
 def check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Every tensor the model needs is present with its shape, and nothing else: errors name the tensor."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Every tensor the model needs is present with its shape and a dtype fit for its role (int8 for quantized
+    data, floating point for the rest), float tensors hold no NaN or infinity, and nothing else is there: errors
+    name the tensor."""
+    expected = model.state_dict()
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
     if unexpected:
         raise ValueError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:8])}")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    for name, want in expected.items():
+        t = tensors[name]
+        if t.shape != want.shape:
+            raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(want.shape)}")
+        if t.dtype != want.dtype and not (t.is_floating_point() and want.is_floating_point()):
+            role = "floating point" if want.is_floating_point() else str(want.dtype).removeprefix("torch.")
+            raise ValueError(f"tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}, expected {role}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor {name} holds NaN or infinite values")
 
 
 # Checkpoints store q, k, v (and gate, up) as separate weights; the model holds each group stacked by rows, so

@@ -43,17 +43,26 @@ class Tokenizer:
         """Text -> ids. With num_images, the text marks where each image goes with "<start_of_image>" (see
         place_images); each becomes "\\n\\n<start_of_image>" + tokens_per_image soft tokens + "<end_of_image>\\n\\n",
         as transformers' Gemma3Processor expands it (the model puts the image's features at the soft tokens)."""
+        check_text(text)
         ids = [BOS_ID] * bos
         if not num_images:
-            return ids + self.sp.encode(text)
+            return ids + self.plain(text)
         pieces = text.split(IMAGE_MARK)
         if len(pieces) - 1 != num_images:
             raise ValueError(f"the prompt marks {len(pieces) - 1} image place(s) with {IMAGE_MARK} for {num_images}")
         image = [START_OF_IMAGE_ID, *[IMAGE_TOKEN_ID] * tokens_per_image, END_OF_IMAGE_ID]
         for i, piece in enumerate(pieces):
             last = i == num_images
-            ids += self.sp.encode(("\n\n" if i else "") + piece + ("" if last else "\n\n"))
+            ids += self.plain(("\n\n" if i else "") + piece + ("" if last else "\n\n"))
             ids += [] if last else image
+        return ids
+
+    def plain(self, text: str) -> list[int]:
+        """Text -> ids, where the image control tokens' names typed in the text stay text: SentencePiece would
+        match them (user-defined pieces), but only an image may put them into a prompt (encode)."""
+        ids = []
+        for i, part in enumerate(IMAGE_CONTROLS.split(text)):
+            ids += self.sp.encode(part) if i % 2 == 0 else self.sp.encode(part[:1]) + self.sp.encode(part[1:])
         return ids
 
     def decode(self, ids: list[int]) -> str:
@@ -80,6 +89,7 @@ class Tokenizer:
         that happens to contain "<start_of_turn>" stays plain text."""
         if role not in ("user", "model"):
             raise ValueError(f"chat role must be 'user' or 'model', not {role!r}")
+        check_text(content)  # here, so that an error counts characters of the content as given
         text = place_images(content, num_images)
         text = f"{system}\n\n{text}" if system else text
         body = self.encode(f"{role}\n{text}", num_images=num_images, tokens_per_image=tokens_per_image)
@@ -88,6 +98,20 @@ class Tokenizer:
     def model_turn(self) -> list[int]:
         """The opened model turn that a reply continues: "<start_of_turn>model\\n"."""
         return [START_OF_TURN_ID, *self.encode("model\n")]
+
+
+IMAGE_CONTROLS = re.compile("(<start_of_image>|<end_of_image>)")  # as split by Tokenizer.plain
+
+
+def check_text(text: str) -> None:
+    """A ValueError for text that is not Unicode: bytes that did not decode (Python keeps them as lone
+    surrogates, in command-line arguments and in stdin read with errors="surrogateescape")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate U+{code:04X}"
+        raise ValueError(f"the text is not valid UTF-8: {what} at character {e.start}") from None
 
 
 def place_images(text: str, num_images: int) -> str:

@@ -30,6 +30,8 @@ import model  # VisionConfig, RMSNorm, attention_dtype; model.py imports this mo
 
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file, upright (its EXIF orientation applied), fully decoded: errors name the file."""
+    if Path(path).exists() and not Path(path).is_file():  # a directory, or a FIFO that would block forever
+        raise ValueError(f"{path}: not a regular file")
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
@@ -44,7 +46,10 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB; an image with transparency is composited onto white first (as transformers' processor does)."""
+    """RGB; an image with transparency is composited onto white first (as transformers' processor does), and
+    16-bit grayscale scaled to 8 bits first (Pillow's conversion clips it, so most of it would be white)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # PNG's 16-bit grayscale opens as one of these
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     if "A" not in image.getbands() and image.info.get("transparency") is None:
         return image.convert("RGB")
     white = Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -232,7 +232,10 @@ def test_preprocessing_matches_transformers_on_odd_images(tmp_path):
     for name, path in odd_images(tmp_path).items():
         ours = vision.preprocess(path)
         with Image.open(path) as image:  # the processor on the image as opened, turned upright
-            assert torch.equal(ours, hf_pixels(ImageOps.exif_transpose(image))), name
+            image = ImageOps.exif_transpose(image)
+            if name == "sixteen_bit.png":  # the processor clips 16-bit values to white: ours scales them, as the
+                image = Image.fromarray((np.asarray(image) // 257).astype(np.uint8))  # 8-bit image they came from
+            assert torch.equal(ours, hf_pixels(image)), name
     upright = vision.load_image(tmp_path / "exif_rotated.jpg")
     assert upright.size == (photos()["cat"].height, photos()["cat"].width)
 
