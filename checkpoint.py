@@ -148,6 +148,15 @@ def load_weights(path_or_hub_id: str | Path) -> tuple[dict | None, dict[str, tor
     """The config.json (None if there is none), the tensors (our names, as stored), and the names of float
     weights that weights="auto" should keep at 8 bits (only GGUF has such; its files hold no vision tower)."""
     path = resolve(path_or_hub_id)
+    if path == cache_dir() / DEFAULT_MODEL:  # ours to rebuild: say how
+        try:
+            return read_weights(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{e} (the default model's cache is damaged: delete {path} to convert it again)") from None
+    return read_weights(path)
+
+
+def read_weights(path: Path) -> tuple[dict | None, dict[str, torch.Tensor], set[str]]:
     if path.suffix == ".gguf":
         return gguf_format.load_text_model(path)
     if flax_format.is_orbax(path):

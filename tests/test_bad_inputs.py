@@ -425,3 +425,11 @@ def test_a_gguf_without_a_tokenizer_says_so(tiny_int4_dir, tmp_path, monkeypatch
     assert config["vocab_size"] == json.loads((tiny_int4_dir / "config.json").read_text())["vocab_size"]
     code, _, err = run(generate, ["--model", tmp_path / "bare.gguf", "--prompt", "Hi"], capsys)
     assert_one_line_error(code, err, "bare.gguf: the GGUF holds no tokenizer")
+
+
+def test_a_damaged_default_model_says_what_to_delete(tiny_int4_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GEMMA3_INT4_CACHE", str(tmp_path))
+    cached = Path(shutil.copytree(tiny_int4_dir, tmp_path / checkpoint.DEFAULT_MODEL))
+    (cached / "model-00001.safetensors").write_bytes(b"cut short")
+    code, _, err = run(generate, ["--prompt", "Hi"], capsys)
+    assert_one_line_error(code, err, "model-00001.safetensors", f"delete {cached} to convert it again")
