@@ -33,10 +33,11 @@ import torch
 import files
 import vision
 from checkpoint import cache_dir
-from generate import add_model_arguments, add_sampling_arguments, load, positive_int, sampling_from
+from cli import add_model_arguments, add_sampling_arguments, load, positive_int, sampling_from
+from config import BOS_ID, END_OF_TURN_ID, IMAGE_TOKEN_ID, STOP_IDS
 from generation import Sampling, compile_decode_step, decode_one_token, generate
 from model import Gemma3
-from tokenizer import BOS_ID, END_OF_TURN_ID, IMAGE_TOKEN_ID, STOP_IDS, StreamDecoder, Tokenizer
+from tokenizer import StreamDecoder, Tokenizer
 
 HELP = __doc__[__doc__.index("Commands:") : __doc__.index("Ctrl-C")].rstrip()
 

@@ -27,6 +27,7 @@ import files
 import flax_format
 import gguf_format
 import quant
+from config import Gemma3Config
 
 HUB_FILES = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
 # Files a conversion carries over verbatim, so that transformers, vLLM and SGLang find the tokenizer, chat
@@ -45,8 +46,8 @@ VISION_PREFIXES = {  # -> ours, first match wins; inside, the tower keeps the ch
     "model.vision_tower.vision_model.": "vision.",
     "vision_tower.": "vision.",  # transformers 5 drops the vision_model level
     "model.vision_tower.": "vision.",
-    "multi_modal_projector.": "vision.projector.",
-    "model.multi_modal_projector.": "vision.projector.",
+    "multi_modal_projector.": "projector.",
+    "model.multi_modal_projector.": "projector.",
 }
 VISION_RENAMES = {  # checkpoint -> ours, within the tower: vision.py has no embeddings/encoder containers
     "embeddings.patch_embedding.": "patch_embedding.",
@@ -158,7 +159,7 @@ def load_weights(path_or_hub_id: str | Path) -> tuple[dict | None, dict[str, tor
 
 def read_weights(path: Path) -> tuple[dict | None, dict[str, torch.Tensor], set[str]]:
     if path.suffix == ".gguf":
-        return gguf_format.load_text_model(path)
+        return gguf_format.load(path)
     if flax_format.is_orbax(path):
         return flax_format.load(path)
     hf_config = read_config(path if path.is_dir() else path.parent)
@@ -169,10 +170,10 @@ def read_weights(path: Path) -> tuple[dict | None, dict[str, torch.Tensor], set[
             tensors[ours] = t
     for name, t in tensors.items():
         module, _, kind = name.rpartition(".")
-        data = [k for k in ("int4_data", "int8_data") if f"{module}.{k}" in tensors]
+        data = [k for k in quant.FORMATS if f"{module}.{k}" in tensors]
         if kind == "scales" and not data:
             raise ValueError(f"{path}: quantized tensor {name} has no matching int4_data")
-        if kind in ("int4_data", "int8_data"):
+        if kind in quant.FORMATS:
             if f"{module}.scales" not in tensors:
                 raise ValueError(f"{path}: quantized tensor {name} has no matching scales")
             if t.dtype != torch.int8:
@@ -221,8 +222,8 @@ def companion_files(path_or_hub_id: str | Path) -> list[Path]:
 def hf_name(name: str, multimodal: bool = False) -> str:
     """Ours -> the checkpoint name in gaunernst's layout (text-only: model.*; multimodal: language_model.model.*,
     vision_tower.vision_model.*, multi_modal_projector.*)."""
-    if name.startswith("vision.projector."):
-        return "multi_modal_projector." + name.removeprefix("vision.projector.")
+    if name.startswith("projector."):
+        return "multi_modal_projector." + name.removeprefix("projector.")
     if name.startswith("vision."):
         name = name.removeprefix("vision.")
         for old, new in VISION_RENAMES.items():
@@ -235,22 +236,26 @@ def hf_name(name: str, multimodal: bool = False) -> str:
 
 
 def save(
-    hf_config: dict,
+    config: Gemma3Config,
     tensors: dict[str, torch.Tensor],
     tokenizer: bytes,
-    directory: Path,
+    dst: Path,
     layout: str = "int4",
     companions: list[Path] = (),
     extras: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write a checkpoint directory (our names and tensors in), atomically (files.atomic_output: an existing
-    `directory` is an error, and an interrupted write leaves nothing). Layouts:
+    """Write a checkpoint (our names and tensors in) in any output layout (convert.TARGETS), atomically
+    (files.atomic_output: an existing `dst` is an error, and an interrupted write leaves nothing); load_weights
+    reads it back. "gguf": a GGUF file (gguf_format.save). The rest are safetensors directories:
     "int4": gaunernst's (int4 and int8 pairs as they are, the rest bf16);
     "awq", "compressed-tensors": every int4 linear in that layout, the embedding dense bf16 (neither has an
     int4 embedding), with the quantization_config vLLM reads;   "dense": every weight bf16, as Google's.
     `companions` (see companion_files) are copied as they are; `extras` maps file names to more tensors, each
     written as a safetensors file of its own (the default model's RANKER)."""
-    with files.atomic_output(directory) as tmp:
+    if layout == "gguf":
+        return gguf_format.save(config, tensors, tokenizer, dst)
+    hf_config = config.to_hf()
+    with files.atomic_output(dst) as tmp:
         multimodal = hf_config.get("model_type") == "gemma3"
         tensors = {hf_name(k, multimodal): v for k, v in tensors.items()}
         if layout != "int4":
@@ -303,12 +308,12 @@ def default_model() -> Path:
         raise FileExistsError(f"{directory} is not a converted model (no config.json): delete it to convert again")
     gguf_path = embedded_gguf()
     print(f"converting {gguf_path.name} into {directory} (once)", file=sys.stderr)
-    hf_config, tensors, above_4_bits = gguf_format.load_text_model(gguf_path)
+    hf_config, tensors, above_4_bits = gguf_format.load(gguf_path)
     tensors = quant.convert_state_dict(tensors, "auto", above_4_bits)
     extras = {}
     if "embed.int8_data" in tensors:  # its int8 head's int4 ranker, so that no load quantizes it again
         extras[RANKER] = quant.int4_ranker(tensors["embed.int8_data"], tensors["embed.scales"])
-    save(hf_config, tensors, gguf_format.tokenizer_proto(gguf_path), directory, extras=extras)
+    save(Gemma3Config.from_hf(hf_config), tensors, gguf_format.tokenizer_proto(gguf_path), directory, extras=extras)
     return directory
 
 
@@ -454,7 +459,7 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
             continue
         scales = tensors[f"{module}.scales"]
         if layout == "dense" or "embed_tokens" in module:
-            out[module] = quant.FORMATS[kind][2](t, scales.float()).to(torch.bfloat16)
+            out[module] = quant.FORMATS[kind].dequantize(t, scales.float()).to(torch.bfloat16)
         elif kind == "int8_data":
             raise ValueError(f"{layout} holds 4-bit linear weights, but {module} is int8 (convert with --weights int4)")
         elif layout == "awq":  # transposed: (K, N/8), zero points (K/32, N/8) all 0x88888888, scales (K/32, N)

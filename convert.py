@@ -25,9 +25,8 @@ from pathlib import Path
 
 import checkpoint
 import files
-import gguf_format
 import ptq
-from model import convert_weights, load_checkpoint
+from loader import convert_weights, load_checkpoint
 from tokenizer import Tokenizer
 
 TARGETS = {
@@ -72,10 +71,7 @@ def convert(
         if to in ("awq", "compressed-tensors"):
             weights = "int4"  # both formats are 4-bit only
         tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits)
-    if to == "gguf":
-        gguf_format.save(config, tensors, proto, dst)
-    else:
-        checkpoint.save(config.to_hf(), tensors, proto, dst, layout=to, companions=companions)
+    checkpoint.save(config, tensors, proto, dst, to, companions)
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tokenizer import BOS_ID
+import files
+import loader
+from checkpoint import DEFAULT_MODEL
+from cli import device_arg, positive_int
+from config import BOS_ID
+from tokenizer import Tokenizer
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -82,12 +87,6 @@ def read_text(path: Path) -> str:
 
 
 def main(argv=None) -> int:
-    import files
-    from checkpoint import DEFAULT_MODEL
-    from generate import device_arg, positive_int
-    from model import Gemma3
-    from tokenizer import Tokenizer
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"as in generate.py (default {DEFAULT_MODEL})")
     p.add_argument("--text", required=True, type=Path, help="a UTF-8 text file")
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
     try:
         windows(args.context, args.context, args.stride)  # a bad --stride fails before the slow load
         text = read_text(args.text)
-        model = Gemma3.from_pretrained(args.model, getattr(torch, args.dtype), args.device, args.weights)
+        model = loader.from_pretrained(args.model, getattr(torch, args.dtype), args.device, args.weights)
         if args.context > model.config.max_seq_len:
             raise ValueError(f"--context {args.context} exceeds the model's context of {model.config.max_seq_len}")
         ids = Tokenizer.from_pretrained(args.model).encode(text)[: args.max_tokens]

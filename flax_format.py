@@ -15,14 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-if TYPE_CHECKING:  # model.py imports this module (through checkpoint.py): import it only where it is used
-    from model import Gemma3Config, VisionConfig
+from config import CONFIGS, Gemma3Config, VisionConfig
 
 SIGLIP = "SigLiPFromPatches_0/siglip_encoder"
 MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")  # what orbax writes beside the arrays
@@ -90,7 +88,6 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "c
     shapes are a published size's gets that size's config; any other (tiny test models) gets what the shapes say
     (layers, widths, heads, vocabulary, vision tower) and Gemma 3's defaults for the rest, as the published models
     of its kind have them (text-only like 1B, multimodal like 4B; query_pre_attn_scalar = head_dim)."""
-    from model import CONFIGS, Gemma3Config, VisionConfig
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
@@ -208,8 +205,8 @@ def vision_layout(v: VisionConfig, text_hidden: int) -> dict[str, tuple[str, tup
         "vision.position_embedding.weight": (f"{SIGLIP}/pos_embedding", (1, v.patches_per_side**2, C), lambda w: w[0]),
         "vision.post_layernorm.weight": (f"{SIGLIP}/Transformer/encoder_norm/scale", (C,), as_is),
         "vision.post_layernorm.bias": (f"{SIGLIP}/Transformer/encoder_norm/bias", (C,), as_is),
-        "vision.projector.mm_soft_emb_norm.weight": ("transformer/embedder/mm_soft_embedding_norm/scale", (C,), as_is),
-        "vision.projector.mm_input_projection_weight": (
+        "projector.mm_soft_emb_norm.weight": ("transformer/embedder/mm_soft_embedding_norm/scale", (C,), as_is),
+        "projector.mm_input_projection_weight": (
             "transformer/embedder/mm_input_projection/w",
             (C, text_hidden),
             as_is,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import Gemma3
+from model import Gemma3, image_index
 
 
 @dataclass
@@ -74,17 +74,17 @@ def prefill(
     (B, V). pixel_values (N, 3, S, S): the images whose soft tokens the prompt holds. A chunk never ends
     inside an image, whose tokens must see each other."""
     x = model.embed_tokens(ids, pixel_values)  # (B, T, D)
-    groups = None if pixel_values is None else model.image_groups(ids)
+    images = None if pixel_values is None else image_index(ids == model.config.vision_config.image_token_id)
     inside_image = [False] * ids.shape[1]  # [j]: tokens j and j + 1 are the same image's, so no chunk ends at j
-    if groups is not None:
-        inside_image = ((groups[:, 1:] >= 0) & (groups[:, 1:] == groups[:, :-1])).any(0).tolist() + [False]
+    if images is not None:
+        inside_image = ((images[:, 1:] >= 0) & (images[:, 1:] == images[:, :-1])).any(0).tolist() + [False]
     i = 0
     while i < ids.shape[1]:
         end = min(i + chunk, ids.shape[1])
         while inside_image[end - 1]:
             end += 1
         pos = torch.arange(start + i, start + end, device=ids.device)
-        h = model.hidden_states(x[:, i:end], pos, None if groups is None else groups[:, i:end])
+        h = model.hidden_states(x[:, i:end], pos, None if images is None else images[:, i:end])
         i = end
     return model.logits(h[:, -1])
 

@@ -15,7 +15,6 @@ import struct
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
@@ -24,9 +23,7 @@ from tqdm import tqdm
 
 import files
 import quant
-
-if TYPE_CHECKING:
-    from model import Gemma3Config
+from config import VISION_MODULES, Gemma3Config
 
 ARCH = "gemma3"
 NAMES = {  # GGUF -> ours; "blk.{i}." becomes "layers.{i}."
@@ -48,7 +45,7 @@ NAMES = {  # GGUF -> ours; "blk.{i}." becomes "layers.{i}."
 }
 Q = gguf.GGMLQuantizationType
 # Types that hold more than a symmetric int4 g32 grid (more bits, or 4 bits with sub-block scales and minimums)
-MORE_THAN_INT4 = {Q.Q4_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q8_1, Q.Q8_K}
+ABOVE_4_BITS = {Q.Q4_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q8_1, Q.Q8_K}
 
 
 @functools.lru_cache(maxsize=1)  # parsing the 262k-token vocabulary takes gguf's reader seconds: do it once
@@ -131,7 +128,7 @@ def q4_0_ints(raw: np.ndarray, w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.where(d == 0, 0.0, q).view(n, k).to(torch.int8), d.view(n, k // 32)
 
 
-def load_text_model(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
+def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
     """The config and tensors (our names) of a Gemma 3 GGUF: Q4_0 as our int4 (exact), every other type
     as float32 from gguf's own dequantizers (norms shifted back to transformers' w). The third item
     names the weights the file stores above 4 bits (Q5_0, Q8_0, K-quants...), which weights="auto" keeps
@@ -154,7 +151,7 @@ def load_text_model(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]
             tensors[name] = w - 1.0  # llama.cpp stores 1 + w
         else:
             tensors[name] = w
-            if t.tensor_type in MORE_THAN_INT4:
+            if t.tensor_type in ABOVE_4_BITS:
                 above_4_bits.add(name)
     return config, tensors, above_4_bits
 
@@ -330,7 +327,7 @@ def write_gguf(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
 
-    text_tensors = {name: t for name, t in tensors.items() if not name.startswith("vision.")}
+    text_tensors = {name: t for name, t in tensors.items() if not name.startswith(VISION_MODULES)}
     if len(text_tensors) < len(tensors):
         warnings.warn("the vision tower is not written: llama.cpp keeps it in a separate mmproj GGUF", stacklevel=2)
     for name, t in text_tensors.items():

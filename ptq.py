@@ -27,8 +27,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import quant
-from model import Gemma3, Gemma3Config, attention_mask, fuse_projections, rope_cos_sin, split_projections
-from tokenizer import BOS_ID, Tokenizer
+from config import BOS_ID, VISION_MODULES, Gemma3Config
+from loader import from_tensors
+from model import Gemma3, attention_mask, fuse_projections, rope_cos_sin, split_projections
+from tokenizer import Tokenizer
 
 G = quant.GROUP_SIZE
 
@@ -151,8 +153,8 @@ def gptq_quantize(
 def dense_model(config: Gemma3Config, tensors: dict[str, torch.Tensor]) -> Gemma3:
     """The language model in float32 from a dense state dict (the vision tower is left out: calibration is text).
     Its weights are copies: they are overwritten as they are quantized, and the caller's must stay as they are."""
-    text = {k: v.to(torch.float32, copy=True) for k, v in tensors.items() if not k.startswith("vision.")}
-    return Gemma3.from_tensors(dataclasses.replace(config, vision_config=None), text, torch.float32)
+    text = {k: v.to(torch.float32, copy=True) for k, v in tensors.items() if not k.startswith(VISION_MODULES)}
+    return from_tensors(dataclasses.replace(config, vision_config=None), text, torch.float32)
 
 
 class HessianHooks:

@@ -13,6 +13,9 @@ any model's nn.Linear/nn.Embedding for the quantized module its state dict asks 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -109,6 +112,54 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int8(int8_data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return int8_data * scales[..., None]
+
+
+# When each kernel runs (policy, measured; bench/crossover.py, bench/speed.py)
+
+# PyTorch's CPU int4 kernel costs about the same per row at any batch, bandwidth-bound for one row and
+# compute-bound from a few; the dequant-matmul costs a dequantization per call, then a fast bf16 matmul. So
+# the kernel is the faster up to some batch size, the crossover. bench/crossover.py measures it for each shape:
+# with AVX-512 it lies between 96 and 192 rows for the 1B and 4B shapes, and at 128 neither path loses more
+# than a fifth. Without AVX-512 the kernel is compute-bound already at one row, and a few rows are its limit
+# (8, as measured before). Only bf16 (the kernel's dtype) uses it.
+CPU_KERNEL_MAX_ROWS = 128 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+CPU_TILE_WEIGHTS = 2**21  # weights dequantized at a time by the dequant-matmul on CPU (4 MB in bf16)
+
+
+def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype attention computes and caches in: PyTorch's CPU attention is several times faster in float32
+    than in bf16, so float32 there; elsewhere the activations' own."""
+    return torch.float32 if device.type == "cpu" else dtype
+
+
+# A CPU computes bf16 matmuls natively only with AVX-512 BF16 or AMX; elsewhere (AVX2) PyTorch's bf16
+# matmul is several times slower than float32's (16 against 114 GFLOP/s measured on 2 AVX2 cores), so
+# there the dequant-matmul (prefill's path) computes in float32 and rounds its result back to bf16.
+CPU_HAS_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    slow_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16 and not CPU_HAS_BF16
+    return torch.float32 if slow_bf16 else x.dtype
+
+
+def use_cpu_kernel(x: torch.Tensor, in_features: int) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() <= CPU_KERNEL_MAX_ROWS * in_features
+
+
+# Which CPU kernel is faster for int8 weights depends on the CPU. With AVX-512, PyTorch's int8 kernel
+# (_weight_int8pack_mm) is the slower: the 270M's int8 head takes 19 ms on 2 cores, where the int4 kernel
+# streams the same bytes in 11. So there each weight goes to the int4 kernel as two int4 digits, w = 16 * hi + lo
+# with lo in 0..15 and hi in -8..7, side by side along K: one int4 matmul of [x, x] accumulates
+# x.lo * s + x.hi * 16s = x.w * s in float32 (8s and 16s are exact in bf16). With AVX2 only, the int4 kernel is
+# compute-bound (7.4 GB/s on 2 cores) and the int8 kernel the faster: 17 ms for the head against 28 as digits,
+# and the default 270M import decodes at 28 tok/s against 23. There the int8 weight goes to the int8 kernel.
+INT8_AS_INT4_DIGITS = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+# Perplexity of the 270M on 4096 tokens of real text, int8 head 11.70; ranked and rescoring the top
+# 64 tokens: 12.02, 256: 11.84, 1024: 11.73, 4096: 11.71. Ranking (topk) costs about 1 ms a token.
+RESCORE_TOP = 1024
 
 
 class QuantLinear(nn.Module):
@@ -210,25 +261,17 @@ class Int8Linear(QuantLinear):
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         return dequantize_int8(self.int8_data[rows], self.scales[rows])
 
-    # Which CPU kernel is faster depends on the CPU. With AVX-512, PyTorch's int8 kernel (_weight_int8pack_mm)
-    # is the slower: the 270M's int8 head takes 19 ms on 2 cores, where the int4 kernel streams the same bytes
-    # in 11. So there each weight goes to the int4 kernel as two int4 digits, w = 16 * hi + lo with lo in 0..15
-    # and hi in -8..7, side by side along K: one int4 matmul of [x, x] accumulates x.lo * s + x.hi * 16s = x.w * s
-    # in float32 (8s and 16s are exact in bf16). With AVX2 only, the int4 kernel is compute-bound (7.4 GB/s on
-    # 2 cores) and the int8 kernel the faster: 17 ms for the head against 28 as digits, and the default 270M
-    # import decodes at 28 tok/s against 23. There the int8 weight goes to the int8 kernel as it is.
-    cpu_digits_per_weight = 2
-    int8_kernel = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    cpu_digits_per_weight = 2  # on the int4 kernel (INT8_AS_INT4_DIGITS): w = 16 * hi + lo
 
     def pack_for_cpu(self) -> None:
         if self.ranker is not None:  # a ranked head: its int4 copy runs the matmul, this weight only rescores rows
-            return
-        if not self.int8_kernel:
+            return self.ranker.pack_for_cpu()
+        if INT8_AS_INT4_DIGITS:
             return super().pack_for_cpu()
         self.cpu_packed = self.int8_data  # the int8 kernel reads our weight and scales as they are
 
     def cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if not self.int8_kernel:
+        if INT8_AS_INT4_DIGITS:
             return super().cpu_matmul(x2)
         return torch.ops.aten._weight_int8pack_mm(x2, self.int8_data, self.scales)
 
@@ -253,7 +296,9 @@ class Int8Linear(QuantLinear):
         ranker.load_state_dict(
             {"int4_data": tensors["int4_data"], "scales": tensors["scales"].to(self.scales.dtype)}, assign=True
         )
-        self.ranker = ranker
+        # Held outside the module tree: the ranker is derived from this weight, not part of any checkpoint, so
+        # state_dict() leaves it out (a model's state dict loads back as it is) and this layer packs it.
+        self.__dict__["ranker"] = ranker
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         if self.ranker is None:
@@ -270,36 +315,6 @@ def int4_ranker(int8_data: torch.Tensor, scales: torch.Tensor) -> dict[str, torc
     return {"int4_data": data, "scales": int4_scales}
 
 
-# Perplexity of the 270M on 4096 tokens of real text, int8 head 11.70; ranked and rescoring the top
-# 64 tokens: 12.02, 256: 11.84, 1024: 11.73, 4096: 11.71. Ranking (topk) costs about 1 ms a token.
-RESCORE_TOP = 1024
-
-
-# PyTorch's CPU int4 kernel costs about the same per row at any batch, bandwidth-bound for one row and
-# compute-bound from a few; the dequant-matmul costs a dequantization per call, then a fast bf16 matmul. So
-# the kernel is the faster up to some batch size, the crossover. bench/crossover.py measures it for each shape:
-# with AVX-512 it lies between 96 and 192 rows for the 1B and 4B shapes, and at 128 neither path loses more
-# than a fifth. Without AVX-512 the kernel is compute-bound already at one row, and a few rows are its limit
-# (8, as measured before). Only bf16 (the kernel's dtype) uses it.
-CPU_KERNEL_MAX_ROWS = 128 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
-CPU_TILE_WEIGHTS = 2**21  # weights dequantized at a time by the dequant-matmul on CPU (4 MB in bf16)
-
-
-# A CPU computes bf16 matmuls natively only with AVX-512 BF16 or AMX; elsewhere (AVX2) PyTorch's bf16
-# matmul is several times slower than float32's (16 against 114 GFLOP/s measured on 2 AVX2 cores), so
-# there the dequant-matmul (prefill's path) computes in float32 and rounds its result back to bf16.
-CPU_HAS_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    slow_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16 and not CPU_HAS_BF16
-    return torch.float32 if slow_bf16 else x.dtype
-
-
-def use_cpu_kernel(x: torch.Tensor, in_features: int) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() <= CPU_KERNEL_MAX_ROWS * in_features
-
-
 def use_cpu_kernels(model: nn.Module) -> nn.Module:
     """Prepare every bf16 QuantLinear on the CPU for PyTorch's CPU kernels (QuantLinear.pack_for_cpu). They want
     N % 16 == 0 and whole groups of 32 along K: layers of other shapes stay on the portable path."""
@@ -311,10 +326,15 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
     return model
 
 
-# state-dict key of the quantized data -> (module, quantize, dequantize)
-FORMATS = {
-    "int4_data": (Int4Linear, quantize_int4, dequantize_int4),
-    "int8_data": (Int8Linear, quantize_int8, dequantize_int8),
+class Format(NamedTuple):
+    module: type[QuantLinear]
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    dequantize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+FORMATS = {  # state-dict key of the quantized data -> its format
+    "int4_data": Format(Int4Linear, quantize_int4, dequantize_int4),
+    "int8_data": Format(Int8Linear, quantize_int8, dequantize_int8),
 }
 
 
@@ -330,7 +350,7 @@ def replace_linears(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: 
         if isinstance(child, nn.Linear) and child.bias is not None:
             raise ValueError(f"{full}: quantized linear layers have no bias")
         out_features, in_features = child.weight.shape  # nn.Embedding's (V, D) is a head's (N, K)
-        setattr(model, name, FORMATS[kind][0](in_features, out_features, device=child.weight.device))
+        setattr(model, name, FORMATS[kind].module(in_features, out_features, device=child.weight.device))
     return model
 
 
@@ -339,10 +359,11 @@ def replace_linears(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: 
 
 
 def convert_state_dict(
-    tensors: dict[str, torch.Tensor], weights: str, keep_8bit: set[str] = frozenset()
+    tensors: dict[str, torch.Tensor], weights: str, above_4_bits: set[str] = frozenset()
 ) -> dict[str, torch.Tensor]:
     """Apply a weights policy to a state dict:
-    "auto":  dense 2-D weights -> int4 (round to nearest), or int8 if named in keep_8bit; int4 and int8 stay;
+    "auto":  dense 2-D weights -> int4 (round to nearest), or int8 if named in above_4_bits (a GGUF stored them
+             at more than 4 bits); int4 and int8 stay;
     "int4":  everything -> int4 (int8 is dequantized first);
     "dense": everything -> float32.
     """
@@ -356,9 +377,9 @@ def convert_state_dict(
             if keep:
                 out[name], out[f"{module}.scales"] = t, tensors[f"{module}.scales"]
                 continue
-            t = FORMATS[kind][2](t, tensors[f"{module}.scales"].float())  # dequantized, float32
+            t = FORMATS[kind].dequantize(t, tensors[f"{module}.scales"].float())  # float32
             kind = "weight"
-        if kind == "weight" and t.dim() == 2 and weights == "auto" and name in keep_8bit:
+        if kind == "weight" and t.dim() == 2 and weights == "auto" and name in above_4_bits:
             out[f"{module}.int8_data"], out[f"{module}.scales"] = quantize_int8(t)
         elif kind == "weight" and t.dim() == 2 and weights != "dense":
             out[f"{module}.int4_data"], out[f"{module}.scales"] = quantize_int4(t)

@@ -8,12 +8,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 import checkpoint
+from config import BOS_ID, END_OF_IMAGE_ID, END_OF_TURN_ID, IMAGE_TOKEN_ID, START_OF_IMAGE_ID, START_OF_TURN_ID
 
-PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
-START_OF_TURN_ID, END_OF_TURN_ID = 105, 106
-STOP_IDS = (EOS_ID, END_OF_TURN_ID)
-START_OF_IMAGE_ID, END_OF_IMAGE_ID = 255999, 256000
-IMAGE_TOKEN_ID = 262144  # the soft token that stands for one image embedding (just past the text vocabulary)
 IMAGE_MARK = "<start_of_image>"  # in a prompt, where an image goes (as in transformers' Gemma3Processor)
 
 

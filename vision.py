@@ -1,18 +1,17 @@
-"""The vision half of Gemma 3 (4B, 12B, 27B): image preprocessing, the SigLIP tower and the projector.
+"""The vision half of Gemma 3 (4B, 12B, 27B): image preprocessing and the SigLIP tower.
 
 An image is resized to 896x896 and cut into 14x14 patches (64x64 = 4096 of them). The SigLIP-So400m
-tower, a plain pre-LN ViT, turns the patches into 4096 vectors; the projector average-pools them 4x4
-down to 16x16 = 256 and maps them into the language model's embedding space. In the prompt, each
+tower, a plain pre-LN ViT, turns the patches into 4096 vectors; model.py's projector average-pools them
+4x4 down to 16x16 = 256 and maps them into the language model's embedding space. In the prompt, each
 image is 256 "soft tokens" whose embeddings are these vectors (model.Gemma3.embed_tokens).
 
-The tower and projector stay in bf16 (as the checkpoints store them); the language model may be int4.
-Module names follow the checkpoints' (vision_tower.vision_model.*, multi_modal_projector.*) so that
-loading is a renaming of prefixes (checkpoint.our_name).
+The tower stays in bf16 (as the checkpoints store it); the language model may be int4. Module names
+follow the checkpoints' (vision_tower.vision_model.*) so that loading is a renaming of prefixes
+(checkpoint.our_name).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-import model  # VisionConfig, RMSNorm, attention_dtype; model.py imports this module too (names resolve at call time)
+from config import VisionConfig
+from quant import attention_dtype
 
 # ---------------------------------------------------------------------------------------------------
 # Preprocessing: any image file -> (3, S, S) float32, as transformers' Gemma3ImageProcessor does it
@@ -73,7 +73,7 @@ def preprocess(image: Image.Image | str | Path, size: int = 896) -> torch.Tensor
 class SiglipAttention(nn.Module):
     """Plain multi-head self-attention with biases; every patch sees every other (no mask)."""
 
-    def __init__(self, config: model.VisionConfig):
+    def __init__(self, config: VisionConfig):
         super().__init__()
         self.num_heads = config.num_heads
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
@@ -84,13 +84,13 @@ class SiglipAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        dtype = model.attention_dtype(x.dtype, x.device)
+        dtype = attention_dtype(x.dtype, x.device)
         y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype)).type_as(x)  # (B, nh, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class SiglipMLP(nn.Module):
-    def __init__(self, config: model.VisionConfig):
+    def __init__(self, config: VisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
@@ -100,7 +100,7 @@ class SiglipMLP(nn.Module):
 
 
 class SiglipBlock(nn.Module):
-    def __init__(self, config: model.VisionConfig):
+    def __init__(self, config: VisionConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = SiglipAttention(config)
@@ -112,27 +112,11 @@ class SiglipBlock(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class Projector(nn.Module):
-    """Patch grid (N, 64*64, C) -> average-pooled 16x16 grid, RMSNorm, projected: (N, 256, D)."""
+class VisionTower(nn.Module):
+    """Pixel values (N, 3, S, S) -> patch features (N, 64*64, C), which model.Projector maps into the language
+    model's embedding space."""
 
-    def __init__(self, config: model.VisionConfig, text_hidden_size: int):
-        super().__init__()
-        self.patches_per_side = config.patches_per_side
-        self.pool = config.patches_per_side // math.isqrt(config.tokens_per_image)
-        self.mm_soft_emb_norm = model.RMSNorm(config.hidden_size, config.layer_norm_eps)
-        self.mm_input_projection_weight = nn.Parameter(torch.zeros(config.hidden_size, text_hidden_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, _, C = x.shape
-        grid = x.transpose(1, 2).reshape(N, C, self.patches_per_side, self.patches_per_side)
-        pooled = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # (N, tokens_per_image, C)
-        return (self.mm_soft_emb_norm(pooled) @ self.mm_input_projection_weight).type_as(x)
-
-
-class VisionEncoder(nn.Module):
-    """Pixel values (N, 3, S, S) -> image embeddings (N, tokens_per_image, D) for the language model."""
-
-    def __init__(self, config: model.VisionConfig, text_hidden_size: int):
+    def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
         C = config.hidden_size
@@ -140,7 +124,6 @@ class VisionEncoder(nn.Module):
         self.position_embedding = nn.Embedding(config.patches_per_side**2, C)  # learned, one per patch
         self.layers = nn.ModuleList(SiglipBlock(config) for _ in range(config.num_layers))
         self.post_layernorm = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.projector = Projector(config, text_hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         S = self.config.image_size
@@ -151,4 +134,4 @@ class VisionEncoder(nn.Module):
         x = x.flatten(2).transpose(1, 2) + self.position_embedding.weight  # (N, 4096, C), row-major patches
         for layer in self.layers:
             x = layer(x)
-        return self.projector(self.post_layernorm(x))
+        return self.post_layernorm(x)

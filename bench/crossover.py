@@ -26,7 +26,8 @@ import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
 import torch  # noqa: E402
 
 import quant  # noqa: E402
-from model import CONFIGS, Gemma3, Gemma3Config  # noqa: E402
+from config import CONFIGS, Gemma3Config  # noqa: E402
+from model import Gemma3  # noqa: E402
 
 
 def shapes(size: str) -> dict[str, tuple[int, int]]:

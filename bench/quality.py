@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint import embedded_gguf  # noqa: E402
-from eval import chunked_logits, perplexity  # noqa: E402
-from generation import Sampling, generate  # noqa: E402
-from model import Gemma3  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+import loader
+from checkpoint import embedded_gguf
+from eval import chunked_logits, perplexity
+from generation import Sampling, generate
+from tokenizer import Tokenizer
 
 
 def text_ids(tok: Tokenizer, n: int) -> list[int]:
@@ -50,10 +50,10 @@ def main() -> None:
     prompt = tok.encode("The history of the printing press", bos=True)
     rows = []
     for weights, dtype in [("dense", torch.float32), ("auto", torch.float32), ("int4", torch.float32)]:
-        model = Gemma3.from_pretrained(path, dtype=dtype, weights=weights)
+        model = loader.from_pretrained(path, dtype=dtype, weights=weights)
         ppl = perplexity(chunked_logits(model), ids, args.context, args.stride)["perplexity"]
-        fast = Gemma3.from_pretrained(path, dtype=torch.bfloat16, weights=weights)
-        run = lambda prompt, n, m=fast: len(list(generate(m, prompt, n, Sampling(temperature=0))))  # noqa: E731
+        fast = loader.from_pretrained(path, dtype=torch.bfloat16, weights=weights)
+        run = lambda prompt, n, m=fast: len(list(generate(m, prompt, n, Sampling(temperature=0))))
         rows.append({"name": f"ours --weights {weights}", "perplexity": ppl, "decode_tok_s": decode_speed(run, prompt)})
         print(rows[-1], file=sys.stderr)
     from llama_cpp import Llama

@@ -41,7 +41,7 @@ import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
 # isort: split
 import torch  # noqa: E402
 
-from model import CONFIGS  # noqa: E402
+from config import CONFIGS  # noqa: E402
 
 # name -> worker arguments; ours in bf16 (the CPU kernels' dtype), HF in both of its usual dtypes. The random
 # checkpoints of the larger sizes are int4 throughout, so there auto and int4 are the same rows, and HF is left
@@ -66,7 +66,8 @@ def random_int4_checkpoint(size: str, directory: Path) -> None:
     Q4_0 export is lossless), small random norms. The real 270M's tokenizer."""
 
     from checkpoint import embedded_gguf, save, tokenizer_proto
-    from model import Gemma3, Gemma3Config, split_projections
+    from config import Gemma3Config
+    from model import Gemma3, split_projections
 
     config = Gemma3Config(**{**CONFIGS[size], "vocab_size": 262144, "vision_config": None})
     with torch.device("meta"):
@@ -81,7 +82,7 @@ def random_int4_checkpoint(size: str, directory: Path) -> None:
         tensors[f"{module}.int4_data"] = torch.randint(-128, 128, (n, k // 2), generator=g, dtype=torch.int8)
         scale = 1 / (4 * k**0.5)  # keeps the activations near unit size
         tensors[f"{module}.scales"] = (scale * (0.5 + torch.rand(n, k // 32, generator=g))).to(torch.bfloat16)
-    save(config.to_hf(), tensors, tokenizer_proto(embedded_gguf()), directory)
+    save(config, tensors, tokenizer_proto(embedded_gguf()), directory)
 
 
 def weights_for(size: str, work: Path) -> tuple[str, str]:
@@ -126,13 +127,13 @@ def timed(tokens, n_new: int) -> tuple[float, float]:
 
 
 def ours_tokens(args):  # as generate.py runs it
+    import loader
     import quant
     from generation import Sampling, compile_decode_step, decode_one_token, generate
-    from model import Gemma3
 
     if args.no_cpu_kernels:
         quant.CPU_KERNEL_MAX_ROWS = 0
-    model = Gemma3.from_pretrained(args.ours, dtype=torch.bfloat16, weights=args.weights)
+    model = loader.from_pretrained(args.ours, dtype=torch.bfloat16, weights=args.weights)
     step = compile_decode_step(torch.device("cpu")) if args.compile else decode_one_token
     return lambda ids, n: generate(model, ids, n, Sampling(temperature=0), decode_step=step)
 
@@ -219,8 +220,8 @@ def svg_plot(results: dict, contexts: list[int]) -> str:
     ok = {k: v for k, v in results.items() if "error" not in v}
     rows = {k: [v["contexts"][str(c)]["decode_tok_s"] for c in contexts] for k, v in ok.items()}
     top = max((max(v) for v in rows.values()), default=1) * 1.1
-    x = lambda i: pad + i * (W - 2 * pad) / max(len(contexts) - 1, 1)  # noqa: E731
-    y = lambda v: H - pad - v / top * (H - 2 * pad)  # noqa: E731
+    x = lambda i: pad + i * (W - 2 * pad) / max(len(contexts) - 1, 1)
+    y = lambda v: H - pad - v / top * (H - 2 * pad)
     colors = ["#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W + 260}" height="{H}" font-family="sans-serif" '
            f'font-size="12"><rect width="100%" height="100%" fill="white"/>',

@@ -1,15 +1,16 @@
 """Shared helpers: tiny random Gemma 3 models in transformers (the reference) and checkpoints built from them."""
 
+import contextlib
+import io
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import quant  # noqa: E402
-from checkpoint import write_shards  # noqa: E402
+import quant
+from checkpoint import write_shards
 
 # Small but covering every feature: 7 layers (global at 5, local after it), GQA 4/2, a window of 8 tokens,
 # linear RoPE scaling on global layers, and query_pre_attn_scalar != head_dim (like 27B).
@@ -165,3 +166,20 @@ def text_sample(n_chars: int, offset: int = 0) -> str:
     import pydoc_data.topics
 
     return "\n\n".join(pydoc_data.topics.topics.values())[offset : offset + n_chars]
+
+
+def run_main(script, *args, stdin: str | bytes = b"") -> SimpleNamespace:
+    """A script module's main(argv) in this process, as a subprocess would run it (stdin piped, stdout and
+    stderr captured; argparse's exits caught): .returncode, .stdout, .stderr. In-process, a test does not pay
+    for importing torch and transformers again."""
+    out, err, saved = io.StringIO(), io.StringIO(), sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin.encode() if isinstance(stdin, str) else stdin), encoding="utf-8")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = script.main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code or 0
+    finally:
+        sys.stdin = saved
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

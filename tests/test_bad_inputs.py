@@ -1,7 +1,6 @@
 """Bad input, as a careless or hostile user gives it: every case exits non-zero with one line naming the
 problem, no traceback, and no file changed or left behind. The scripts run in-process (their main(argv))."""
 
-import io
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -23,7 +23,8 @@ import files
 import generate
 import gguf_format
 import vision
-from tokenizer import START_OF_IMAGE_ID, Tokenizer
+from config import START_OF_IMAGE_ID
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,16 +34,9 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def run(script, argv, capsys, stdin: bytes | None = None, monkeypatch=None) -> tuple[int, str, str]:
-    """main(argv) of a script module -> (exit code, stdout, stderr); argparse's exits are caught."""
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
-    try:
-        code = script.main(list(map(str, argv)))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+def run(script, argv, stdin: bytes = b"") -> tuple[int, str, str]:
+    out = run_main(script, *argv, stdin=stdin)
+    return out.returncode, out.stdout, out.stderr
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
@@ -79,17 +73,17 @@ def model_copy(tiny_int4_dir, tmp_path) -> Path:
         (["--image", "{fifo}"], ["not a regular file"]),
     ],
 )
-def test_generate_rejects_bad_arguments(tiny_int4_dir, tmp_path, capsys, args, fragments):
+def test_generate_rejects_bad_arguments(tiny_int4_dir, tmp_path, args, fragments):
     os.mkfifo(tmp_path / "fifo")  # a FIFO as --image would block forever
     args = [a.format(fifo=tmp_path / "fifo") for a in args]
-    code, out, err = run(generate, ["--model", tiny_int4_dir, "--prompt", "Hi", *args], capsys)
+    code, out, err = run(generate, ["--model", tiny_int4_dir, "--prompt", "Hi", *args])
     assert_one_line_error(code, err, *fragments)
     assert out == ""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
-def test_generate_without_cuda_says_so_before_loading(tmp_path, capsys):
-    code, _, err = run(generate, ["--model", tmp_path / "not-loaded", "--prompt", "Hi", "--device", "cuda"], capsys)
+def test_generate_without_cuda_says_so_before_loading(tmp_path):
+    code, _, err = run(generate, ["--model", tmp_path / "not-loaded", "--prompt", "Hi", "--device", "cuda"])
     assert_one_line_error(code, err, "--device", "no CUDA")
 
 
@@ -114,10 +108,10 @@ def edit_config(directory: Path, **changes) -> None:
         (dict(num_attention_heads=4, num_key_value_heads=3), ["config.json", "4 attention heads", "3 kv heads"]),
     ],
 )
-def test_bad_config_values_are_named(model_copy, capsys, changes, fragments):
+def test_bad_config_values_are_named(model_copy, changes, fragments):
     edit_config(model_copy, **changes)
     before = snapshot(model_copy)
-    code, out, err = run(generate, ["--model", model_copy, "--prompt", "Hi"], capsys)
+    code, out, err = run(generate, ["--model", model_copy, "--prompt", "Hi"])
     assert_one_line_error(code, err, *fragments)
     assert snapshot(model_copy) == before and out == ""
 
@@ -125,34 +119,34 @@ def test_bad_config_values_are_named(model_copy, capsys, changes, fragments):
 @pytest.mark.parametrize(
     "content, fragment", [("[1, 2]", "JSON object, not list"), ("null", "JSON object, not NoneType")]
 )
-def test_a_config_that_is_not_an_object_is_an_error(model_copy, capsys, content, fragment):
+def test_a_config_that_is_not_an_object_is_an_error(model_copy, content, fragment):
     (model_copy / "config.json").write_text(content)
-    code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"], capsys)
+    code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"])
     assert_one_line_error(code, err, "config.json", fragment)
 
 
-def test_a_config_symlink_loop_is_not_a_missing_config(model_copy, capsys):
+def test_a_config_symlink_loop_is_not_a_missing_config(model_copy):
     (model_copy / "config.json").unlink()
     (model_copy / "config.json").symlink_to(model_copy / "config.json")
-    code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"], capsys)
+    code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"])
     assert_one_line_error(code, err, "config.json", "cannot be read")
 
 
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
-def test_index_shards_stay_inside_the_checkpoint(model_copy, capsys, shard):
+def test_index_shards_stay_inside_the_checkpoint(model_copy, shard):
     """An index naming a file outside the directory is refused, whether or not that file exists."""
     (model_copy.parent / "outside.safetensors").write_bytes((model_copy / "model-00001.safetensors").read_bytes())
     index = json.loads((model_copy / checkpoint.INDEX).read_text())
     index["weight_map"][next(iter(index["weight_map"]))] = shard
     (model_copy / checkpoint.INDEX).write_text(json.dumps(index))
-    code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"], capsys)
+    code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"])
     assert_one_line_error(code, err, checkpoint.INDEX, repr(shard), "not a file inside")
 
 
 @pytest.mark.parametrize("weight_map", [["a"], {"model.norm.weight": 3}, "x"])
-def test_an_index_weight_map_must_map_names_to_files(model_copy, capsys, weight_map):
+def test_an_index_weight_map_must_map_names_to_files(model_copy, weight_map):
     (model_copy / checkpoint.INDEX).write_text(json.dumps({"weight_map": weight_map}))
-    code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"], capsys)
+    code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"])
     assert_one_line_error(code, err, checkpoint.INDEX, "weight_map")
 
 
@@ -184,16 +178,16 @@ def with_nan(t: torch.Tensor) -> torch.Tensor:
         ("input_layernorm.weight", lambda t: t.to(torch.int64), "has dtype int64, expected floating point"),
     ],
 )
-def test_tensors_of_the_wrong_kind_are_named(model_copy, capsys, suffix, change, fragment):
+def test_tensors_of_the_wrong_kind_are_named(model_copy, suffix, change, fragment):
     edit_tensor(model_copy, suffix, change)
-    code, out, err = run(generate, ["--model", model_copy, "--prompt", "Hi"], capsys)
+    code, out, err = run(generate, ["--model", model_copy, "--prompt", "Hi"])
     assert_one_line_error(code, err, fragment)
     assert out == ""
 
 
-def test_a_tokenizer_larger_than_the_vocabulary_is_an_error(model_copy, real_gguf, capsys):
+def test_a_tokenizer_larger_than_the_vocabulary_is_an_error(model_copy, real_gguf):
     (model_copy / "tokenizer.model").write_bytes(gguf_format.tokenizer_proto(real_gguf))  # 262144 tokens
-    code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"], capsys)
+    code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"])
     assert_one_line_error(code, err, "the tokenizer has 262144 tokens", "vocab_size")
 
 
@@ -231,54 +225,52 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
 # chat.py
 
 
-def test_chat_survives_a_line_that_is_not_utf8(tiny_int4_dir, tmp_path, capsys, monkeypatch):
+def test_chat_survives_a_line_that_is_not_utf8(tiny_int4_dir, tmp_path, monkeypatch):
     saved = tmp_path / "x.json"
     stdin = f"hello\ncaf\xe9\n/save {saved}\n".encode("latin-1")
-    code, out, err = run(chat, ["--model", tiny_int4_dir, "--max-new-tokens", "3"], capsys, stdin, monkeypatch)
+    code, out, err = run(chat, ["--model", tiny_int4_dir, "--max-new-tokens", "3"], stdin)
     assert code == 0 and "Traceback" not in err
     assert "not valid UTF-8: the byte 0xe9" in err
     messages = json.loads(saved.read_text())["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["hello"]  # the bad line was refused
 
 
-def test_chat_save_does_not_replace_files(tiny_int4_dir, tmp_path, capsys, monkeypatch):
+def test_chat_save_does_not_replace_files(tiny_int4_dir, tmp_path, monkeypatch):
     precious = tmp_path / "config.json"
     precious.write_text("precious")
     (tmp_path / "folder").mkdir()
     stdin = f"/save {precious}\n/save {tmp_path / 'folder'}\n/save! {tmp_path / 'folder'}\n".encode()
-    code, _, err = run(chat, ["--model", tiny_int4_dir], capsys, stdin, monkeypatch)
+    code, _, err = run(chat, ["--model", tiny_int4_dir], stdin)
     assert code == 0 and "Traceback" not in err
     assert err.count("already exists: not replaced") == 2 and "is a directory" in err
     assert precious.read_text() == "precious" and list((tmp_path / "folder").iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "folder"]  # no temporary left
     stdin = f"hello\n/save! {precious}\n".encode()
-    code, _, err = run(chat, ["--model", tiny_int4_dir, "--max-new-tokens", "2"], capsys, stdin, monkeypatch)
+    code, _, err = run(chat, ["--model", tiny_int4_dir, "--max-new-tokens", "2"], stdin)
     assert code == 0 and json.loads(precious.read_text())["messages"][0]["content"] == "hello"  # on purpose
 
 
 @pytest.mark.parametrize("args", [["--max-new-tokens", "0"], ["--max-new-tokens", "-5"], ["--context", "0"]])
-def test_chat_rejects_bad_arguments(tiny_int4_dir, capsys, monkeypatch, args):
-    code, _, err = run(chat, ["--model", tiny_int4_dir, *args], capsys, b"hello\n", monkeypatch)
+def test_chat_rejects_bad_arguments(tiny_int4_dir, monkeypatch, args):
+    code, _, err = run(chat, ["--model", tiny_int4_dir, *args], b"hello\n")
     assert_one_line_error(code, err, args[0], "at least 1")
 
 
 # eval.py
 
 
-def test_eval_rejects_bad_input(tiny_int4_dir, tmp_path, capsys, monkeypatch):
+def test_eval_rejects_bad_input(tiny_int4_dir, tmp_path, monkeypatch):
     text = tmp_path / "text.txt"
     text.write_text("Some words to score, and some more of them. " * 20)
-    code, _, err = run(eval_script, ["--model", tiny_int4_dir, "--text", text, "--context", "100000"], capsys)
+    code, _, err = run(eval_script, ["--model", tiny_int4_dir, "--text", text, "--context", "100000"])
     assert_one_line_error(code, err, "--context 100000 exceeds the model's context of 256")
-    code, _, err = run(eval_script, ["--model", tiny_int4_dir, "--text", text, "--max-tokens", "-1"], capsys)
+    code, _, err = run(eval_script, ["--model", tiny_int4_dir, "--text", text, "--max-tokens", "-1"])
     assert_one_line_error(code, err, "--max-tokens", "at least 1")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    code, _, err = run(eval_script, ["--model", tiny_int4_dir, "--text", tmp_path / "latin1.txt"], capsys)
+    code, _, err = run(eval_script, ["--model", tiny_int4_dir, "--text", tmp_path / "latin1.txt"])
     assert_one_line_error(code, err, "latin1.txt: not UTF-8 text (byte 0xe9 at offset 3)")
     monkeypatch.setattr(eval_script, "perplexity", lambda *a, **k: {"perplexity": float("nan")})
-    code, out, err = run(
-        eval_script, ["--model", tiny_int4_dir, "--text", text, "--context", "64", "--stride", "32"], capsys
-    )
+    code, out, err = run(eval_script, ["--model", tiny_int4_dir, "--text", text, "--context", "64", "--stride", "32"])
     assert_one_line_error(code, err, "perplexity is nan")
     assert out == ""  # never "perplexity": NaN, which is not JSON
 
@@ -286,27 +278,25 @@ def test_eval_rejects_bad_input(tiny_int4_dir, tmp_path, capsys, monkeypatch):
 # convert.py
 
 
-def test_convert_validates_the_tokenizer_before_writing(tiny_int4_dir, tmp_path, capsys):
+def test_convert_validates_the_tokenizer_before_writing(tiny_int4_dir, tmp_path):
     (tmp_path / "garbage.model").write_bytes(b"not a sentencepiece model")
     args = [tiny_int4_dir, tmp_path / "out", "--to", "int4", "--tokenizer", tmp_path / "garbage.model"]
-    code, _, err = run(convert, args, capsys)
+    code, _, err = run(convert, args)
     assert_one_line_error(code, err, "garbage.model: not a SentencePiece model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.model"]
 
 
 @pytest.mark.parametrize("name", ["missing/out.gguf", "missing/out"])
-def test_convert_needs_the_destination_directory(tiny_int4_dir, tmp_path, capsys, name):
+def test_convert_needs_the_destination_directory(tiny_int4_dir, tmp_path, name):
     """One rule for files and directories: the parent must exist (nothing is created where you did not ask)."""
     to = "gguf" if name.endswith("gguf") else "int4"
-    code, _, err = run(convert, [tiny_int4_dir, tmp_path / name, "--to", to], capsys)
+    code, _, err = run(convert, [tiny_int4_dir, tmp_path / name, "--to", to])
     assert_one_line_error(code, err, "does not exist (create it first)")
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("to, dst", [("gguf", "out.gguf"), ("int4", "out")])
-def test_convert_does_not_replace_a_destination_that_appears_meanwhile(
-    tiny_int4_dir, tmp_path, capsys, monkeypatch, to, dst
-):
+def test_convert_does_not_replace_a_destination_that_appears_meanwhile(tiny_int4_dir, tmp_path, monkeypatch, to, dst):
     """Someone writes DST while the conversion runs: the conversion fails, DST keeps their bytes, no temporary."""
     dst = tmp_path / dst
     writer = gguf_format.write_gguf if to == "gguf" else checkpoint.write_shards
@@ -316,7 +306,7 @@ def test_convert_does_not_replace_a_destination_that_appears_meanwhile(
         dst.write_text("precious")
 
     monkeypatch.setattr(gguf_format if to == "gguf" else checkpoint, writer.__name__, write_and_race)
-    code, _, err = run(convert, [tiny_int4_dir, dst, "--to", to], capsys)
+    code, _, err = run(convert, [tiny_int4_dir, dst, "--to", to])
     assert_one_line_error(code, err, str(dst), "not replaced")
     assert dst.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [dst.name]
 
@@ -412,24 +402,23 @@ def test_a_cache_directory_that_is_not_a_model_is_named(tmp_path, monkeypatch):
     assert (tmp_path / checkpoint.DEFAULT_MODEL / "notes.txt").read_text() == "mine"
 
 
-def test_a_gguf_without_a_tokenizer_says_so(tiny_int4_dir, tmp_path, monkeypatch, capsys):
+def test_a_gguf_without_a_tokenizer_says_so(tiny_int4_dir, tmp_path, monkeypatch):
     """The model loads (its vocabulary from the embedding); asking for the tokenizer names what is missing."""
     import gguf
 
     for method in ("add_tokenizer_model", "add_tokenizer_pre", "add_token_list", "add_token_scores", "add_token_types"):
         monkeypatch.setattr(gguf.GGUFWriter, method, lambda *args: None)
-    assert convert.main([str(tiny_int4_dir), str(tmp_path / "bare.gguf"), "--to", "gguf"]) == 0
+    assert run(convert, [tiny_int4_dir, tmp_path / "bare.gguf", "--to", "gguf"])[0] == 0
     monkeypatch.undo()
-    capsys.readouterr()
-    config, _, _ = gguf_format.load_text_model(tmp_path / "bare.gguf")
+    config, _, _ = gguf_format.load(tmp_path / "bare.gguf")
     assert config["vocab_size"] == json.loads((tiny_int4_dir / "config.json").read_text())["vocab_size"]
-    code, _, err = run(generate, ["--model", tmp_path / "bare.gguf", "--prompt", "Hi"], capsys)
+    code, _, err = run(generate, ["--model", tmp_path / "bare.gguf", "--prompt", "Hi"])
     assert_one_line_error(code, err, "bare.gguf: the GGUF holds no tokenizer")
 
 
-def test_a_damaged_default_model_says_what_to_delete(tiny_int4_dir, tmp_path, monkeypatch, capsys):
+def test_a_damaged_default_model_says_what_to_delete(tiny_int4_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("GEMMA3_INT4_CACHE", str(tmp_path))
     cached = Path(shutil.copytree(tiny_int4_dir, tmp_path / checkpoint.DEFAULT_MODEL))
     (cached / "model-00001.safetensors").write_bytes(b"cut short")
-    code, _, err = run(generate, ["--prompt", "Hi"], capsys)
+    code, _, err = run(generate, ["--prompt", "Hi"])
     assert_one_line_error(code, err, "model-00001.safetensors", f"delete {cached} to convert it again")

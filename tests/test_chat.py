@@ -2,19 +2,21 @@
 context, and the script driven through piped stdin, on tiny models and on the embedded 270M."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 from PIL import Image
 
+import chat as chat_script
+import checkpoint
 import generation
+import loader
 from chat import ContextFull, Conversation
+from config import BOS_ID, END_OF_TURN_ID
 from generation import Sampling, prefill
-from model import Gemma3
-from tokenizer import BOS_ID, END_OF_TURN_ID, Tokenizer
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = Sampling(temperature=0)
@@ -22,7 +24,7 @@ GREEDY = Sampling(temperature=0)
 
 @pytest.fixture(scope="module")
 def tiny(tiny_int4_dir):
-    return Gemma3.from_pretrained(tiny_int4_dir, dtype=torch.float32), Tokenizer.from_pretrained(tiny_int4_dir)
+    return loader.from_pretrained(tiny_int4_dir, dtype=torch.float32), Tokenizer.from_pretrained(tiny_int4_dir)
 
 
 def next_turn_logits_match_recomputing(chat: Conversation, text: str) -> None:
@@ -145,8 +147,7 @@ def test_images_need_a_vision_model(tiny):
 
 
 def run_chat(stdin: str, *args):
-    return subprocess.run([sys.executable, "chat.py", *map(str, args)], cwd=ROOT, input=stdin, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return run_main(chat_script, *args, stdin=stdin)
 
 
 def test_piped_chat_with_commands(tiny_int4_dir, tmp_path):
@@ -163,7 +164,18 @@ def test_piped_chat_with_commands(tiny_int4_dir, tmp_path):
     assert saved["system"] == "Be brief."
     assert [m["role"] for m in saved["messages"]] == ["user", "model", "user", "model"]
     assert saved["messages"][2]["content"] == "What is a dict?"
-    assert out.stdout.count("\n") >= 3  # three replies
+    replies = greedy_replies(tiny_int4_dir, ["Hello!", "What is a dict?"], ["Again."], "Be brief.", 6)
+    assert out.stdout == "".join(r + "\n" for r in replies)  # the replies, each on its own line
+
+
+def greedy_replies(model_dir, turns: list[str], after_reset: list[str], system=None, max_new_tokens=None) -> list[str]:
+    """What the script should print: the Conversation API's greedy replies, with chat.py's defaults (bf16)."""
+    model = loader.from_pretrained(model_dir) if model_dir else loader.from_pretrained(checkpoint.DEFAULT_MODEL)
+    tok = Tokenizer.from_pretrained(model_dir or checkpoint.DEFAULT_MODEL)
+    chat = Conversation(model, tok, GREEDY, min(8192, model.config.max_seq_len), system, max_new_tokens)
+    replies = ["".join(chat.ask(text)) for text in turns]
+    chat.reset()
+    return replies + ["".join(chat.ask(text)) for text in after_reset]
 
 
 def test_piped_chat_context_full_and_text_only_images(tiny_int4_dir, tmp_path):
@@ -194,4 +206,5 @@ def test_piped_chat_on_the_embedded_model(tmp_path):
     out = run_chat("The capital of France is\nAnd the capital of Italy is\n", "--temperature", "0",
                    "--max-new-tokens", "12")  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("\n") >= 2 and out.stdout.strip()
+    turns = ["The capital of France is", "And the capital of Italy is"]
+    assert out.stdout == "".join(r + "\n" for r in greedy_replies(None, turns, [], max_new_tokens=12))

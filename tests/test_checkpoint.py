@@ -13,9 +13,9 @@ import torch
 from conftest import TINY, hf_text_model, int4_checkpoint
 from safetensors.torch import load_file, save_file
 
-import model as model_module
+import config as config_module
+import loader
 import quant
-from model import Gemma3
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,11 +34,11 @@ def test_gaunernst_int4_matches_transformers(tmp_path, max_shard_bytes):
     int4_checkpoint(hf, tmp_path, max_shard_bytes)
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert files[0] == "model-00001.safetensors" and (len(files) > 1) == (max_shard_bytes < 2**20)
-    ours = Gemma3.from_pretrained(tmp_path, dtype=torch.float32)
+    ours = loader.from_pretrained(tmp_path, dtype=torch.float32)
     assert isinstance(ours.layers[0].attn.qkv_proj, quant.Int4Linear)
     assert isinstance(ours.embed, quant.Int4Linear)
     assert max_diff(ours, hf, IDS) <= 1e-3
-    dense = Gemma3.from_pretrained(tmp_path, dtype=torch.float32, weights="dense")
+    dense = loader.from_pretrained(tmp_path, dtype=torch.float32, weights="dense")
     assert max_diff(dense, hf, IDS) <= 1e-3
 
 
@@ -50,8 +50,8 @@ def test_dense_hf_checkpoint_sharded_and_quantized_on_load(tmp_path):
     hf.save_pretrained(tmp_path, max_shard_size="100KB")  # model-00001-of-0000N.safetensors + index
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
-    assert max_diff(Gemma3.from_pretrained(tmp_path, dtype=torch.float32, weights="dense"), hf, IDS) <= 1e-3
-    ours = Gemma3.from_pretrained(tmp_path, dtype=torch.float32)  # round-to-nearest int4 on load
+    assert max_diff(loader.from_pretrained(tmp_path, dtype=torch.float32, weights="dense"), hf, IDS) <= 1e-3
+    ours = loader.from_pretrained(tmp_path, dtype=torch.float32)  # round-to-nearest int4 on load
     int4_checkpoint(hf, tmp_path / "ref")  # hf now holds the same round-to-nearest weights
     assert max_diff(ours, hf, IDS) <= 1e-3
 
@@ -61,17 +61,17 @@ def test_single_safetensors_file_without_config(tmp_path, monkeypatch):
     hf = hf_text_model()
     hf.save_pretrained(tmp_path)
     (tmp_path / "config.json").unlink()
-    cfg = model_module.Gemma3Config.from_hf({**hf.config.to_dict(), "model_type": "gemma3_text"})
+    cfg = config_module.Gemma3Config.from_hf({**hf.config.to_dict(), "model_type": "gemma3_text"})
     sizes = {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                                           "intermediate_size", "sliding_window", "query_pre_attn_scalar",
                                           "rope_scale_global", "max_seq_len")}  # fmt: skip
-    monkeypatch.setitem(model_module.CONFIGS, "tiny", sizes)
-    ours = Gemma3.from_pretrained(tmp_path / "model.safetensors", dtype=torch.float32, weights="dense")
+    monkeypatch.setitem(config_module.CONFIGS, "tiny", sizes)
+    ours = loader.from_pretrained(tmp_path / "model.safetensors", dtype=torch.float32, weights="dense")
     assert ours.config.vocab_size == TINY["vocab_size"]
     assert max_diff(ours, hf, IDS) <= 1e-3
-    monkeypatch.delitem(model_module.CONFIGS, "tiny")
+    monkeypatch.delitem(config_module.CONFIGS, "tiny")
     with pytest.raises(ValueError, match="match no published Gemma 3 size"):
-        Gemma3.from_pretrained(tmp_path, dtype=torch.float32)
+        loader.from_pretrained(tmp_path, dtype=torch.float32)
 
 
 @pytest.fixture
@@ -87,34 +87,34 @@ def edit_shards(directory, edit):
 
 def test_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        Gemma3.from_pretrained(tmp_path / "nope")
+        loader.from_pretrained(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
-        Gemma3.from_pretrained(tmp_path)
+        loader.from_pretrained(tmp_path)
 
 
 def test_corrupt_safetensors_names_the_file(int4_dir):
     shard = int4_dir / "model-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ValueError, match="model-00002.safetensors: not a readable safetensors file"):
-        Gemma3.from_pretrained(int4_dir)
+        loader.from_pretrained(int4_dir)
 
 
 def test_missing_shard(int4_dir):
     (int4_dir / "model-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="shard model-00002.safetensors, which is missing"):
-        Gemma3.from_pretrained(int4_dir)
+        loader.from_pretrained(int4_dir)
 
 
 def test_missing_tensor_is_named(int4_dir):
     edit_shards(int4_dir, lambda t: {k: v for k, v in t.items() if not k.startswith("model.layers.3.mlp.up_proj")})
     with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): layers.3.mlp.up_proj.weight"):
-        Gemma3.from_pretrained(int4_dir)
+        loader.from_pretrained(int4_dir)
 
 
 def test_unexpected_tensor_is_named(int4_dir):
     edit_shards(int4_dir, lambda t: {**t, "model.layers.0.mlp.extra.weight": torch.zeros(4)})
     with pytest.raises(ValueError, match="unexpected tensor.*layers.0.mlp.extra.weight"):
-        Gemma3.from_pretrained(int4_dir)
+        loader.from_pretrained(int4_dir)
 
 
 def test_wrong_shape_is_named(int4_dir):
@@ -125,23 +125,23 @@ def test_wrong_shape_is_named(int4_dir):
 
     edit_shards(int4_dir, edit)
     with pytest.raises(ValueError, match=r"norm.weight has shape \(65,\), expected \(64,\)"):
-        Gemma3.from_pretrained(int4_dir)
+        loader.from_pretrained(int4_dir)
 
 
 def test_int4_data_without_scales(int4_dir):
     name = "model.layers.1.self_attn.q_proj.weight.scales"
     edit_shards(int4_dir, lambda t: {k: v for k, v in t.items() if k != name})
     with pytest.raises(ValueError, match="quantized tensor layers.1.attn.q_proj.int4_data has no matching scales"):
-        Gemma3.from_pretrained(int4_dir)
+        loader.from_pretrained(int4_dir)
 
 
 def test_bad_config_json(int4_dir):
     (int4_dir / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
-        Gemma3.from_pretrained(int4_dir)
+        loader.from_pretrained(int4_dir)
     (int4_dir / "config.json").write_text(json.dumps({"model_type": "mistral"}))
     with pytest.raises(ValueError, match="'mistral' is not Gemma 3"):
-        Gemma3.from_pretrained(int4_dir)
+        loader.from_pretrained(int4_dir)
 
 
 def test_hub_id_loads_from_the_hub_cache_layout(int4_dir, tmp_path_factory):
@@ -155,15 +155,15 @@ def test_hub_id_loads_from_the_hub_cache_layout(int4_dir, tmp_path_factory):
     for f in int4_dir.iterdir():
         (snapshot / f.name).write_bytes(f.read_bytes())
     code = (
-        "import torch; from model import Gemma3; "
-        "m = Gemma3.from_pretrained('someone/gemma-3-tiny-it-int4', dtype=torch.float32); "
+        "import torch, loader; "
+        "m = loader.from_pretrained('someone/gemma-3-tiny-it-int4', dtype=torch.float32); "
         "print(type(m.embed).__name__, m.config.num_layers)"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Int4Linear", "7"]
-    code = "from model import Gemma3; Gemma3.from_pretrained('someone/not-cached')"
+    code = "import loader; loader.from_pretrained('someone/not-cached')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "downloading it from the hub failed" in out.stderr
 
@@ -171,10 +171,35 @@ def test_hub_id_loads_from_the_hub_cache_layout(int4_dir, tmp_path_factory):
 MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 
 
+# Imports go one way, down this list: each module imports ours only from the layers below its own, at the top
+# of the file (no import deferred into a function to dodge a cycle), and no module imports a script.
+LAYERS = [
+    {"config", "files", "hugepages"},  # import nothing of ours
+    {"quant"},
+    {"vision", "gguf_format", "flax_format"},
+    {"model", "checkpoint"},
+    {"tokenizer", "loader"},
+    {"generation", "ptq"},
+    {"cli"},
+    {"generate", "chat", "eval", "convert"},  # the scripts
+]
+
+
+def test_imports_go_one_way():
+    assert set().union(*LAYERS) == set(MODULES), "a new module needs a place in LAYERS"
+    layer = {m: i for i, group in enumerate(LAYERS) for m in group}
+    for module in MODULES:
+        for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                for name in (n for n in names if n in layer):
+                    assert layer[name] < layer[module], f"{module} imports {name}, which is not below it"
+                    assert node.col_offset == 0, f"{module} imports {name} inside a function"
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_every_module_imports_first(module):
-    """Whichever of our modules a script or a user imports first, no import cycle bites (eval.py imports
-    tokenizer first, which reaches model through checkpoint and flax_format)."""
+    """Whichever of our modules a script or a user imports first, it imports (with what it needs)."""
     saved = {m: sys.modules.pop(m) for m in MODULES if m in sys.modules}
     try:
         importlib.import_module(module)

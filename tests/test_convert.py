@@ -3,26 +3,26 @@ independent readers (AutoAWQ's unpacking, the compressed-tensors library, transf
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, hf_multimodal_model, hf_text_model, int4_checkpoint
+from conftest import TINY, hf_multimodal_model, hf_text_model, int4_checkpoint, run_main
 from safetensors.torch import load_file, save_file
 
 import checkpoint
 import convert
+import loader
 import quant
-from model import TEXT_VOCAB_SIZE, Gemma3, load_checkpoint
+from config import TEXT_VOCAB_SIZE
+from loader import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(0, TINY["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(0))
 
 
-def run_convert(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "convert.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+def run_convert(*args):
+    return run_main(convert, *args)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_transformers_loads_the_dense_export(multimodal_int4_dir, export):
 
     exported = export(multimodal_int4_dir, "dense")
     hf = Gemma3ForConditionalGeneration.from_pretrained(exported, dtype=torch.float32, attn_implementation="eager")
-    ours = Gemma3.from_pretrained(exported, dtype=torch.float32, weights="dense")
+    ours = loader.from_pretrained(exported, dtype=torch.float32, weights="dense")
     with torch.no_grad():
         diff = (ours(IDS) - hf(IDS).logits)[..., :TEXT_VOCAB_SIZE].abs().max().item()  # ours masks the padding
     assert diff < 1e-3
@@ -141,7 +141,7 @@ def test_transformers_loads_the_compressed_tensors_export(tiny_int4_dir, export)
 
     exported = export(tiny_int4_dir, "compressed-tensors")
     hf = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
-    ours = Gemma3.from_pretrained(exported, dtype=torch.float32, weights="dense")
+    ours = loader.from_pretrained(exported, dtype=torch.float32, weights="dense")
     with torch.no_grad():
         diff = (ours(IDS) - hf(IDS).logits).abs().max().item()
     assert diff < 1e-4
@@ -192,7 +192,7 @@ def test_awq_in_asymmetric_is_dequantized_then_requantized(tmp_path):
     directory, dense = awq_dir(tmp_path / "awq", zeros=5, group_size=128)
     _, tensors, _ = load_checkpoint(directory)
     assert torch.equal(tensors["layers.2.mlp.up_proj.weight"], dense["model.layers.2.mlp.up_proj.weight"].float())
-    ours = Gemma3.from_pretrained(directory, dtype=torch.float32)
+    ours = loader.from_pretrained(directory, dtype=torch.float32)
     assert isinstance(ours.layers[2].mlp.gate_up_proj, quant.Int4Linear)
 
 

@@ -2,20 +2,20 @@
 QAT checkpoints' do, written with orbax in Google's tree layout, read back, quantized bit for bit, and run against
 transformers holding the same weights."""
 
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, VISION_TINY, randomize
+from conftest import TINY, VISION_TINY, randomize, run_main
 
+import convert
 import flax_format
+import loader
 import quant
 from checkpoint import our_name
-from model import CONFIGS, TEXT_VOCAB_SIZE, Gemma3, Gemma3Config, convert_weights, load_checkpoint
-from tokenizer import IMAGE_TOKEN_ID
+from config import CONFIGS, IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES, Gemma3Config
+from loader import convert_weights, load_checkpoint
 
 ocp = pytest.importorskip("orbax.checkpoint")
 bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
@@ -66,7 +66,7 @@ def reference(multimodal: bool):
             if ours == "embed.weight":
                 w[TEXT_VOCAB_SIZE:] = 0  # the multimodal embedding's padding: Google stores 262144 rows
             # the multimodal embedding stays dense: the grid search over its 16.7M weights takes seconds
-            if w.dim() == 2 and not ours.startswith("vision.") and not (multimodal and ours == "embed.weight"):
+            if w.dim() == 2 and not ours.startswith(VISION_MODULES) and not (multimodal and ours == "embed.weight"):
                 q, s = grid_weight(*w.shape, gen)
                 grids[ours] = q, s
                 w.copy_(quant.dequantize_int4(quant.pack_int4(q), s.float()))
@@ -110,8 +110,8 @@ def vision_tree(t: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     V = lambda k: t[f"vision.{k}"]
     C, heads = V("post_layernorm.weight").shape[0], VISION["num_attention_heads"]
     tree = {
-        "transformer/embedder/mm_input_projection": {"w": V("projector.mm_input_projection_weight")},
-        "transformer/embedder/mm_soft_embedding_norm": {"scale": V("projector.mm_soft_emb_norm.weight")},
+        "transformer/embedder/mm_input_projection": {"w": t["projector.mm_input_projection_weight"]},
+        "transformer/embedder/mm_soft_embedding_norm": {"scale": t["projector.mm_soft_emb_norm.weight"]},
         SIGLIP: {"pos_embedding": V("position_embedding.weight")[None]},
         f"{SIGLIP}/embedding": {
             "kernel": V("patch_embedding.weight").transpose(2, 3, 1, 0),  # (out, in, h, w): HWIO
@@ -186,7 +186,7 @@ def test_config_is_inferred_from_the_shapes(loaded):
 
 def test_logits_match_transformers(loaded):
     hf, grids, (hf_config, tensors, _) = loaded
-    ours = Gemma3.from_tensors(Gemma3Config.from_hf(hf_config), int4(tensors, grids), torch.float32)
+    ours = loader.from_tensors(Gemma3Config.from_hf(hf_config), int4(tensors, grids), torch.float32)
     g = torch.Generator().manual_seed(2)
     words = lambda n: torch.randint(0, 500, (n,), generator=g).tolist()
     if ours.vision is None:
@@ -255,8 +255,7 @@ def test_convert_py_writes_the_qat_checkpoint_losslessly(tmp_path, tokenizer_fil
     hf, grids = reference(multimodal=False)
     write_orbax(google_tree(hf), tmp_path / "ckpt")
     (tmp_path / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
-    out = subprocess.run([sys.executable, "convert.py", tmp_path / "ckpt", tmp_path / "int4", "--to", "int4"],
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)  # fmt: skip
+    out = run_main(convert, tmp_path / "ckpt", tmp_path / "int4", "--to", "int4")
     assert out.returncode == 0, out.stderr
     _, tensors, _ = load_checkpoint(tmp_path / "int4")
     for name, (q, s) in grids.items():

@@ -1,16 +1,15 @@
 """Sampling against transformers' logits processors, and the decode loop against transformers' generate."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_text_model
+from conftest import hf_text_model, run_main
 
+import generate as generate_script
+import loader
 from generation import Sampling, compile_decode_step, decode_one_token, generate, prefill, sample
-from model import Gemma3
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +80,7 @@ def models(tmp_path_factory):
     hf = hf_text_model()
     directory = tmp_path_factory.mktemp("dense")
     hf.save_pretrained(directory)
-    return hf, Gemma3.from_pretrained(directory, dtype=torch.float32, weights="dense")
+    return hf, loader.from_pretrained(directory, dtype=torch.float32, weights="dense")
 
 
 def test_greedy_generation_matches_transformers(models):
@@ -129,7 +128,7 @@ def test_prompt_longer_than_context(models):
 def test_compiled_decode_step_matches_eager_and_compiles_once(tiny_int4_dir):
     """bf16 int4 (the CPU kernels inside the graph): compiled steps agree with eager ones, and neither new
     positions nor a new prompt in the reused cache trigger a recompilation."""
-    model = Gemma3.from_pretrained(tiny_int4_dir)
+    model = loader.from_pretrained(tiny_int4_dir)
     step = compile_decode_step(torch.device("cpu"))
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
@@ -148,7 +147,7 @@ def test_compiled_decode_step_matches_eager_and_compiles_once(tiny_int4_dir):
 
 
 def run_generate(*args):
-    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, capture_output=True, text=True)
+    return run_main(generate_script, *args)
 
 
 def test_generate_script_streams_and_reports(tiny_int4_dir):
@@ -160,7 +159,7 @@ def test_generate_script_streams_and_reports(tiny_int4_dir):
     tok = Tokenizer.from_file(tiny_int4_dir / "tokenizer.model")
     prompt = tok.chat_prompt([{"role": "user", "content": "Hello"}])  # the name says -it: chat template
     assert stats["prompt_tokens"] == len(prompt)
-    ours = Gemma3.from_pretrained(tiny_int4_dir, dtype=torch.float32)
+    ours = loader.from_pretrained(tiny_int4_dir, dtype=torch.float32)
     tokens = [t for t in generate(ours, prompt, 12, Sampling(temperature=0)) if t not in (1, 106)]
     assert out.stdout == tok.decode(tokens) + "\n"
     raw = run_generate("--model", str(tiny_int4_dir), "--prompt", "Hello", "--raw", "--max-new-tokens", "3",

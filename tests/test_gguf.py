@@ -1,24 +1,25 @@
 """GGUF in and out on tiny models: int4 -> GGUF -> int4 is bit-exact; bad files give clear errors."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
+import convert
 import gguf_format
+import loader
 import quant
-from model import Gemma3, load_checkpoint
+from loader import load_checkpoint
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_convert(*args):
-    return subprocess.run([sys.executable, "convert.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    return run_main(convert, *args)
 
 
 def test_int4_to_gguf_to_int4_is_bit_exact(tiny_int4_dir, tmp_path):
@@ -36,8 +37,8 @@ def test_int4_to_gguf_to_int4_is_bit_exact(tiny_int4_dir, tmp_path):
     assert config.query_pre_attn_scalar == src_config.query_pre_attn_scalar == 24
     assert config.rope_scale_global == 8.0 and config.global_layers == src_config.global_layers
     ids = torch.randint(0, 512, (1, 30))
-    a = Gemma3.from_pretrained(tiny_int4_dir, dtype=torch.float32)(ids)
-    b = Gemma3.from_pretrained(tmp_path / "tiny.gguf", dtype=torch.float32)(ids)
+    a = loader.from_pretrained(tiny_int4_dir, dtype=torch.float32)(ids)
+    b = loader.from_pretrained(tmp_path / "tiny.gguf", dtype=torch.float32)(ids)
     assert (a - b).abs().max().item() < 1e-4  # only the stored rms eps differs (float32 in GGUF)
     # and back to our safetensors layout
     out = run_convert(tmp_path / "tiny.gguf", tmp_path / "again", "--to", "int4")
@@ -96,7 +97,7 @@ def test_inexact_scales_fall_back_to_f32(tiny_int4_dir, tmp_path):
 def test_bad_gguf_files(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 40)
     with pytest.raises(ValueError, match="not a readable GGUF file"):
-        Gemma3.from_pretrained(tmp_path / "junk.gguf")
+        loader.from_pretrained(tmp_path / "junk.gguf")
     w = gguf.GGUFWriter(tmp_path / "llama.gguf", "llama")
     w.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     w.write_header_to_file()
@@ -104,7 +105,7 @@ def test_bad_gguf_files(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(ValueError, match="architecture is 'llama', not 'gemma3'"):
-        Gemma3.from_pretrained(tmp_path / "llama.gguf")
+        loader.from_pretrained(tmp_path / "llama.gguf")
 
 
 def test_convert_errors_leave_nothing_behind(tiny_int4_dir, tmp_path):

@@ -6,14 +6,16 @@ import pytest
 import torch
 from conftest import TINY, hf_text_model
 
-from model import CONFIGS, TEXT_VOCAB_SIZE, Gemma3, Gemma3Config
+import loader
+from config import CONFIGS, TEXT_VOCAB_SIZE, Gemma3Config
+from model import Gemma3
 
 TOL = 1e-3
 
 
 def ours_from(hf_model, tmp_path) -> Gemma3:
     hf_model.save_pretrained(tmp_path)
-    return Gemma3.from_pretrained(tmp_path, dtype=torch.float32, weights="dense")
+    return loader.from_pretrained(tmp_path, dtype=torch.float32, weights="dense")
 
 
 @pytest.mark.parametrize(
@@ -51,8 +53,8 @@ def test_bf16_close_to_float32(tmp_path):
     hf = hf_text_model()
     hf.save_pretrained(tmp_path)
     ids = torch.randint(0, TINY["vocab_size"], (1, 20))
-    ref = Gemma3.from_pretrained(tmp_path, dtype=torch.float32, weights="dense")(ids)
-    got = Gemma3.from_pretrained(tmp_path, dtype=torch.bfloat16, weights="dense")(ids)
+    ref = loader.from_pretrained(tmp_path, dtype=torch.float32, weights="dense")(ids)
+    got = loader.from_pretrained(tmp_path, dtype=torch.bfloat16, weights="dense")(ids)
     assert got.dtype == torch.float32
     assert (got - ref).abs().max().item() < 0.1 * ref.abs().max().item()
 
@@ -144,6 +146,31 @@ def test_published_configs_match_transformers_defaults():
         assert sum(ours.global_layers) == ours.num_layers // 6
 
 
+# The published text configs (Google's config.json files, as ../shared/GEMMA3.md lists them): hidden, layers,
+# heads, kv heads, head_dim, FFN, sliding window, vocab, context, global RoPE scaling, query_pre_attn_scalar
+PUBLISHED = {
+    "270m": (640, 18, 4, 1, 256, 2048, 512, 262144, 32768, None, 256),
+    "1b": (1152, 26, 4, 1, 256, 6912, 512, 262144, 32768, None, 256),
+    "4b": (2560, 34, 8, 4, 256, 10240, 1024, 262208, 131072, 8.0, 256),
+    "12b": (3840, 48, 16, 8, 256, 15360, 1024, 262208, 131072, 8.0, 256),
+    "27b": (5376, 62, 32, 16, 128, 21504, 1024, 262208, 131072, 8.0, 168),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_configs_are_the_published_ones(name):
+    """Our table against the published values (not against itself): each size's config.json reads to it."""
+    hidden, layers, heads, kv, head_dim, ffn, window, vocab, context, factor, scalar = PUBLISHED[name]
+    text = {"model_type": "gemma3_text", "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim, "intermediate_size": ffn,
+            "sliding_window": window, "vocab_size": vocab, "max_position_embeddings": context,
+            "query_pre_attn_scalar": scalar, "rope_scaling": factor and {"rope_type": "linear", "factor": factor},
+            "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "rms_norm_eps": 1e-6}  # fmt: skip
+    hf = text if factor is None else {"model_type": "gemma3", "text_config": text, "vision_config": {}}
+    assert Gemma3Config.from_hf(hf) == Gemma3Config.from_name(name)
+    assert Gemma3Config.from_name(name).global_layers == [(i + 1) % 6 == 0 for i in range(layers)]
+
+
 def test_config_from_real_multimodal_layout():
     """google/gemma-3-4b-it's config.json omits the fields that take transformers' defaults."""
     hf = {
@@ -189,7 +216,7 @@ def small_state_dict(kinds: dict[str, str]) -> tuple[Gemma3Config, dict[str, tor
         if kind == "weight":
             tensors[f"{module}.weight"] = w
         else:
-            tensors[f"{module}.{kind}"], tensors[f"{module}.scales"] = quant.FORMATS[kind][1](w)
+            tensors[f"{module}.{kind}"], tensors[f"{module}.scales"] = quant.FORMATS[kind].quantize(w)
     return config, tensors
 
 

@@ -7,10 +7,11 @@ import torch
 from conftest import TINY, hf_text_model, randomize
 
 import convert
+import loader
 import ptq
 import quant
-from model import FUSED, Gemma3, Gemma3Config, split_projections
-from tokenizer import BOS_ID
+from config import BOS_ID, Gemma3Config
+from model import FUSED, Gemma3, split_projections
 
 CONFIG = Gemma3Config(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=96,
                       sliding_window=8, vocab_size=512, query_pre_attn_scalar=24)  # fmt: skip
@@ -30,7 +31,7 @@ def calibration() -> torch.Tensor:
 
 
 def model_from(tensors: dict[str, torch.Tensor]) -> Gemma3:
-    return Gemma3.from_tensors(CONFIG, tensors, torch.float32)
+    return loader.from_tensors(CONFIG, tensors, torch.float32)
 
 
 def weight_names(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -46,7 +47,7 @@ def stacked_module(name: str) -> str:
 
 
 def test_output_is_the_int4_format_and_the_rest_passes_through(dense, calibration):
-    vision = {"vision.patch_embedding.weight": torch.randn(8, 3, 7, 7), "vision.projector.w.weight": torch.randn(8, 64)}
+    vision = {"vision.patch_embedding.weight": torch.randn(8, 3, 7, 7), "projector.w.weight": torch.randn(8, 64)}
     tensors = {**dense, **vision}
     before = {k: v.clone() for k, v in tensors.items()}
     out = ptq.gptq(CONFIG, tensors, calibration[:4, :16])
@@ -154,8 +155,8 @@ def test_convert_py_gptq(tmp_path, tokenizer_file):
     ids = torch.randint(0, TINY["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf(ids).logits
-        err = {q: (Gemma3.from_pretrained(tmp_path / q, torch.float32)(ids) - expected).norm() for q in ("rtn", "gptq")}
-    assert isinstance(Gemma3.from_pretrained(tmp_path / "gptq").embed, quant.Int4Linear)
+        err = {q: (loader.from_pretrained(tmp_path / q, torch.float32)(ids) - expected).norm() for q in ("rtn", "gptq")}
+    assert isinstance(loader.from_pretrained(tmp_path / "gptq").embed, quant.Int4Linear)
     assert err["gptq"] < 0.95 * err["rtn"]
     with pytest.raises(ValueError, match="gptq only for a quantized target"):
         convert.convert(str(tmp_path / "dense"), tmp_path / "x", "dense", quantizer="gptq")

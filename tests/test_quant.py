@@ -100,10 +100,15 @@ def random_int4_linear(n=48, k=128, dtype=torch.float32) -> Int4Linear:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_linear_is_the_dequant_matmul(dtype):
-    layer = random_int4_linear(dtype=dtype)
+def test_int4_linear_is_the_matmul_of_its_grid(dtype):
+    """Against W = q * scale built from the integers and scales directly (not through our dequantization)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (48, 128), generator=g)
+    scales = (torch.rand(48, 4, generator=g) + 0.5).to(dtype)
+    w = (q.float().view(48, 4, 32) * scales.float()[..., None]).view(48, 128)  # exact: 4-bit ints times a scale
+    layer = Int4Linear(128, 48, dtype=dtype)
+    layer.load_state_dict({"int4_data": quant.pack_int4(q), "scales": scales})
     x = torch.randn(3, 5, 128, dtype=dtype)
-    w = quant.dequantize_int4(layer.int4_data, layer.scales)
     dt = quant.matmul_dtype(x)  # float32 on CPUs without native bf16 matmuls, rounded back to x's dtype
     assert torch.equal(layer(x), torch.nn.functional.linear(x.to(dt), w.to(dt)).to(dtype))
 
@@ -139,7 +144,7 @@ def test_cpu_kernels_against_the_dequant_reference(cls, int8_kernel, monkeypatch
     """The CPU kernels (bf16, few rows) read exactly our weights (bit-exact: identity rows return rows of
     W.T itself) and compute x @ W.T up to accumulation order; larger batches take the portable path.
     Int8Linear both ways: as two int4 digits through the int4 kernel, and through the int8 kernel."""
-    monkeypatch.setattr(Int8Linear, "int8_kernel", int8_kernel)
+    monkeypatch.setattr(quant, "INT8_AS_INT4_DIGITS", not int8_kernel)
     layer = quantized(cls, 96, 128, torch.bfloat16)
     reference = layer.dequantize()
     quant.use_cpu_kernels(layer)
@@ -164,7 +169,7 @@ def test_cpu_kernels_against_the_dequant_reference(cls, int8_kernel, monkeypatch
 @pytest.mark.parametrize("cls, n, k", [(Int4Linear, 24, 128), (Int8Linear, 24, 128), (Int8Linear, 32, 100)])
 def test_shapes_the_cpu_kernel_cannot_take_stay_portable(cls, n, k, int8_kernel, monkeypatch):
     """The kernel wants N % 16 == 0 and whole groups of 32 along K: other shapes keep the dequant-matmul."""
-    monkeypatch.setattr(Int8Linear, "int8_kernel", int8_kernel)
+    monkeypatch.setattr(quant, "INT8_AS_INT4_DIGITS", not int8_kernel)
     layer = quantized(cls, n, k, torch.bfloat16)
     quant.use_cpu_kernels(layer)
     assert layer.cpu_packed is None
@@ -243,6 +248,7 @@ def test_a_cached_ranker_is_used_as_it_is():
     assert torch.equal(head.ranker.int4_data, fresh["int4_data"]) and torch.equal(head.ranker.scales, fresh["scales"])
     quant.use_cpu_kernels(head)
     assert head.cpu_packed is None and head.ranker.cpu_packed is not None
+    assert set(head.state_dict()) == {"int8_data", "scales"}  # derived, not saved: a state dict loads back as is
 
 
 def test_a_dense_weight_is_rounded_to_nearest_without_the_grid_search(monkeypatch):

@@ -12,10 +12,10 @@ import torch
 from conftest import llama_logits, text_sample
 from safetensors.torch import save_file
 
+import loader
 from checkpoint import RANKER, read_ranker
 from eval import chunked_logits, perplexity
 from generation import Sampling, generate
-from model import Gemma3
 from tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def tok(real_gguf):
 
 @pytest.fixture(scope="module")
 def dense(real_gguf):
-    return Gemma3.from_pretrained(real_gguf, dtype=torch.float32, weights="dense")
+    return loader.from_pretrained(real_gguf, dtype=torch.float32, weights="dense")
 
 
 def test_tokenizer_matches_transformers_and_llama_cpp(real_gguf, tok):
@@ -94,10 +94,10 @@ def test_default_import_perplexity_is_within_5_percent_of_llama_cpp(real_gguf, l
     naive int4 of everything loses much more. Evaluated on text the tests do not tune on."""
     ids = tok.encode(text_sample(40_000, offset=200_000))[:2048]
     llama_ppl = perplexity(lambda x: llama_logits(llama_real, x[0].tolist()), ids, 1024, 512, progress=False)
-    auto = Gemma3.from_pretrained(real_gguf, dtype=torch.float32, weights="auto")
+    auto = loader.from_pretrained(real_gguf, dtype=torch.float32, weights="auto")
     auto_ppl = perplexity(chunked_logits(auto), ids, 1024, 512, progress=False)
     assert auto_ppl["perplexity"] <= 1.05 * llama_ppl["perplexity"]
-    int4 = Gemma3.from_pretrained(real_gguf, dtype=torch.float32, weights="int4")
+    int4 = loader.from_pretrained(real_gguf, dtype=torch.float32, weights="int4")
     int4_ppl = perplexity(chunked_logits(int4), ids, 1024, 512, progress=False)
     assert int4_ppl["perplexity"] > auto_ppl["perplexity"]
 
@@ -105,7 +105,7 @@ def test_default_import_perplexity_is_within_5_percent_of_llama_cpp(real_gguf, l
 def test_ranked_int8_head_decodes_as_the_int8_head(real_gguf, tok):
     """The default import's int8 head, ranked by its int4 copy (Int8Linear.unembed), gives the same greedy
     continuations as the int8 head alone."""
-    model = Gemma3.from_pretrained(real_gguf, dtype=torch.float32)
+    model = loader.from_pretrained(real_gguf, dtype=torch.float32)
     ranker = model.embed.ranker
     for prompt in PROMPTS:
         ids = tok.encode(prompt, bos=True)
@@ -133,7 +133,7 @@ def test_generate_runs_the_embedded_default_model(tmp_path):
     ranker = read_ranker(directory, 262144, 640)
     assert set(ranker) == {"int4_data", "scales"} and ranker["int4_data"].shape == (262144, 320)
     save_file({k: v.flip(0).contiguous() for k, v in ranker.items()}, directory / RANKER)
-    assert torch.equal(Gemma3.from_pretrained(directory).embed.ranker.int4_data, ranker["int4_data"].flip(0))
+    assert torch.equal(loader.from_pretrained(directory).embed.ranker.int4_data, ranker["int4_data"].flip(0))
 
 
 def test_eval_script(real_gguf, tmp_path):
@@ -153,7 +153,7 @@ def test_gguf_import_keeps_each_tensors_precision(real_gguf):
     import gguf
 
     from gguf_format import open_gguf
-    from model import load_checkpoint
+    from loader import load_checkpoint
     from quant import Int8Linear
 
     _, tensors, above_4_bits = load_checkpoint(real_gguf)
@@ -167,7 +167,7 @@ def test_gguf_import_keeps_each_tensors_precision(real_gguf):
         expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
         assert torch.equal(tensors[f"{ours}.weight"], expected), ours
         assert f"{ours}.weight" in above_4_bits
-    model = Gemma3.from_pretrained(real_gguf, dtype=torch.float32)
+    model = loader.from_pretrained(real_gguf, dtype=torch.float32)
     assert all(
         isinstance(m, Int8Linear) for m in (model.embed, model.layers[0].attn.qkv_proj, model.layers[0].attn.o_proj)
     )
@@ -179,7 +179,7 @@ def test_gguf_export_runs_in_llama_cpp(real_gguf, tmp_path, tok):
     llama.cpp, which agrees with us on it; int4 -> GGUF -> int4 is bit-exact on the real model."""
     from llama_cpp import Llama
 
-    from model import load_checkpoint
+    from loader import load_checkpoint
     from quant import convert_state_dict
 
     ids = tok.encode(text_sample(2000, offset=50_000), bos=True)[:300]
@@ -190,7 +190,7 @@ def test_gguf_export_runs_in_llama_cpp(real_gguf, tmp_path, tok):
         assert out.returncode == 0, out.stderr
         llm = Llama(model_path=str(dst), n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True, verbose=False)
         assert llm.tokenize(text_sample(5000).encode(), add_bos=False, special=False) == tok.encode(text_sample(5000))
-        ours = Gemma3.from_pretrained(dst, dtype=torch.float32)
+        ours = loader.from_pretrained(dst, dtype=torch.float32)
         a = torch.log_softmax(chunked_logits(ours)(torch.tensor([ids])), -1)
         b = torch.log_softmax(llama_logits(llm, ids), -1)
         kl = (a.exp() * (a - b)).sum(-1).mean().item()
@@ -208,7 +208,7 @@ def test_serving_exports_round_trip_on_the_real_model(real_gguf, tmp_path):
     """The real 270M, every linear int4, through AWQ and compressed-tensors and back: bit-exact, the bf16
     embedding included (its int4 grid is recovered from the bf16 values)."""
     import convert
-    from model import load_checkpoint
+    from loader import load_checkpoint
 
     convert.convert(str(real_gguf), tmp_path / "int4", "int4", weights="int4")
     _, original, _ = load_checkpoint(tmp_path / "int4")

@@ -3,20 +3,21 @@ gaunernst's multimodal int4 layout, and preprocessing against Gemma3ImageProcess
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import hf_multimodal_model, int4_checkpoint
+from conftest import hf_multimodal_model, int4_checkpoint, run_main
 from PIL import Image
 
+import generate as generate_script
+import loader
 import vision
+from config import IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES
 from generation import prefill
-from model import TEXT_VOCAB_SIZE, Gemma3, attention_mask, image_groups, same_image_mask
-from tokenizer import IMAGE_MARK, IMAGE_TOKEN_ID, Tokenizer, place_images
+from model import attention_mask, image_index, same_image_mask
+from tokenizer import IMAGE_MARK, Tokenizer, place_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SOI, EOI = 255999, 256000  # <start_of_image>, <end_of_image> (inside the tiny multimodal vocabulary of 262208)
@@ -51,7 +52,7 @@ def multimodal(tmp_path_factory):
     hf = hf_multimodal_model(tokens_per_image=4)
     directory = tmp_path_factory.mktemp("mm") / "gemma-3-tiny-mm-it-int4"
     int4_checkpoint(hf, directory, max_shard_bytes=2_000_000)
-    return hf, Gemma3.from_pretrained(directory, dtype=torch.float32), directory
+    return hf, loader.from_pretrained(directory, dtype=torch.float32), directory
 
 
 def random_pixels(n: int, size: int = 28, seed: int = 0) -> torch.Tensor:
@@ -74,7 +75,7 @@ def test_vision_tower_and_projector_match_transformers(multimodal):
     with torch.no_grad():
         expected = hf.get_image_features(pixel_values=px)
         expected = expected.pooler_output if hasattr(expected, "pooler_output") else expected
-        got = ours.vision(px)
+        got = ours.projector(ours.vision(px))
     assert got.shape == (2, 4, 64)
     assert (got - torch.as_tensor(expected).reshape(got.shape)).abs().max().item() < 1e-4
 
@@ -83,7 +84,7 @@ def test_vision_tower_and_projector_match_transformers(multimodal):
 def test_image_prompt_logits_match_transformers(multimodal, layout):
     hf, ours, _ = multimodal
     g = torch.Generator().manual_seed(1)
-    words = lambda n: torch.randint(0, 500, (n,), generator=g).tolist()  # noqa: E731
+    words = lambda n: torch.randint(0, 500, (n,), generator=g).tolist()
     pieces = {"one image": [[2, *words(3)], words(6)], "two images": [[2, *words(2)], words(5), words(4)],
               "image past the window": [[2, *words(12)], words(9), words(3)]}[layout]  # fmt: skip
     ids = image_prompt(pieces, 4)
@@ -98,7 +99,7 @@ def test_image_longer_than_the_sliding_window(tmp_path):
     """16 soft tokens and a window of 8: an image's tokens still see each other both ways, across the window."""
     hf = hf_multimodal_model(tokens_per_image=16, seed=3)
     int4_checkpoint(hf, tmp_path / "ckpt")
-    ours = Gemma3.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    ours = loader.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
     ids = image_prompt([[2, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16]], 16)
     px = random_pixels(2, seed=4)
     expected = hf_logits(hf, ids, px)
@@ -130,14 +131,14 @@ def test_image_mask_one_and_two_images():
     """Causal everywhere, except that tokens of one image see each other both ways; a window limits how far
     back any token looks, but not how far ahead an image token sees into its own image (as transformers)."""
     is_image = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 0]], dtype=torch.bool)
-    groups = image_groups(is_image)
-    assert groups.tolist() == [[-1, 0, 0, 0, -1, -1, 1, 1, -1]]
+    images = image_index(is_image)
+    assert images.tolist() == [[-1, 0, 0, 0, -1, -1, 1, 1, -1]]
     pos = torch.arange(9)
-    full = attention_mask(pos, pos, same_image=same_image_mask(groups, groups))[0, 0]
+    full = attention_mask(pos, pos, same_image=same_image_mask(images, images))[0, 0]
     assert full[1, 3] and full[3, 1] and full[6, 7] and full[7, 6]  # within an image: both ways
     assert not full[3, 6] and full[6, 3]  # images: causal between them
     assert not full[0, 1] and full[4, 1] and not full[4, 5]  # text: causal
-    windowed = attention_mask(pos, pos, 2, same_image_mask(groups, groups))[0, 0]
+    windowed = attention_mask(pos, pos, 2, same_image_mask(images, images))[0, 0]
     assert windowed[1, 3] and not windowed[3, 1]  # ahead in its image: yes; 2 back: outside the window
     assert windowed[4, 3] and not windowed[4, 2]
 
@@ -152,7 +153,7 @@ def test_image_tokens_and_images_must_agree(multimodal):
 
 
 def test_text_only_model_refuses_images(tiny_int4_dir):
-    model = Gemma3.from_pretrained(tiny_int4_dir, dtype=torch.float32)
+    model = loader.from_pretrained(tiny_int4_dir, dtype=torch.float32)
     with pytest.raises(ValueError, match="no vision tower"):
         model(torch.tensor([[2, 5]]), pixel_values=random_pixels(1))
 
@@ -258,7 +259,7 @@ def test_bad_images_name_the_file(tmp_path):
 
 
 def run_generate(*args):
-    return subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    return run_main(generate_script, *args)
 
 
 def test_generate_with_images(multimodal, tokenizer_file, tmp_path):
@@ -288,7 +289,7 @@ def test_dense_checkpoint_saved_by_transformers(tmp_path):
     """A dense multimodal checkpoint as transformers writes it loads with its vision tower, weights kept dense."""
     hf = hf_multimodal_model(seed=6)
     hf.save_pretrained(tmp_path / "dense")
-    ours = Gemma3.from_pretrained(tmp_path / "dense", dtype=torch.float32, weights="dense")
+    ours = loader.from_pretrained(tmp_path / "dense", dtype=torch.float32, weights="dense")
     assert ours.config.vision_config.tokens_per_image == 4
     ids = image_prompt([[2, 30, 31], [32, 33]], 4)
     px = random_pixels(1, seed=7)
@@ -308,7 +309,7 @@ def test_transformers_4_layout_loads_the_same(multimodal, tmp_path):
             renamed[k.replace("language_model.model.", "model.language_model.", 1) if k.startswith("language_model.")
                     else f"model.{k}"] = v  # fmt: skip
     save_file(renamed, tmp_path / "model.safetensors")
-    again = Gemma3.from_pretrained(tmp_path, dtype=torch.float32)
+    again = loader.from_pretrained(tmp_path, dtype=torch.float32)
     assert again.state_dict().keys() == ours.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values(), strict=True))
 
@@ -316,7 +317,7 @@ def test_transformers_4_layout_loads_the_same(multimodal, tmp_path):
 def test_gguf_export_leaves_out_the_vision_tower(multimodal, tokenizer_file, tmp_path):
     """llama.cpp keeps the vision tower in a separate mmproj file: the GGUF holds the language model only."""
     import gguf_format
-    from model import load_checkpoint
+    from loader import load_checkpoint
 
     _, _, directory = multimodal
     config, tensors, _ = load_checkpoint(directory)
@@ -324,4 +325,4 @@ def test_gguf_export_leaves_out_the_vision_tower(multimodal, tokenizer_file, tmp
     with pytest.warns(UserWarning, match="vision tower is not written"):
         gguf_format.save(config, tensors, tokenizer_file.read_bytes(), tmp_path / "mm.gguf")
     _, back, _ = load_checkpoint(tmp_path / "mm.gguf")
-    assert set(back) == {name for name in tensors if not name.startswith("vision.")}
+    assert set(back) == {name for name in tensors if not name.startswith(VISION_MODULES)}

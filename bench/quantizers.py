@@ -1,6 +1,6 @@
 """Perplexity of the embedded 270M with every weight int4: round to nearest against GPTQ (ptq.py).
 
-    python bench/ptq.py --out bench/results/ptq-270m.json
+    python bench/quantizers.py --out bench/results/ptq-270m.json
 
 The dense weights are the GGUF's, dequantized (float32). The evaluation is bench/quality.py's: the first
 --tokens tokens of pydoc's topics, eval.py's windows, float32 activations. GPTQ calibrates on ptq.py's
@@ -17,14 +17,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quality import text_ids  # noqa: E402
+from quality import text_ids
 
-import ptq  # noqa: E402
-import quant  # noqa: E402
-from checkpoint import embedded_gguf  # noqa: E402
-from eval import chunked_logits, perplexity  # noqa: E402
-from model import Gemma3, load_checkpoint  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+import loader
+import ptq
+import quant
+from checkpoint import embedded_gguf
+from eval import chunked_logits, perplexity
+from tokenizer import Tokenizer
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     path = embedded_gguf()
-    config, tensors, _ = load_checkpoint(path)
+    config, tensors, _ = loader.load_checkpoint(path)
     dense = quant.convert_state_dict(tensors, "dense")
     tok = Tokenizer.from_pretrained(path)
     ids = text_ids(tok, args.tokens)
@@ -47,7 +47,7 @@ def main() -> None:
     rows = []
 
     def row(name: str, tensors: dict[str, torch.Tensor], **extra) -> None:
-        model = Gemma3.from_tensors(config, tensors, torch.float32)
+        model = loader.from_tensors(config, tensors, torch.float32)
         ppl = perplexity(chunked_logits(model), ids, args.context, args.stride)["perplexity"]
         rows.append({"name": name, "perplexity": ppl, **extra})
         print(rows[-1], file=sys.stderr)
