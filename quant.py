@@ -168,18 +168,20 @@ class QuantLinear(nn.Module):
     It also serves as a tied embedding of N rows: `lookup` dequantizes only the rows it reads, and
     `unembed` (the output head) is the linear layer itself.
 
-    On CPU, `pack_for_cpu` (see use_cpu_kernels) prepares the weight for PyTorch's int4 kernel,
-    _weight_int4pack_mm_for_cpu, which computes x @ ((q - 8) * scale + zero).T for q in 0..15 with a
-    scale and a zero per group of 32 along K. The quantized tensors stay as they are: the embedding's
-    lookups and large batches (prefill) use them.
+    On CPU, `pack_for_cpu` (see use_cpu_kernels) chooses one of PyTorch's CPU kernels for the layer, once:
+    "int4", _weight_int4pack_mm_for_cpu, which computes x @ ((q - 8) * scale + zero).T for q in 0..15 with a
+    scale and a zero per group of 32 along K, from a repacked copy (pack_for_int4_kernel); or for int8
+    weights "int8", _weight_int8pack_mm, which reads the weight as it is. The quantized tensors stay as they
+    are: the embedding's lookups and large batches (prefill) use them.
     """
 
-    cpu_packed: torch.Tensor | None = None  # the weight repacked for the CPU kernel, or None
+    cpu_kernel: str | None = None  # "int4" or "int8" once packed for that CPU kernel, else None
+    cpu_packed: torch.Tensor | None = None  # the weight repacked for the int4 kernel
     cpu_scales_and_zeros: torch.Tensor | None = None  # (groups, N, 2)
-    cpu_digits_per_weight = 1  # the kernel's K is cpu_digits_per_weight * in_features
+    cpu_digits_per_weight = 1  # the int4 kernel's K is cpu_digits_per_weight * in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_packed is not None and use_cpu_kernel(x, self.in_features):
+        if self.cpu_kernel is not None and use_cpu_kernel(x, self.in_features):
             y = self.cpu_matmul(x.reshape(-1, self.in_features))  # (M, N)
             return y.view(*x.shape[:-1], self.out_features)
         dtype = matmul_dtype(x)
@@ -193,7 +195,9 @@ class QuantLinear(nn.Module):
         return torch.cat(tiles, dim=-1).to(x.dtype)
 
     def cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """(M, K) bf16 -> (M, N) through the int4 kernel."""
+        """(M, K) bf16 -> (M, N) through the CPU kernel chosen at packing."""
+        if self.cpu_kernel == "int8":  # an Int8Linear's weight and row scales, as they are
+            return torch.ops.aten._weight_int8pack_mm(x2, self.int8_data, self.scales)
         x2 = torch.cat([x2] * self.cpu_digits_per_weight, dim=1)  # (M, digits * K)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.cpu_packed, GROUP_SIZE, self.cpu_scales_and_zeros)
 
@@ -207,12 +211,16 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def pack_for_cpu(self) -> None:
-        """Repack for the CPU kernel, a slice of rows at a time (its packer takes int32: 4 bytes per weight)."""
+        self.pack_for_int4_kernel()
+
+    def pack_for_int4_kernel(self) -> None:
+        """Repack for the int4 kernel, a slice of rows at a time (its packer takes int32: 4 bytes per weight)."""
         pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
         packed = [pack(self.cpu_digits(slice(i, i + 1024)), 1) for i in range(0, self.out_features, 1024)]
         scales, zeros = self.cpu_scales_zeros()  # (N, groups) each
         self.cpu_packed = torch.cat(packed)
         self.cpu_scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.cpu_kernel = "int4"
 
     def cpu_digits(self, rows: slice) -> torch.Tensor:
         """The kernel's q in 0..15 (int32) for these rows: (rows, cpu_digits_per_weight * K)."""
@@ -264,16 +272,13 @@ class Int8Linear(QuantLinear):
     cpu_digits_per_weight = 2  # on the int4 kernel (INT8_AS_INT4_DIGITS): w = 16 * hi + lo
 
     def pack_for_cpu(self) -> None:
+        """The int4 kernel as two int4 digits, or the int8 kernel: whichever this CPU runs faster."""
         if self.ranker is not None:  # a ranked head: its int4 copy runs the matmul, this weight only rescores rows
-            return self.ranker.pack_for_cpu()
-        if INT8_AS_INT4_DIGITS:
-            return super().pack_for_cpu()
-        self.cpu_packed = self.int8_data  # the int8 kernel reads our weight and scales as they are
-
-    def cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if INT8_AS_INT4_DIGITS:
-            return super().cpu_matmul(x2)
-        return torch.ops.aten._weight_int8pack_mm(x2, self.int8_data, self.scales)
+            self.ranker.pack_for_cpu()
+        elif INT8_AS_INT4_DIGITS:
+            self.pack_for_int4_kernel()
+        else:
+            self.cpu_kernel = "int8"
 
     def cpu_digits(self, rows: slice) -> torch.Tensor:
         w = self.int8_data[rows].to(torch.int32)

@@ -57,9 +57,9 @@ def measure(n: int, k: int, rows: list[int]) -> dict:
     for m in rows:
         x = torch.randn(m, k, dtype=torch.bfloat16)
         kernel[m] = round(best_of(lambda: layer.cpu_matmul(x)), 3)  # noqa: B023
-        saved, layer.cpu_packed = layer.cpu_packed, None  # the same layer through its dequant-matmul
+        saved, layer.cpu_kernel = layer.cpu_kernel, None  # the same layer through its dequant-matmul
         dequant[m] = round(best_of(lambda: layer(x)), 3)  # noqa: B023
-        layer.cpu_packed = saved
+        layer.cpu_kernel = saved
     crossover = next((m for m in rows if dequant[m] < kernel[m]), None)
     return {"kernel_ms": kernel, "dequant_matmul_ms": dequant, "crossover_rows": crossover}
 

@@ -148,7 +148,7 @@ def test_cpu_kernels_against_the_dequant_reference(cls, int8_kernel, monkeypatch
     layer = quantized(cls, 96, 128, torch.bfloat16)
     reference = layer.dequantize()
     quant.use_cpu_kernels(layer)
-    assert layer.cpu_packed is not None
+    assert layer.cpu_kernel == ("int8" if int8_kernel else "int4")
     eye = torch.eye(128, dtype=torch.bfloat16)
     for rows in range(0, 128, quant.CPU_KERNEL_MAX_ROWS):
         assert quant.use_cpu_kernel(eye[rows : rows + 8], 128)
@@ -172,7 +172,7 @@ def test_shapes_the_cpu_kernel_cannot_take_stay_portable(cls, n, k, int8_kernel,
     monkeypatch.setattr(quant, "INT8_AS_INT4_DIGITS", not int8_kernel)
     layer = quantized(cls, n, k, torch.bfloat16)
     quant.use_cpu_kernels(layer)
-    assert layer.cpu_packed is None
+    assert layer.cpu_kernel is None
     x = torch.randn(1, k, dtype=torch.bfloat16)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantize()))
 
@@ -247,7 +247,7 @@ def test_a_cached_ranker_is_used_as_it_is():
     head.add_ranker()
     assert torch.equal(head.ranker.int4_data, fresh["int4_data"]) and torch.equal(head.ranker.scales, fresh["scales"])
     quant.use_cpu_kernels(head)
-    assert head.cpu_packed is None and head.ranker.cpu_packed is not None
+    assert head.cpu_kernel is None and head.ranker.cpu_kernel == "int4"
     assert set(head.state_dict()) == {"int8_data", "scales"}  # derived, not saved: a state dict loads back as is
 
 
