@@ -491,7 +491,7 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
                     "input_activations": None,
                     "output_activations": None,
                 }
-            },  # fmt: skip
+            },
             "ignore": ["lm_head"] + [f"re:.*{m}.*" for m in skip],
             "kv_cache_scheme": None,
         }

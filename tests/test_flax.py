@@ -116,7 +116,7 @@ def vision_tree(t: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
         f"{SIGLIP}/embedding": {
             "kernel": V("patch_embedding.weight").transpose(2, 3, 1, 0),  # (out, in, h, w): HWIO
             "bias": V("patch_embedding.bias"),
-        },  # fmt: skip
+        },
         f"{SIGLIP}/Transformer/encoder_norm": {"scale": V("post_layernorm.weight"), "bias": V("post_layernorm.bias")},
     }
     for j in range(VISION["num_hidden_layers"]):
@@ -128,7 +128,7 @@ def vision_tree(t: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
             attn + "out": {
                 "kernel": L("self_attn.out_proj.weight").T.reshape(heads, -1, C),
                 "bias": L("self_attn.out_proj.bias"),
-            },  # fmt: skip
+            },
             g + "MlpBlock_0/Dense_0": {"kernel": L("mlp.fc1.weight").T, "bias": L("mlp.fc1.bias")},
             g + "MlpBlock_0/Dense_1": {"kernel": L("mlp.fc2.weight").T, "bias": L("mlp.fc2.bias")},
         }
