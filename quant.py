@@ -309,9 +309,24 @@ class Int8Linear(QuantLinear):
         if self.ranker is None:
             return self(x)
         logits = self.ranker(x)  # (..., N)
-        top = logits.topk(min(RESCORE_TOP, self.out_features), dim=-1).indices  # (..., k)
+        top = top_indices(logits, min(RESCORE_TOP, self.out_features))  # (..., k)
         exact = (self.dequantize(top).to(x.dtype) @ x[..., :, None]).squeeze(-1)  # (..., k, K) @ (..., K, 1)
         return logits.scatter(-1, top, exact.to(logits.dtype))
+
+
+def top_indices(logits: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
+    """The indices (..., k) of the k largest logits along the last dim, as logits.topk(k).indices finds them
+    (the same values; a tie at the k-th may take another index). Decoding (one row, eager) takes an exact
+    shortcut, twice as fast over a 262144-token vocabulary: the k-th largest of the blocks' maxima is a lower
+    bound t on the k-th largest logit (k blocks each hold a logit >= t), so only logits >= t can be among the
+    top k, and topk runs over those few (about k of them)."""
+    n = logits.shape[-1]
+    if torch.compiler.is_compiling() or logits.numel() != n or n % block or n // block < k:
+        return logits.topk(k, dim=-1).indices
+    row = logits.reshape(n)
+    t = row.view(-1, block).amax(-1).topk(k).values[-1]
+    candidates = (row >= t).nonzero().squeeze(1)
+    return candidates[row[candidates].topk(k).indices].view(*logits.shape[:-1], k)
 
 
 def int4_ranker(int8_data: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:

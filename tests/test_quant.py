@@ -236,6 +236,25 @@ def test_int8_head_ranked_by_an_int4_copy(dtype):
     assert (int4_logits - int8_logits).abs().max() > 10 * tol["atol"]  # the copy alone would not do
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_indices_finds_what_topk_finds(dtype):
+    """One row (decoding's shortcut) against torch.topk: the same k values; float32 without ties, the same
+    indices; bf16, full of ties, the same values (a tie at the k-th may take another index)."""
+    g = torch.Generator().manual_seed(0)
+    for logits in (torch.randn(1, 1, 262144, generator=g) * 4, torch.randn(65536, generator=g).exp()):
+        logits = logits.to(dtype)
+        expected = logits.topk(1024, dim=-1)
+        got = quant.top_indices(logits, 1024)
+        assert got.shape == expected.indices.shape
+        assert torch.equal(logits.gather(-1, got).sort(-1).values, expected.values.sort(-1).values)
+        if dtype == torch.float32:
+            assert torch.equal(got.sort(-1).values, expected.indices.sort(-1).values)
+    flat = torch.zeros(4096, dtype=dtype)  # every logit tied: the shortcut keeps them all as candidates
+    assert quant.top_indices(flat, 64).unique().numel() == 64
+    batch = torch.randn(3, 5, 4096, generator=g).to(dtype)  # several rows: topk itself
+    assert torch.equal(quant.top_indices(batch, 64), batch.topk(64, dim=-1).indices)
+
+
 def test_a_cached_ranker_is_used_as_it_is():
     """add_ranker takes the ranker cached with a checkpoint (checkpoint.read_ranker) instead of quantizing again;
     a ranked head leaves the matmul to its int4 copy, so only the copy is packed for the CPU kernel."""
