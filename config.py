@@ -65,7 +65,7 @@ class VisionConfig:
         if not isinstance(v, dict):
             raise ValueError(f"vision_config must be a JSON object, not {type(v).__name__}")
         if v.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-            raise ValueError(f"config.json: vision model {v.get('model_type')!r} is not SigLIP")
+            raise ValueError(f"vision model {v.get('model_type')!r} is not SigLIP")
         d = cls()
         return cls(
             image_size=v.get("image_size", d.image_size),
@@ -155,13 +155,13 @@ class Gemma3Config:
             hf = dict(hf)
             hf.setdefault("vocab_size", 262208)  # transformers' default for the multimodal models
         elif model_type != "gemma3_text":
-            raise ValueError(f"config.json: model_type {model_type!r} is not Gemma 3 ('gemma3' or 'gemma3_text')")
+            raise ValueError(f"model_type {model_type!r} is not Gemma 3 ('gemma3' or 'gemma3_text')")
         for name in ("hidden_size", "num_hidden_layers", "intermediate_size"):
             if name not in hf:
-                raise ValueError(f"config.json: Gemma 3 text config has no {name!r}")
+                raise ValueError(f"Gemma 3 text config has no {name!r}")
         for name in ("final_logit_softcapping", "attn_logit_softcapping"):
             if hf.get(name) is not None:
-                raise ValueError(f"config.json: {name} is set, but Gemma 3 has no logit soft-capping")
+                raise ValueError(f"{name} is set, but Gemma 3 has no logit soft-capping")
         # Fields a config.json may omit take transformers' Gemma3TextConfig defaults.
         theta_global = hf.get("rope_theta", 1_000_000.0)
         theta_local = hf.get("rope_local_base_freq", 10_000.0)
@@ -173,7 +173,7 @@ class Gemma3Config:
             theta_local = rope.get("sliding_attention", {}).get("rope_theta", theta_local)
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in ("default", "linear"):
-            raise ValueError(f"config.json: RoPE type {rope_type!r} is not supported (only default and linear)")
+            raise ValueError(f"RoPE type {rope_type!r} is not supported (only default and linear)")
         n_layers = hf["num_hidden_layers"]
         pattern = hf.get("sliding_window_pattern", 6)
         layer_types = hf.get("layer_types") or [
@@ -237,9 +237,9 @@ class Gemma3Config:
             "layer_types": ["full_attention" if g else "sliding_attention" for g in self.global_layers],
             "hidden_activation": "gelu_pytorch_tanh",
             "tie_word_embeddings": True,
-            "bos_token_id": 2,
-            "eos_token_id": [1, 106],
-            "pad_token_id": 0,
+            "bos_token_id": BOS_ID,
+            "eos_token_id": list(STOP_IDS),
+            "pad_token_id": PAD_ID,
         }
         if self.vision_config is None:
             return text
@@ -252,7 +252,7 @@ class Gemma3Config:
             "image_token_index": self.vision_config.image_token_id,
             "boi_token_index": START_OF_IMAGE_ID,
             "eoi_token_index": END_OF_IMAGE_ID,
-            "eos_token_id": [1, 106],
+            "eos_token_id": list(STOP_IDS),
         }
 
 

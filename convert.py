@@ -101,8 +101,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, files.Terminated) as e:
-        print(f"interrupted ({e or 'SIGINT'}): {args.dst} not written", file=sys.stderr)
-        return getattr(e, "exit_code", 130)
+        print(f"interrupted ({str(e) or 'SIGINT'}): {args.dst} not written", file=sys.stderr)
+        return files.exit_code(e)
     print(f"wrote {args.dst}", file=sys.stderr)
     return 0
 

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         return 1
     except (KeyboardInterrupt, files.Terminated) as e:
         print(f"[interrupted{f' by {e}' if str(e) else ''}]", file=sys.stderr)
-        return getattr(e, "exit_code", 130)
+        return files.exit_code(e)
     result.update(model=str(args.model), text=str(args.text), weights=args.weights, dtype=args.dtype,
                   context=args.context, stride=args.stride, seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
     print(json.dumps(result, allow_nan=False))

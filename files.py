@@ -73,6 +73,11 @@ class Terminated(BaseException):
         self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 129 for SIGHUP
 
 
+def exit_code(interruption: BaseException) -> int:
+    """The shell's exit code for a KeyboardInterrupt (Ctrl-C: 130) or a Terminated (128 + the signal)."""
+    return interruption.exit_code if isinstance(interruption, Terminated) else 130
+
+
 def handle_signals() -> None:
     """Make SIGTERM and SIGHUP raise Terminated in the main thread, so that `finally` blocks clean up."""
 

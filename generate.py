@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         return run(args)
     except (KeyboardInterrupt, files.Terminated) as e:  # Ctrl-C: stop cleanly, whatever was running
         print(f"\n[interrupted{f' by {e}' if str(e) else ''}]", file=sys.stderr)
-        return getattr(e, "exit_code", 130)
+        return files.exit_code(e)
 
 
 def run(args: argparse.Namespace) -> int:

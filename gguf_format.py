@@ -135,13 +135,13 @@ def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
     at 8 bits."""
     reader = open_gguf(path)
     config, tensors, above_4_bits = hf_config(reader, path), {}, set()
-    for t in reader.tensors:  # unknown names first, before the slow reading
-        try:
-            our_name(t.name)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-    for t in tqdm(reader.tensors, desc="reading GGUF", unit="tensor", disable=None, leave=False):
-        name, shape = our_name(t.name), tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest first
+    try:
+        names = [our_name(t.name) for t in reader.tensors]  # an unknown name fails now, before the slow reading
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    bar = tqdm(reader.tensors, desc="reading GGUF", unit="tensor", disable=None, leave=False)
+    for name, t in zip(names, bar, strict=True):
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest first
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)).view(shape)
         if t.tensor_type == Q.Q4_0:
             q, d = q4_0_ints(t.data, w)

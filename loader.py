@@ -71,7 +71,7 @@ def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Gemma3Config, dict[str,
         config = Gemma3Config.from_hf(hf_config)
     except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
         where = "GGUF metadata" if str(path_or_hub_id).endswith(".gguf") else "config.json"
-        raise ValueError(f"{path_or_hub_id}: {where}: {str(e).removeprefix('config.json: ')}") from None
+        raise ValueError(f"{path_or_hub_id}: {where}: {e}") from None
     return config, tensors, above_4_bits
 
 

@@ -116,13 +116,15 @@ def dequantize_int8(int8_data: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 
 # When each kernel runs (policy, measured; bench/crossover.py, bench/speed.py)
 
+CPU_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
 # PyTorch's CPU int4 kernel costs about the same per row at any batch, bandwidth-bound for one row and
 # compute-bound from a few; the dequant-matmul costs a dequantization per call, then a fast bf16 matmul. So
 # the kernel is the faster up to some batch size, the crossover. bench/crossover.py measures it for each shape:
 # with AVX-512 it lies between 96 and 192 rows for the 1B and 4B shapes, and at 128 neither path loses more
 # than a fifth. Without AVX-512 the kernel is compute-bound already at one row, and a few rows are its limit
 # (8, as measured before). Only bf16 (the kernel's dtype) uses it.
-CPU_KERNEL_MAX_ROWS = 128 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+CPU_KERNEL_MAX_ROWS = 128 if CPU_AVX512 else 8
 CPU_TILE_WEIGHTS = 2**21  # weights dequantized at a time by the dequant-matmul on CPU (4 MB in bf16)
 
 
@@ -154,11 +156,11 @@ def use_cpu_kernel(x: torch.Tensor, in_features: int) -> bool:
 # x.lo * s + x.hi * 16s = x.w * s in float32 (8s and 16s are exact in bf16). With AVX2 only, the int4 kernel is
 # compute-bound (7.4 GB/s on 2 cores) and the int8 kernel the faster: 17 ms for the head against 28 as digits,
 # and the default 270M import decodes at 28 tok/s against 23. There the int8 weight goes to the int8 kernel.
-INT8_AS_INT4_DIGITS = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+INT8_AS_INT4_DIGITS = CPU_AVX512
 
 
 # Perplexity of the 270M on 4096 tokens of real text, int8 head 11.70; ranked and rescoring the top
-# 64 tokens: 12.02, 256: 11.84, 1024: 11.73, 4096: 11.71. Ranking (topk) costs about 1 ms a token.
+# 64 tokens: 12.02, 256: 11.84, 1024: 11.73, 4096: 11.71. Choosing the top (top_indices) costs about 0.4 ms a token.
 RESCORE_TOP = 1024
 
 

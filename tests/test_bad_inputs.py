@@ -311,15 +311,13 @@ def test_convert_does_not_replace_a_destination_that_appears_meanwhile(tiny_int4
     assert dst.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [dst.name]
 
 
-def test_files_are_published_by_a_link_that_cannot_replace(tmp_path):
+def test_files_are_published_by_a_link_that_cannot_replace(tmp_path, monkeypatch):
     """The race above at its narrowest: dst appears after the last check, before the link."""
     dst = tmp_path / "out.json"
     with pytest.raises(FileExistsError, match="appeared while it was being written"):
         with files.atomic_output(dst) as tmp:
             tmp.write_text("ours")
-            real_check = files.check_destination
-            files.check_destination = lambda *a: dst.write_text("theirs")  # after the check: the link must refuse
-    files.check_destination = real_check
+            monkeypatch.setattr(files, "check_destination", lambda *a: dst.write_text("theirs"))  # then the link
     assert dst.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
@@ -342,7 +340,7 @@ def test_a_signal_during_convert_leaves_nothing(tiny_int4_dir, tmp_path, sig, co
     script = CONVERT_AND_SIGNAL.format(root=str(ROOT), signal=sig, src=str(tiny_int4_dir), dst=str(dst))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == code, out.stderr
-    assert_one_line_error(out.returncode, out.stderr, "interrupted", "not written")
+    assert_one_line_error(out.returncode, out.stderr, f"interrupted ({sig})", "not written")
     assert list(tmp_path.iterdir()) == []
 
 
