@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from model import Gemma3, image_index
+from model import ALL, Gemma3, image_index
 
 
 @dataclass
@@ -67,12 +67,17 @@ def sample(
 
 
 def prefill(
-    model: Gemma3, ids: torch.Tensor, start: int = 0, chunk: int = 512, pixel_values: torch.Tensor | None = None
+    model: Gemma3,
+    ids: torch.Tensor,
+    start: int = 0,
+    chunk: int = 512,
+    pixel_values: torch.Tensor | None = None,
+    rows: slice = ALL,
 ) -> torch.Tensor:
-    """Run the prompt (B, T) through the model at positions start.., filling the cache, about `chunk` tokens
-    at a time (attention's (T, S) masks and activations stay small for long prompts); return the last logits
-    (B, V). pixel_values (N, 3, S, S): the images whose soft tokens the prompt holds. A chunk never ends
-    inside an image, whose tokens must see each other."""
+    """Run the prompt (B, T) through the model at positions start.., filling the cache rows `rows` (all by
+    default), about `chunk` tokens at a time (attention's (T, S) masks and activations stay small for long
+    prompts); return the last logits (B, V). pixel_values (N, 3, S, S): the images whose soft tokens the prompt
+    holds. A chunk never ends inside an image, whose tokens must see each other."""
     x = model.embed_tokens(ids, pixel_values)  # (B, T, D)
     images = None if pixel_values is None else image_index(ids == model.config.vision_config.image_token_id)
     inside_image = [False] * ids.shape[1]  # [j]: tokens j and j + 1 are the same image's, so no chunk ends at j
@@ -84,14 +89,15 @@ def prefill(
         while inside_image[end - 1]:
             end += 1
         pos = torch.arange(start + i, start + end, device=ids.device)
-        h = model.hidden_states(x[:, i:end], pos, None if images is None else images[:, i:end])
+        h = model.hidden_states(x[:, i:end], pos, None if images is None else images[:, i:end], rows)
         i = end
     return model.logits(h[:, -1])
 
 
-def decode_one_token(model: Gemma3, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """token (B, 1) at position pos (1,) -> logits (B, V). The fixed-shape step that --compile compiles."""
-    return model(token, pos)[:, -1]
+def decode_one_token(model: Gemma3, tokens: torch.Tensor, pos: torch.Tensor, rows: slice = ALL) -> torch.Tensor:
+    """tokens (B, 1) at positions pos (B, 1), one per row of the cache rows `rows` -> logits (B, V). The
+    fixed-shape step that --compile compiles."""
+    return model(tokens, pos, rows=rows)[:, -1]
 
 
 def compile_decode_step(device: torch.device) -> Callable:
@@ -99,6 +105,105 @@ def compile_decode_step(device: torch.device) -> Callable:
     while the cache is reused (positions are tensors, not Python ints), so it compiles once."""
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate, in a row of a Batch: its prompt, how to sample, and what it has generated."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop_ids: tuple[int, ...] = ()
+    generator: torch.Generator | None = None
+    pixel_values: torch.Tensor | None = None  # (N, 3, S, S): the images whose soft tokens prompt[start:] holds
+    start: int = 0  # the row's cache already holds prompt[:start] (a chat's earlier turns)
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    finish_reason: str | None = None  # "stop": a stop id (the last token); "length": max_new_tokens or the context
+
+
+class Batch:
+    """Continuous batching, as vLLM does it: each row of the model's KV cache is a slot for one sequence.
+    A request joins a free row between decode steps, its prompt prefilled on its own (`add`); each `step` then
+    decodes one token for every active row, each at its own position; a finished request frees its row at once.
+
+    Eager, a step runs the rows up to the last active one (fewer rows, less work); with a compiled decode step,
+    all rows (one fixed shape, compiled once; idle rows compute what no one reads). generate() is a batch of one.
+    """
+
+    def __init__(self, model: Gemma3, decode_step: Callable = decode_one_token, every_row: bool = False):
+        """every_row: step all rows always, as a compiled decode_step needs (compile_decode_step)."""
+        if model.cache_len == 0:
+            raise RuntimeError("call setup_cache(batch_size, max_seq_len) before batching")
+        self.model, self.decode_step, self.every_row = model, decode_step, every_row
+        n, device = model.cache_batch, model.norm.weight.device
+        self.requests: list[Request | None] = [None] * n
+        self.tokens = torch.zeros(n, 1, dtype=torch.long, device=device)  # each row's next input token
+        self.pos = torch.zeros(n, 1, dtype=torch.long, device=device)  # and its position
+        self.seen = torch.zeros(n, model.config.vocab_size, dtype=torch.bool, device=device)  # repetition penalty
+
+    def free_rows(self) -> list[int]:
+        return [row for row, request in enumerate(self.requests) if request is None]
+
+    def active(self) -> list[Request]:
+        return [request for request in self.requests if request is not None]
+
+    @torch.no_grad()
+    def add(self, request: Request, row: int | None = None) -> None:
+        """Prefill the request's prompt into a free row (the first, or `row`) and sample its first token."""
+        prompt, context = request.prompt, self.model.cache_len
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= context:
+            raise ValueError(f"the prompt has {len(prompt)} tokens, but the context is {context} tokens")
+        row = self.free_rows()[0] if row is None else row
+        if self.requests[row] is not None:
+            raise RuntimeError(f"row {row} of the batch is taken")
+        ids = torch.tensor([prompt], device=self.tokens.device)
+        logits = prefill(self.model, ids[:, request.start :], request.start, pixel_values=request.pixel_values,
+                         rows=slice(row, row + 1))  # fmt: skip
+        self.requests[row] = request
+        self.seen[row] = False
+        self.seen[row, ids[0]] = True
+        self.accept(row, logits)
+
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Decode one token for every active row; return the requests that got one (in row order)."""
+        active = [row for row, request in enumerate(self.requests) if request is not None]
+        if not active:
+            return []
+        n = len(self.requests) if self.every_row else active[-1] + 1
+        rows = ALL if n == len(self.requests) else slice(0, n)
+        logits = self.decode_step(self.model, self.tokens[:n], self.pos[:n], rows)
+        requests = [self.requests[row] for row in active]
+        for row in active:
+            self.accept(row, logits[row : row + 1])
+        return requests
+
+    def remove(self, request: Request) -> None:
+        """Free the request's row (a client that went away); its tokens so far stay with it."""
+        row = self.requests.index(request)
+        self.requests[row] = None
+        self.pos[row] = 0  # an idle row decodes at position 0: it makes eager steps read no further
+
+    def accept(self, row: int, logits: torch.Tensor) -> None:
+        """Sample the row's next token from its logits (1, V); finish the request, or feed the token back."""
+        request = self.requests[row]
+        token = sample(logits, request.sampling, self.seen[row : row + 1], request.generator)
+        token_id = int(token)
+        request.tokens.append(token_id)
+        length = len(request.prompt) + len(request.tokens)  # the token goes at position length - 1
+        if token_id in request.stop_ids:
+            request.finish_reason = "stop"
+        elif len(request.tokens) == request.max_new_tokens or length == self.model.cache_len:
+            request.finish_reason = "length"
+        if request.finish_reason is not None:
+            self.remove(request)
+            return
+        self.seen[row, token_id] = True
+        self.tokens[row, 0] = token_id
+        self.pos[row, 0] = length - 1
 
 
 @torch.no_grad()
@@ -130,20 +235,13 @@ def generate(
         raise ValueError("the prompt is empty")
     if len(prompt) >= context:
         raise ValueError(f"the prompt has {len(prompt)} tokens, but the model's context is {context} tokens")
-    max_new_tokens = min(max_new_tokens, context - len(prompt))
-    device = model.norm.weight.device
-    needed = len(prompt) + max_new_tokens
+    needed = len(prompt) + min(max_new_tokens, context - len(prompt))
     if model.cache_len < needed or model.cache_batch != 1:  # else reuse it: same shapes, no recompiling
         model.setup_cache(1, min(context, -(-needed // 1024) * 1024))  # whole KiB of tokens: fewer new shapes
-    ids = torch.tensor([prompt], device=device)
-    seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
-    seen[0, ids[0]] = True
-    logits = prefill(model, ids[:, start:], start, pixel_values=pixel_values)
-    for i in range(max_new_tokens):
-        token = sample(logits, sampling, seen, generator)
-        token_id = int(token)
-        yield token_id
-        if token_id in stop_ids or i == max_new_tokens - 1:
-            return
-        seen[0, token] = True
-        logits = decode_step(model, token.view(1, 1), torch.tensor([len(prompt) + i], device=device))
+    request = Request(prompt, max_new_tokens, sampling, stop_ids, generator, pixel_values, start)
+    batch = Batch(model, decode_step)
+    batch.add(request)
+    yield request.tokens[-1]
+    while request.finish_reason is None:
+        batch.step()
+        yield request.tokens[-1]

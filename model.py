@@ -36,14 +36,14 @@ class RMSNorm(nn.Module):
         return (x32 * (1.0 + self.weight.float())).type_as(x)
 
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (T, head_dim) each
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim) each
 
 
 def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, scale: float, dtype: torch.dtype) -> Rope:
-    """cos, sin of shape (T, head_dim) for positions pos (T,), computed in float32 like transformers."""
+    """cos, sin of shape (B, 1, T, head_dim) for positions pos (B, T), computed in float32 like transformers."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float) / head_dim))
-    freqs = pos.float()[:, None] * (inv_freq / scale)[None, :]  # (T, head_dim / 2)
-    emb = torch.cat((freqs, freqs), dim=-1)
+    freqs = pos.float()[..., None] * (inv_freq / scale)  # (B, T, head_dim / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # one for all heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -55,12 +55,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention_mask(
     q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None = None, same_image: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(T, S) bool, True where query i may attend to key j: causal, or either way between tokens of one image
-    (same_image, (B, 1, T, S): then the mask is (B, 1, T, S) too); and, if a window is given, not more than
-    window - 1 tokens back (so an image token sees its image's later tokens however far, as in transformers)."""
-    dist = q_pos[:, None] - kv_pos[None, :]  # how far back each key is from each query
+    """(B, 1, T, S) bool for queries at q_pos (B, T) and keys at kv_pos (B, S), True where query i may attend to
+    key j: causal, or either way between tokens of one image (same_image, (B, T, S)); and, if a window is given,
+    not more than window - 1 tokens back (so an image token sees its image's later tokens however far, as in
+    transformers). Each row of the batch has its own positions."""
+    dist = q_pos[:, :, None] - kv_pos[:, None, :]  # (B, T, S): how far back each key is from each query
     mask = dist >= 0 if same_image is None else (dist >= 0) | same_image
-    return mask if window is None else mask & (dist < window)
+    return (mask if window is None else mask & (dist < window))[:, None]  # one for all heads
 
 
 def image_index(is_image: torch.Tensor) -> torch.Tensor:
@@ -71,18 +72,21 @@ def image_index(is_image: torch.Tensor) -> torch.Tensor:
 
 
 def same_image_mask(q_images: torch.Tensor, kv_images: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, S) bool, True where query and key are tokens of the same image (image_index of each): those
+    """(B, T, S) bool, True where query and key are tokens of the same image (image_index of each): those
     attend both ways."""
     q, kv = q_images[:, :, None], kv_images[:, None, :]
-    return ((q == kv) & (q >= 0))[:, None]
+    return (q == kv) & (q >= 0)
+
+
+ALL = slice(None)  # every row of the KV cache
 
 
 class KVCache(nn.Module):
     """Pre-allocated keys and values for one layer (fixed shapes, so the decode step compiles).
 
-    A global layer keeps every position: slot = position. A local layer only ever looks back
-    `sliding_window` tokens, so it keeps a ring buffer of that many slots (slot = position % length)
-    and its memory stays flat however long the context grows.
+    Each batch row holds one sequence, at its own positions. A global layer keeps every position:
+    slot = position. A local layer only ever looks back `sliding_window` tokens, so it keeps a ring buffer
+    of that many slots (slot = position % length) and its memory stays flat however long the context grows.
     """
 
     def __init__(self, batch_size: int, length: int, num_kv_heads: int, head_dim: int, dtype, device, ring: bool):
@@ -92,31 +96,38 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv, T, hd) of positions pos (T,); return the n keys and values to attend over (the
-        mask's length, see filled_slots): the cache's first n slots (global, and a local one for a single
-        token: the slot it takes holds the key a whole window back, which it no longer sees), or the ring's
-        first n - T slots as they were followed by the T new entries (local; a chunk longer than one token would
-        otherwise overwrite keys its own first queries still need)."""
-        if not self.ring or k.shape[2] == 1:
-            slots = pos % self.k.shape[2] if self.ring else pos
-            self.k.index_copy_(2, slots, k)
-            self.v.index_copy_(2, slots, v)
-            return self.k[:, :, :n], self.v[:, :, :n]
-        old = n - k.shape[2]
-        k_all = torch.cat([self.k[:, :, :old], k], dim=2)  # (B, n_kv, n, hd)
-        v_all = torch.cat([self.v[:, :, :old], v], dim=2)
-        keep = min(k.shape[2], self.k.shape[2])  # only the newest `length` entries survive in the ring
-        slots = pos[-keep:] % self.k.shape[2]
-        self.k.index_copy_(2, slots, k[:, :, -keep:])
-        self.v.index_copy_(2, slots, v[:, :, -keep:])
+    def update(
+        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, rows: slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) of positions pos (B, T) in the cache rows `rows` (B of them); return the n
+        keys and values to attend over (the mask's length, see filled_slots): the cache's first n slots (global,
+        and a local one for a single token: the slot it takes holds the key a whole window back, which it no
+        longer sees), or the ring's first n - T slots as they were followed by the T new entries (local; a chunk
+        longer than one token would otherwise overwrite keys its own first queries still need)."""
+        k_cache, v_cache = self.k[rows], self.v[rows]  # views: (B, n_kv, length, hd)
+        length, T = k_cache.shape[2], k.shape[2]
+        if not self.ring or T == 1:
+            store(k_cache, v_cache, pos % length if self.ring else pos, k, v)
+            return k_cache[:, :, :n], v_cache[:, :, :n]
+        k_all = torch.cat([k_cache[:, :, : n - T], k], dim=2)  # (B, n_kv, n, hd)
+        v_all = torch.cat([v_cache[:, :, : n - T], v], dim=2)
+        keep = min(T, length)  # only the newest `length` entries survive in the ring
+        store(k_cache, v_cache, pos[:, -keep:] % length, k[:, :, -keep:], v[:, :, -keep:])
         return k_all, v_all
+
+
+def store(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write k, v (B, n_kv, T, hd) into the caches' slots (B, T): each row at its own slots."""
+    index = slots[:, None, :, None].expand_as(k)
+    k_cache.scatter_(2, index, k)
+    v_cache.scatter_(2, index, v)
 
 
 def filled_slots(upto: torch.Tensor, length: int) -> int:
     """How many of a cache's `length` slots attention reads. Slots fill in position order from 0 until a ring
-    wraps, so eager reads only those holding positions < upto (a chat's 8k cache costs what its words do);
-    compiled, all of them (one fixed shape, compiled once). Masks hide stale and empty slots either way."""
+    wraps, so eager reads only those holding positions < upto (the largest of the batch's rows; a chat's 8k
+    cache costs what its words do); compiled, all of them (one fixed shape, compiled once). Masks hide stale
+    and empty slots either way."""
     return length if torch.compiler.is_compiling() else min(int(upto), length)
 
 
@@ -133,7 +144,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope, mask: torch.Tensor, pos: torch.Tensor | None = None, rows: slice = ALL
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = self.q_norm(q.view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
@@ -143,7 +156,7 @@ class Attention(nn.Module):
         dtype = attention_dtype(x.dtype, x.device)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if pos is not None:
-            k, v = self.kv_cache.update(pos, k, v, mask.shape[-1])  # (B, n_kv, S, hd): the keys the mask covers
+            k, v = self.kv_cache.update(pos, k, v, mask.shape[-1], rows)  # (B, n_kv, S, hd): the keys the mask covers
         if T == 1 and self.num_kv_heads > 1:  # decode: each kv head's query heads as its queries (B, n_kv, g, hd),
             q = q.view(B, self.num_kv_heads, -1, self.head_dim)  # so no copy of the cache repeated per query head
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True).type_as(x)
@@ -176,8 +189,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.post_ffw_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.post_attn_norm(self.attn(self.input_norm(x), rope, mask, pos))
+    def forward(
+        self, x: torch.Tensor, rope: Rope, mask: torch.Tensor, pos: torch.Tensor | None = None, rows: slice = ALL
+    ) -> torch.Tensor:
+        h = x + self.post_attn_norm(self.attn(self.input_norm(x), rope, mask, pos, rows))
         return h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h)))
 
 
@@ -239,8 +254,9 @@ class Gemma3(nn.Module):
             layer.attn.kv_cache = KVCache(
                 batch_size, length, c.num_kv_heads, c.head_dim, dtype, device, ring=not layer.is_global
             )
-        # the position held in each ring slot; never-written slots lie a whole window back, outside every window
-        self.register_buffer("ring_pos", torch.full((ring,), -c.sliding_window, device=device), persistent=False)
+        # the position held in each row's ring slots; never-written slots lie a whole window back, outside every window
+        ring_pos = torch.full((batch_size, ring), -c.sliding_window, device=device)
+        self.register_buffer("ring_pos", ring_pos, persistent=False)
         self.cache_len, self.cache_batch = max_seq_len, batch_size
 
     def embed_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -262,21 +278,27 @@ class Gemma3(nn.Module):
         return x.masked_scatter(is_image[..., None], features.to(x.dtype))
 
     def forward(
-        self, input_ids: torch.Tensor, pos: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        rows: slice = ALL,
     ) -> torch.Tensor:
         """input_ids (B, T) -> float logits (B, T, vocab_size).
 
         pos=None: a plain causal forward at positions 0..T-1, no cache.
-        pos (T,): the tokens' positions, continuing the cached sequence (or 0.. to start a new one); their
-        keys/values are written to the cache and attention reads it (see hidden_states).
+        pos (B, T), or (T,) for every row alike: each row's positions, continuing the sequence its cache row
+        holds (or 0.. to start a new one); their keys/values are written to the cache and attention reads it
+        (see hidden_states). rows: which of the cache's rows (sequences) the B inputs are, all by default. Rows of
+        a batch may be at different positions (batched decoding: each row a request of its own).
         pixel_values (N, 3, S, S): the images whose soft tokens input_ids holds (vision.preprocess makes them).
         """
         x = self.embed_tokens(input_ids, pixel_values)
         images = None if pixel_values is None else image_index(input_ids == self.config.vision_config.image_token_id)
-        return self.logits(self.hidden_states(x, pos, images))
+        return self.logits(self.hidden_states(x, pos, images, rows))
 
     def hidden_states(
-        self, x: torch.Tensor, pos: torch.Tensor | None = None, images: torch.Tensor | None = None
+        self, x: torch.Tensor, pos: torch.Tensor | None = None, images: torch.Tensor | None = None, rows: slice = ALL
     ) -> torch.Tensor:
         """Input embeddings (B, T, D) -> final normed hidden states (B, T, D).
 
@@ -284,8 +306,11 @@ class Gemma3(nn.Module):
         elsewhere). An image must lie whole within one call (generation.prefill sees to that).
         """
         c = self.config
-        q_pos = torch.arange(x.shape[1], device=x.device) if pos is None else pos
-        kv_global, kv_local = (q_pos, q_pos) if pos is None else self.cached_key_positions(pos)
+        B, T, _ = x.shape
+        if pos is not None and pos.dim() == 1:  # (T,): the same positions in every row
+            pos = pos.expand(B, T)
+        q_pos = torch.arange(T, device=x.device).expand(B, T) if pos is None else pos
+        kv_global, kv_local = (q_pos, q_pos) if pos is None else self.cached_key_positions(pos, rows)
         same_global = same_local = None
         if images is not None:
             same_global, same_local = self.same_image_masks(images, pos, kv_global, kv_local)
@@ -295,39 +320,43 @@ class Gemma3(nn.Module):
         local_rope = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_local, 1.0, x.dtype)
         for layer in self.layers:
             if layer.is_global:
-                x = layer(x, global_rope, global_mask, pos)
+                x = layer(x, global_rope, global_mask, pos, rows)
             else:
-                x = layer(x, local_rope, local_mask, pos)
+                x = layer(x, local_rope, local_mask, pos, rows)
         if pos is not None:  # what the ring slots hold now
-            keep = pos[-self.ring_pos.shape[0] :]
-            self.ring_pos.index_copy_(0, keep % self.ring_pos.shape[0], keep)
+            ring_pos = self.ring_pos[rows]
+            keep = pos[:, -ring_pos.shape[1] :]
+            ring_pos.scatter_(1, keep % ring_pos.shape[1], keep)
         return self.norm(x)
 
-    def cached_key_positions(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The positions of the keys that queries at pos attend over, in the order KVCache.update returns them:
-        the global caches' filled slots (slot = position), and the local ones' ring then this chunk."""
+    def cached_key_positions(self, pos: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions (B, S) of the keys that queries at pos (B, T) attend over, in the order KVCache.update
+        returns them: the global caches' filled slots (slot = position), and the local ones' ring then this chunk.
+        A slot that a row has not filled yet (another row reaches further) holds no key the mask lets it see."""
         if self.cache_len == 0:
             raise RuntimeError("call setup_cache(batch_size, max_seq_len) before decoding with positions")
-        ring_len = self.ring_pos.shape[0]
-        kv_global = torch.arange(filled_slots(pos[-1] + 1, self.cache_len), device=pos.device)
-        # Ring entries at or past pos[0] are stale, left by an earlier sequence in a reused cache: move them out
-        # of the window. (So a chunk either continues where the last one ended or starts a new sequence at 0: a
-        # ring cannot rewind, it has already overwritten what the rewound queries would need.)
-        ring = self.ring_pos.masked_fill(self.ring_pos >= pos[0], -self.config.sliding_window)
-        if pos.shape[0] == 1:  # one token: it is written into its ring slot before attending (KVCache.update)
-            return kv_global, ring.index_copy(0, pos % ring_len, pos)[: filled_slots(pos[0] + 1, ring_len)]
-        return kv_global, torch.cat([ring[: filled_slots(pos[0], ring_len)], pos])
+        ring_pos = self.ring_pos[rows]  # (B, ring)
+        if ring_pos.shape[0] != pos.shape[0]:
+            raise ValueError(f"{pos.shape[0]} rows of input for {ring_pos.shape[0]} rows of the KV cache")
+        B, ring_len = ring_pos.shape
+        kv_global = torch.arange(filled_slots(pos[:, -1].max() + 1, self.cache_len), device=pos.device).expand(B, -1)
+        # Ring entries at or past a row's first position are stale, left by an earlier sequence in a reused row:
+        # move them out of the window. (So a chunk either continues where its row's last one ended or starts a
+        # new sequence at 0: a ring cannot rewind, it has already overwritten what the rewound queries would need.)
+        ring = ring_pos.masked_fill(ring_pos >= pos[:, :1], -self.config.sliding_window)
+        if pos.shape[1] == 1:  # one token: it is written into its ring slot before attending (KVCache.update)
+            return kv_global, ring.scatter(1, pos % ring_len, pos)[:, : filled_slots(pos.max() + 1, ring_len)]
+        return kv_global, torch.cat([ring[:, : filled_slots(pos[:, 0].max(), ring_len)], pos], dim=1)
 
     def same_image_masks(
         self, images: torch.Tensor, pos: torch.Tensor | None, kv_global: torch.Tensor, kv_local: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, T, S) masks of the query/key pairs in one image, for the global and the local keys. Only this
+        """(B, T, S) masks of the query/key pairs in one image, for the global and the local keys. Only this
         call's own tokens can share an image with a query: the cached keys count as text."""
         if pos is None:
             return same_image_mask(images, images), same_image_mask(images, images)
-        kv_global_images = torch.full((images.shape[0], kv_global.shape[0]), -1, device=images.device)
-        kv_global_images = kv_global_images.index_copy(1, pos, images)
-        kv_local_images = F.pad(images, (kv_local.shape[0] - images.shape[1], 0), value=-1)  # the ring, the chunk
+        kv_global_images = torch.full_like(kv_global, -1).scatter(1, pos, images)
+        kv_local_images = F.pad(images, (kv_local.shape[1] - images.shape[1], 0), value=-1)  # the ring, the chunk
         return same_image_mask(images, kv_global_images), same_image_mask(images, kv_local_images)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -206,7 +206,7 @@ def gptq(
         out[f"{module_name}.int4_data"], out[f"{module_name}.scales"] = data, scales
 
     c, T = config, calibration.shape[1]
-    pos = torch.arange(T)  # a plain causal forward, as Gemma3.hidden_states does without a cache
+    pos = torch.arange(T)[None]  # (1, T) for every row: a plain causal forward, as hidden_states without a cache
     rope = {True: rope_cos_sin(pos, c.head_dim, c.rope_theta_global, c.rope_scale_global, torch.float32),
             False: rope_cos_sin(pos, c.head_dim, c.rope_theta_local, 1.0, torch.float32)}  # fmt: skip
     mask = {True: attention_mask(pos, pos), False: attention_mask(pos, pos, c.sliding_window)}

@@ -88,11 +88,11 @@ def test_ctrl_c_keeps_the_partial_reply_and_the_cache_consistent(tiny):
     # Ctrl-C inside a decode step (KeyboardInterrupt raised from the model)
     calls = []
 
-    def interrupted_step(m, token, pos):
+    def interrupted_step(m, token, pos, rows):
         calls.append(pos)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return generation.decode_one_token(m, token, pos)
+        return generation.decode_one_token(m, token, pos, rows)
 
     chat.decode_step = interrupted_step
     with pytest.raises(KeyboardInterrupt):

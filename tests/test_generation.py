@@ -9,7 +9,7 @@ from conftest import hf_text_model, run_main
 
 import generate as generate_script
 import loader
-from generation import Sampling, compile_decode_step, decode_one_token, generate, prefill, sample
+from generation import Batch, Request, Sampling, compile_decode_step, decode_one_token, generate, prefill, sample
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +109,53 @@ def test_generate_sets_up_its_own_cache_after_a_batched_one(models):
     assert ours.cache_batch == 1 and len(tokens) == 5
 
 
+def run_batch(model, requests, joins, rows, **kw):
+    """Run requests through a Batch of `rows` rows: request i joins before step joins[i] (when a row is free)."""
+    model.setup_cache(rows, 64)
+    batch, waiting, step = Batch(model, **kw), list(zip(joins, requests, strict=True)), 0
+    while waiting or batch.active():
+        while waiting and waiting[0][0] <= step and batch.free_rows():
+            batch.add(waiting.pop(0)[1])
+        batch.step()
+        step += 1
+    return [r.tokens for r in requests]
+
+
+def test_batched_requests_generate_as_each_alone(models):
+    """Five requests through three rows, joining as rows free up: prompts of different lengths (past the window of
+    8), greedy and seeded sampling, a stop id, a short max_new_tokens. Each must generate what it does alone."""
+    _, ours = models
+    prompts = [[2, 17, 300, 45], [2, 5] * 9, [2, 99, 7], [2, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [2, 40]]
+    greedy, sampled = Sampling(temperature=0), Sampling(temperature=1.0, top_k=20)
+    settings = [(greedy, 30, None), (sampled, 25, 5), (greedy, 6, None), (sampled, 30, 11), (greedy, 30, None)]
+    alone = []
+    for prompt, (s, n, seed) in zip(prompts, settings, strict=True):
+        gen = seed and torch.Generator().manual_seed(seed)
+        alone.append(list(generate(ours, prompt, n, s, generator=gen or None)))
+    stop = alone[4][7]  # request 4 stops at its 8th token (or sooner)
+
+    def requests():
+        return [Request(p, n, s, (stop,) if i == 4 else (), seed and torch.Generator().manual_seed(seed) or None)
+                for i, (p, (s, n, seed)) in enumerate(zip(prompts, settings, strict=True))]  # fmt: skip
+
+    alone[4] = alone[4][: alone[4].index(stop) + 1]
+    assert run_batch(ours, requests(), [0, 0, 3, 4, 9], rows=3) == alone
+    assert run_batch(ours, requests(), [0, 1, 2, 3, 4], rows=3, every_row=True) == alone  # all rows each step
+
+
+def test_batched_int4_decoding_matches_single_rows(tiny_int4_dir):
+    """bf16 int4 through PyTorch's CPU int4 kernel, several rows a matmul: greedy tokens as each request alone,
+    eager and compiled (every row, one shape)."""
+    model = loader.from_pretrained(tiny_int4_dir)
+    prompts = [[2, 17, 300, 45, 99], [2, 8], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    alone = [list(generate(model, p, 24, Sampling(temperature=0))) for p in prompts]
+    requests = lambda: [Request(p, 24, Sampling(temperature=0)) for p in prompts]
+    assert run_batch(model, requests(), [0, 2, 5], rows=3) == alone
+    step = compile_decode_step(torch.device("cpu"))  # compiled bf16 rounds otherwise than eager: its own reference
+    alone = [list(generate(model, p, 24, Sampling(temperature=0), decode_step=step)) for p in prompts]
+    assert run_batch(model, requests(), [0, 2, 5], rows=3, decode_step=step, every_row=True) == alone
+
+
 def test_seeded_generation_reproduces(models):
     _, ours = models
     run = lambda seed: list(generate(ours, [2, 5], 15, Sampling(), generator=torch.Generator().manual_seed(seed)))
@@ -138,7 +185,7 @@ def test_compiled_decode_step_matches_eager_and_compiles_once(tiny_int4_dir):
         prefill(model, torch.tensor([[2, 17, 300, 45, 99]]))
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for t in range(5, 30):  # far past the sliding window of 8
-            token, pos = torch.tensor([[t * 7 % 500]]), torch.tensor([t])
+            token, pos = torch.tensor([[t * 7 % 500]]), torch.tensor([[t]])  # (B, 1) each
             # eager first: both write the same keys and values at pos, so the compiled step sees the same cache
             eager = decode_one_token(model, token, pos)
             torch.testing.assert_close(step(model, token, pos), eager, rtol=0.05, atol=0.05 * eager.abs().max().item())

@@ -78,6 +78,46 @@ def test_cached_decoding_matches_full_forward(tmp_path, prompt_len, chunk):
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(num_key_value_heads=1)])  # GQA 4/2 (the decode fold), MQA
+def test_rows_at_their_own_positions_decode_as_separate_sequences(tmp_path, overrides):
+    """Three cache rows, each its own sequence: prefilled one row at a time to different lengths (shorter and
+    longer than the window of 8), then decoded together, each row at its own position, far past the window and
+    a global layer; the middle row then starts a new, shorter sequence while the others go on, and a step runs
+    only the first two rows. Every row's logits must be its own full forward's."""
+    ours = ours_from(hf_text_model(**overrides), tmp_path)
+    seqs = torch.randint(0, TINY["vocab_size"], (3, 48))
+    fresh = torch.randint(0, TINY["vocab_size"], (1, 48))
+    with torch.no_grad():
+        full = ours(torch.cat([seqs, fresh]))  # (4, 48, V)
+        ours.setup_cache(batch_size=3, max_seq_len=64)
+        lengths = [3, 20, 11]
+        for row, n in enumerate(lengths):
+            got = ours(seqs[row : row + 1, :n], torch.arange(n), rows=slice(row, row + 1))
+            assert (got - full[row : row + 1, :n]).abs().max().item() <= 1e-4
+        pos = torch.tensor(lengths)[:, None]  # (B, 1)
+        for _ in range(16):
+            got = ours(seqs.gather(1, pos), pos)  # (3, 1, V)
+            want = full[torch.arange(3)[:, None], pos]
+            assert (got - want).abs().max().item() <= 1e-4
+            pos = pos + 1
+        ours(fresh[:, :5], torch.arange(5), rows=slice(1, 2))  # row 1: a new sequence, in a row that held 36
+        rows = torch.stack([seqs[0], fresh[0], seqs[2]])
+        pos[1] = 5
+        for step in range(12):
+            n = 2 if step % 3 == 0 else 3  # now and then a step for the first rows only
+            got = ours(rows[:n].gather(1, pos[:n]), pos[:n], rows=slice(0, n))
+            want = torch.cat([full[[0, 3, 2]]])[torch.arange(n)[:, None], pos[:n]]
+            assert (got - want).abs().max().item() <= 1e-4
+            pos[:n] += 1
+
+
+def test_rows_must_match_the_cache(tmp_path):
+    ours = ours_from(hf_text_model(), tmp_path)
+    ours.setup_cache(batch_size=2, max_seq_len=64)
+    with pytest.raises(ValueError, match="3 rows of input for 2 rows of the KV cache"):
+        ours(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long))
+
+
 def test_eager_decoding_reads_only_the_filled_cache(tmp_path, monkeypatch):
     """A 64-slot cache holding 6 positions: eager attention reads 6 keys (global) and at most the window's 8
     (local ring), not all 64, and the logits are unchanged (test_cached_decoding_matches_full_forward)."""

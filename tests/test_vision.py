@@ -133,7 +133,7 @@ def test_image_mask_one_and_two_images():
     is_image = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 0]], dtype=torch.bool)
     images = image_index(is_image)
     assert images.tolist() == [[-1, 0, 0, 0, -1, -1, 1, 1, -1]]
-    pos = torch.arange(9)
+    pos = torch.arange(9)[None]  # (B, T)
     full = attention_mask(pos, pos, same_image=same_image_mask(images, images))[0, 0]
     assert full[1, 3] and full[3, 1] and full[6, 7] and full[7, 6]  # within an image: both ways
     assert not full[3, 6] and full[6, 3]  # images: causal between them
