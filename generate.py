@@ -7,6 +7,10 @@ python generate.py --model gaunernst/gemma-3-4b-it-int4 --image a.png --image b.
 
 Images (4B, 12B, 27B) go before the prompt text, or where the prompt marks them with <start_of_image>,
 one mark per --image, in order.
+
+Several prompts (--prompt repeated, or --prompt-file with one prompt per line) are generated together,
+--max-batch at a time, each at its own position in one batched decode step; each reply is printed as a
+JSON line {"index", "prompt", "text", "finish_reason", "new_tokens"} when it finishes.
 """
 
 import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
@@ -16,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,7 +28,7 @@ import files
 import vision
 from cli import add_model_arguments, add_sampling_arguments, load, positive_int, sampling_from
 from config import STOP_IDS
-from generation import compile_decode_step, decode_one_token, generate
+from generation import Request, compile_decode_step, decode_one_token, generate, generate_batch
 from tokenizer import StreamDecoder, check_text, is_instruction_tuned, place_images
 
 
@@ -37,7 +42,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--prompt", action="append", default=[], help="the prompt text (repeatable: several prompts)")
+    p.add_argument("--prompt-file", metavar="PATH", help="a text file of prompts, one per line (blank lines skipped)")
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="several prompts: how many decode together, one batch row each (default 8)")  # fmt: skip
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the prompt (repeatable; models with vision: 4B, 12B, 27B)")  # fmt: skip
     add_model_arguments(p)
@@ -47,7 +55,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="feed the prompt as is (after <bos>), no chat template")
     p.add_argument("--chat", action="store_true", help="apply the chat template even if the name lacks '-it'")
     p.add_argument("--stats-json", action="store_true", help="print timing stats as JSON, last line of stderr")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prompt_file is not None:
+        try:
+            lines = Path(args.prompt_file).read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        except OSError as e:
+            p.error(f"--prompt-file: {e.strerror}: {args.prompt_file}")
+        args.prompt += [line for line in lines if line.strip()]
+    if not args.prompt:
+        p.error("give a prompt: --prompt TEXT (repeatable) or --prompt-file PATH")
+    if len(args.prompt) > 1 and args.image:
+        p.error("--image goes with a single prompt")
+    return args
 
 
 def main(argv=None) -> int:
@@ -64,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     try:
         sampling = sampling_from(args)
-        check_text(args.prompt)  # before the slow load
+        for text in args.prompt:
+            check_text(text)  # before the slow load
         images = [vision.load_image(path) for path in args.image]  # bad images fail before the slow load
         t0 = time.perf_counter()
         model, tokenizer = load(args)
@@ -77,17 +97,22 @@ def run(args: argparse.Namespace) -> int:
             pixel_values = torch.stack([vision.preprocess(image, vc.image_size) for image in images])
             tokens_per_image = vc.tokens_per_image
         use_chat = args.chat or (is_instruction_tuned(args.model) and not args.raw)
-        if use_chat:
-            message = {"role": "user", "content": args.prompt, "images": len(images)}
-            prompt = tokenizer.chat_prompt([message], tokens_per_image=tokens_per_image)
-        else:
-            text = place_images(args.prompt, len(images))
-            prompt = tokenizer.encode(text, bos=True, num_images=len(images), tokens_per_image=tokens_per_image)
+        prompts = []
+        for text in args.prompt:
+            if use_chat:
+                message = {"role": "user", "content": text, "images": len(images)}
+                prompts.append(tokenizer.chat_prompt([message], tokens_per_image=tokens_per_image))
+            else:
+                text = place_images(text, len(images))
+                prompts.append(tokenizer.encode(text, True, len(images), tokens_per_image))
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     step = compile_decode_step(device) if args.compile else decode_one_token
+    if len(prompts) > 1:
+        return run_batch(args, model, tokenizer, prompts, sampling, generator, step, load_s)
+    prompt = prompts[0]
 
     stream, new_tokens = StreamDecoder(tokenizer), 0
     t_start = t_first = t_second = time.perf_counter()
@@ -122,6 +147,33 @@ def run(args: argparse.Namespace) -> int:
         f"peak memory {stats['peak_mem_mb']} MB]",
         file=sys.stderr,
     )
+    if args.stats_json:
+        print(json.dumps(stats), file=sys.stderr)
+    return 0
+
+
+def run_batch(args, model, tokenizer, prompts, sampling, generator, step, load_s: float) -> int:
+    """Several prompts, --max-batch rows at a time; each reply a JSON line on stdout as it finishes."""
+    context = min(model.config.max_seq_len, max(map(len, prompts)) + args.max_new_tokens)
+    requests = [Request(prompt, args.max_new_tokens, sampling, STOP_IDS, generator) for prompt in prompts]
+    t0 = time.perf_counter()
+    try:
+        rows = min(args.max_batch, len(prompts))
+        for request in generate_batch(model, requests, rows, context, step, every_row=args.compile):
+            index = requests.index(request)
+            said = request.tokens[:-1] if request.finish_reason == "stop" else request.tokens
+            reply = {"index": index, "prompt": args.prompt[index], "text": tokenizer.decode(said),
+                     "finish_reason": request.finish_reason, "new_tokens": len(request.tokens)}  # fmt: skip
+            print(json.dumps(reply, ensure_ascii=False), flush=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    new_tokens, seconds = sum(len(r.tokens) for r in requests), time.perf_counter() - t0
+    peak_mb = round(peak_memory_mb(model.norm.weight.device), 1)
+    stats = {"prompts": len(prompts), "rows": rows, "new_tokens": new_tokens, "load_s": round(load_s, 3),
+             "tok_s": round(new_tokens / seconds, 2), "peak_mem_mb": peak_mb}  # fmt: skip
+    print(f"[{len(prompts)} prompts, {rows} at a time: {new_tokens} new tokens at {stats['tok_s']} tok/s in all, "
+          f"loaded in {stats['load_s']} s, peak memory {stats['peak_mem_mb']} MB]", file=sys.stderr)  # fmt: skip
     if args.stats_json:
         print(json.dumps(stats), file=sys.stderr)
     return 0

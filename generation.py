@@ -49,9 +49,13 @@ def sample(
         logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
     if s.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / s.temperature
-    if s.top_k:
-        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    logits, ids = logits / s.temperature, None
+    if s.top_k and s.top_k < logits.shape[-1]:
+        # Only the top k can be drawn (and the ties at the k-th, as transformers keeps them): the rest of the
+        # work runs on those few candidates, not on the whole vocabulary (whose sort alone takes milliseconds).
+        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
+        candidates = int((logits >= kth).sum(-1).max())
+        logits, ids = torch.topk(logits, candidates, dim=-1)  # (B, candidates), sorted: the best first
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if s.min_p:
@@ -63,7 +67,8 @@ def sample(
         probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
     # Sampling via exponential races (Gumbel-max in disguise): no host sync, no renormalisation needed.
     race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(-1)
+    choice = (probs / race).argmax(-1)
+    return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
 
 
 def prefill(
@@ -245,3 +250,27 @@ def generate(
     while request.finish_reason is None:
         batch.step()
         yield request.tokens[-1]
+
+
+def generate_batch(
+    model: Gemma3,
+    requests: list[Request],
+    rows: int,
+    context: int,
+    decode_step: Callable = decode_one_token,
+    every_row: bool = False,
+) -> Iterator[Request]:
+    """Run the requests through a Batch of `rows` rows with a `context`-token cache each, each joining as soon as
+    a row is free; yield each request as it finishes (a prompt that does not fit raises before anything runs)."""
+    for request in requests:
+        if not 0 < len(request.prompt) < context:
+            raise ValueError(f"a prompt has {len(request.prompt)} tokens: it must have 1 to {context - 1}")
+    model.setup_cache(rows, context)
+    batch, waiting = Batch(model, decode_step, every_row), list(requests)
+    while waiting or batch.active():
+        while waiting and batch.free_rows():
+            request = waiting.pop(0)
+            batch.add(request)
+            if request.finish_reason is not None:  # done at its first token
+                yield request
+        yield from (request for request in batch.step() if request.finish_reason is not None)

@@ -79,6 +79,7 @@ def same_image_mask(q_images: torch.Tensor, kv_images: torch.Tensor) -> torch.Te
 
 
 ALL = slice(None)  # every row of the KV cache
+Mask = torch.Tensor | list[torch.Tensor]  # (B, 1, T, S), or one (1, 1, T, S_r) per row (Gemma3.row_masks)
 
 
 class KVCache(nn.Module):
@@ -145,7 +146,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, mask: torch.Tensor, pos: torch.Tensor | None = None, rows: slice = ALL
+        self, x: torch.Tensor, rope: Rope, mask: Mask, pos: torch.Tensor | None = None, rows: slice = ALL
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
@@ -155,12 +156,22 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dtype = attention_dtype(x.dtype, x.device)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        if pos is not None:
-            k, v = self.kv_cache.update(pos, k, v, mask.shape[-1], rows)  # (B, n_kv, S, hd): the keys the mask covers
+        masks = mask if isinstance(mask, list) else [mask]  # per row (Gemma3.row_masks), or one for all rows
+        if pos is not None:  # (B, n_kv, S, hd): the keys the masks cover
+            k, v = self.kv_cache.update(pos, k, v, max(m.shape[-1] for m in masks), rows)
         if T == 1 and self.num_kv_heads > 1:  # decode: each kv head's query heads as its queries (B, n_kv, g, hd),
             q = q.view(B, self.num_kv_heads, -1, self.head_dim)  # so no copy of the cache repeated per query head
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True).type_as(x)
+        if len(masks) == 1:
+            y = self.attend(q, k, v, mask)
+        else:  # each row over exactly its own keys, as it would alone
+            y = torch.cat([self.attend(q[r : r + 1], k[r : r + 1], v[r : r + 1], m) for r, m in enumerate(masks)])
+        y = y.type_as(x)
         return self.o_proj(y.reshape(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention over the first mask.shape[-1] keys."""
+        k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -190,7 +201,7 @@ class Block(nn.Module):
         self.post_ffw_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, mask: torch.Tensor, pos: torch.Tensor | None = None, rows: slice = ALL
+        self, x: torch.Tensor, rope: Rope, mask: Mask, pos: torch.Tensor | None = None, rows: slice = ALL
     ) -> torch.Tensor:
         h = x + self.post_attn_norm(self.attn(self.input_norm(x), rope, mask, pos, rows))
         return h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h)))
@@ -316,6 +327,8 @@ class Gemma3(nn.Module):
             same_global, same_local = self.same_image_masks(images, pos, kv_global, kv_local)
         global_mask = attention_mask(q_pos, kv_global, same_image=same_global)
         local_mask = attention_mask(q_pos, kv_local, c.sliding_window, same_local)
+        if pos is not None and T == 1 and B > 1 and not torch.compiler.is_compiling():
+            global_mask, local_mask = self.row_masks(pos, global_mask), self.row_masks(pos, local_mask)
         global_rope = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_global, c.rope_scale_global, x.dtype)
         local_rope = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_local, 1.0, x.dtype)
         for layer in self.layers:
@@ -347,6 +360,18 @@ class Gemma3(nn.Module):
         if pos.shape[1] == 1:  # one token: it is written into its ring slot before attending (KVCache.update)
             return kv_global, ring.scatter(1, pos % ring_len, pos)[:, : filled_slots(pos.max() + 1, ring_len)]
         return kv_global, torch.cat([ring[:, : filled_slots(pos[:, 0].max(), ring_len)], pos], dim=1)
+
+    @staticmethod
+    def row_masks(pos: torch.Tensor, mask: torch.Tensor) -> Mask:
+        """For one token in each of B rows at different positions pos (B, 1): the mask (B, 1, 1, S) cut into each
+        row's own (1, 1, 1, S_r), the S_r slots the row has filled (as filled_slots counts them for the row
+        alone). Attention over more keys, the masked ones included, rounds otherwise (its matmuls block by
+        length), and bf16 activations make that visible: each row attending over exactly its own keys decodes
+        bit for bit as it does alone (batch invariance). Rows all at one length keep the one mask."""
+        lengths = [min(p + 1, mask.shape[-1]) for p in pos[:, 0].tolist()]
+        if len(set(lengths)) == 1:
+            return mask
+        return [mask[r : r + 1, ..., :n] for r, n in enumerate(lengths)]
 
     def same_image_masks(
         self, images: torch.Tensor, pos: torch.Tensor | None, kv_global: torch.Tensor, kv_local: torch.Tensor

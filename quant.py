@@ -318,13 +318,15 @@ class Int8Linear(QuantLinear):
 
 def top_indices(logits: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
     """The indices (..., k) of the k largest logits along the last dim, as logits.topk(k).indices finds them
-    (the same values; a tie at the k-th may take another index). Decoding (one row, eager) takes an exact
-    shortcut, twice as fast over a 262144-token vocabulary: the k-th largest of the blocks' maxima is a lower
-    bound t on the k-th largest logit (k blocks each hold a logit >= t), so only logits >= t can be among the
-    top k, and topk runs over those few (about k of them)."""
+    (the same values; a tie at the k-th may take another index). Eager, each row takes an exact shortcut, twice
+    as fast over a 262144-token vocabulary: the k-th largest of the blocks' maxima is a lower bound t on the k-th
+    largest logit (k blocks each hold a logit >= t), so only logits >= t can be among the top k, and topk runs
+    over those few (about k of them). Row by row, a row's choice is the same in any batch."""
     n = logits.shape[-1]
-    if torch.compiler.is_compiling() or logits.numel() != n or n % block or n // block < k:
+    if torch.compiler.is_compiling() or n % block or n // block < k:
         return logits.topk(k, dim=-1).indices
+    if logits.numel() != n:  # row by row: each row's choice as it would be alone (ties included)
+        return torch.stack([top_indices(row, k, block) for row in logits.reshape(-1, n)]).view(*logits.shape[:-1], k)
     row = logits.reshape(n)
     t = row.view(-1, block).amax(-1).topk(k).values[-1]
     candidates = (row >= t).nonzero().squeeze(1)

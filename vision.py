@@ -13,6 +13,7 @@ follow the checkpoints' (vision_tower.vision_model.*) so that loading is a renam
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -28,21 +29,23 @@ from quant import attention_dtype
 # (without its optional pan-and-scan crops).
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file, upright (its EXIF orientation applied), fully decoded: errors name the file."""
-    if Path(path).exists() and not Path(path).is_file():  # a directory, or a FIFO that would block forever
-        raise ValueError(f"{path}: not a regular file")
+def load_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open an image file (or a file object: `name` says what it is in errors), upright (its EXIF orientation
+    applied), fully decoded: errors name the file."""
+    name = name or str(path)
+    if isinstance(path, (str, Path)) and Path(path).exists() and not Path(path).is_file():
+        raise ValueError(f"{path}: not a regular file")  # a directory, or a FIFO that would block forever
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
             image.load()  # decode now, so a truncated file fails here and not later
             return image
     except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
+        raise FileNotFoundError(f"image not found: {name}") from None
     except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image file (or a format pillow cannot read)") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e})") from None
+        raise ValueError(f"{name}: not an image file (or a format pillow cannot read)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: cannot read the image ({e})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

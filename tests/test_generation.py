@@ -9,7 +9,17 @@ from conftest import hf_text_model, run_main
 
 import generate as generate_script
 import loader
-from generation import Batch, Request, Sampling, compile_decode_step, decode_one_token, generate, prefill, sample
+from generation import (
+    Batch,
+    Request,
+    Sampling,
+    compile_decode_step,
+    decode_one_token,
+    generate,
+    generate_batch,
+    prefill,
+    sample,
+)
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +129,17 @@ def run_batch(model, requests, joins, rows, **kw):
         batch.step()
         step += 1
     return [r.tokens for r in requests]
+
+
+def test_generate_batch_yields_each_request_as_it_finishes(models):
+    _, ours = models
+    requests = [Request([2, 17, 300], n, Sampling(temperature=0)) for n in (9, 1, 4, 6)]
+    finished = list(generate_batch(ours, requests, rows=2, context=64))
+    assert finished == [requests[1], requests[2], requests[0], requests[3]]  # 1 at its first token; 2 before 0
+    assert [len(r.tokens) for r in requests] == [9, 1, 4, 6] and {r.finish_reason for r in requests} == {"length"}
+    assert requests[0].tokens == list(generate(ours, [2, 17, 300], 9, Sampling(temperature=0)))
+    with pytest.raises(ValueError, match="a prompt has 64 tokens: it must have 1 to 63"):
+        list(generate_batch(ours, [Request([2] * 64, 5)], rows=2, context=64))
 
 
 def test_batched_requests_generate_as_each_alone(models):

@@ -251,8 +251,10 @@ def test_top_indices_finds_what_topk_finds(dtype):
             assert torch.equal(got.sort(-1).values, expected.indices.sort(-1).values)
     flat = torch.zeros(4096, dtype=dtype)  # every logit tied: the shortcut keeps them all as candidates
     assert quant.top_indices(flat, 64).unique().numel() == 64
-    batch = torch.randn(3, 5, 4096, generator=g).to(dtype)  # several rows: topk itself
-    assert torch.equal(quant.top_indices(batch, 64), batch.topk(64, dim=-1).indices)
+    batch = torch.randn(3, 5, 4096, generator=g).to(dtype)  # several rows: each as it would be alone
+    got = quant.top_indices(batch, 64)
+    assert all(torch.equal(got[i, j], quant.top_indices(batch[i, j], 64)) for i in range(3) for j in range(5))
+    assert torch.equal(batch.gather(-1, got).sort(-1).values, batch.topk(64, dim=-1).values.sort(-1).values)
 
 
 def test_a_cached_ranker_is_used_as_it_is():
