@@ -180,8 +180,8 @@ LAYERS = [
     {"model", "checkpoint"},
     {"tokenizer", "loader"},
     {"generation", "ptq"},
-    {"cli"},
-    {"generate", "chat", "eval", "convert"},  # the scripts
+    {"cli", "server"},
+    {"generate", "chat", "eval", "convert", "serve"},  # the scripts
 ]
 
 

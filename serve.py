@@ -1,0 +1,75 @@
+"""Serve Gemma 3 over OpenAI's HTTP API, with a chat page, many requests decoding in one batch.
+
+python serve.py                                   # the embedded 270M on http://127.0.0.1:8000
+python serve.py --model gaunernst/gemma-3-4b-it-int4 --max-batch 4 --context 8192
+curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 64}'
+
+Endpoints: POST /v1/chat/completions and /v1/completions (stream: true for server-sent events),
+GET /v1/models, GET /health, and a chat page at http://HOST:PORT/. Concurrent requests share each decode
+step, one KV-cache row (--max-batch of them, --context tokens each) per request; more wait in a queue
+(--max-queue; beyond it: 503). Images (4B, 12B, 27B) come as data: URLs; nothing is fetched.
+Ctrl-C or SIGTERM: in-flight requests get --shutdown-timeout seconds to finish, then are cancelled.
+"""
+
+import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
+
+# isort: split
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from cli import add_model_arguments, load, positive_int
+from generation import compile_decode_step, decode_one_token
+
+if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
+    sys.exit("error: serve.py needs FastAPI and uvicorn: pip install -e '.[serve]'")
+from server import Engine, build_app, serve
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="requests decoding together, one KV-cache row each (default 8)")  # fmt: skip
+    p.add_argument("--context", type=positive_int, default=4096,
+                   help="tokens per request, prompt and reply (default 4096, at most the model's)")  # fmt: skip
+    p.add_argument("--max-queue", type=positive_int, default=64,
+                   help="requests waiting for a row before the server answers 503 (default 64)")  # fmt: skip
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: no key)")
+    p.add_argument("--name", help="the model's name in /v1/models (default: --model's last part)")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds in-flight requests get to finish on shutdown (default 5)")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        model, tokenizer = load(args)
+        context = min(args.context, model.config.max_seq_len)
+        step = compile_decode_step(torch.device(args.device)) if args.compile else decode_one_token
+        engine = Engine(model, args.max_batch, context, step, every_row=args.compile, max_queue=args.max_queue)
+        if args.compile:
+            print("compiling the decode step (about a minute) ...", file=sys.stderr)
+            engine.warm_up()
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+    app = build_app(engine, tokenizer, args.name or Path(str(args.model)).name, args.api_key)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/ ({args.max_batch} rows of {context} tokens)",
+          file=sys.stderr)  # fmt: skip
+    serve(app, engine, args.host, args.port, args.shutdown_timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
