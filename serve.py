@@ -67,8 +67,7 @@ def main(argv=None) -> int:
     app = build_app(engine, tokenizer, args.name or Path(str(args.model)).name, args.api_key)
     print(f"serving {args.model} on http://{args.host}:{args.port}/ ({args.max_batch} rows of {context} tokens)",
           file=sys.stderr)  # fmt: skip
-    serve(app, engine, args.host, args.port, args.shutdown_timeout)
-    return 0
+    return 0 if serve(app, engine, args.host, args.port, args.shutdown_timeout) else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server over batched decoding: what serve.py runs.
 
-Read in order: the engine (one thread that owns the model: requests wait in a bounded queue, join free rows of
+Read in order: the engine (the one thread that runs the model: requests wait in a bounded queue, join free rows of
 generation.Batch between decode steps and leave the moment they finish or their client goes away), the request
 bodies (pydantic models of OpenAI's chat and completions APIs), turning a chat into a prompt (Gemma's template;
 images only as data: URLs), stop strings, and the FastAPI app: /v1/models, /v1/chat/completions and
@@ -16,11 +16,11 @@ import collections
 import hmac
 import io
 import json
+import signal
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -31,6 +31,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -62,10 +63,11 @@ class APIError(Exception):
 
 class Job:
     """A request on its way through the engine. Its tokens come back through an asyncio queue on the event
-    loop of the HTTP request that made it; None ends them (request.finish_reason then says why, or error)."""
+    loop of the HTTP request that made it; None ends them (request.finish_reason then says why, or error).
+    images: the prompt's, preprocessed into request.pixel_values by the engine (PyTorch's work on its thread)."""
 
-    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
-        self.request, self.loop = request, loop
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop, images: list[Image.Image] = ()):
+        self.request, self.loop, self.images = request, loop, list(images)
         self.tokens: asyncio.Queue[int | None] = asyncio.Queue()
         self.cancelled = False  # set by the HTTP side: the client went away, or a stop string ended the text
         self.error: str | None = None
@@ -79,9 +81,11 @@ class Busy(Exception):
 
 
 class Engine:
-    """Continuous batching in a thread: between decode steps, cancelled jobs leave their rows and waiting
-    jobs take the free ones (their prompts prefilled on joining); then one step decodes a token for every
-    active row. The model is used by this thread alone."""
+    """Continuous batching in one thread (run): between decode steps, cancelled jobs leave their rows and
+    waiting jobs take the free ones (their prompts prefilled on joining); then one step decodes a token for
+    every active row. Only this thread runs the model, and best the thread that loaded it (serve does so):
+    PyTorch's OpenMP gives each thread that runs parallel work its own team of worker threads, and with two
+    teams on two cores every step ran about a quarter slower (measured)."""
 
     def __init__(self, model: Gemma3, slots: int, context: int, decode_step: Callable = decode_one_token,
                  every_row: bool = False, max_queue: int = 64):  # fmt: skip
@@ -93,9 +97,11 @@ class Engine:
         self.wake = threading.Condition()
         self.stopping = False
         self.deadline: float | None = None  # shutting down: running jobs are cut at this time.monotonic()
-        self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
+        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Run in a thread of its own (embedding the server, the tests); serve runs it in the caller's."""
+        self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
         self.thread.start()
 
     @torch.no_grad()
@@ -104,11 +110,12 @@ class Engine:
         self.batch.decode_step(self.model, self.batch.tokens, self.batch.pos)
 
     def stop(self) -> None:
-        """Cancel what is queued or running (each job's tokens end) and wait for the thread."""
+        """Thread-safe: cancel what is queued or running (each job's tokens end); run returns."""
         with self.wake:
             self.stopping = True
             self.wake.notify()
-        self.thread.join()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
 
     def shut_down(self, timeout: float) -> None:
         """Thread-safe: take no new jobs, end the waiting ones now and give the running ones `timeout` seconds to
@@ -139,7 +146,7 @@ class Engine:
         while True:
             with self.wake:
                 while not (self.stopping or self.waiting or self.running):
-                    self.wake.wait()
+                    self.wake.wait(timeout=0.5)  # (timed: the main thread's signal handlers run meanwhile)
                 if self.stopping:
                     break
                 if self.deadline is not None:  # shutting down: nothing more joins; past the deadline nothing runs
@@ -166,6 +173,9 @@ class Engine:
         if job.cancelled:
             return job.deliver(None)
         try:
+            if job.images:
+                size = self.model.config.vision_config.image_size
+                job.request.pixel_values = torch.stack([vision.preprocess(image, size) for image in job.images])
             self.batch.add(job.request)
         except (ValueError, RuntimeError) as e:  # checked before queueing; a failure here is the model's
             job.error = str(e)
@@ -272,9 +282,9 @@ class ChatCompletion(Completion):
 # A chat as a prompt: Gemma's template (tokenizer.chat_prompt) with the images in their places.
 
 
-def chat_prompt(messages: list[Message], tokenizer: Tokenizer, model: Gemma3) -> tuple[list[int], torch.Tensor | None]:
-    """The prompt's ids, and pixel values (N, 3, S, S) for its images (None without). System (and developer)
-    messages come first and become Gemma's system prompt, which has no role of its own."""
+def chat_prompt(messages: list[Message], tokenizer: Tokenizer, model: Gemma3) -> tuple[list[int], list[Image.Image]]:
+    """The prompt's ids, and its images in order. System (and developer) messages come first and become
+    Gemma's system prompt, which has no role of its own."""
     system = []
     while messages and messages[0].role in ("system", "developer"):
         system.append(text_of(messages[0], []))
@@ -290,16 +300,12 @@ def chat_prompt(messages: list[Message], tokenizer: Tokenizer, model: Gemma3) ->
                       "images": len(images) - before})  # fmt: skip
     if images and model.vision is None:
         raise APIError(400, "this model is text-only: images need Gemma 3 4B, 12B or 27B", param="messages")
-    pixel_values = None
-    if images:
-        size = model.config.vision_config.image_size
-        pixel_values = torch.stack([vision.preprocess(image, size) for image in images])
     tokens_per_image = model.config.vision_config.tokens_per_image if model.vision else 0
     try:
         ids = tokenizer.chat_prompt(turns, "\n\n".join(system) or None, tokens_per_image)
     except ValueError as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
-    return ids, pixel_values
+    return ids, images
 
 
 def text_of(message: Message, images: list) -> str:
@@ -316,7 +322,7 @@ def text_of(message: Message, images: list) -> str:
     return text
 
 
-def decode_image(url: str):
+def decode_image(url: str) -> Image.Image:
     """An image from a data: URL (base64). Nothing is fetched from the network."""
     header, comma, data = url.partition(",")
     if not (url.startswith("data:") and comma and header.endswith(";base64")):
@@ -354,16 +360,9 @@ class StopStrings:
 
 
 def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app over a (not yet started) engine: the app's lifespan starts it and stops it."""
+    """The FastAPI app over an engine, which runs apart from it (serve, or Engine.start)."""
     model, created = engine.model, int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        engine.start()
-        yield
-        await run_in_threadpool(engine.stop)  # the in-flight requests' tokens end; their responses close
-
-    app = FastAPI(title="gemma3-int4", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="gemma3-int4", docs_url=None, redoc_url=None)
 
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
@@ -421,15 +420,15 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
             prompt = body.prompt
             if any(not 0 <= t < model.config.vocab_size for t in prompt):
                 raise APIError(400, f"prompt: token ids go from 0 to {model.config.vocab_size - 1}", param="prompt")
-        return await respond(body, prompt, None, http, chat=False)
+        return await respond(body, prompt, [], http, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletion, http: HTTPRequest):
-        ids, pixel_values = await run_in_threadpool(chat_prompt, body.messages, tokenizer, model)
+        ids, images = await run_in_threadpool(chat_prompt, body.messages, tokenizer, model)
         body.max_tokens = body.max_tokens or body.max_completion_tokens
-        return await respond(body, ids, pixel_values, http, chat=True)
+        return await respond(body, ids, images, http, chat=True)
 
-    async def respond(body: Completion, prompt: list[int], pixel_values, http: HTTPRequest, chat: bool):
+    async def respond(body: Completion, prompt: list[int], images: list, http: HTTPRequest, chat: bool):
         if not prompt:
             raise APIError(400, "prompt: empty", param="prompt")
         if len(prompt) >= engine.context:
@@ -442,8 +441,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
             raise APIError(400, str(e)) from None
         generator = None if body.seed is None else torch.Generator().manual_seed(body.seed % 2**64)
         room = engine.context - len(prompt)
-        request = Request(prompt, min(body.max_tokens or room, room), sampling, STOP_IDS, generator, pixel_values)
-        job = Job(request, asyncio.get_running_loop())
+        request = Request(prompt, min(body.max_tokens or room, room), sampling, STOP_IDS, generator)
+        job = Job(request, asyncio.get_running_loop(), images)
         try:
             engine.submit(job)
         except Busy as e:
@@ -515,19 +514,34 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
     return app
 
 
-def serve(app: FastAPI, engine: Engine, host: str, port: int, shutdown_timeout: float) -> None:
-    """Run the app with uvicorn until SIGINT or SIGTERM; then the engine gives the requests in flight
-    shutdown_timeout seconds, cuts what is left, and uvicorn closes the connections."""
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            engine.shut_down(shutdown_timeout)
-            super().handle_exit(sig, frame)
-
+def serve(app: FastAPI, engine: Engine, host: str, port: int, shutdown_timeout: float) -> bool:
+    """Serve the app with uvicorn in a thread and run the engine in this one (the thread that loaded the
+    model, see Engine) until SIGINT or SIGTERM: then uvicorn takes no new connections, the requests in
+    flight get shutdown_timeout seconds before the engine cuts them, and both stop. False: the server did not
+    start (uvicorn said why, e.g. the port is taken)."""
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout + 5
     )
-    Server(config).run()
+    server = uvicorn.Server(config)
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.stop()
+
+    def on_signal(sig: int, frame) -> None:
+        engine.shut_down(shutdown_timeout)
+        server.force_exit = server.should_exit  # a second Ctrl-C: at once
+        server.should_exit = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    thread = threading.Thread(target=http, name="http")
+    thread.start()
+    engine.run()
+    thread.join()
+    return server.started
 
 
 def sse(payload: dict) -> bytes:

@@ -12,7 +12,8 @@ answered with a finish_reason and [DONE], and usage's completion tokens all deli
 request has --timeout seconds; the whole run is bounded by requests x max tokens.
 
 llama.cpp: llama-cpp-python's server (`python -m llama_cpp.server`, which needs its [server] extra:
-sse-starlette, starlette-context, pydantic-settings), skipped if it cannot be started. Writes
+sse-starlette, starlette-context, pydantic-settings), skipped if it cannot be started. It decodes one request
+at a time; with --interrupt_requests False the others queue (by default a new request cuts the running one). Writes
 serve-<name>.json and .md under --out.
 """
 
@@ -27,6 +28,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -61,9 +63,15 @@ def wait_for(port: int, proc: subprocess.Popen, path: str, seconds: float = 300)
 
 @contextlib.contextmanager
 def server(cmd: list[str], port: int, ready_path: str):
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    """The server process, its output in a file (a pipe nobody reads would fill up and stall it)."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(port, proc, ready_path)
+        try:
+            wait_for(port, proc, ready_path)
+        except RuntimeError as e:
+            log.seek(0)
+            raise RuntimeError(f"{e}: {log.read()[-400:]}") from None
         yield
     finally:
         proc.terminate()
@@ -183,7 +191,7 @@ def main() -> None:
         name, port = "llama.cpp (llama-cpp-python server)", free_port()
         print(f"== {name}", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_ctx", "1024",
-               "--n_threads", str(os.cpu_count()), "--n_batch", "512"]  # fmt: skip
+               "--n_threads", str(os.cpu_count()), "--n_batch", "512", "--interrupt_requests", "False"]  # fmt: skip
         try:
             with server(cmd, port, "/v1/models"):
                 report["servers"][name] = [

@@ -40,11 +40,13 @@ GREEDY = Sampling(temperature=0)
 @contextlib.contextmanager
 def serving(model, tokenizer, slots=8, context=512, max_queue=64, api_key=None, name="gemma-3-270m"):
     """The app on a free loopback port, in a thread: yields its base URL."""
-    app = build_app(Engine(model, slots, context, max_queue=max_queue), tokenizer, name, api_key)
+    engine = Engine(model, slots, context, max_queue=max_queue)
+    app = build_app(engine, tokenizer, name, api_key)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    engine.start()
     thread.start()
     while not server.started:
         time.sleep(0.02)
@@ -53,6 +55,7 @@ def serving(model, tokenizer, slots=8, context=512, max_queue=64, api_key=None, 
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        engine.stop()
 
 
 def load_real():
