@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import hmac
 import io
 import json
@@ -70,10 +71,11 @@ class Job:
         self.request, self.loop, self.images = request, loop, list(images)
         self.tokens: asyncio.Queue[int | None] = asyncio.Queue()
         self.cancelled = False  # set by the HTTP side: the client went away, or a stop string ended the text
-        self.error: str | None = None
+        self.error: APIError | None = None  # why the tokens ended early, for the client
 
     def deliver(self, token: int | None) -> None:
-        self.loop.call_soon_threadsafe(self.tokens.put_nowait, token)
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: no one is listening any more
+            self.loop.call_soon_threadsafe(self.tokens.put_nowait, token)
 
 
 class Busy(Exception):
@@ -84,8 +86,8 @@ class Engine:
     """Continuous batching in one thread (run): between decode steps, cancelled jobs leave their rows and
     waiting jobs take the free ones (their prompts prefilled on joining); then one step decodes a token for
     every active row. Only this thread runs the model, and best the thread that loaded it (serve does so):
-    PyTorch's OpenMP gives each thread that runs parallel work its own team of worker threads, and with two
-    teams on two cores every step ran about a quarter slower (measured)."""
+    PyTorch's OpenMP gives each thread that runs parallel work its own team of worker threads, and two teams
+    on two cores slow every step (bench/README.md, "Serving")."""
 
     def __init__(self, model: Gemma3, slots: int, context: int, decode_step: Callable = decode_one_token,
                  every_row: bool = False, max_queue: int = 64):  # fmt: skip
@@ -166,7 +168,7 @@ class Engine:
         for job in jobs:
             if job.request in self.running:
                 self.batch.remove(job.request)
-            job.error = "the server shut down before this reply was finished"
+            job.error = APIError(503, "the server shut down before this reply was finished", "server_error")
             self.finish(job)
 
     def join(self, job: Job) -> None:
@@ -178,7 +180,7 @@ class Engine:
                 job.request.pixel_values = torch.stack([vision.preprocess(image, size) for image in job.images])
             self.batch.add(job.request)
         except (ValueError, RuntimeError) as e:  # checked before queueing; a failure here is the model's
-            job.error = str(e)
+            job.error = APIError(500, f"prefill failed: {e}", "server_error")
             return job.deliver(None)
         self.running[job.request] = job
         self.delivered(job)
@@ -189,7 +191,7 @@ class Engine:
         except RuntimeError as e:  # e.g. out of memory: fail the batch's jobs, keep serving
             for job in list(self.running.values()):
                 self.batch.remove(job.request)
-                job.error = f"decoding failed: {e}"
+                job.error = APIError(500, f"decoding failed: {e}", "server_error")
                 self.finish(job)
             return
         for request in requests:
@@ -504,7 +506,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
                     result["finish_reason"] = "stop"
                     return
             if job.error is not None:
-                raise APIError(503 if "shut down" in job.error else 500, job.error, "server_error")
+                raise job.error
             if stop.held:
                 yield stop.held
             result["finish_reason"] = job.request.finish_reason

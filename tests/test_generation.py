@@ -235,6 +235,28 @@ def test_generate_script_streams_and_reports(tiny_int4_dir):
     assert json.loads(raw.stderr.strip().splitlines()[-1])["prompt_tokens"] == len(tok.encode("Hello", bos=True))
 
 
+def test_generate_script_several_prompts(tiny_int4_dir, tmp_path):
+    """--prompt repeated and --prompt-file: one JSON line per reply, each what the prompt gets alone."""
+    prompts = ["Hello", "The answer is", "x"]
+    (tmp_path / "prompts.txt").write_text("The answer is\n\nx\n")
+    out = run_generate("--model", str(tiny_int4_dir), "--prompt", "Hello", "--prompt-file", tmp_path / "prompts.txt",
+                       "--temperature", "0", "--max-new-tokens", "9", "--max-batch", "2", "--raw",
+                       "--stats-json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    replies = sorted((json.loads(line) for line in out.stdout.splitlines()), key=lambda r: r["index"])
+    assert [r["prompt"] for r in replies] == prompts
+    stats = json.loads(out.stderr.strip().splitlines()[-1])
+    assert stats["prompts"] == 3 and stats["rows"] == 2
+    for r in replies:
+        alone = run_generate("--model", str(tiny_int4_dir), "--prompt", r["prompt"], "--temperature", "0",
+                             "--max-new-tokens", "9", "--raw")  # fmt: skip
+        assert alone.stdout == r["text"] + "\n" and r["finish_reason"] in ("stop", "length")
+    out = run_generate("--model", str(tiny_int4_dir), "--prompt", "a", "--prompt", "b", "--image", "x.png")
+    assert out.returncode == 2 and "--image goes with a single prompt" in out.stderr
+    out = run_generate("--model", str(tiny_int4_dir), "--prompt-file", tmp_path / "missing.txt")
+    assert out.returncode == 2 and "--prompt-file" in out.stderr and "missing.txt" in out.stderr
+
+
 def test_generate_script_errors(tiny_int4_dir, tmp_path):
     out = run_generate("--model", str(tmp_path / "missing"), "--prompt", "x")
     assert out.returncode == 1 and "error: no such checkpoint" in out.stderr and "Traceback" not in out.stderr

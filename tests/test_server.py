@@ -2,6 +2,7 @@
 whole) against generate() on the same prompt, stop strings, concurrent streams each as it is alone, every kind
 of bad request, a dropped stream, a full queue, the API key, images, shutdown, and the chat page in a browser."""
 
+import asyncio
 import base64
 import contextlib
 import http.client
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import hf_multimodal_model, int4_checkpoint
 from PIL import Image
 
@@ -26,8 +28,8 @@ import loader
 import vision
 from checkpoint import DEFAULT_MODEL
 from config import BOS_ID, STOP_IDS
-from generation import Sampling, generate
-from server import Engine, build_app
+from generation import Request, Sampling, compile_decode_step, generate
+from server import Engine, Job, build_app
 from tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
@@ -313,6 +315,34 @@ def test_images_as_data_urls(tmp_path, tokenizer_file):
                                                max_tokens=12, temperature=0)  # fmt: skip
         assert health(server_url)["vision"] is True
     assert reply.choices[0].message.content == expected
+
+
+def test_the_engine_with_a_compiled_step(tiny_int4_dir):
+    """--compile: the step compiles at warm_up for all rows (idle ones too), and requests joining it generate
+    what the compiled step generates for each alone."""
+    model = loader.from_pretrained(tiny_int4_dir)
+    step = compile_decode_step(torch.device("cpu"))
+    prompts = [[2, 17, 300, 45], [2, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    alone = [list(generate(model, p, 12, GREEDY, decode_step=step)) for p in prompts]
+    engine = Engine(model, 2, 64, step, every_row=True)
+    engine.warm_up()
+
+    async def run() -> list[list[int]]:
+        jobs = [Job(Request(p, 12, GREEDY), asyncio.get_running_loop()) for p in prompts]
+        for job in jobs:
+            engine.submit(job)
+        replies = []
+        for job in jobs:
+            replies.append([])
+            while (token := await job.tokens.get()) is not None:
+                replies[-1].append(token)
+        return replies
+
+    engine.start()
+    try:
+        assert asyncio.run(run()) == alone
+    finally:
+        engine.stop()
 
 
 def free_port() -> int:
