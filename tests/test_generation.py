@@ -174,7 +174,10 @@ def test_batched_int4_decoding_matches_single_rows(tiny_int4_dir):
     assert run_batch(model, requests(), [0, 2, 5], rows=3) == alone
     step = compile_decode_step(torch.device("cpu"))  # compiled bf16 rounds otherwise than eager: its own reference
     alone = [list(generate(model, p, 24, Sampling(temperature=0), decode_step=step)) for p in prompts]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     assert run_batch(model, requests(), [0, 2, 5], rows=3, decode_step=step, every_row=True) == alone
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every step of the batch
 
 
 def test_seeded_generation_reproduces(models):

@@ -293,11 +293,18 @@ def png_bytes(size: int = 40) -> bytes:
     return buffer.getvalue()
 
 
-def test_images_as_data_urls(tmp_path, tokenizer_file):
-    """A tiny multimodal checkpoint: an image part is the image generate() sees, in its place in the text."""
-    directory = tmp_path / "gemma-3-tiny-mm-it-int4"
+@pytest.fixture(scope="module")
+def tiny_vision(tmp_path_factory, tokenizer_file) -> Path:
+    """A tiny multimodal int4 checkpoint directory (4 soft tokens per image) with a tokenizer."""
+    directory = tmp_path_factory.mktemp("mm") / "gemma-3-tiny-mm-it-int4"
     int4_checkpoint(hf_multimodal_model(tokens_per_image=4), directory)
     shutil.copy(tokenizer_file, directory / "tokenizer.model")
+    return directory
+
+
+def test_images_as_data_urls(tiny_vision):
+    """An image part is the image generate() sees, in its place in the text."""
+    directory = tiny_vision
     model, tokenizer = loader.from_pretrained(directory), Tokenizer.from_file(directory / "tokenizer.model")
     alone = loader.from_pretrained(directory)
     png = png_bytes()
@@ -420,3 +427,31 @@ def test_the_chat_page_streams_a_reply_in_a_browser(real, tmp_path):
             browser.close()
     assert reply.strip()  # sampled with Gemma's defaults: some text, not a known one
     assert (tmp_path / "chat.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt install chromium)")
+def test_the_chat_page_sends_an_image(tiny_vision, tmp_path):
+    """A vision model's page offers an image: attached, it shows in the message and goes as a data: URL."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    model, tokenizer = loader.from_pretrained(tiny_vision), Tokenizer.from_file(tiny_vision / "tokenizer.model")
+    (tmp_path / "cat.png").write_bytes(png_bytes())
+    with serving(model, tokenizer, context=128, name="tiny") as url, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.getuid() == 0 else [])
+        try:
+            page = browser.new_page()
+            sent = []
+            page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/chat/completions") else None)
+            page.goto(url + "/")
+            page.wait_for_selector("#image-label:not([hidden])")
+            page.set_input_files("#image", str(tmp_path / "cat.png"))
+            page.wait_for_function("document.getElementById('attached').textContent === 'cat.png'")
+            page.fill("#max-tokens", "8")
+            page.fill("#input", "What is this?")
+            page.press("#input", "Enter")
+            page.wait_for_selector(".msg.user img")
+            page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
+            assert page.locator(".msg.error").count() == 0
+        finally:
+            browser.close()
+    content = json.loads(sent[0])["messages"][0]["content"]
+    assert content[0]["image_url"]["url"].startswith("data:image/png;base64,") and content[1]["text"] == "What is this?"
