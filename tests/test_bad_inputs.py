@@ -325,6 +325,7 @@ CONVERT_AND_SIGNAL = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import checkpoint, convert
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal has it (a background job inherits it ignored)
 write = checkpoint.write_shards
 def write_then_signal(*args, **kwargs):
     write(*args, **kwargs)
