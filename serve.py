@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="requests waiting for a row before the server answers 503 (default 64)")  # fmt: skip
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: no key)")
     p.add_argument("--name", help="the model's name in /v1/models (default: --model's last part)")
+    p.add_argument("--max-body-mb", type=positive_int, default=32,
+                   help="largest request body, images included, in MB (default 32)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish on shutdown (default 5)")  # fmt: skip
     return p.parse_args(argv)
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
         return 130
-    app = build_app(engine, tokenizer, args.name or Path(str(args.model)).name, args.api_key)
+    app = build_app(engine, tokenizer, args.name or Path(str(args.model)).name, args.api_key, args.max_body_mb * 2**20)
     print(f"serving {args.model} on http://{args.host}:{args.port}/ ({args.max_batch} rows of {context} tokens)",
           file=sys.stderr)  # fmt: skip
     return 0 if serve(app, engine, args.host, args.port, args.shutdown_timeout) else 1

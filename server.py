@@ -361,8 +361,11 @@ class StopStrings:
 # The app.
 
 
-def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app over an engine, which runs apart from it (serve, or Engine.start)."""
+def build_app(
+    engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None, max_body: int = 32 * 2**20
+) -> FastAPI:
+    """The FastAPI app over an engine, which runs apart from it (serve, or Engine.start). A request body over
+    max_body bytes is refused unread (413), as is a body without a Content-Length (411)."""
     model, created = engine.model, int(time.time())
     app = FastAPI(title="gemma3-int4", docs_url=None, redoc_url=None)
 
@@ -381,6 +384,15 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
     async def http_error(request: HTTPRequest, e: HTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return APIError(e.status_code, str(e.detail), kind).response()
+
+    @app.middleware("http")
+    async def limit_body(request: HTTPRequest, call_next):
+        length = request.headers.get("content-length")
+        if request.method == "POST" and not (length or "").isdigit():
+            return APIError(411, "a request body needs a Content-Length").response()
+        if length is not None and length.isdigit() and int(length) > max_body:
+            return APIError(413, f"the request body is over {max_body} bytes (serve.py --max-body-mb)").response()
+        return await call_next(request)
 
     @app.middleware("http")
     async def check_key(request: HTTPRequest, call_next):

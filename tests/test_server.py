@@ -40,10 +40,11 @@ GREEDY = Sampling(temperature=0)
 
 
 @contextlib.contextmanager
-def serving(model, tokenizer, slots=8, context=512, max_queue=64, api_key=None, name="gemma-3-270m"):
+def serving(model, tokenizer, slots=8, context=512, max_queue=64, api_key=None, name="gemma-3-270m",
+            max_body=2**20):  # fmt: skip
     """The app on a free loopback port, in a thread: yields its base URL."""
     engine = Engine(model, slots, context, max_queue=max_queue)
-    app = build_app(engine, tokenizer, name, api_key)
+    app = build_app(engine, tokenizer, name, api_key, max_body)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
@@ -219,6 +220,17 @@ def test_bad_requests_get_openai_errors(real, body, status, words):
     code, answer = post(real.url, path, body)  # (json.dumps writes the lone surrogate as \\udce9)
     assert code == status and set(answer["error"]) >= {"message", "type", "param"}
     assert words.lower() in answer["error"]["message"].lower(), answer
+
+
+def test_a_body_over_the_limit_is_refused(real):
+    body = {"messages": [{"role": "user", "content": "x" * 2**20}]}  # the test server takes 1 MiB
+    code, answer = post(real.url, "/v1/chat/completions", body)
+    assert code == 413 and set(answer["error"]) >= {"message", "type", "param"}
+    conn = http.client.HTTPConnection(*real.url[7:].split(":"), timeout=10)  # a chunked body: no length to check
+    conn.request("POST", "/v1/completions", iter([b'{"prompt": "Hi"}']), {"Content-Type": "application/json"},
+                 encode_chunked=True)  # fmt: skip
+    response = conn.getresponse()
+    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]["message"]
 
 
 def test_non_finite_sampling_values_are_refused(real):
