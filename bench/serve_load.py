@@ -4,12 +4,14 @@
     python bench/serve_load.py --slots 8 --requests 3 --max-tokens 96
 
 Each server runs in its own process on loopback, started by this script and stopped after its rows. For each
-N, N clients (threads, the official openai client) each send --requests streamed completions one after another
+N, N clients (threads) each send --requests streamed completions one after another
 (real English prompts, distinct per request; greedy; at most --max-tokens new tokens each), all at once. Per
 row: aggregate tok/s (every delivered token over the wall time of the N clients), each request's time to first
 token (TTFT) and inter-token latency (ITL) at p50 and p99, and a check that nothing was lost (every request
 answered with a finish_reason and [DONE], and usage's completion tokens all delivered as text chunks). Every
-request has --timeout seconds; the whole run is bounded by requests x max tokens.
+request has --timeout seconds; the whole run is bounded by requests x max tokens. The clients read the
+streams with the standard library (a plain HTTP connection, one json.loads an event): they share the 2 cores
+with the server, and the openai client's heavier parsing took CPU from the server (the tests use that client).
 
 First, without HTTP (--step-rows): the engine's eager decode step alone at 1, 2, 4, 8, 16 busy rows (ms a step
 and tok/s), which says what the slot count can gain on this machine.
@@ -92,40 +94,57 @@ def prompts(n: int) -> list[str]:
     return [texts[i % len(texts)][: 160 + 8 * (i % 5)] for i in range(n)]
 
 
-def one_request(client, prompt: str, max_tokens: int) -> dict:
+def events(port: int, body: dict, timeout: float):
+    """POST a streamed completion and yield its server-sent events' JSON, until [DONE]."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+        for line in response:
+            if line.startswith(b"data: "):
+                if line.strip() == b"data: [DONE]":
+                    return
+                yield json.loads(line[6:])
+        raise RuntimeError("the stream ended without [DONE]")
+    finally:
+        conn.close()
+
+
+def one_request(port: int, prompt: str, max_tokens: int, timeout: float) -> dict:
     """A streamed completion: TTFT, the gaps between chunks, tokens delivered, whether it ended properly."""
     t0 = time.perf_counter()
     times, finish, usage, chunks = [], None, None, 0
-    stream = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                       stream=True, stream_options={"include_usage": True})  # fmt: skip
-    for event in stream:
-        if event.usage is not None:
-            usage = event.usage.completion_tokens
-        for choice in event.choices:
-            if choice.text:
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    for event in events(port, body, timeout):
+        if "error" in event:
+            raise RuntimeError(event["error"]["message"])
+        if event.get("usage"):
+            usage = event["usage"]["completion_tokens"]
+        for choice in event["choices"]:
+            if choice["text"]:
                 times.append(time.perf_counter())
                 chunks += 1
-            finish = choice.finish_reason or finish
+            finish = choice["finish_reason"] or finish
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     return {"ttft": times[0] - t0 if times else None, "gaps": gaps, "tokens": usage if usage is not None else chunks,
             "chunks": chunks, "finish": finish}  # fmt: skip
 
 
-def load_row(base_url: str, n: int, requests: int, max_tokens: int, timeout: float) -> dict:
-    import openai
-
-    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout)
+def load_row(port: int, n: int, requests: int, max_tokens: int, timeout: float) -> dict:
     texts = prompts(n * requests)
     results, errors = [], []
 
     def run(i: int) -> None:
         for r in range(requests):
             try:
-                results.append(one_request(client, texts[i * requests + r], max_tokens))
+                results.append(one_request(port, texts[i * requests + r], max_tokens, timeout))
             except Exception as e:  # counted as lost
                 errors.append(f"{type(e).__name__}: {e}")
 
-    one_request(client, texts[0], 4)  # warm: the first request of a fresh process pays for lazy setup
+    one_request(port, texts[0], 4, timeout)  # warm: the first request of a fresh process pays for lazy setup
     t0 = time.perf_counter()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
@@ -226,8 +245,7 @@ def main() -> None:
         port = free_port()
         print(f"== {name}", file=sys.stderr, flush=True)
         with server([sys.executable, "serve.py", "--port", str(port), "--context", "1024", *extra], port, "/health"):
-            rows = [load_row(f"http://127.0.0.1:{port}/v1", n, args.requests, args.max_tokens, args.timeout)
-                    for n in args.streams]  # fmt: skip
+            rows = [load_row(port, n, args.requests, args.max_tokens, args.timeout) for n in args.streams]
         report["servers"][name] = rows
         print(markdown({"servers": {name: rows}}), file=sys.stderr)
     if not args.no_llama:
@@ -238,8 +256,7 @@ def main() -> None:
         try:
             with server(cmd, port, "/v1/models"):
                 report["servers"][name] = [
-                    load_row(f"http://127.0.0.1:{port}/v1", n, args.requests, args.max_tokens, args.timeout)
-                    for n in args.streams
+                    load_row(port, n, args.requests, args.max_tokens, args.timeout) for n in args.streams
                 ]
         except RuntimeError as e:
             report["servers"][name] = {"error": f"could not start it ({e})"}
