@@ -9,7 +9,7 @@ import torch
 
 import loader
 from checkpoint import DEFAULT_MODEL
-from generation import Sampling
+from generation import GEMMA_SAMPLING, Sampling
 from model import Gemma3
 from tokenizer import Tokenizer
 
@@ -62,10 +62,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """Sampling flags, with Google's defaults for Gemma 3 (temperature 1, top-k 64, top-p 0.95); shared with chat.py."""
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=64, help="sample from the k most likely tokens; 0 = off (default 64)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off (default 0.95)")
+    """Sampling flags, with Google's defaults for Gemma 3 (GEMMA_SAMPLING); shared with chat.py."""
+    s = GEMMA_SAMPLING
+    p.add_argument("--temperature", type=float, default=s.temperature, help=f"0 = greedy (default {s.temperature})")
+    p.add_argument("--top-k", type=int, default=s.top_k,
+                   help=f"sample from the k most likely tokens; 0 = off (default {s.top_k})")  # fmt: skip
+    p.add_argument("--top-p", type=float, default=s.top_p, help=f"nucleus sampling mass; 1 = off (default {s.top_p})")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1 = off)")
     p.add_argument("--seed", type=seed_int, default=None, help="random seed, for reproducible sampling")

@@ -35,6 +35,9 @@ class Sampling:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
+GEMMA_SAMPLING = Sampling(temperature=1.0, top_k=64, top_p=0.95)  # Google's recommended settings for Gemma 3
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style, as in transformers: seen tokens' positive logits are divided by the penalty, negative multiplied."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
@@ -154,16 +157,14 @@ class Batch:
         return [request for request in self.requests if request is not None]
 
     @torch.no_grad()
-    def add(self, request: Request, row: int | None = None) -> None:
-        """Prefill the request's prompt into a free row (the first, or `row`) and sample its first token."""
+    def add(self, request: Request) -> None:
+        """Prefill the request's prompt into the first free row and sample its first token."""
         prompt, context = request.prompt, self.model.cache_len
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= context:
             raise ValueError(f"the prompt has {len(prompt)} tokens, but the context is {context} tokens")
-        row = self.free_rows()[0] if row is None else row
-        if self.requests[row] is not None:
-            raise RuntimeError(f"row {row} of the batch is taken")
+        row = self.free_rows()[0]
         ids = torch.tensor([prompt], device=self.tokens.device)
         logits = prefill(self.model, ids[:, request.start :], request.start, pixel_values=request.pixel_values,
                          rows=slice(row, row + 1))  # fmt: skip
@@ -236,8 +237,6 @@ def generate(
         if model.cache_batch != 1 or not start < len(prompt) <= model.cache_len:
             raise ValueError(f"continuing at {start} needs a batch-1 cache holding the {len(prompt)}-token prompt")
         context = model.cache_len
-    if not prompt:
-        raise ValueError("the prompt is empty")
     if len(prompt) >= context:
         raise ValueError(f"the prompt has {len(prompt)} tokens, but the model's context is {context} tokens")
     needed = len(prompt) + min(max_new_tokens, context - len(prompt))

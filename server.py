@@ -14,6 +14,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import dataclasses
 import hmac
 import io
 import json
@@ -39,7 +40,7 @@ from starlette.exceptions import HTTPException
 
 import vision
 from config import BOS_ID, STOP_IDS
-from generation import Batch, Request, Sampling, decode_one_token
+from generation import GEMMA_SAMPLING, Batch, Request, Sampling, decode_one_token
 from model import Gemma3
 from tokenizer import IMAGE_MARK, StreamDecoder, Tokenizer
 
@@ -262,11 +263,9 @@ class Completion(Strict):
     prompt: str | list[int] = ""
 
     def sampling(self) -> Sampling:
-        """Gemma's recommended sampling (temperature 1, top-k 64, top-p 0.95) where the request says nothing."""
+        """Gemma's recommended sampling (GEMMA_SAMPLING) where the request says nothing."""
         given = {name: getattr(self, name) for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")}
-        return Sampling(
-            **{"temperature": 1.0, "top_k": 64, "top_p": 0.95} | {k: v for k, v in given.items() if v is not None}
-        )
+        return dataclasses.replace(GEMMA_SAMPLING, **{k: v for k, v in given.items() if v is not None})
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
