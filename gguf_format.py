@@ -4,8 +4,9 @@ llama.cpp's conventions differ from transformers' in three places, all undone he
 - tensor names (`blk.{i}.attn_q.weight`, ...), mapped onto ours in NAMES;
 - norm weights are stored with the +1 of Gemma's (1 + w) RMSNorm already added;
 - the tokenizer lives in the metadata (tokens, scores, token types), rebuilt here as a SentencePiece model.
-Q4_0 is symmetric int4 with groups of 32, like ours, and imports exactly; types with more than 4 bits are
-kept at 8 bits by weights="auto" (int8, one scale per row: +0.3% perplexity on the 270M, see README).
+Q4_0 is symmetric int4 with groups of 32, like ours, and imports exactly; Q4_1 and Q4_K (a scale and a minimum per
+32) import exactly as int4 with zero points; types with more than 4 bits are kept at 8 bits by weights="auto"
+(int8, one scale per row: +0.3% perplexity on the 270M, see README).
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ NAMES = {  # GGUF -> ours; "blk.{i}." becomes "layers.{i}."
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "post_ffw_norm": "post_ffw_norm",
+    "output": "lm_head",  # an untied output head (Gemma's own checkpoints tie it to token_embd)
 }
 Q = gguf.GGMLQuantizationType
-# Types that hold more than a symmetric int4 g32 grid (more bits, or 4 bits with sub-block scales and minimums)
-ABOVE_4_BITS = {Q.Q4_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q8_1, Q.Q8_K}
+ABOVE_4_BITS = {Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q8_1, Q.Q8_K}  # types with more than 4 bits a weight
 
 
 @functools.lru_cache(maxsize=1)  # parsing the 262k-token vocabulary takes gguf's reader seconds: do it once
@@ -96,6 +97,7 @@ def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
         "rope_local_base_freq": get("rope.freq_base_swa", 10_000.0),
         "rope_scaling": {"rope_type": "linear", "factor": get("rope.scaling.factor")} if scaling == "linear" else None,
         "query_pre_attn_scalar": query_pre_attn_scalar(reader, hidden, heads, head_dim, get("block_count")),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
         "vocab_size": len(tokens.data) if tokens is not None else int(embedding.shape[1]),  # GGUF: fastest dim first
     }
 
@@ -128,11 +130,39 @@ def q4_0_ints(raw: np.ndarray, w: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.where(d == 0, 0.0, q).view(n, k).to(torch.int8), d.view(n, k // 32)
 
 
+def q4_zero_ints(raw: np.ndarray, w: torch.Tensor, tensor_type: int) -> tuple[torch.Tensor, ...]:
+    """The integers, scales and zeros of a Q4_1 or Q4_K tensor, ours: each group of 32 is w = s * u + b for u in
+    0..15 (Q4_1: fp16 s and b in each block; Q4_K: s = d * sc and b = -dmin * mn, with 6-bit sc and mn per 32
+    and fp16 d and dmin per 256), so q = u - 8 and zeros = b + 8 s. gguf's float32 dequantization w gives u by
+    rounding, and q * s + zeros reproduces w in float32."""
+    n, k = w.shape
+    blocks = torch.from_numpy(np.array(raw)).view(n, -1, gguf.GGML_QUANT_SIZES[tensor_type][1])
+    halves = blocks[..., :4].contiguous().view(torch.float16).float()  # (n, blocks, 2): d and m, or d and dmin
+    if tensor_type == Q.Q4_1:
+        s, b = halves[..., 0], halves[..., 1]  # (n, k/32)
+    else:
+        sc, mn = k_quant_scales_mins(blocks[..., 4:16])  # (n, k/256, 8)
+        s, b = (halves[..., :1] * sc).flatten(1), -(halves[..., 1:] * mn).flatten(1)
+    u = torch.round((w.view(n, k // 32, 32) - b[..., None]) / s[..., None])
+    u = torch.where(s[..., None] == 0, 0.0, u).clamp(0, 15)
+    return quant.pack_int4((u - 8).view(n, k)), s, b + 8 * s
+
+
+def k_quant_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 six-bit scales and minimums of a Q4_K super-block from its 12 bytes (..., 12) -> (..., 8) each:
+    bytes 0-3 hold scales 0-3, 4-7 minimums 0-3 (low 6 bits each); bytes 8-11 the low 4 bits of scales 4-7 and
+    minimums 4-7, whose top 2 bits are the top bits of bytes 0-3 and 4-7."""
+    p = packed.to(torch.int32)
+    high_scales = (p[..., 8:] & 0xF) | ((p[..., :4] >> 6) << 4)
+    high_mins = (p[..., 8:] >> 4) | ((p[..., 4:8] >> 6) << 4)
+    return torch.cat([p[..., :4] & 63, high_scales], -1).float(), torch.cat([p[..., 4:8] & 63, high_mins], -1).float()
+
+
 def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
-    """The config and tensors (our names) of a Gemma 3 GGUF: Q4_0 as our int4 (exact), every other type
-    as float32 from gguf's own dequantizers (norms shifted back to transformers' w). The third item
-    names the weights the file stores above 4 bits (Q5_0, Q8_0, K-quants...), which weights="auto" keeps
-    at 8 bits."""
+    """The config and tensors (our names) of a Gemma 3 GGUF: Q4_0 as our int4 and Q4_1 / Q4_K as int4 with zero
+    points (exact), every other type as float32 from gguf's own dequantizers (norms shifted back to
+    transformers' w). The third item names the weights the file stores above 4 bits (Q5_0, Q8_0, Q6_K...),
+    which weights="auto" keeps at 8 bits."""
     reader = open_gguf(path)
     config, tensors, above_4_bits = hf_config(reader, path), {}, set()
     try:
@@ -143,10 +173,13 @@ def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
     for name, t in zip(names, bar, strict=True):
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest first
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)).view(shape)
+        module = name.removesuffix(".weight")
         if t.tensor_type == Q.Q4_0:
             q, d = q4_0_ints(t.data, w)
-            module = name.removesuffix(".weight")
             tensors[f"{module}.int4_data"], tensors[f"{module}.scales"] = quant.pack_int4(q), d
+        elif t.tensor_type in (Q.Q4_1, Q.Q4_K):
+            parts = q4_zero_ints(t.data, w, t.tensor_type)
+            tensors |= {f"{module}.{part}": x for part, x in zip(("int4_data", "scales", "zeros"), parts, strict=True)}
         elif name.endswith("norm.weight"):
             tensors[name] = w - 1.0  # llama.cpp stores 1 + w
         else:
@@ -272,6 +305,22 @@ def q4_0_blocks(int4_data: torch.Tensor, scales: torch.Tensor) -> tuple[np.ndarr
     return blocks.reshape(n, -1).numpy(), bool(torch.equal(d.float(), scales.float()))
 
 
+def q4_1_blocks(int4_data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[np.ndarray, float]:
+    """Our int4 with zero points -> Q4_1 bytes (N, K/32 * 20): d = scale and m = zero - 8 * scale (w = d * u + m
+    for u = q + 8), both fp16; and the largest relative change that fp16 rounding made to a d or m (0: exact)."""
+    n, k = int4_data.shape[0], int4_data.shape[1] * 2
+    u = (quant.unpack_int4(int4_data).view(n, k // 32, 32) + 8).to(torch.uint8)
+    nibbles = u[..., :16] | (u[..., 16:] << 4)  # byte j: u[j] low, u[j + 16] high
+    d, m = scales.float(), zeros.float() - 8 * scales.float()
+    halves = torch.stack([fp16_scales(d), m.to(torch.float16)], dim=-1)  # (N, K/32, 2)
+    if torch.isinf(halves).any():
+        raise ValueError("quantization minimums outside float16's range cannot be stored in GGUF blocks")
+    exact = torch.stack([d, m], dim=-1)
+    change = ((halves.float() - exact).abs() / exact.abs().clamp(min=torch.finfo(torch.float32).tiny)).max()
+    blocks = torch.cat([halves.view(torch.uint8), nibbles], dim=-1)
+    return blocks.reshape(n, -1).numpy(), float(change)
+
+
 def q8_0_blocks(int8_data: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     """Our int8 pair -> Q8_0 bytes (N, K/32 * 34): every block of a row gets the row's scale (as fp16)."""
     n, k = int8_data.shape
@@ -282,8 +331,9 @@ def q8_0_blocks(int8_data: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
 
 def save(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer: bytes, path: Path) -> None:
     """Write a Gemma 3 GGUF that llama.cpp runs: int4 -> Q4_0 (exact when the bf16 scales fit fp16 exactly, as
-    QAT scales do), int8 -> Q8_0 (row scales rounded to fp16), norms F32 as 1 + w, and the full tokenizer.
-    Written atomically (files.atomic_output)."""
+    QAT scales do), int4 with zero points -> Q4_1 (scales and minimums rounded to fp16 where they do not fit:
+    a Q4_K source's scales have up to 17 bits), int8 -> Q8_0 (row scales rounded to fp16), norms F32 as 1 + w,
+    an untied head as output.weight, and the full tokenizer. Written atomically (files.atomic_output)."""
     if config.global_layers != [(i + 1) % 6 == 0 for i in range(config.num_layers)]:
         raise ValueError("llama.cpp's gemma3 expects every 6th layer to be global; this model's pattern differs")
     with files.atomic_output(path) as tmp:
@@ -330,9 +380,13 @@ def write_gguf(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer
     text_tensors = {name: t for name, t in tensors.items() if not name.startswith(VISION_MODULES)}
     if len(text_tensors) < len(tensors):
         warnings.warn("the vision tower is not written: llama.cpp keeps it in a separate mmproj GGUF", stacklevel=2)
+    rounded = {}  # module -> the largest relative change of a Q4_1 d or m
     for name, t in text_tensors.items():
         module, _, kind = name.rpartition(".")
-        if kind == "int4_data":
+        if kind == "int4_data" and f"{module}.zeros" in tensors:
+            blocks, rounded[module] = q4_1_blocks(t, tensors[f"{module}.scales"], tensors[f"{module}.zeros"])
+            w.add_tensor(gguf_name(name), blocks, raw_dtype=Q.Q4_1)
+        elif kind == "int4_data":
             blocks, exact = q4_0_blocks(t, tensors[f"{module}.scales"])
             if exact:
                 w.add_tensor(gguf_name(name), blocks, raw_dtype=Q.Q4_0)
@@ -345,6 +399,13 @@ def write_gguf(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer
         elif kind == "weight":
             t = t.float() + 1.0 if module.endswith("norm") else t.float()  # llama.cpp stores 1 + w
             w.add_tensor(gguf_name(name), t.numpy())
+    if inexact := {module: change for module, change in rounded.items() if change > 0}:
+        worst = max(inexact, key=inexact.get)
+        warnings.warn(
+            f"{len(inexact)} int4 weight(s) with zero points written as Q4_1 with their scales and minimums rounded "
+            f"to fp16 (largest relative change {inexact[worst]:.1e}, in {worst})",
+            stacklevel=2,
+        )
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -39,8 +39,8 @@ def from_pretrained(
     # stacked here, so that the unstacked copies are freed before the model is built and packed
     tensors = fuse_projections(convert_weights(tensors, weights, above_4_bits), config.num_layers)
     model = from_tensors(config, tensors, dtype, device)
-    if weights == "auto" and isinstance(model.embed, quant.Int8Linear):  # an int8 head: rank with int4 first
-        head = model.embed  # its ranker is cached by the default model's conversion
+    if weights == "auto" and isinstance(model.head, quant.Int8Linear):  # an int8 head: rank with int4 first
+        head = model.head  # its ranker is cached by the default model's conversion
         head.add_ranker(checkpoint.read_ranker(path, head.out_features, head.in_features))
     return quant.use_cpu_kernels(model)
 
@@ -72,6 +72,8 @@ def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Gemma3Config, dict[str,
     except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
         where = "GGUF metadata" if str(path_or_hub_id).endswith(".gguf") else "config.json"
         raise ValueError(f"{path_or_hub_id}: {where}: {e}") from None
+    if config.tie_word_embeddings:  # a stored lm_head is a copy of the embedding
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
     return config, tensors, above_4_bits
 
 

@@ -239,6 +239,20 @@ class TiedEmbedding(nn.Embedding):
         return F.linear(x, self.weight)
 
 
+class OutputHead(nn.Linear):
+    """An output head of its own, for checkpoints that untie it from the embedding (tie_word_embeddings false);
+    quantized like any linear layer."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def reset_parameters(self) -> None:
+        pass  # as TiedEmbedding's
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+
 class Gemma3(nn.Module):
     def __init__(self, config: Gemma3Config):
         super().__init__()
@@ -246,6 +260,7 @@ class Gemma3(nn.Module):
         self.embed = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, g) for g in config.global_layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else OutputHead(config.hidden_size, config.vocab_size)
         self.vision = self.projector = None
         if config.vision_config is not None:
             self.vision = vision.VisionTower(config.vision_config)
@@ -384,8 +399,13 @@ class Gemma3(nn.Module):
         kv_local_images = F.pad(images, (kv_local.shape[1] - images.shape[1], 0), value=-1)  # the ring, the chunk
         return same_image_mask(images, kv_global_images), same_image_mask(images, kv_local_images)
 
+    @property
+    def head(self) -> nn.Module:
+        """The output head: the embedding itself (tied), or lm_head."""
+        return self.embed if self.lm_head is None else self.lm_head
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.embed.unembed(h).float()
+        logits = self.head.unembed(h).float()
         if self.config.vocab_size > TEXT_VOCAB_SIZE:  # padding rows are never valid outputs
             logits[..., TEXT_VOCAB_SIZE:] = float("-inf")
         return logits
@@ -415,21 +435,26 @@ def fuse_projections(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing)}")
         kind = max(kinds, key=KINDS.index)
         stacked = [as_kind(out, p, k, kind) for p, k in zip(parts, kinds, strict=True)]
-        for j, name in enumerate(("weight",) if kind == "weight" else (kind, "scales")):
-            out[f"layers.{i}.{fused}.{name}"] = torch.cat([pieces[j] for pieces in stacked])
+        if any("zeros" in pieces for pieces in stacked):  # int4 with zero points beside symmetric int4: zeros of 0
+            for pieces in stacked:
+                pieces.setdefault("zeros", torch.zeros_like(pieces["scales"]))
+        for name in stacked[0]:
+            out[f"layers.{i}.{fused}.{name}"] = torch.cat([pieces[name] for pieces in stacked])
     return out
 
 
-def as_kind(tensors: dict[str, torch.Tensor], module: str, kind: str, target: str) -> tuple[torch.Tensor, ...]:
+def as_kind(tensors: dict[str, torch.Tensor], module: str, kind: str, target: str) -> dict[str, torch.Tensor]:
     """Pop module's weight (kind: "int4_data", "int8_data" or "weight") from tensors, converted to target's kind:
-    (weight,) or (data, scales)."""
-    w = tensors.pop(f"{module}.{kind}")
-    if kind != "weight":
-        scales = tensors.pop(f"{module}.scales")
-        if kind == target:
-            return w, scales
-        w = quant.FORMATS[kind].dequantize(w, scales.float())  # float32
-    return (w,) if target == "weight" else quant.FORMATS[target].quantize(w)
+    {"weight": w} or {target: data, "scales": scales} (and "zeros": an int4 weight's zero points, if it has them)."""
+    parts = [part for part in (kind, "scales", "zeros") if f"{module}.{part}" in tensors]
+    if kind == target:
+        return {part: tensors.pop(f"{module}.{part}") for part in parts}
+    w = tensors[f"{module}.weight"] if kind == "weight" else quant.dequantize(tensors, module)  # float32
+    for part in parts:
+        del tensors[f"{module}.{part}"]
+    if target == "weight":
+        return {"weight": w}
+    return dict(zip((target, "scales"), quant.FORMATS[target].quantize(w), strict=True))
 
 
 def split_projections(tensors: dict[str, torch.Tensor], config: Gemma3Config) -> dict[str, torch.Tensor]:

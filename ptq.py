@@ -188,8 +188,9 @@ def gptq(
     sequential: bool = True,
     batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """Quantize every 2-D language-model weight of a dense state dict (our names) to int4 with GPTQ, the tied
-    embedding included (as the output head); norms and the vision tower pass through untouched.
+    """Quantize every 2-D language-model weight of a dense state dict (our names) to int4 with GPTQ, the output
+    head included (the tied embedding; an untied embedding is rounded to nearest); norms and the vision tower
+    pass through untouched.
 
     calibration: (B, T) token ids, e.g. calibration_ids(tokenizer). sequential: each block is calibrated on the
     outputs of the blocks before it as quantized (True), or of the dense model (False: one dense pass).
@@ -226,5 +227,7 @@ def gptq(
             linear.weight.copy_(quant.dequantize_int4(data, scales.float()))
         xs = run(layer, xs) if sequential else ys
     h = model.norm(xs).reshape(-1, c.hidden_size)  # what the head sees
-    store("embed", *gptq_quantize(model.embed.weight, h.T @ h, damp, clip=clip))
+    store("embed" if model.lm_head is None else "lm_head", *gptq_quantize(model.head.weight, h.T @ h, damp, clip=clip))
+    if model.lm_head is not None:  # an untied embedding is only looked up, never multiplied: round to nearest
+        store("embed", *quant.quantize_int4(model.embed.weight))
     return split_projections(out, config)

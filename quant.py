@@ -1,9 +1,11 @@
-"""INT4 weights: symmetric, group size 32 along K, bf16 scales, no zero point.
+"""INT4 weights: group size 32 along K, bf16 scales, symmetric or with a zero per group.
 
 The storage layout is gaunernst's (the Gemma 3 QAT int4 checkpoints): a weight W (N, K) is
   int4_data: int8 (N, K/2), two's-complement nibbles, element 2j in the low nibble, 2j+1 in the high one
   scales:    (N, K/32), W[n, k] = q[n, k] * scales[n, k // 32]
-Int4Linear holds exactly these two tensors. Its portable path dequantizes on the fly: a few elementwise
+and, for asymmetric sources only (GGUF Q4_1/Q4_K, AWQ zero points, torchao's Int4Tensor), a third tensor
+  zeros:     (N, K/32), W[n, k] = q[n, k] * scales[n, k // 32] + zeros[n, k // 32]
+Int4Linear holds exactly these tensors. Its portable path dequantizes on the fly: a few elementwise
 ops followed by a matmul, which torch.compile fuses; on CPU it runs PyTorch's int4 kernel instead
 (Int8Linear: its int8 kernel, or the int4 one as two int4 digits, whichever the CPU runs faster).
 Int8Linear (per-row scales) is for weights that lose quality at 4 bits, like llama.cpp's Q8_0/Q6_K.
@@ -37,11 +39,13 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed << 4 >> 4, packed >> 4], dim=-1).flatten(-2)
 
 
-def dequantize_int4(int4_data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The plain reference: (N, K/2) int8 and (N, K/32) scales -> (N, K) in the scales' dtype."""
-    q = unpack_int4(int4_data)  # (N, K)
-    groups = q.unflatten(-1, (-1, GROUP_SIZE)) * scales[..., None]  # (N, K/32, 32)
-    return groups.flatten(-2)
+def dequantize_int4(int4_data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """The plain reference: (N, K/2) int8, (N, K/32) scales and zeros -> (N, K) in the scales' dtype."""
+    q = unpack_int4(int4_data).unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
+    if zeros is None:
+        return (q * scales[..., None]).flatten(-2)
+    # q * s + z in float32, rounded once to the scales' dtype (as the CPU kernel computes it)
+    return (q * scales.float()[..., None] + zeros.float()[..., None]).to(scales.dtype).flatten(-2)
 
 
 def grid_scales(
@@ -112,6 +116,16 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int8(int8_data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return int8_data * scales[..., None]
+
+
+def dequantize(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """A quantized weight of a state dict -> float32 (N, K): "<module>.int4_data" (with "<module>.zeros" if it
+    has zero points) or "<module>.int8_data", and "<module>.scales"."""
+    scales = tensors[f"{module}.scales"].float()
+    if f"{module}.int8_data" in tensors:
+        return dequantize_int8(tensors[f"{module}.int8_data"], scales)
+    zeros = tensors.get(f"{module}.zeros")
+    return dequantize_int4(tensors[f"{module}.int4_data"], scales, None if zeros is None else zeros.float())
 
 
 # When each kernel runs (policy, measured; bench/crossover.py, bench/speed.py)
@@ -236,26 +250,37 @@ class QuantLinear(nn.Module):
 
 
 class Int4Linear(QuantLinear):
-    """int4 g32 weights in gaunernst's layout: int4_data int8 (N, K/2), scales (N, K/32)."""
+    """int4 g32 weights in gaunernst's layout: int4_data int8 (N, K/2), scales (N, K/32), and with
+    zero_points a zeros (N, K/32) too."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+        zero_points: bool = False,
+    ):
         super().__init__()
         if in_features % GROUP_SIZE:
             raise ValueError(f"int4 needs in_features to be a multiple of {GROUP_SIZE}, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
+        groups = (out_features, in_features // GROUP_SIZE)
         self.register_buffer("int4_data", torch.zeros(out_features, in_features // 2, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, in_features // GROUP_SIZE, dtype=dtype, device=device))
+        self.register_buffer("scales", torch.ones(groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(groups, dtype=dtype, device=device) if zero_points else None)
 
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
-        return dequantize_int4(self.int4_data[rows], self.scales[rows])
+        zeros = None if self.zeros is None else self.zeros[rows]
+        return dequantize_int4(self.int4_data[rows], self.scales[rows], zeros)
 
-    # our symmetric grid is the kernel's with q shifted by 8 and a zero of 0
+    # our grid is the kernel's with q shifted by 8, and our zero (0 when symmetric) its zero
     def cpu_digits(self, rows: slice) -> torch.Tensor:
         u = self.int4_data[rows].view(torch.uint8) ^ 0x88  # q + 8 in each nibble: its sign bit flipped
         return torch.stack([u & 15, u >> 4], dim=-1).flatten(-2).to(torch.int32)
 
     def cpu_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scales, torch.zeros_like(self.scales)
+        return self.scales, torch.zeros_like(self.scales) if self.zeros is None else self.zeros
 
 
 class Int8Linear(QuantLinear):
@@ -353,18 +378,19 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
 class Format(NamedTuple):
     module: type[QuantLinear]
     quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    dequantize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 FORMATS = {  # state-dict key of the quantized data -> its format
-    "int4_data": Format(Int4Linear, quantize_int4, dequantize_int4),
-    "int8_data": Format(Int8Linear, quantize_int8, dequantize_int8),
+    "int4_data": Format(Int4Linear, quantize_int4),
+    "int8_data": Format(Int8Linear, quantize_int8),
 }
+QUANT_PARTS = (*FORMATS, "scales", "zeros")  # the state-dict keys of a quantized weight's tensors
 
 
 def replace_linears(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> nn.Module:
-    """Swap each nn.Linear / nn.Embedding whose weight `tensors` holds quantized ("<name>.int4_data" or
-    "<name>.int8_data") for the matching QuantLinear, in place, on the module's device."""
+    """Swap each nn.Linear / nn.Embedding whose weight `tensors` holds quantized ("<name>.int4_data", with
+    "<name>.zeros" if it has zero points, or "<name>.int8_data") for the matching QuantLinear, in place, on the
+    module's device."""
     for name, child in model.named_children():
         full = f"{prefix}{name}"
         kind = next((k for k in FORMATS if f"{full}.{k}" in tensors), None)
@@ -374,12 +400,13 @@ def replace_linears(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: 
         if isinstance(child, nn.Linear) and child.bias is not None:
             raise ValueError(f"{full}: quantized linear layers have no bias")
         out_features, in_features = child.weight.shape  # nn.Embedding's (V, D) is a head's (N, K)
-        setattr(model, name, FORMATS[kind].module(in_features, out_features, device=child.weight.device))
+        zero_points = {"zero_points": True} if f"{full}.zeros" in tensors else {}
+        setattr(model, name, FORMATS[kind].module(in_features, out_features, device=child.weight.device, **zero_points))
     return model
 
 
 # State dicts: a dense weight is "<module>.weight"; a quantized one "<module>.int4_data" or "<module>.int8_data",
-# with "<module>.scales".
+# with "<module>.scales" (and an int4 one with zero points "<module>.zeros").
 
 
 def convert_state_dict(
@@ -387,8 +414,8 @@ def convert_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Apply a weights policy to a state dict:
     "auto":  dense 2-D weights -> int4 (round to nearest), or int8 if named in above_4_bits (a GGUF stored them
-             at more than 4 bits); int4 and int8 stay;
-    "int4":  everything -> int4 (int8 is dequantized first);
+             at more than 4 bits); int4 (zero points included) and int8 stay;
+    "int4":  everything -> int4 (int8 is dequantized first; int4 stays as it is);
     "dense": everything -> float32.
     """
     if weights not in ("auto", "int4", "dense"):
@@ -399,14 +426,15 @@ def convert_state_dict(
         if kind in FORMATS:
             keep = weights != "dense" and (kind == "int4_data" or (kind == "int8_data" and weights == "auto"))
             if keep:
-                out[name], out[f"{module}.scales"] = t, tensors[f"{module}.scales"]
+                parts = [f"{module}.{part}" for part in QUANT_PARTS]
+                out.update({part: tensors[part] for part in parts if part in tensors})
                 continue
-            t = FORMATS[kind].dequantize(t, tensors[f"{module}.scales"].float())  # float32
+            t = dequantize(tensors, module)  # float32
             kind = "weight"
         if kind == "weight" and t.dim() == 2 and weights == "auto" and name in above_4_bits:
             out[f"{module}.int8_data"], out[f"{module}.scales"] = quantize_int8(t)
         elif kind == "weight" and t.dim() == 2 and weights != "dense":
             out[f"{module}.int4_data"], out[f"{module}.scales"] = quantize_int4(t)
-        elif kind != "scales":
+        elif kind not in ("scales", "zeros"):
             out[f"{module}.{kind}"] = t
     return out

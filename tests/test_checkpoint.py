@@ -176,7 +176,7 @@ MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 LAYERS = [
     {"config", "files", "hugepages"},  # import nothing of ours
     {"quant"},
-    {"vision", "gguf_format", "flax_format"},
+    {"vision", "gguf_format", "flax_format", "torchao_format"},
     {"model", "checkpoint"},
     {"tokenizer", "loader"},
     {"generation", "ptq"},

@@ -3,6 +3,7 @@ independent readers (AutoAWQ's unpacking, the compressed-tensors library, transf
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -147,8 +148,9 @@ def test_transformers_loads_the_compressed_tensors_export(tiny_int4_dir, export)
     assert diff < 1e-4
 
 
-def awq_dir(tmp_path: Path, zeros: int, group_size: int) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A tiny text model as AutoAWQ writes it, with the given zero point and group size; and its dense weights."""
+def awq_dir(tmp_path: Path, zeros: int | None, group_size: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny text model as AutoAWQ writes it, with the given zero point (None: random ones) and group size; and
+    its dense weights."""
     hf = hf_text_model(hidden_size=128, intermediate_size=256)  # K a multiple of 128 everywhere
     tensors, dense = {}, {}
     g = torch.Generator().manual_seed(0)
@@ -158,7 +160,11 @@ def awq_dir(tmp_path: Path, zeros: int, group_size: int) -> tuple[Path, dict[str
         if w.dim() == 2 and "embed_tokens" not in name:
             n, k = w.shape
             q = torch.randint(0, 16, (n, k), generator=g)
-            z = torch.full((n, k // group_size), zeros)
+            z = (
+                torch.randint(0, 16, (n, k // group_size), generator=g)
+                if zeros is None
+                else torch.full((n, k // group_size), zeros)
+            )
             s = (torch.rand(n, k // group_size, generator=g) / 50).to(torch.bfloat16)
             module = name.removesuffix(".weight")
             tensors[f"{module}.qweight"] = checkpoint.pack_nibbles(q.t(), checkpoint.AWQ_ORDER)
@@ -186,14 +192,29 @@ def test_awq_in_symmetric_group_128_is_lossless(tmp_path):
     assert torch.equal(quant.dequantize_int4(data, scales.float()), w)
 
 
-def test_awq_in_asymmetric_is_dequantized_then_requantized(tmp_path):
-    """Real zero points do not fit our symmetric format: the weights come in dense (exactly AutoAWQ's
-    dequantization) and the weights policy quantizes them again."""
-    directory, dense = awq_dir(tmp_path / "awq", zeros=5, group_size=128)
+def test_awq_zero_points_load_exactly_and_go_back_out(tmp_path, tokenizer_file):
+    """Real zero points (random, groups of 128) load exactly as int4 with zeros = (8 - zp) * scale, over 4 of our
+    groups each; the model keeps them, and exported to AWQ and compressed-tensors they are the same integers."""
+    directory, dense = awq_dir(tmp_path / "awq", zeros=None, group_size=128)
     _, tensors, _ = load_checkpoint(directory)
-    assert torch.equal(tensors["layers.2.mlp.up_proj.weight"], dense["model.layers.2.mlp.up_proj.weight"].float())
+    up = "layers.2.mlp.up_proj"
+    assert tensors[f"{up}.zeros"].shape == tensors[f"{up}.scales"].shape == (256, 128 // 32)
+    assert torch.equal(quant.dequantize(tensors, up), dense["model.layers.2.mlp.up_proj.weight"].float())
     ours = loader.from_pretrained(directory, dtype=torch.float32)
-    assert isinstance(ours.layers[2].mlp.gate_up_proj, quant.Int4Linear)
+    assert (
+        isinstance(ours.layers[2].mlp.gate_up_proj, quant.Int4Linear)
+        and ours.layers[2].mlp.gate_up_proj.zeros is not None
+    )
+    x = torch.randn(1, 3, 128)
+    w = torch.cat([dense[f"model.layers.2.mlp.{p}_proj.weight"].float() for p in ("gate", "up")])
+    torch.testing.assert_close(ours.layers[2].mlp.gate_up_proj(x), x @ w.t(), rtol=1e-5, atol=1e-5)
+    for layout in ("awq", "compressed-tensors"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # integer zero points: nothing quantized again
+            convert.convert(str(directory), tmp_path / f"out-{layout}", layout, tokenizer=tokenizer_file)
+        _, back, _ = load_checkpoint(tmp_path / f"out-{layout}")
+        for part in ("int4_data", "scales", "zeros"):
+            assert torch.equal(back[f"{up}.{part}"].float(), tensors[f"{up}.{part}"].float()), (layout, part)
 
 
 def test_bad_inputs_give_clear_errors(tiny_int4_dir, export, tmp_path):
@@ -235,8 +256,9 @@ def test_tokenizer_and_generation_files_travel_along(tiny_int4_dir, tokenizer_fi
 
 @pytest.mark.parametrize("kind", ["symmetric", "activation order", "zero points"])
 def test_compressed_tensors_in_as_llm_compressor_writes_it(kind, tmp_path):
-    """A W4A16 checkpoint packed by the compressed-tensors library itself: symmetric groups load exactly as int4;
-    activation-ordered groups (weight_g_idx) and real zero points load as the weights they stand for."""
+    """A W4A16 checkpoint packed by the compressed-tensors library itself: symmetric groups load exactly as int4,
+    real zero points exactly as int4 with zeros; activation-ordered groups (weight_g_idx) as the weights they
+    stand for."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     hf = hf_text_model()
@@ -274,7 +296,8 @@ def test_compressed_tensors_in_as_llm_compressor_writes_it(kind, tmp_path):
     _, ours, _ = load_checkpoint(tmp_path / "ct")
     for name, w in expected.items():
         module = checkpoint.our_name(name).removesuffix(".weight")
-        if kind == "symmetric":
-            assert torch.equal(quant.dequantize_int4(ours[f"{module}.int4_data"], ours[f"{module}.scales"].float()), w)
-        else:
+        if kind == "activation order":
             assert torch.equal(ours[f"{module}.weight"], w), name
+        else:
+            assert (f"{module}.zeros" in ours) == (kind == "zero points")
+            assert torch.equal(quant.dequantize(ours, module), w), name

@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import TINY, hf_text_model
 
+import checkpoint
 import loader
 from config import CONFIGS, TEXT_VOCAB_SIZE, Gemma3Config
-from model import Gemma3
+from model import Gemma3, split_projections
 
 TOL = 1e-3
 
@@ -24,6 +25,7 @@ def ours_from(hf_model, tmp_path) -> Gemma3:
         {},  # GQA 4/2, linear RoPE scaling, query_pre_attn_scalar 24 != head_dim 32
         dict(num_key_value_heads=1, query_pre_attn_scalar=32, rope_scaling=None),  # like 270M/1B: MQA, no scaling
         dict(num_key_value_heads=4, num_hidden_layers=13, sliding_window=5),  # MHA, two global layers
+        dict(tie_word_embeddings=False),  # an output head of its own (torchao's checkpoints)
     ],
 )
 def test_logits_match_transformers(tmp_path, overrides):
@@ -35,6 +37,34 @@ def test_logits_match_transformers(tmp_path, overrides):
         got = ours(ids)
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert (got - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("weights", ["dense", "int4"])
+def test_an_untied_head_is_its_own_linear(tmp_path, weights):
+    """tie_word_embeddings false: lm_head.weight is the head (quantized like any linear with int4), the embedding
+    only looks up; transformers on the same (dequantized) weights agrees, and a tied config drops a stored head."""
+    import quant
+
+    hf = hf_text_model(tie_word_embeddings=False)
+    with torch.no_grad():
+        hf.lm_head.weight.normal_(0.0, 0.1)
+    hf.save_pretrained(tmp_path)
+    ours = loader.from_pretrained(tmp_path, dtype=torch.float32, weights=weights)
+    assert ours.lm_head is not None and ours.head is ours.lm_head
+    if weights == "int4":  # transformers gets the weights as ours holds them
+        assert isinstance(ours.lm_head, quant.Int4Linear) and isinstance(ours.embed, quant.Int4Linear)
+        stored = split_projections(ours.state_dict(), ours.config)
+        modules = {name.rpartition(".")[0] for name in stored if name.endswith(".int4_data")}
+        dense = {f"{m}.weight": quant.dequantize(stored, m) for m in modules}
+        dense |= {k: v for k, v in stored.items() if k.endswith("norm.weight")}
+        hf.load_state_dict({checkpoint.hf_name(k): v for k, v in dense.items()})
+    ids = torch.randint(0, TINY["vocab_size"], (2, 20))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= TOL
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    tied = loader.from_pretrained(tmp_path, dtype=torch.float32, weights="dense")
+    assert tied.lm_head is None and tied.head is tied.embed  # the stored lm_head.weight was dropped
 
 
 def test_padded_vocab_is_masked(tmp_path):
