@@ -116,3 +116,57 @@ def test_convert_errors_leave_nothing_behind(tiny_int4_dir, tmp_path):
     out = run_convert(tmp_path / "missing", tmp_path / "out.gguf", "--to", "gguf")
     assert out.returncode == 1 and "no such checkpoint" in out.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "exists.gguf"]
+
+
+def q4_k_blocks(n: int, k: int, gen: torch.Generator) -> np.ndarray:
+    """Random Q4_K bytes (n, k/256 * 144): fp16 d and dmin, 12 bytes of 6-bit sub-block scales and minimums, 128
+    bytes of nibbles: any bytes are a valid block once d and dmin are sane numbers."""
+    blocks = torch.randint(0, 256, (n, k // 256, 144), generator=gen, dtype=torch.uint8)
+    halves = (torch.rand(n, k // 256, 2, generator=gen) * 1e-3 + 1e-4).to(torch.float16)
+    blocks[..., :4] = halves.view(torch.uint8)
+    return blocks.reshape(n, -1).numpy()
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_K"])
+def test_q4_1_and_q4_k_load_exactly_as_int4_with_zeros(kind):
+    """A scale and a minimum per 32 (Q4_K: 6-bit ones under fp16 super-block scales): our q * scale + zero is
+    gguf's own dequantization, value for value."""
+    tensor_type = gguf.GGMLQuantizationType[kind]
+    gen = torch.Generator().manual_seed(0)
+    if kind == "Q4_1":
+        raw = gguf.quants.quantize(torch.randn(64, 512, generator=gen).numpy(), tensor_type)
+    else:
+        raw = q4_k_blocks(64, 512, gen)
+    w = torch.from_numpy(gguf.quants.dequantize(raw, tensor_type))
+    data, scales, zeros = gguf_format.q4_zero_ints(raw, w, tensor_type)
+    assert data.shape == (64, 256) and scales.shape == zeros.shape == (64, 512 // 32)
+    assert torch.equal(quant.dequantize_int4(data, scales, zeros), w)
+    assert bool((zeros != 0).any())
+
+
+def test_zero_points_go_out_as_q4_1(tmp_path, tiny_int4_dir):
+    """int4 with zeros -> Q4_1, read back exactly where d and m fit fp16; where they do not (a Q4_K source's
+    17-bit scales), rounded, with a warning that says by how much. An untied head travels as output.weight."""
+    config, tensors, _ = load_checkpoint(tiny_int4_dir)
+    gen = torch.Generator().manual_seed(0)
+    up = "layers.0.mlp.up_proj"
+    tensors[f"{up}.zeros"] = (torch.randn(tensors[f"{up}.scales"].shape, generator=gen) / 64).to(torch.bfloat16)
+    tensors[f"{up}.scales"] = tensors[f"{up}.scales"].to(torch.bfloat16)
+    tensors["lm_head.int4_data"], tensors["lm_head.scales"] = quant.quantize_int4(torch.randn(512, 64, generator=gen))
+    config.tie_word_embeddings = False
+    tokenizer = (tiny_int4_dir / "tokenizer.model").read_bytes()
+    blocks, change = gguf_format.q4_1_blocks(
+        tensors[f"{up}.int4_data"], tensors[f"{up}.scales"], tensors[f"{up}.zeros"]
+    )
+    theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1)
+    expected = quant.dequantize(tensors, up).numpy()
+    np.testing.assert_allclose(theirs, expected, rtol=0, atol=np.abs(expected).max() * change * 2 + 1e-12)
+    gguf_format.save(config, tensors, tokenizer, tmp_path / "x.gguf")
+    back_config, back, _ = load_checkpoint(tmp_path / "x.gguf")
+    assert not back_config.tie_word_embeddings and torch.equal(back["lm_head.int4_data"], tensors["lm_head.int4_data"])
+    assert torch.equal(back[f"{up}.int4_data"], tensors[f"{up}.int4_data"])
+    if change == 0:
+        assert torch.equal(quant.dequantize(back, up), quant.dequantize(tensors, up))
+    tensors[f"{up}.scales"] = tensors[f"{up}.scales"].float() * (1 + 2**-12)  # 17 bits: not an fp16
+    with pytest.warns(UserWarning, match=r"1 int4 weight\(s\) with zero points written as Q4_1 .* rounded"):
+        gguf_format.save(config, tensors, tokenizer, tmp_path / "y.gguf")

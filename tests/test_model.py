@@ -333,3 +333,18 @@ def test_a_missing_part_of_a_group_is_named():
     del tensors["layers.0.attn.k_proj.int4_data"], tensors["layers.0.attn.k_proj.scales"]
     with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): layers.0.attn.k_proj.weight"):
         fuse_projections(tensors, config.num_layers)
+
+
+def test_zero_points_beside_symmetric_int4_are_stacked_with_zeros_of_0():
+    import quant
+    from model import fuse_projections
+
+    config, tensors = small_state_dict({})
+    tensors["layers.0.attn.k_proj.zeros"] = torch.randn(32, 2).to(torch.bfloat16)  # k asymmetric, q and v not
+    fused = fuse_projections(tensors, config.num_layers)
+    zeros = fused["layers.0.attn.qkv_proj.zeros"]
+    assert zeros.shape == (128, 2) and not zeros[:64].any() and not zeros[96:].any()
+    w = quant.dequantize(fused, "layers.0.attn.qkv_proj")
+    assert torch.equal(w[64:96], quant.dequantize(tensors, "layers.0.attn.k_proj"))
+    assert torch.equal(w[:64], quant.dequantize(tensors, "layers.0.attn.q_proj"))
+    assert "layers.0.mlp.gate_up_proj.zeros" not in fused  # symmetric groups keep no zeros

@@ -285,3 +285,55 @@ def test_a_dense_weight_is_rounded_to_nearest_without_the_grid_search(monkeypatc
     grid = quant.dequantize_int4(data, scales.float()).to(torch.bfloat16).float()  # a QAT-like bf16 tensor
     calls.clear()
     assert torch.equal(quant.quantize_int4(grid)[0], data) and None in calls  # judged QAT: the full search ran
+
+
+def int4_with_zeros(n: int = 48, k: int = 128, dtype=torch.bfloat16, seed: int = 0) -> tuple[Int4Linear, torch.Tensor]:
+    """An Int4Linear with zero points, and its W = q * scale + zero in float32, from the parts directly."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (n, k), generator=g)
+    scales = (torch.rand(n, k // 32, generator=g) / 50 + 1e-3).to(dtype)
+    zeros = (torch.randn(n, k // 32, generator=g) / 20).to(dtype)
+    layer = Int4Linear(k, n, dtype=dtype, zero_points=True)
+    layer.load_state_dict({"int4_data": quant.pack_int4(q), "scales": scales, "zeros": zeros})
+    groups = q.float().view(n, k // 32, 32) * scales.float()[..., None] + zeros.float()[..., None]
+    return layer, groups.view(n, k)
+
+
+def test_zero_points_dequantize_as_q_times_scale_plus_zero():
+    """W = q * scale + zero, rounded once to the scales' dtype; without zeros no tensor is kept."""
+    for dtype in (torch.float32, torch.bfloat16):
+        layer, w = int4_with_zeros(dtype=dtype)
+        assert torch.equal(layer.dequantize(), w.to(dtype))
+        assert set(layer.state_dict()) == {"int4_data", "scales", "zeros"}
+    assert set(Int4Linear(128, 48).state_dict()) == {"int4_data", "scales"}  # symmetric: as gaunernst's
+
+
+def test_cpu_kernel_takes_the_zero_points(monkeypatch):
+    """The int4 CPU kernel's zeros are ours: identity rows give W.T bit for bit, and the portable path agrees."""
+    layer, w = int4_with_zeros()
+    reference = layer.dequantize()
+    quant.use_cpu_kernels(layer)
+    assert layer.cpu_kernel == "int4"
+    eye = torch.eye(128, dtype=torch.bfloat16)
+    assert torch.equal(layer(eye[:8]), reference.t()[:8])
+    x = torch.randn(1, 3, 128, dtype=torch.bfloat16)
+    expected = torch.nn.functional.linear(x.float(), reference.float())
+    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    compiled = torch.compile(int4_with_zeros(dtype=torch.float32)[0], fullgraph=True)
+    xf = torch.randn(2, 5, 128)
+    torch.testing.assert_close(
+        compiled(xf), xf @ int4_with_zeros(dtype=torch.float32)[1].float().t(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_policies_keep_zero_points():
+    layer, w = int4_with_zeros()
+    tensors = {f"a.{k}": v for k, v in layer.state_dict().items()}
+    for policy in ("auto", "int4"):
+        kept = quant.convert_state_dict(tensors, policy)
+        assert kept.keys() == tensors.keys() and all(kept[k] is tensors[k] for k in kept)
+    assert torch.equal(quant.convert_state_dict(tensors, "dense")["a.weight"], w)
+    model = quant.replace_linears(
+        torch.nn.Sequential(torch.nn.Linear(128, 48, bias=False)), {"0.int4_data": None, "0.zeros": None}
+    )
+    assert model[0].zeros is not None and model[0].zeros.shape == (48, 4)
