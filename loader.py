@@ -79,11 +79,13 @@ def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Gemma3Config, dict[str,
 
 def convert_weights(tensors: dict[str, torch.Tensor], weights: str, above_4_bits: set[str]) -> dict[str, torch.Tensor]:
     """The weights policy (quant.convert_state_dict) applied to the language model; the vision tower and its
-    projector are left as they are (the checkpoints keep them bf16, and their 4096-token passes are compute-bound
-    anyway)."""
+    projector keep float weights (the checkpoints keep them bf16, and their 4096-token passes are compute-bound
+    anyway): a checkpoint that quantized them too (torchao's recipes quantize every linear) is dequantized."""
     vision_tensors = {k: v for k, v in tensors.items() if k.startswith(VISION_MODULES)}
     text_tensors = {k: v for k, v in tensors.items() if k not in vision_tensors}
-    return quant.convert_state_dict(text_tensors, weights, above_4_bits) | vision_tensors
+    return quant.convert_state_dict(text_tensors, weights, above_4_bits) | quant.convert_state_dict(
+        vision_tensors, "dense"
+    )
 
 
 def check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -226,8 +226,8 @@ class Projector(nn.Module):
 
 
 class TiedEmbedding(nn.Embedding):
-    """The token embedding, which is also the output head (tied weights). quant.QuantLinear has the same
-    lookup/unembed pair, so an int4 embedding drops in."""
+    """The token embedding, which is also the output head (tied weights; untied checkpoints have an OutputHead
+    too, and only look up here). quant.QuantLinear has the same lookup/unembed pair, so an int4 embedding drops in."""
 
     def reset_parameters(self) -> None:
         pass  # no random init: the weights always come from a checkpoint (and normal_ is slow on the meta device)

@@ -51,14 +51,13 @@ class ActivationQuantization(str):
     """Older torchao pickles IntxUnpackedToInt8Tensor's activation_quantization as a str enum: kept as its value."""
 
 
-# Where each torchao version put the classes (a pickle names the module the class says it is in)
+# Where torchao's versions put the classes: a pickle names the class's __module__ (torchao 0.18 sets it to
+# torchao.quantization; earlier ones left the defining module)
 WORKFLOWS = "torchao.quantization.quantize_.workflows"
 STAND_INS = [
     (IntxUnpackedToInt8Tensor, "torchao.quantization.IntxUnpackedToInt8Tensor"),
-    (IntxUnpackedToInt8Tensor, f"{WORKFLOWS}.IntxUnpackedToInt8Tensor"),
     (IntxUnpackedToInt8Tensor, f"{WORKFLOWS}.intx.intx_unpacked_to_int8_tensor.IntxUnpackedToInt8Tensor"),
     (Int4Tensor, "torchao.quantization.Int4Tensor"),
-    (Int4Tensor, f"{WORKFLOWS}.Int4Tensor"),
     (Int4Tensor, f"{WORKFLOWS}.int4.int4_tensor.Int4Tensor"),
     (ActivationQuantization,
      f"{WORKFLOWS}.intx.intx_unpacked_to_int8_tensor.IntxUnpackedToInt8TensorActivationQuantization"),
@@ -79,7 +78,7 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: refused: the pickle {what}, which is not a tensor or a torchao weight we read "
             f"(IntxUnpackedToInt8Tensor, Int4Tensor); a checkpoint's code is never run"
         ) from None
-    except (RuntimeError, OSError, EOFError) as e:
+    except Exception as e:  # a damaged or crafted pickle fails in the unpickler's own ways (IndexError, TypeError...)
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict of named tensors")
@@ -99,10 +98,15 @@ def from_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         described = {name: json.loads(metadata[name]) for name in names}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: torchao metadata that is not valid ({e!r})") from None
+    well_formed = lambda about: isinstance(about, dict) and isinstance(about.get("_data", {}), dict)
+    if not isinstance(names, list) or not all(isinstance(n, str) and well_formed(described[n]) for n in names):
+        raise ValueError(f"{path}: torchao metadata must list tensor names, each described by a JSON object")
     state, used = {}, set()
     for name, about in described.items():
-        kind = about.get("_type") if isinstance(about, dict) else None
+        kind = about.get("_type")
         if kind == "Tensor":
+            if name not in tensors:
+                raise ValueError(f"{path}: the torchao metadata lists {name}, which the file does not hold")
             state[name] = tensors[name]
             used.add(name)
             continue
@@ -113,6 +117,8 @@ def from_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         parts = {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}
         if missing := [p for p in ("qdata", "scale", "zero_point") if p not in parts]:
             raise ValueError(f"{path}: torchao weight {name} comes without {', '.join(missing)}")
+        if parts["qdata"].dim() != 2:
+            raise ValueError(f"{path}: torchao weight {name} has qdata of shape {tuple(parts['qdata'].shape)}, not 2-D")
         weight = torch.Tensor._make_wrapper_subclass(CLASSES[kind], torch.Size(logical_shape(kind, parts)))
         weight.__dict__.update(parts | {k: json_value(v) for k, v in (about.get("_data") or {}).items()})
         state[name] = weight
@@ -148,7 +154,7 @@ def decode(state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tenso
             continue
         try:
             parts = decode_weight(t)
-        except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+        except (AttributeError, TypeError, ValueError, RuntimeError, IndexError, KeyError, ZeroDivisionError) as e:
             raise ValueError(f"{where}: torchao weight {name} cannot be read ({type(e).__name__}: {e})") from None
         for kind, value in parts.items():
             out[name if kind == "weight" else f"{name}.{kind}"] = value
@@ -159,30 +165,31 @@ def decode_weight(t: torch.Tensor) -> dict[str, torch.Tensor]:
     """One torchao weight (a stand-in, or torchao's own class) -> {"int4_data", "scales"[, "zeros"]},
     {"int8_data", "scales"} or {"weight"}."""
     int4_tensor = type(t).__name__ == "Int4Tensor"
-    if int4_tensor:  # W = q * scale + zero
-        q, scale = quant.unpack_int4(t.qdata), t.scale.t()  # (N, K), (N, K/g)
-        zero = t.zero_point.t()
+    if t.qdata.dtype != torch.int8 or t.qdata.dim() != 2 or t.scale.dim() != 2 or t.scale.shape != t.zero_point.shape:
+        raise ValueError(f"qdata {t.qdata.dtype} {tuple(t.qdata.shape)}, scale {tuple(t.scale.shape)} and zero_point "
+                         f"{tuple(t.zero_point.shape)} are not a grouped 2-D int8 weight")  # fmt: skip
+    if int4_tensor:  # W = q * scale + zero, scale and zero (K/g, N)
+        q, scale, zero = quant.unpack_int4(t.qdata), t.scale.t(), t.zero_point.t()  # (N, K), (N, K/g) each
         zeros = zero.float()
     else:  # W = (q - zp) * scale = q * scale - zp * scale: exact in float32 (8-bit integers times a 16-bit scale)
-        q, scale, zero = t.qdata, t.scale, t.zero_point  # (N, K), (N, K/g), (N, K/g)
+        q, scale, zero = t.qdata, t.scale, t.zero_point  # (N, K), (N, K/g) each
         zeros = -zero.float() * scale.float()
-    if q.dim() != 2 or scale.dim() != 2 or scale.shape != zero.shape or scale.shape[0] != q.shape[0]:
-        raise ValueError(f"qdata {tuple(q.shape)} with scale {tuple(scale.shape)}: not a grouped 2-D weight")
     n, k = q.shape
-    group = k // scale.shape[1]
-    if group * scale.shape[1] != k or tuple(t.block_size)[-1] != group:
-        raise ValueError(f"block_size {tuple(t.block_size)} does not match qdata {(n, k)} and scale {scale.shape}")
-    dense = (q.float().view(n, -1, group) * scale.float()[..., None] + zeros[..., None]).view(n, k)
+    groups = scale.shape[1]
+    if scale.shape[0] != n or groups == 0 or k % groups or tuple(t.block_size)[-1:] != (k // groups,):
+        raise ValueError(f"block_size {tuple(t.block_size)} does not fit qdata {(n, k)} and scale {tuple(scale.shape)}")
+    group = k // groups
+    dense = lambda: (q.float().view(n, -1, group) * scale.float()[..., None] + zeros[..., None]).view(n, k)
     if getattr(t, "act_pre_scale", None) is not None:  # activations are scaled first: fold that into the weight
-        return {"weight": dense * t.act_pre_scale.float().reshape(1, -1)}
+        return {"weight": dense() * t.act_pre_scale.float().reshape(1, -1)}
     four_bits = int4_tensor or BITS.get(t.target_dtype, 8) <= 4 and -8 <= int(q.min()) <= int(q.max()) <= 7
     if four_bits and group % quant.GROUP_SIZE == 0:
         repeat = group // quant.GROUP_SIZE
         pair = {"int4_data": quant.pack_int4(q), "scales": scale.repeat_interleave(repeat, dim=1)}
         if bool((zeros != 0).any()):  # HQQ's zero points are all 0: symmetric, no zeros kept
-            exact_dtype = scale.dtype if int4_tensor else torch.float32  # Int4Tensor stores its zeros as they are
-            pair["zeros"] = zeros.to(exact_dtype).repeat_interleave(repeat, dim=1)
+            exact = zero.dtype if int4_tensor else torch.float32  # Int4Tensor's zeros as stored; -zp * scale
+            pair["zeros"] = zeros.to(exact).repeat_interleave(repeat, dim=1)
         return pair
     if group == k and not bool((zero != 0).any()):  # one symmetric scale per row: our int8
-        return {"int8_data": q.to(torch.int8), "scales": scale[:, 0]}
-    return {"weight": dense}
+        return {"int8_data": q, "scales": scale[:, 0]}
+    return {"weight": dense()}

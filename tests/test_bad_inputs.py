@@ -394,11 +394,11 @@ def test_the_embedded_gguf_is_assembled_whole(tmp_path, monkeypatch):
 
 def test_a_cache_directory_that_is_not_a_model_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMMA3_INT4_CACHE", str(tmp_path))
-    (tmp_path / checkpoint.DEFAULT_MODEL).mkdir()
-    (tmp_path / checkpoint.DEFAULT_MODEL / "notes.txt").write_text("mine")
+    (tmp_path / checkpoint.DEFAULT_MODEL_CACHE).mkdir()
+    (tmp_path / checkpoint.DEFAULT_MODEL_CACHE / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a converted model .no config.json.: delete it"):
         checkpoint.default_model()
-    assert (tmp_path / checkpoint.DEFAULT_MODEL / "notes.txt").read_text() == "mine"
+    assert (tmp_path / checkpoint.DEFAULT_MODEL_CACHE / "notes.txt").read_text() == "mine"
 
 
 def test_a_gguf_without_a_tokenizer_says_so(tiny_int4_dir, tmp_path, monkeypatch):
@@ -417,7 +417,7 @@ def test_a_gguf_without_a_tokenizer_says_so(tiny_int4_dir, tmp_path, monkeypatch
 
 def test_a_damaged_default_model_says_what_to_delete(tiny_int4_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("GEMMA3_INT4_CACHE", str(tmp_path))
-    cached = Path(shutil.copytree(tiny_int4_dir, tmp_path / checkpoint.DEFAULT_MODEL))
+    cached = Path(shutil.copytree(tiny_int4_dir, tmp_path / checkpoint.DEFAULT_MODEL_CACHE))
     (cached / "model-00001.safetensors").write_bytes(b"cut short")
     code, _, err = run(generate, ["--prompt", "Hi"])
     assert_one_line_error(code, err, "model-00001.safetensors", f"delete {cached} to convert it again")

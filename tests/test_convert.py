@@ -41,7 +41,7 @@ def export(tmp_path_factory):
 
 
 def stored(directory: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.read_safetensors(checkpoint.safetensors_files(directory))
+    return checkpoint.read_safetensors(checkpoint.weight_files(directory))
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +215,34 @@ def test_awq_zero_points_load_exactly_and_go_back_out(tmp_path, tokenizer_file):
         _, back, _ = load_checkpoint(tmp_path / f"out-{layout}")
         for part in ("int4_data", "scales", "zeros"):
             assert torch.equal(back[f"{up}.{part}"].float(), tensors[f"{up}.{part}"].float()), (layout, part)
+    # the compressed-tensors library reads the zero points we wrote (asymmetric scheme, packed along N)
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    exported = tmp_path / "out-compressed-tensors"
+    config = QuantizationConfig.model_validate(
+        json.loads((exported / "config.json").read_text())["quantization_config"]
+    )
+    scheme = config.config_groups["group_0"]
+    assert scheme.weights.symmetric is False
+    out = stored(exported)
+    parts = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+    module = "model.layers.2.mlp.up_proj"
+    decompressed = PackedQuantizationCompressor.decompress({k: out[f"{module}.{k}"] for k in parts}, scheme)["weight"]
+    assert torch.equal(decompressed, quant.dequantize(tensors, up).to(decompressed.dtype))
+
+
+def test_zero_points_of_rows_not_a_multiple_of_8_are_padded():
+    """compressed-tensors packs zero points eight rows to an int32: 12 rows take two words, the last half empty."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (12, 64), generator=gen)
+    zp = torch.randint(0, 16, (12, 2), generator=gen)
+    scales = (torch.rand(12, 2, generator=gen) / 50).to(torch.bfloat16)
+    ours = {f"m.weight.{k}": v for k, v in checkpoint.int4_pair(q, zp, scales, torch.arange(64) // 32).items()}
+    out, config = checkpoint.encode_int4_layout(ours, "compressed-tensors", multimodal=False)
+    assert out["m.weight_zero_point"].shape == (2, 2)
+    back = checkpoint.decode_int4_layouts(out, config)
+    assert all(torch.equal(back[k].float(), ours[k].float()) for k in ours)
 
 
 def test_bad_inputs_give_clear_errors(tiny_int4_dir, export, tmp_path):

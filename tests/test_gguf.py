@@ -1,5 +1,6 @@
 """GGUF in and out on tiny models: int4 -> GGUF -> int4 is bit-exact; bad files give clear errors."""
 
+import warnings
 from pathlib import Path
 
 import gguf
@@ -145,28 +146,31 @@ def test_q4_1_and_q4_k_load_exactly_as_int4_with_zeros(kind):
 
 
 def test_zero_points_go_out_as_q4_1(tmp_path, tiny_int4_dir):
-    """int4 with zeros -> Q4_1, read back exactly where d and m fit fp16; where they do not (a Q4_K source's
-    17-bit scales), rounded, with a warning that says by how much. An untied head travels as output.weight."""
+    """int4 with zeros -> Q4_1, read back exactly where d and m fit fp16 (here m = (k - 8) * scale, small k);
+    where they do not (a Q4_K source's 17-bit scales), rounded, with a warning that says by how much. An untied
+    head travels as output.weight."""
     config, tensors, _ = load_checkpoint(tiny_int4_dir)
     gen = torch.Generator().manual_seed(0)
     up = "layers.0.mlp.up_proj"
-    tensors[f"{up}.zeros"] = (torch.randn(tensors[f"{up}.scales"].shape, generator=gen) / 64).to(torch.bfloat16)
-    tensors[f"{up}.scales"] = tensors[f"{up}.scales"].to(torch.bfloat16)
+    scales = tensors[f"{up}.scales"].to(torch.bfloat16)
+    k = torch.randint(6, 11, scales.shape, generator=gen)  # zero - 8 * scale = (k - 8) * scale: fits fp16
+    tensors[f"{up}.scales"], tensors[f"{up}.zeros"] = scales, (k * scales.float()).to(torch.bfloat16)
     tensors["lm_head.int4_data"], tensors["lm_head.scales"] = quant.quantize_int4(torch.randn(512, 64, generator=gen))
     config.tie_word_embeddings = False
     tokenizer = (tiny_int4_dir / "tokenizer.model").read_bytes()
     blocks, change = gguf_format.q4_1_blocks(
         tensors[f"{up}.int4_data"], tensors[f"{up}.scales"], tensors[f"{up}.zeros"]
     )
+    assert change == 0
     theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1)
-    expected = quant.dequantize(tensors, up).numpy()
-    np.testing.assert_allclose(theirs, expected, rtol=0, atol=np.abs(expected).max() * change * 2 + 1e-12)
-    gguf_format.save(config, tensors, tokenizer, tmp_path / "x.gguf")
+    assert np.array_equal(theirs, quant.dequantize(tensors, up).numpy())  # llama.cpp's reading of our bytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gguf_format.save(config, tensors, tokenizer, tmp_path / "x.gguf")
     back_config, back, _ = load_checkpoint(tmp_path / "x.gguf")
     assert not back_config.tie_word_embeddings and torch.equal(back["lm_head.int4_data"], tensors["lm_head.int4_data"])
     assert torch.equal(back[f"{up}.int4_data"], tensors[f"{up}.int4_data"])
-    if change == 0:
-        assert torch.equal(quant.dequantize(back, up), quant.dequantize(tensors, up))
+    assert torch.equal(quant.dequantize(back, up), quant.dequantize(tensors, up))
     tensors[f"{up}.scales"] = tensors[f"{up}.scales"].float() * (1 + 2**-12)  # 17 bits: not an fp16
     with pytest.warns(UserWarning, match=r"1 int4 weight\(s\) with zero points written as Q4_1 .* rounded"):
         gguf_format.save(config, tensors, tokenizer, tmp_path / "y.gguf")

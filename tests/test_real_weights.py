@@ -13,7 +13,8 @@ from conftest import llama_logits, text_sample
 from safetensors.torch import save_file
 
 import loader
-from checkpoint import RANKER, read_ranker
+import quant
+from checkpoint import DEFAULT_MODEL_CACHE, RANKER, read_ranker
 from eval import chunked_logits, perplexity
 from generation import Sampling, generate
 from tokenizer import Tokenizer
@@ -122,14 +123,14 @@ def test_generate_runs_the_embedded_default_model(tmp_path):
            "--max-new-tokens", "8", "--stats-json"]  # fmt: skip
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
-    assert "converting" in first.stderr and (tmp_path / "gemma-3-270m" / "config.json").exists()
+    assert "converting" in first.stderr and (tmp_path / DEFAULT_MODEL_CACHE / "config.json").exists()
     assert "France" in first.stdout  # the base 270M continues: " the capital of the country of France."
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert second.returncode == 0 and "converting" not in second.stderr
     assert second.stdout == first.stdout
     assert json.loads(second.stderr.strip().splitlines()[-1])["prompt_tokens"] == 6
     # the int8 head's int4 ranker was cached at conversion, and loads take it as it is
-    directory = tmp_path / "gemma-3-270m"
+    directory = tmp_path / DEFAULT_MODEL_CACHE
     ranker = read_ranker(directory, 262144, 640)
     assert set(ranker) == {"int4_data", "scales"} and ranker["int4_data"].shape == (262144, 320)
     save_file({k: v.flip(0).contiguous() for k, v in ranker.items()}, directory / RANKER)
@@ -148,13 +149,13 @@ def test_eval_script(real_gguf, tmp_path):
 
 
 def test_gguf_import_keeps_each_tensors_precision(real_gguf):
-    """Tensors come out exactly as gguf's own dequantizers give them, and `auto` keeps those stored above
-    4 bits (the Q8_0 embedding, Q5_0 attn_q, Q4_K attn_output) at 8 bits, as Int8Linear."""
+    """Tensors come out exactly as gguf's own dequantizers give them: `auto` keeps those stored above 4 bits
+    (the Q8_0 embedding, Q5_0 attn_q) at 8 bits, as Int8Linear, and the Q4_K attn_output as int4 with zeros."""
     import gguf
 
     from gguf_format import open_gguf
     from loader import load_checkpoint
-    from quant import Int8Linear
+    from quant import Int4Linear, Int8Linear, dequantize
 
     _, tensors, above_4_bits = load_checkpoint(real_gguf)
     raw = {t.name: t for t in open_gguf(real_gguf).tensors}
@@ -165,18 +166,21 @@ def test_gguf_import_keeps_each_tensors_precision(real_gguf):
         assert t.tensor_type in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q5_0,
                                  gguf.GGMLQuantizationType.Q4_K)  # fmt: skip
         expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-        assert torch.equal(tensors[f"{ours}.weight"], expected), ours
-        assert f"{ours}.weight" in above_4_bits
+        if t.tensor_type == gguf.GGMLQuantizationType.Q4_K:
+            assert torch.equal(dequantize(tensors, ours), expected) and f"{ours}.weight" not in above_4_bits
+        else:
+            assert torch.equal(tensors[f"{ours}.weight"], expected), ours
+            assert f"{ours}.weight" in above_4_bits
     model = loader.from_pretrained(real_gguf, dtype=torch.float32)
-    assert all(
-        isinstance(m, Int8Linear) for m in (model.embed, model.layers[0].attn.qkv_proj, model.layers[0].attn.o_proj)
-    )
+    assert all(isinstance(m, Int8Linear) for m in (model.embed, model.layers[0].attn.qkv_proj))
+    assert isinstance(model.layers[0].attn.o_proj, Int4Linear) and model.layers[0].attn.o_proj.zeros is not None
     assert model.embed.ranker is not None  # the int8 head is ranked by an int4 copy (Int8Linear.unembed)
 
 
 def test_gguf_export_runs_in_llama_cpp(real_gguf, tmp_path, tok):
-    """Our GGUF export (Q4_0 for int4, Q8_0 for int8, F32 norms, the full tokenizer, no donor file) loads in
-    llama.cpp, which agrees with us on it; int4 -> GGUF -> int4 is bit-exact on the real model."""
+    """Our GGUF export (Q4_0 for int4, Q4_1 for int4 with zeros, Q8_0 for int8, F32 norms, the full tokenizer, no
+    donor file) loads in llama.cpp, which agrees with us on it; int4 -> GGUF -> int4 is bit-exact on the real
+    model but for the Q4_K weights' scales and minimums, rounded to Q4_1's fp16 (warned)."""
     from llama_cpp import Llama
 
     from loader import load_checkpoint
@@ -200,22 +204,36 @@ def test_gguf_export_runs_in_llama_cpp(real_gguf, tmp_path, tok):
     _, original, above = load_checkpoint(real_gguf)
     original = convert_state_dict(original, "int4", above)
     _, exported, _ = load_checkpoint(tmp_path / "int4.gguf")
+    assert exported.keys() == original.keys()
     for name, t in original.items():
-        assert torch.equal(exported[name].float(), t.float()), name
+        module = name.rpartition(".")[0]
+        if f"{module}.zeros" in original and not name.endswith("int4_data"):  # Q4_1: fp16 d and m
+            w, back = quant.dequantize(original, module), quant.dequantize(exported, module)
+            assert (back - w).abs().max() <= w.abs().max() * 2**-10, name
+        else:
+            assert torch.equal(exported[name].float(), t.float()), name
 
 
 def test_serving_exports_round_trip_on_the_real_model(real_gguf, tmp_path):
     """The real 270M, every linear int4, through AWQ and compressed-tensors and back: bit-exact, the bf16
-    embedding included (its int4 grid is recovered from the bf16 values)."""
+    embedding included (its int4 grid is recovered from the bf16 values); the Q4_K weights, whose float zeros
+    neither holds, come back quantized again (symmetric, round to nearest: exactly quant.quantize_int4's)."""
     import convert
     from loader import load_checkpoint
 
     convert.convert(str(real_gguf), tmp_path / "int4", "int4", weights="int4")
     _, original, _ = load_checkpoint(tmp_path / "int4")
+    with_zeros = {name.removesuffix(".zeros") for name in original if name.endswith(".zeros")}
+    assert with_zeros  # attn_output and half the ffn_down
     for to in ("awq", "compressed-tensors"):
-        convert.convert(str(tmp_path / "int4"), tmp_path / to, to)
+        with pytest.warns(UserWarning, match=f"{len(with_zeros)} weight.s. .* quantized again"):
+            convert.convert(str(tmp_path / "int4"), tmp_path / to, to)
         convert.convert(str(tmp_path / to), tmp_path / f"{to}-back", "int4")
         _, back = load_checkpoint(tmp_path / f"{to}-back")[:2]
-        assert back.keys() == original.keys()
-        for name, t in original.items():
-            assert torch.equal(back[name], t), f"{to}: {name}"
+        assert back.keys() == original.keys() - {f"{m}.zeros" for m in with_zeros}
+        for module in with_zeros:
+            data, scales = quant.quantize_int4(quant.dequantize(original, module))
+            assert torch.equal(back[f"{module}.int4_data"], data) and torch.equal(back[f"{module}.scales"], scales)
+        for name, t in back.items():
+            if name.rpartition(".")[0] not in with_zeros:
+                assert torch.equal(t, original[name]), f"{to}: {name}"

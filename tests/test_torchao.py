@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,41 @@ def test_a_hostile_pickle_is_refused(tmp_path):
         loader.from_pretrained(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("pickled", [b"R.", b".", b"ccollections\nOrderedDict\n(K\x01K\x02tR."])
+def test_a_damaged_pickle_is_one_clear_error(pickled, tmp_path):
+    """Opcodes on an empty stack, an allowed callable given bad arguments: one line naming the file."""
+    good = tmp_path / "good.bin"
+    torch.save({"w": torch.zeros(2)}, good)
+    (tmp_path / "ckpt").mkdir()
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(tmp_path / "ckpt" / "pytorch_model.bin", "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, pickled if item.filename.endswith("data.pkl") else src.read(item))
+    with pytest.raises(ValueError, match="pytorch_model.bin: (not a readable PyTorch checkpoint|refused)"):
+        checkpoint.read_tensors(tmp_path / "ckpt", [tmp_path / "ckpt" / "pytorch_model.bin"])
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"tensor_names": "5"},
+        {"tensor_names": "not json"},
+        {"tensor_names": '["a.weight"]', "a.weight": '{"_type": "Tensor"}'},  # listed, not stored
+        {"tensor_names": '["w.weight"]', "w.weight": '{"_type": "Int4Tensor", "_data": [1]}'},
+        {"tensor_names": '["w.weight"]', "w.weight": '{"_type": "Float8Tensor"}'},
+        {"tensor_names": '["w.weight"]', "w.weight": '{"_type": "Int4Tensor", "_data": {"block_size": []}}'},
+    ],
+)
+def test_bad_torchao_metadata_is_one_clear_error(metadata, tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "ckpt").mkdir()
+    tensors = {"w._weight_qdata": torch.zeros(4, 16, dtype=torch.int8), "w._weight_scale": torch.ones(1, 4),
+               "w._weight_zero_point": torch.zeros(1, 4)}  # fmt: skip
+    save_file(tensors, tmp_path / "ckpt" / "model.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match="model.safetensors|ckpt"):
+        checkpoint.read_tensors(tmp_path / "ckpt", [tmp_path / "ckpt" / "model.safetensors"])
+
+
 def float_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every 2-D weight of a state dict (our names) as float32, by module."""
     modules = {k.rpartition(".")[0] for k in tensors if k.endswith(("int4_data", "int8_data", ".weight"))}
@@ -248,3 +284,14 @@ def test_converts_to_every_format(recipe, to, tmp_path, tokenizer_file, monkeypa
         assert (theirs[module] - w).abs().max() <= step, module
     model = loader.from_pretrained(dst, dtype=torch.float32)
     assert torch.isfinite(model(torch.tensor([[2, 17, 99, 4]]))).all()
+
+
+def test_a_quantized_vision_tower_is_dequantized():
+    """torchao's recipes quantize every linear, the vision tower's too: the tower keeps float weights here."""
+    data, scales = quant.quantize_int4(torch.randn(48, 64))
+    fc1 = "vision.layers.0.mlp.fc1"
+    tensors = {f"{fc1}.int4_data": data, f"{fc1}.scales": scales, f"{fc1}.bias": torch.zeros(48),
+               "layers.0.mlp.down_proj.weight": torch.randn(64, 96)}  # fmt: skip
+    out = loader.convert_weights(tensors, "auto", set())
+    assert torch.equal(out[f"{fc1}.weight"], quant.dequantize_int4(data, scales.float()))
+    assert "layers.0.mlp.down_proj.int4_data" in out and f"{fc1}.bias" in out
