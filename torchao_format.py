@@ -14,8 +14,8 @@ Two classes hold the int4 checkpoints, with W (N, K) in groups of g along K:
 - Int4Tensor (`pytorch/gemma-3-12b-it-QAT-INT4`): qdata int8 (N, K/2), packed as ours (element 2j in the low
   nibble); scale and zero_point (K/g, N), transposed; W = q * scale + zero_point.
 decode() turns them (stand-ins, or torchao's own classes where torchao is imported) into our int4 (zero points
-only where they are not all 0) or int8 exactly, whenever g is a multiple of 32 (int4) or the whole row (int8);
-other weights become dense float32.
+only where they are not all 0) or int8 exactly, whenever g is a multiple of 32 dividing K (int4) or the whole row
+(int8); other weights (a partial last group, say) become dense float32.
 """
 
 from __future__ import annotations
@@ -175,15 +175,15 @@ def decode_weight(t: torch.Tensor) -> dict[str, torch.Tensor]:
         q, scale, zero = t.qdata, t.scale, t.zero_point  # (N, K), (N, K/g) each
         zeros = -zero.float() * scale.float()
     n, k = q.shape
-    groups = scale.shape[1]
-    if scale.shape[0] != n or groups == 0 or k % groups or tuple(t.block_size)[-1:] != (k // groups,):
+    group = int(tuple(t.block_size)[-1]) if len(t.block_size) else 0
+    if scale.shape[0] != n or group < 1 or scale.shape[1] != -(-k // group):  # the last group may be partial
         raise ValueError(f"block_size {tuple(t.block_size)} does not fit qdata {(n, k)} and scale {tuple(scale.shape)}")
-    group = k // groups
-    dense = lambda: (q.float().view(n, -1, group) * scale.float()[..., None] + zeros[..., None]).view(n, k)
+    column_group = torch.arange(k) // group
+    dense = lambda: q.float() * scale.float()[:, column_group] + zeros[:, column_group]
     if getattr(t, "act_pre_scale", None) is not None:  # activations are scaled first: fold that into the weight
         return {"weight": dense() * t.act_pre_scale.float().reshape(1, -1)}
     four_bits = int4_tensor or BITS.get(t.target_dtype, 8) <= 4 and -8 <= int(q.min()) <= int(q.max()) <= 7
-    if four_bits and group % quant.GROUP_SIZE == 0:
+    if four_bits and group % quant.GROUP_SIZE == 0 and k % group == 0:
         repeat = group // quant.GROUP_SIZE
         pair = {"int4_data": quant.pack_int4(q), "scales": scale.repeat_interleave(repeat, dim=1)}
         if bool((zeros != 0).any()):  # HQQ's zero points are all 0: symmetric, no zeros kept

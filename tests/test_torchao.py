@@ -295,3 +295,32 @@ def test_a_quantized_vision_tower_is_dequantized():
     out = loader.convert_weights(tensors, "auto", set())
     assert torch.equal(out[f"{fc1}.weight"], quant.dequantize_int4(data, scales.float()))
     assert "layers.0.mlp.down_proj.int4_data" in out and f"{fc1}.bias" in out
+
+
+def stand_in(kind: str, **attributes) -> torch.Tensor:
+    import torchao_format
+
+    weight = torch.Tensor._make_wrapper_subclass(torchao_format.CLASSES[kind], attributes["qdata"].shape)
+    weight.__dict__.update(attributes)
+    return weight
+
+
+def test_weights_our_formats_cannot_hold_exactly_come_in_dense():
+    """A partial last group (K = 80 in groups of 32) or zero points on a per-row int8 weight: dense, the formula's."""
+    import torchao_format
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (16, 80), generator=g, dtype=torch.int8)
+    scale, zp = torch.rand(16, 3, generator=g).to(torch.bfloat16), torch.randint(-2, 3, (16, 3), generator=g)
+    w = stand_in("IntxUnpackedToInt8Tensor", qdata=q, scale=scale, zero_point=zp.to(torch.int8), block_size=(1, 32),
+                 target_dtype=torch.int4)  # fmt: skip
+    columns = torch.arange(80) // 32
+    expected = (q.float() - zp.float()[:, columns]) * scale.float()[:, columns]
+    assert torch.equal(torchao_format.decode_weight(w)["weight"], expected)
+    q8 = torch.randint(-128, 128, (16, 64), generator=g, dtype=torch.int8)
+    no_zero = torch.zeros(16, 1, dtype=torch.int8)
+    row = stand_in("IntxUnpackedToInt8Tensor", qdata=q8, scale=scale[:, :1], zero_point=no_zero, block_size=(1, 64),
+                   target_dtype=torch.int8)  # fmt: skip
+    assert set(torchao_format.decode_weight(row)) == {"int8_data", "scales"}
+    row.zero_point = torch.ones(16, 1, dtype=torch.int8)
+    assert torch.equal(torchao_format.decode_weight(row)["weight"], (q8.float() - 1) * scale[:, :1].float())
