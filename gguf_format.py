@@ -5,7 +5,7 @@ llama.cpp's conventions differ from transformers' in three places, all undone he
 - norm weights are stored with the +1 of Gemma's (1 + w) RMSNorm already added;
 - the tokenizer lives in the metadata (tokens, scores, token types), rebuilt here as a SentencePiece model.
 Q4_0 is symmetric int4 with groups of 32, like ours, and imports exactly; Q4_1 and Q4_K (a scale and a minimum per
-32) import exactly as int4 with zero points; types with more than 4 bits are kept at 8 bits by weights="auto"
+32) import exactly as int4 with zero points, and go back out as Q4_K (when the blocks are Q4_K's) or Q4_1; types with more than 4 bits are kept at 8 bits by weights="auto"
 (int8, one scale per row: +0.3% perplexity on the 270M, see README).
 """
 
@@ -321,6 +321,47 @@ def q4_1_blocks(int4_data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return blocks.reshape(n, -1).numpy(), float(change)
 
 
+def q4_k_blocks(int4_data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> np.ndarray | None:
+    """Our int4 with zero points -> Q4_K bytes (N, K/256 * 144), if every 256 weights of a row are a Q4_K block:
+    scale_j = d * sc_j and 8 * scale_j - zero_j = dmin * mn_j (w = scale_j * u - dmin * mn_j, u = q + 8) for
+    fp16 d, dmin and 6-bit sc_j, mn_j, as a Q4_K source's are; else None."""
+    n, k = int4_data.shape[0], int4_data.shape[1] * 2
+    if k % 256:
+        return None
+    s = scales.float().view(n, k // 256, 8)
+    scale_grid, min_grid = six_bit_grid(s), six_bit_grid(8 * s - zeros.float().view(n, k // 256, 8))
+    if scale_grid is None or min_grid is None:
+        return None
+    (d, sc), (dmin, mn) = scale_grid, min_grid  # (n, k/256) fp16, (n, k/256, 8) in 0..63
+    packed = torch.cat(
+        [
+            sc[..., :4] | (sc[..., 4:] >> 4 << 6),
+            mn[..., :4] | (mn[..., 4:] >> 4 << 6),
+            (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4),
+        ],
+        dim=-1,
+    ).to(torch.uint8)  # the inverse of k_quant_scales_mins
+    u = (quant.unpack_int4(int4_data).view(n, k // 256, 4, 2, 32) + 8).to(torch.uint8)  # 64-weight chunks
+    nibbles = (u[..., 0, :] | (u[..., 1, :] << 4)).flatten(-2)  # byte i of a chunk: u[i] low, u[i + 32] high
+    halves = torch.stack([d, dmin], dim=-1).view(torch.uint8)  # (n, k/256, 4)
+    return torch.cat([halves, packed, nibbles], dim=-1).reshape(n, -1).numpy()
+
+
+def six_bit_grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(..., 8) float32 -> an fp16 d (...) and integers (..., 8) in 0..63 with d * integers == x exactly, for
+    every block, or None. d is the block's largest value over some integer c (tried from 63 down)."""
+    top = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # (..., 1)
+    found = top[..., 0] == 0  # an all-zero block: d = 0
+    d_found, ints_found = torch.zeros_like(top[..., 0]), torch.zeros_like(x)
+    for c in range(63, 0, -1):
+        d = (top / c).to(torch.float16).float()
+        ints = torch.round(x / d)
+        fits = (d * ints == x).all(-1) & ((ints >= 0) & (ints <= 63)).all(-1) & ~found
+        d_found, ints_found = torch.where(fits, d[..., 0], d_found), torch.where(fits[..., None], ints, ints_found)
+        found |= fits
+    return (d_found.to(torch.float16), ints_found.to(torch.int32)) if bool(found.all()) else None
+
+
 def q8_0_blocks(int8_data: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     """Our int8 pair -> Q8_0 bytes (N, K/32 * 34): every block of a row gets the row's scale (as fp16)."""
     n, k = int8_data.shape
@@ -331,9 +372,10 @@ def q8_0_blocks(int8_data: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
 
 def save(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer: bytes, path: Path) -> None:
     """Write a Gemma 3 GGUF that llama.cpp runs: int4 -> Q4_0 (exact when the bf16 scales fit fp16 exactly, as
-    QAT scales do), int4 with zero points -> Q4_1 (scales and minimums rounded to fp16 where they do not fit:
-    a Q4_K source's scales have up to 17 bits), int8 -> Q8_0 (row scales rounded to fp16), norms F32 as 1 + w,
-    an untied head as output.weight, and the full tokenizer. Written atomically (files.atomic_output)."""
+    QAT scales do); int4 with zero points -> Q4_K where each 256 weights are a Q4_K block (a Q4_K source's are:
+    exact), else Q4_1 (scales and minimums rounded to fp16 where they do not fit); int8 -> Q8_0 (row scales
+    rounded to fp16); norms F32 as 1 + w; an untied head as output.weight; and the full tokenizer. Written
+    atomically (files.atomic_output)."""
     if config.global_layers != [(i + 1) % 6 == 0 for i in range(config.num_layers)]:
         raise ValueError("llama.cpp's gemma3 expects every 6th layer to be global; this model's pattern differs")
     with files.atomic_output(path) as tmp:
@@ -384,7 +426,11 @@ def write_gguf(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer
     for name, t in text_tensors.items():
         module, _, kind = name.rpartition(".")
         if kind == "int4_data" and f"{module}.zeros" in tensors:
-            blocks, rounded[module] = q4_1_blocks(t, tensors[f"{module}.scales"], tensors[f"{module}.zeros"])
+            parts = t, tensors[f"{module}.scales"], tensors[f"{module}.zeros"]
+            if (blocks := q4_k_blocks(*parts)) is not None:  # a Q4_K source's weights: back as they came, exactly
+                w.add_tensor(gguf_name(name), blocks, raw_dtype=Q.Q4_K)
+                continue
+            blocks, rounded[module] = q4_1_blocks(*parts)
             w.add_tensor(gguf_name(name), blocks, raw_dtype=Q.Q4_1)
         elif kind == "int4_data":
             blocks, exact = q4_0_blocks(t, tensors[f"{module}.scales"])

@@ -131,7 +131,7 @@ def q4_k_blocks(n: int, k: int, gen: torch.Generator) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["Q4_1", "Q4_K"])
 def test_q4_1_and_q4_k_load_exactly_as_int4_with_zeros(kind):
     """A scale and a minimum per 32 (Q4_K: 6-bit ones under fp16 super-block scales): our q * scale + zero is
-    gguf's own dequantization, value for value."""
+    gguf's own dequantization, value for value; Q4_K goes back out as Q4_K."""
     tensor_type = gguf.GGMLQuantizationType[kind]
     gen = torch.Generator().manual_seed(0)
     if kind == "Q4_1":
@@ -143,6 +143,10 @@ def test_q4_1_and_q4_k_load_exactly_as_int4_with_zeros(kind):
     assert data.shape == (64, 256) and scales.shape == zeros.shape == (64, 512 // 32)
     assert torch.equal(quant.dequantize_int4(data, scales, zeros), w)
     assert bool((zeros != 0).any())
+    if kind == "Q4_K":  # and back out as Q4_K, exactly (gguf_format.q4_k_blocks finds each block's d and dmin)
+        blocks = gguf_format.q4_k_blocks(data, scales, zeros)
+        assert np.array_equal(gguf.quants.dequantize(blocks, tensor_type), w.numpy())
+        assert gguf_format.q4_k_blocks(data, scales * (1 + 2**-12), zeros) is None  # no fp16 d fits: not Q4_K
 
 
 def test_zero_points_go_out_as_q4_1(tmp_path, tiny_int4_dir):
