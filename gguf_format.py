@@ -5,8 +5,9 @@ llama.cpp's conventions differ from transformers' in three places, all undone he
 - norm weights are stored with the +1 of Gemma's (1 + w) RMSNorm already added;
 - the tokenizer lives in the metadata (tokens, scores, token types), rebuilt here as a SentencePiece model.
 Q4_0 is symmetric int4 with groups of 32, like ours, and imports exactly; Q4_1 and Q4_K (a scale and a minimum per
-32) import exactly as int4 with zero points, and go back out as Q4_K (when the blocks are Q4_K's) or Q4_1; types with more than 4 bits are kept at 8 bits by weights="auto"
-(int8, one scale per row: +0.3% perplexity on the 270M, see README).
+32) import exactly as int4 with zero points, and go back out as Q4_K (when the blocks are Q4_K's) or Q4_1; types
+with more than 4 bits are kept at 8 bits by weights="auto" (int8, one scale per row: +0.3% perplexity on the
+270M, see README).
 """
 
 from __future__ import annotations
