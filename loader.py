@@ -42,7 +42,7 @@ def from_pretrained(
     if weights == "auto" and isinstance(model.head, quant.Int8Linear):  # an int8 head: rank with int4 first
         head = model.head  # its ranker is cached by the default model's conversion
         head.add_ranker(checkpoint.read_ranker(path, head.out_features, head.in_features))
-    return quant.use_cpu_kernels(model)
+    return quant.use_cpu_kernels(model, lookups_only=() if model.lm_head is None else (model.embed,))
 
 
 def from_tensors(

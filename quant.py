@@ -364,11 +364,12 @@ def int4_ranker(int8_data: torch.Tensor, scales: torch.Tensor) -> dict[str, torc
     return {"int4_data": data, "scales": int4_scales}
 
 
-def use_cpu_kernels(model: nn.Module) -> nn.Module:
+def use_cpu_kernels(model: nn.Module, lookups_only: tuple[nn.Module, ...] = ()) -> nn.Module:
     """Prepare every bf16 QuantLinear on the CPU for PyTorch's CPU kernels (QuantLinear.pack_for_cpu). They want
-    N % 16 == 0 and whole groups of 32 along K: layers of other shapes stay on the portable path."""
+    N % 16 == 0 and whole groups of 32 along K: layers of other shapes stay on the portable path. `lookups_only`:
+    embeddings that are never a matmul (untied ones), which a packed copy would only cost memory."""
     for module in model.modules():
-        if isinstance(module, QuantLinear) and module.scales.device.type == "cpu":
+        if isinstance(module, QuantLinear) and module.scales.device.type == "cpu" and module not in lookups_only:
             fits = module.out_features % 16 == 0 and module.in_features % GROUP_SIZE == 0
             if module.scales.dtype == torch.bfloat16 and fits:
                 module.pack_for_cpu()

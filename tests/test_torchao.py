@@ -186,6 +186,8 @@ def test_greedy_output_matches_transformers(recipe, tmp_path, monkeypatch):
 
     dense = torchao_checkpoint(recipe, "safetensors", tmp_path / "ckpt", monkeypatch)
     model = loader.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    bf16 = loader.from_pretrained(tmp_path / "ckpt")  # the untied embedding is only looked up: never packed
+    assert bf16.lm_head.cpu_kernel == "int4" and bf16.embed.cpu_kernel is None and bf16.embed.cpu_packed is None
     prompt = [2, 17, 99, 4, 250, 31]
     ours = list(generate(model, prompt, 12, Sampling(temperature=0)))
     dense["model.embed_tokens.weight"] = model.embed.dequantize()  # as ours holds it (QAT's is quantized on load)
