@@ -66,6 +66,8 @@ RENAMES = {  # HF module names -> ours
     ".post_attention_layernorm.": ".post_attn_norm.",
     ".pre_feedforward_layernorm.": ".pre_ffw_norm.",
     ".post_feedforward_layernorm.": ".post_ffw_norm.",
+}
+QUANTIZED_RENAMES = {  # a quantized weight's tensors, in every part of the model (torchao quantizes the tower too)
     ".weight.int4_data": ".int4_data",
     ".weight.int8_data": ".int8_data",  # ours: int8 with per-row scales, for GGUF tensors stored above 4 bits
     ".weight.scales": ".scales",
@@ -178,11 +180,11 @@ def read_tensors(path: Path, shards: list[Path]) -> dict[str, torch.Tensor]:
 def our_name(name: str) -> str:
     """A checkpoint tensor name -> ours. The output head (lm_head.*, or language_model.lm_head.* in older
     multimodal layouts) keeps its name: a tied checkpoint's copy of the embedding is dropped by the loader."""
+    for old, new in QUANTIZED_RENAMES.items():  # "<m>.weight.int4_data" -> "<m>.int4_data", in any part
+        if name.endswith(old):
+            name = name.removesuffix(old) + new
     if name.startswith(("lm_head.", "language_model.lm_head.")):
-        name = "lm_head." + name.split("lm_head.", 1)[1]
-        for old, new in RENAMES.items():
-            name = name.replace(old, new)
-        return name
+        return "lm_head." + name.split("lm_head.", 1)[1]
     for prefix, ours in VISION_PREFIXES.items():
         if name.startswith(prefix):
             name = name[len(prefix) :]
@@ -277,6 +279,9 @@ def companion_files(path_or_hub_id: str | Path) -> list[Path]:
 def hf_name(name: str, multimodal: bool = False) -> str:
     """Ours -> the checkpoint name in gaunernst's layout (text-only: model.*; multimodal: language_model.model.*,
     vision_tower.vision_model.*, multi_modal_projector.*)."""
+    for old, new in QUANTIZED_RENAMES.items():
+        if name.endswith(new):
+            name = name.removesuffix(new) + old
     if name.startswith("projector."):
         return "multi_modal_projector." + name.removeprefix("projector.")
     if name.startswith("vision."):

@@ -326,3 +326,40 @@ def test_weights_our_formats_cannot_hold_exactly_come_in_dense():
     assert set(torchao_format.decode_weight(row)) == {"int8_data", "scales"}
     row.zero_point = torch.ones(16, 1, dtype=torch.int8)
     assert torch.equal(torchao_format.decode_weight(row)["weight"], (q8.float() - 1) * scale[:, :1].float())
+
+
+def test_a_multimodal_checkpoint_with_its_vision_tower_quantized(tmp_path):
+    """The 4B card quantizes the multimodal model: model.language_model.*, an untied lm_head, and the vision
+    tower's linears too (those whose K takes groups of 32). It loads with the tower dequantized (float, as the
+    tower always is here) and matches transformers on the same weights, an image in the prompt."""
+    from conftest import hf_multimodal_model
+    from test_vision import hf_logits, image_prompt
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
+
+    from config import TEXT_VOCAB_SIZE
+
+    def untied():
+        hf = hf_multimodal_model()
+        hf.config.tie_word_embeddings = hf.config.text_config.tie_word_embeddings = False
+        hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.lm_head.weight) * 0.1)
+        return hf
+
+    hf = untied().to(torch.bfloat16)
+    config = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=PerGroup(32), intx_choose_qparams_algorithm="hqq_scale_only"
+    )
+    quantize_(hf, config, lambda m, _: isinstance(m, torch.nn.Linear) and m.in_features % 32 == 0)
+    assert any("vision" in k and type(v) is not torch.Tensor for k, v in hf.state_dict().items())
+    dense = save(hf, tmp_path / "ckpt", "pickle")
+    ours = loader.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert isinstance(ours.lm_head, quant.Int4Linear) and ours.vision is not None
+    assert not any(isinstance(m, quant.QuantLinear) for m in ours.vision.modules())
+    reference = untied()
+    dense["model.language_model.embed_tokens.weight"] = ours.embed.dequantize()  # bf16 in the file: int4 on load
+    reference.load_state_dict(dense)
+    ids = image_prompt([[2, 17, 99], [4, 250, 31]], tokens_per_image=4)
+    pixels = torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    expected = hf_logits(reference, ids, pixels)
+    with torch.no_grad():
+        got = ours(torch.tensor([ids]), pixel_values=pixels)[..., :TEXT_VOCAB_SIZE]
+    assert (got - expected).abs().max() < 1e-3
