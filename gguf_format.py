@@ -296,11 +296,18 @@ def fp16_scales(scales: torch.Tensor) -> torch.Tensor:
     return half
 
 
+def q4_block_nibbles(int4_data: torch.Tensor) -> torch.Tensor:
+    """Our int4 (N, K/2) -> the 16 bytes of each block of 32 in Q4_0's and Q4_1's order (N, K/32, 16): u = q + 8,
+    byte j holding u[j] low and u[j + 16] high."""
+    n, k = int4_data.shape[0], int4_data.shape[1] * 2
+    u = (quant.unpack_int4(int4_data).view(n, k // 32, 32) + 8).to(torch.uint8)
+    return u[..., :16] | (u[..., 16:] << 4)
+
+
 def q4_0_blocks(int4_data: torch.Tensor, scales: torch.Tensor) -> tuple[np.ndarray, bool]:
     """Our int4 pair -> Q4_0 bytes (N, K/32 * 18), and whether the fp16 scales are exactly ours."""
     n, k = int4_data.shape[0], int4_data.shape[1] * 2
-    q = (quant.unpack_int4(int4_data).view(n, k // 32, 32) + 8).to(torch.uint8)
-    nibbles = q[..., :16] | (q[..., 16:] << 4)  # byte j: q[j] low, q[j + 16] high
+    nibbles = q4_block_nibbles(int4_data)
     d = fp16_scales(scales)
     blocks = torch.cat([d.view(n, k // 32, 1).view(torch.uint8), nibbles], dim=-1)
     return blocks.reshape(n, -1).numpy(), bool(torch.equal(d.float(), scales.float()))
@@ -309,9 +316,8 @@ def q4_0_blocks(int4_data: torch.Tensor, scales: torch.Tensor) -> tuple[np.ndarr
 def q4_1_blocks(int4_data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[np.ndarray, float]:
     """Our int4 with zero points -> Q4_1 bytes (N, K/32 * 20): d = scale and m = zero - 8 * scale (w = d * u + m
     for u = q + 8), both fp16; and the largest relative change that fp16 rounding made to a d or m (0: exact)."""
-    n, k = int4_data.shape[0], int4_data.shape[1] * 2
-    u = (quant.unpack_int4(int4_data).view(n, k // 32, 32) + 8).to(torch.uint8)
-    nibbles = u[..., :16] | (u[..., 16:] << 4)  # byte j: u[j] low, u[j + 16] high
+    n = int4_data.shape[0]
+    nibbles = q4_block_nibbles(int4_data)
     d, m = scales.float(), zeros.float() - 8 * scales.float()
     halves = torch.stack([fp16_scales(d), m.to(torch.float16)], dim=-1)  # (N, K/32, 2)
     if torch.isinf(halves).any():

@@ -124,8 +124,7 @@ def dequantize(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
     scales = tensors[f"{module}.scales"].float()
     if f"{module}.int8_data" in tensors:
         return dequantize_int8(tensors[f"{module}.int8_data"], scales)
-    zeros = tensors.get(f"{module}.zeros")
-    return dequantize_int4(tensors[f"{module}.int4_data"], scales, None if zeros is None else zeros.float())
+    return dequantize_int4(tensors[f"{module}.int4_data"], scales, tensors.get(f"{module}.zeros"))
 
 
 # When each kernel runs (policy, measured; bench/crossover.py, bench/speed.py)

@@ -185,7 +185,8 @@ def decode_weight(t: torch.Tensor) -> dict[str, torch.Tensor]:
     four_bits = int4_tensor or BITS.get(t.target_dtype, 8) <= 4 and -8 <= int(q.min()) <= int(q.max()) <= 7
     if four_bits and group % quant.GROUP_SIZE == 0 and k % group == 0:
         repeat = group // quant.GROUP_SIZE
-        pair = {"int4_data": quant.pack_int4(q), "scales": scale.repeat_interleave(repeat, dim=1)}
+        data = t.qdata.contiguous() if int4_tensor else quant.pack_int4(q)  # Int4Tensor's packing is ours already
+        pair = {"int4_data": data, "scales": scale.repeat_interleave(repeat, dim=1)}
         if bool((zeros != 0).any()):  # HQQ's zero points are all 0: symmetric, no zeros kept
             exact = zero.dtype if int4_tensor else torch.float32  # Int4Tensor's zeros as stored; -zp * scale
             pair["zeros"] = zeros.to(exact).repeat_interleave(repeat, dim=1)
