@@ -13,6 +13,7 @@ import torch
 from conftest import TINY, hf_text_model, int4_checkpoint
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import config as config_module
 import loader
 import quant
@@ -237,3 +238,14 @@ def test_a_cached_ranker_that_does_not_fit_the_head_is_a_clear_error(tmp_path):
     (tmp_path / RANKER).write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         read_ranker(tmp_path, 64, 96)
+
+
+def test_hub_downloads_pickles_only_from_a_repo_without_safetensors(monkeypatch):
+    """torchao's pickled releases are fetched, but a repo holding both formats is not downloaded twice."""
+    import huggingface_hub
+
+    listings = {"a/safe": ["config.json", "model.safetensors", "pytorch_model.bin"], "a/pickled": ["pytorch_model.bin"]}
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: listings[repo])
+    assert checkpoint.hub_patterns("a/safe") == checkpoint.HUB_FILES
+    assert checkpoint.hub_patterns("a/pickled") == [*checkpoint.HUB_FILES, checkpoint.PICKLED]
+    assert checkpoint.hub_patterns("a/unknown") == [*checkpoint.HUB_FILES, checkpoint.PICKLED]  # lookup failed
