@@ -30,7 +30,7 @@ import flax_format
 import gguf_format
 import quant
 import torchao_format
-from config import Gemma3Config
+from config import Gemma3Config, Gemma4Config
 
 HUB_FILES = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
 PICKLED = "pytorch_model*.bin"  # torchao's pickled releases: read by torchao_format, never by a free unpickler
@@ -66,6 +66,7 @@ RENAMES = {  # HF module names -> ours
     ".post_attention_layernorm.": ".post_attn_norm.",
     ".pre_feedforward_layernorm.": ".pre_ffw_norm.",
     ".post_feedforward_layernorm.": ".post_ffw_norm.",
+    "embed_tokens_per_layer.": "embed_per_layer.",  # Gemma 4's per-layer embeddings (E2B, E4B)
 }
 QUANTIZED_RENAMES = {  # a quantized weight's tensors, in every part of the model (torchao quantizes the tower too)
     ".weight.int4_data": ".int4_data",
@@ -237,7 +238,41 @@ def read_weights(path: Path) -> tuple[dict | None, dict[str, torch.Tensor], set[
                 raise ValueError(f"{path}: quantized tensor {name} has dtype {t.dtype}, expected torch.int8")
     if hf_config is not None:
         hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}  # decoded above
-    return hf_config, tensors, set()
+    return hf_config, split_experts(tensors), set()
+
+
+EXPERTS = re.compile(r"layers\.\d+\.experts\.(gate_up_proj|down_proj)")  # Gemma 4's experts, stacked in HF's layout
+
+
+def split_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gemma 4 MoE: HF's stacked expert weights "layers.N.experts.gate_up_proj" (E, 2I, D) and ".down_proj"
+    (E, D, I) -> one linear per expert, "layers.N.experts.<e>.gate_up_proj.weight" (gemma4.Experts)."""
+    out = {}
+    for name, t in tensors.items():
+        if not EXPERTS.fullmatch(name):
+            out[name] = t
+            continue
+        if t.dim() != 3:
+            raise ValueError(f"expert weights {name} have shape {tuple(t.shape)}, expected (experts, out, in)")
+        layer, _, part = name.rpartition(".")
+        out.update({f"{layer}.{e}.{part}.weight": w for e, w in enumerate(t.unbind())})
+    return out
+
+
+def stack_experts(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The inverse of split_experts, in `dtype` (HF's layout has no per-expert int4): for a dense export."""
+    out, stacked = {}, {}
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        match = re.fullmatch(r"(layers\.\d+\.experts)\.(\d+)\.(gate_up_proj|down_proj)", module)
+        if match is None:
+            out[name] = t
+        elif kind in ("weight", *quant.FORMATS):  # its scales and zeros come with it
+            w = t if kind == "weight" else quant.dequantize(tensors, module)
+            stacked.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = w.to(dtype)
+    for name, experts in stacked.items():
+        out[name] = torch.stack([experts[e] for e in range(len(experts))])
+    return out
 
 
 def read_config(directory: Path) -> dict | None:
@@ -298,7 +333,7 @@ def hf_name(name: str, multimodal: bool = False) -> str:
 
 
 def save(
-    config: Gemma3Config,
+    config: Gemma3Config | Gemma4Config,
     tensors: dict[str, torch.Tensor],
     tokenizer: bytes,
     dst: Path,
@@ -319,6 +354,8 @@ def save(
     hf_config = config.to_hf()
     with files.atomic_output(dst) as tmp:
         multimodal = hf_config.get("model_type") == "gemma3"
+        if layout == "dense":  # Gemma 4's experts in HF's stacked layout
+            tensors = stack_experts(tensors)
         tensors = {hf_name(k, multimodal): v for k, v in tensors.items()}
         if layout != "int4":
             tensors, quantization = encode_int4_layout(tensors, layout, multimodal)

@@ -281,3 +281,237 @@ CONFIGS = {
                 intermediate_size=21504, sliding_window=1024, vocab_size=262208, rope_scale_global=8.0,
                 query_pre_attn_scalar=168, max_seq_len=131072, vision_config=VisionConfig()),
 }  # fmt: skip
+
+
+# Gemma 4 (E2B, E4B, 31B, 26B-A4B): the text decoder's config (gemma4.py). Its tokenizer's special ids differ
+# from Gemma 3's and come from the checkpoint's tokenizer files (tokenizer.py).
+GEMMA4_MODEL_TYPES = ("gemma4_text", "gemma4")
+
+
+@dataclass
+class Gemma4Config:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int  # of the sliding layers, and of the full ones unless attention_k_eq_v
+    head_dim: int  # of the sliding layers
+    intermediate_size: int
+    sliding_window: int
+    global_head_dim: int = 512  # of the full-attention layers
+    num_global_kv_heads: int | None = None  # of the full layers when attention_k_eq_v (None: num_kv_heads)
+    attention_k_eq_v: bool = False  # full layers: no v_proj, the values are the keys' raw projection
+    vocab_size: int = 262144
+    rope_theta_local: float = 10_000.0
+    rope_theta_global: float = 1_000_000.0
+    partial_rotary_factor: float = 0.25  # full layers' "proportional" RoPE rotates this share of each head
+    max_seq_len: int = 131072
+    rms_norm_eps: float = 1e-6
+    global_layers: list[bool] = field(default_factory=list)  # default 5:1, and the last layer is always full
+    num_kv_shared_layers: int = 0  # the last layers reuse an earlier layer's keys and values (E2B, E4B)
+    use_double_wide_mlp: bool = False  # the shared layers' MLP twice as wide (E2B)
+    hidden_size_per_layer_input: int = 0  # per-layer embeddings' width, 0 for none (E2B, E4B: 256)
+    vocab_size_per_layer_input: int = 262144
+    num_experts: int = 0  # mixture of experts beside the dense MLP, 0 for none (26B-A4B: 128)
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    final_logit_softcapping: float = 30.0
+    tie_word_embeddings: bool = True
+    vision_config: None = None  # text only, for now: generation.py asks every model config for it
+
+    def __post_init__(self):
+        whole = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                 "sliding_window", "global_head_dim", "vocab_size", "max_seq_len")  # fmt: skip
+        positive = ("rope_theta_local", "rope_theta_global", "partial_rotary_factor", "rms_norm_eps",
+                    "final_logit_softcapping")  # fmt: skip
+        check_fields(self, whole, positive)
+        if self.num_global_kv_heads is None:
+            self.num_global_kv_heads = self.num_kv_heads
+        check_fields(self, ("num_global_kv_heads",), ())
+        for name in ("num_kv_shared_layers", "hidden_size_per_layer_input", "num_experts", "top_k_experts",
+                     "moe_intermediate_size"):  # fmt: skip
+            if type(value := getattr(self, name)) is not int or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        if self.num_heads % self.num_kv_heads or self.num_heads % self.num_global_kv_heads:
+            raise ValueError(f"{self.num_heads} attention heads do not share the kv heads evenly")
+        if not self.global_layers:
+            self.global_layers = [(i + 1) % 6 == 0 or i == self.num_layers - 1 for i in range(self.num_layers)]
+        if len(self.global_layers) != self.num_layers or not all(type(g) is bool for g in self.global_layers):
+            raise ValueError(f"global_layers must be {self.num_layers} booleans, one per layer")
+        if (
+            self.num_experts
+            and not 0 < self.top_k_experts <= self.num_experts
+            or self.num_experts
+            and not (self.moe_intermediate_size)
+        ):
+            raise ValueError("a mixture of experts needs top_k_experts in 1..num_experts and moe_intermediate_size")
+        if not self.num_kv_shared_layers < self.num_layers:
+            raise ValueError(f"num_kv_shared_layers must be below num_layers ({self.num_layers})")
+        for i in range(self.first_shared_layer, self.num_layers):
+            self.kv_source(i)  # every shared layer has an earlier layer of its type to read
+
+    @property
+    def first_shared_layer(self) -> int:
+        return self.num_layers - self.num_kv_shared_layers
+
+    def kv_source(self, i: int) -> int:
+        """The layer whose keys and values layer i attends over: its own, or for a KV-shared layer the last
+        earlier unshared layer of the same type (sliding or full)."""
+        if i < self.first_shared_layer:
+            return i
+        same_type = [j for j in range(self.first_shared_layer) if self.global_layers[j] == self.global_layers[i]]
+        if not same_type:
+            raise ValueError(f"KV-shared layer {i} has no earlier unshared layer of its type to read")
+        return same_type[-1]
+
+    def layer_head_dim(self, i: int) -> int:
+        return self.global_head_dim if self.global_layers[i] else self.head_dim
+
+    def layer_kv_heads(self, i: int) -> int:
+        return self.num_global_kv_heads if self.global_layers[i] and self.attention_k_eq_v else self.num_kv_heads
+
+    def layer_intermediate_size(self, i: int) -> int:
+        return self.intermediate_size * (2 if self.use_double_wide_mlp and i >= self.first_shared_layer else 1)
+
+    @classmethod
+    def from_name(cls, name: str) -> Gemma4Config:
+        if name not in GEMMA4_CONFIGS:
+            raise ValueError(f"unknown Gemma 4 size {name!r}; known: {', '.join(GEMMA4_CONFIGS)}")
+        return cls(**GEMMA4_CONFIGS[name])
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> Gemma4Config:
+        """From a transformers config.json: text-only `gemma4_text`, or the multimodal `gemma4`'s text_config
+        (whose towers we do not run yet: loader.py warns). Older files give the full layers' head_dim and kv heads
+        as global_head_dim / num_global_key_value_heads, newer ones as per_layer_config (both are read)."""
+        model_type = hf.get("model_type")
+        untied_at_top = hf.get("tie_word_embeddings") is False
+        if model_type == "gemma4":
+            hf = hf.get("text_config") or {}
+            if not isinstance(hf, dict):
+                raise ValueError(f"text_config must be a JSON object, not {type(hf).__name__}")
+        elif model_type != "gemma4_text":
+            raise ValueError(f"model_type {model_type!r} is not Gemma 4 ('gemma4' or 'gemma4_text')")
+        for name in ("hidden_size", "num_hidden_layers", "intermediate_size"):
+            if name not in hf:
+                raise ValueError(f"Gemma 4 text config has no {name!r}")
+        if hf.get("use_bidirectional_attention") == "all":
+            raise ValueError("use_bidirectional_attention 'all' is an encoder's setting, not a decoder's")
+        if hf.get("attn_logit_softcapping") is not None:
+            raise ValueError("attn_logit_softcapping is set, but Gemma 4 has no attention soft-capping")
+        n_layers = hf["num_hidden_layers"]
+        layer_types = list(hf.get("layer_types") or [])
+        if layer_types and len(layer_types) != n_layers:
+            raise ValueError(f"layer_types has {len(layer_types)} entries for {n_layers} layers")
+        global_layers = [t == "full_attention" for t in layer_types] or [(i + 1) % 6 == 0 for i in range(n_layers)]
+        global_layers[-1] = True  # as transformers forces it
+        rope = hf.get("rope_parameters") or {}
+        local, full = rope.get("sliding_attention") or {}, rope.get("full_attention") or {}
+        for kind, params, expected in (("sliding", local, "default"), ("full", full, "proportional")):
+            if params.get("rope_type", expected) != expected or params.get("factor", 1.0) != 1.0:
+                raise ValueError(f"{kind} layers' RoPE {params} is not supported (only Gemma 4's {expected})")
+        global_head_dim = hf.get("global_head_dim", 512)
+        global_kv_heads = hf.get("num_global_key_value_heads")
+        overrides = hf.get("per_layer_config") or {}
+        if overrides:
+            if not isinstance(overrides, dict) or not all(isinstance(o, dict) for o in overrides.values()):
+                raise ValueError("per_layer_config must map layer indices to objects")
+            full_overrides = [o for i, o in overrides.items() if str(i).isdigit() and int(i) < n_layers
+                              and global_layers[int(i)]]  # fmt: skip
+            if len(full_overrides) != len(overrides) or any(o != full_overrides[0] for o in full_overrides):
+                raise ValueError("per_layer_config: we read one head_dim / kv heads override for all full layers")
+            global_head_dim = full_overrides[0].get("head_dim", global_head_dim)
+            global_kv_heads = full_overrides[0].get("num_key_value_heads", global_kv_heads)
+        k_eq_v = hf.get("attention_k_eq_v", False)
+        return cls(
+            hidden_size=hf["hidden_size"],
+            num_layers=n_layers,
+            num_heads=hf.get("num_attention_heads", 8),
+            num_kv_heads=hf.get("num_key_value_heads", 4),
+            head_dim=hf.get("head_dim", 256),
+            intermediate_size=hf["intermediate_size"],
+            sliding_window=hf.get("sliding_window", 512),
+            global_head_dim=global_head_dim,
+            num_global_kv_heads=global_kv_heads if k_eq_v else None,
+            attention_k_eq_v=k_eq_v,
+            vocab_size=hf.get("vocab_size", 262144),
+            rope_theta_local=local.get("rope_theta", 10_000.0),
+            rope_theta_global=full.get("rope_theta", 1_000_000.0),
+            partial_rotary_factor=full.get("partial_rotary_factor", 0.25),
+            max_seq_len=hf.get("max_position_embeddings", 131072),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            global_layers=global_layers,
+            num_kv_shared_layers=hf.get("num_kv_shared_layers", 0),
+            use_double_wide_mlp=hf.get("use_double_wide_mlp", False),
+            hidden_size_per_layer_input=hf.get("hidden_size_per_layer_input", 256) or 0,
+            vocab_size_per_layer_input=hf.get("vocab_size_per_layer_input", 262144),
+            num_experts=(hf.get("num_experts") or 0) if hf.get("enable_moe_block") else 0,
+            top_k_experts=(hf.get("top_k_experts") or 0) if hf.get("enable_moe_block") else 0,
+            moe_intermediate_size=(hf.get("moe_intermediate_size") or 0) if hf.get("enable_moe_block") else 0,
+            final_logit_softcapping=hf.get("final_logit_softcapping") or 30.0,
+            tie_word_embeddings=False if untied_at_top else hf.get("tie_word_embeddings", True),
+        )
+
+    def to_hf(self) -> dict:
+        """The `gemma4_text` config.json that transformers reads back to this config."""
+        return {
+            "architectures": ["Gemma4ForCausalLM"],
+            "model_type": "gemma4_text",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "global_head_dim": self.global_head_dim,
+            "num_global_key_value_heads": self.num_global_kv_heads if self.attention_k_eq_v else None,
+            "attention_k_eq_v": self.attention_k_eq_v,
+            "intermediate_size": self.intermediate_size,
+            "sliding_window": self.sliding_window,
+            "vocab_size": self.vocab_size,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_theta_local},
+                "full_attention": {
+                    "rope_type": "proportional",
+                    "rope_theta": self.rope_theta_global,
+                    "partial_rotary_factor": self.partial_rotary_factor,
+                },
+            },  # fmt: skip
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.rms_norm_eps,
+            "layer_types": ["full_attention" if g else "sliding_attention" for g in self.global_layers],
+            "num_kv_shared_layers": self.num_kv_shared_layers,
+            "use_double_wide_mlp": self.use_double_wide_mlp,
+            "hidden_size_per_layer_input": self.hidden_size_per_layer_input,
+            "vocab_size_per_layer_input": self.vocab_size_per_layer_input,
+            "enable_moe_block": self.num_experts > 0,
+            "num_experts": self.num_experts or None,
+            "top_k_experts": self.top_k_experts or None,
+            "moe_intermediate_size": self.moe_intermediate_size or None,
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": BOS_ID,
+            "pad_token_id": PAD_ID,
+        }
+
+
+def gemma4_layers(n: int, every: int) -> list[bool]:
+    """Full attention every `every`-th layer, and always in the last."""
+    return [(i + 1) % every == 0 or i == n - 1 for i in range(n)]
+
+
+# The published Gemma 4 text decoders (transformers' convert_gemma4_weights.py _VARIANTS)
+GEMMA4_CONFIGS = {
+    "e2b": dict(hidden_size=1536, num_layers=35, num_heads=8, num_kv_heads=1, head_dim=256, intermediate_size=6144,
+                sliding_window=512, global_layers=gemma4_layers(35, 5), num_kv_shared_layers=20,
+                use_double_wide_mlp=True, hidden_size_per_layer_input=256),
+    "e4b": dict(hidden_size=2560, num_layers=42, num_heads=8, num_kv_heads=2, head_dim=256, intermediate_size=10240,
+                sliding_window=512, global_layers=gemma4_layers(42, 6), num_kv_shared_layers=18,
+                hidden_size_per_layer_input=256),
+    "31b": dict(hidden_size=5376, num_layers=60, num_heads=32, num_kv_heads=16, head_dim=256,
+                intermediate_size=21504, sliding_window=1024, global_layers=gemma4_layers(60, 6),
+                num_global_kv_heads=4, attention_k_eq_v=True, max_seq_len=262144),
+    "26b-a4b": dict(hidden_size=2816, num_layers=30, num_heads=16, num_kv_heads=8, head_dim=256,
+                    intermediate_size=2112, sliding_window=1024, global_layers=gemma4_layers(30, 6),
+                    num_global_kv_heads=2, attention_k_eq_v=True, num_experts=128, top_k_experts=8,
+                    moe_intermediate_size=704, max_seq_len=262144),
+}  # fmt: skip

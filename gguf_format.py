@@ -383,6 +383,9 @@ def save(config: Gemma3Config, tensors: dict[str, torch.Tensor], tokenizer: byte
     exact), else Q4_1 (scales and minimums rounded to fp16 where they do not fit); int8 -> Q8_0 (row scales
     rounded to fp16); norms F32 as 1 + w; an untied head as output.weight; and the full tokenizer. Written
     atomically (files.atomic_output)."""
+    if not isinstance(config, Gemma3Config):
+        raise ValueError("GGUF export is Gemma 3's (llama.cpp's gemma3); Gemma 4 exports to int4, awq, "
+                         "compressed-tensors or dense")  # fmt: skip
     if config.global_layers != [(i + 1) % 6 == 0 for i in range(config.num_layers)]:
         raise ValueError("llama.cpp's gemma3 expects every 6th layer to be global; this model's pattern differs")
     with files.atomic_output(path) as tmp:

@@ -9,6 +9,8 @@ kernels' packing.
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,8 +18,12 @@ import torch.nn as nn
 
 import checkpoint
 import quant
-from config import VISION_MODULES, Gemma3Config
-from model import Gemma3, fuse_projections
+from config import GEMMA4_MODEL_TYPES, VISION_MODULES, Gemma3Config, Gemma4Config
+from gemma4 import GEMMA4_FUSED, Gemma4
+from model import FUSED, Gemma3, fuse_projections
+
+Config = Gemma3Config | Gemma4Config
+Model = Gemma3 | Gemma4
 
 
 def from_pretrained(
@@ -25,66 +31,100 @@ def from_pretrained(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device | None = None,
     weights: str = "auto",
-) -> Gemma3:
+) -> Model:
     """Load a checkpoint directory, a .safetensors or .gguf file, or a hub repo id.
 
     weights="auto":  int4 stays int4, dense weights are quantized to int4 (round to nearest, group 32),
                      GGUF tensors stored at more than 4 bits become int8 (see gguf_format.py), and
                      an int8 head ranks the vocabulary with an int4 copy first (Int8Linear.unembed);
     weights="int4":  every linear weight int4;  weights="dense": every weight a float tensor of `dtype`.
-    The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype`.
+    The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype`. Gemma 4 (its config.json's
+    model_type gemma4_text or gemma4) loads as gemma4.Gemma4, its per-layer embeddings int8 under "auto", its
+    router float.
     """
     path = checkpoint.resolve(path_or_hub_id)  # once: a hub id is looked up (downloaded) here
     config, tensors, above_4_bits = load_checkpoint(path)
     # stacked here, so that the unstacked copies are freed before the model is built and packed
-    tensors = fuse_projections(convert_weights(tensors, weights, above_4_bits), config.num_layers)
+    tensors = fuse_projections(convert_weights(tensors, weights, above_4_bits), config.num_layers, fused(config))
     model = from_tensors(config, tensors, dtype, device)
     if weights == "auto" and isinstance(model.head, quant.Int8Linear):  # an int8 head: rank with int4 first
         head = model.head  # its ranker is cached by the default model's conversion
         head.add_ranker(checkpoint.read_ranker(path, head.out_features, head.in_features))
-    return quant.use_cpu_kernels(model, lookups_only=() if model.lm_head is None else (model.embed,))
+    lookups_only = [model.embed] if model.lm_head is not None else []  # embeddings never used as a matmul
+    lookups_only += [model.embed_per_layer] if isinstance(model, Gemma4) and model.embed_per_layer else []
+    return quant.use_cpu_kernels(model, lookups_only=tuple(lookups_only))
+
+
+def fused(config: Config) -> dict[str, tuple[str, ...]]:
+    """The projections the model holds stacked (model.fuse_projections)."""
+    return GEMMA4_FUSED if isinstance(config, Gemma4Config) else FUSED
 
 
 def from_tensors(
-    config: Gemma3Config,
+    config: Config,
     tensors: dict[str, torch.Tensor],
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device | None = None,
-) -> Gemma3:
+) -> Model:
     """The model holding a state dict in our names as it is: dense weights, or int4/int8 pairs (the layers
     become Int4Linear / Int8Linear); float tensors cast to `dtype`."""
-    tensors = fuse_projections(tensors, config.num_layers)
+    tensors = fuse_projections(tensors, config.num_layers, fused(config))
     with torch.device("meta"):
-        model = Gemma3(config)
+        model = Gemma4(config) if isinstance(config, Gemma4Config) else Gemma3(config)
     quant.replace_linears(model, tensors)
     check_state_dict(model, tensors)
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, assign=True)
     return model.to(device).eval().requires_grad_(False)  # for inference: no autograd graph, whoever calls it
 
 
-def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Gemma3Config, dict[str, torch.Tensor], set[str]]:
-    """Config, tensors as stored (our names) and the GGUF weights stored above 4 bits, of any checkpoint."""
+def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Config, dict[str, torch.Tensor], set[str]]:
+    """Config, tensors as stored (our names) and the weights that "auto" keeps at 8 bits (a GGUF's stored above
+    4 bits; Gemma 4's per-layer embeddings), of any checkpoint."""
     hf_config, tensors, above_4_bits = checkpoint.load_weights(path_or_hub_id)
     if hf_config is None:  # no config.json: recognise a published size by its shapes
         return Gemma3Config.from_shapes({k: tuple(t.shape) for k, t in tensors.items()}), tensors, above_4_bits
+    gemma4 = hf_config.get("model_type") in GEMMA4_MODEL_TYPES
     try:
-        config = Gemma3Config.from_hf(hf_config)
+        config = (Gemma4Config if gemma4 else Gemma3Config).from_hf(hf_config)
     except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
         where = "GGUF metadata" if str(path_or_hub_id).endswith(".gguf") else "config.json"
         raise ValueError(f"{path_or_hub_id}: {where}: {e}") from None
     if config.tie_word_embeddings:  # a stored lm_head is a copy of the embedding
         tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
+    if gemma4:
+        tensors = gemma4_text_tensors(config, tensors, path_or_hub_id)
+        above_4_bits = above_4_bits | {k for k in tensors if k.startswith("embed_per_layer.")}
     return config, tensors, above_4_bits
+
+
+GEMMA4_TOWERS = (*VISION_MODULES, "audio_tower.", "embed_vision.", "embed_audio.")  # our names of its towers
+
+
+def gemma4_text_tensors(config: Gemma4Config, tensors: dict, source: str | Path) -> dict[str, torch.Tensor]:
+    """Gemma 4's language model: the multimodal checkpoints' towers are dropped (text only, for now), and so are
+    the keys and values that Google's files still carry for the KV-shared layers (which read an earlier layer's);
+    each with one warning."""
+    towers = [k for k in tensors if k.startswith(GEMMA4_TOWERS)]
+    if towers:
+        warnings.warn(f"{source}: images and audio are not supported for Gemma 4 yet: loading the language model "
+                      f"only ({len(towers)} tensors of its towers left out)", stacklevel=3)  # fmt: skip
+    shared = re.compile(r"layers\.(\d+)\.attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+    unused = [k for k in tensors if (m := shared.match(k)) and int(m[1]) >= config.first_shared_layer]
+    if unused:
+        warnings.warn(f"{source}: {len(unused)} key/value tensors of the KV-shared layers ({unused[0]}, ...) are "
+                      "unused: dropped", stacklevel=3)  # fmt: skip
+    return {k: v for k, v in tensors.items() if k not in set(towers) | set(unused)}
 
 
 def convert_weights(tensors: dict[str, torch.Tensor], weights: str, above_4_bits: set[str]) -> dict[str, torch.Tensor]:
     """The weights policy (quant.convert_state_dict) applied to the language model; the vision tower and its
-    projector keep float weights (the checkpoints keep them bf16, and their 4096-token passes are compute-bound
-    anyway): a checkpoint that quantized them too (torchao's recipes quantize every linear) is dequantized."""
-    vision_tensors = {k: v for k, v in tensors.items() if k.startswith(VISION_MODULES)}
-    text_tensors = {k: v for k, v in tensors.items() if k not in vision_tensors}
+        projector keep float weights (the checkpoints keep them bf16, and their 4096-token passes are compute-bound
+        anyway): a checkpoint that quantized them too (torchao's recipes quantize every linear) is dequantized. So is
+    Gemma 4's MoE router (small, and it decides which experts run)."""
+    float_tensors = {k: v for k, v in tensors.items() if k.startswith(VISION_MODULES) or ".router." in k}
+    text_tensors = {k: v for k, v in tensors.items() if k not in float_tensors}
     return quant.convert_state_dict(text_tensors, weights, above_4_bits) | quant.convert_state_dict(
-        vision_tensors, "dense"
+        float_tensors, "dense"
     )
 
 

@@ -39,9 +39,14 @@ class RMSNorm(nn.Module):
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim) each
 
 
-def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, scale: float, dtype: torch.dtype) -> Rope:
-    """cos, sin of shape (B, 1, T, head_dim) for positions pos (B, T), computed in float32 like transformers."""
+def rope_cos_sin(
+    pos: torch.Tensor, head_dim: int, theta: float, scale: float, dtype: torch.dtype, rotated: float = 1.0
+) -> Rope:
+    """cos, sin of shape (B, 1, T, head_dim) for positions pos (B, T), computed in float32 like transformers.
+    rotated < 1 ("proportional" RoPE, Gemma 4's full layers): only the first rotated * head_dim / 2 frequencies
+    turn, the rest are 0 (cos 1, sin 0), so those dimensions pass through unrotated."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float) / head_dim))
+    inv_freq[int(rotated * head_dim // 2) :] = 0.0
     freqs = pos.float()[..., None] * (inv_freq / scale)  # (B, T, head_dim / 2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # one for all heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -79,7 +84,7 @@ def same_image_mask(q_images: torch.Tensor, kv_images: torch.Tensor) -> torch.Te
 
 
 ALL = slice(None)  # every row of the KV cache
-Mask = torch.Tensor | list[torch.Tensor]  # (B, 1, T, S), or one (1, 1, T, S_r) per row (Gemma3.row_masks)
+Mask = torch.Tensor | list[torch.Tensor]  # (B, 1, T, S), or one (1, 1, T, S_r) per row (row_masks)
 
 
 class KVCache(nn.Module):
@@ -132,6 +137,53 @@ def filled_slots(upto: torch.Tensor, length: int) -> int:
     return length if torch.compiler.is_compiling() else min(int(upto), length)
 
 
+# Which positions each cache slot holds. A global cache's slot is its position; a ring's slots are tracked in a
+# (B, ring) tensor of positions, "ring_pos", which the model keeps beside its caches (one for all local layers).
+
+
+def ring_positions(batch_size: int, ring: int, window: int, device) -> torch.Tensor:
+    """The empty rings' positions: never-written slots lie a whole window back, outside every window."""
+    return torch.full((batch_size, ring), -window, device=device)
+
+
+def record_ring(ring_pos: torch.Tensor, pos: torch.Tensor) -> None:
+    """After a call at positions pos (B, T): what the ring slots hold now."""
+    keep = pos[:, -ring_pos.shape[1] :]
+    ring_pos.scatter_(1, keep % ring_pos.shape[1], keep)
+
+
+def cached_key_positions(
+    ring_pos: torch.Tensor, cache_len: int, window: int, pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions (B, S) of the keys that queries at pos (B, T) attend over, in the order KVCache.update
+    returns them: the global caches' filled slots (slot = position), and the local ones' ring (ring_pos, (B,
+    ring)) then this chunk. A slot that a row has not filled yet (another row reaches further) holds no key the
+    mask lets it see."""
+    if ring_pos.shape[0] != pos.shape[0]:
+        raise ValueError(f"{pos.shape[0]} rows of input for {ring_pos.shape[0]} rows of the KV cache")
+    B, ring_len = ring_pos.shape
+    kv_global = torch.arange(filled_slots(pos[:, -1].max() + 1, cache_len), device=pos.device).expand(B, -1)
+    # Ring entries at or past a row's first position are stale, left by an earlier sequence in a reused row:
+    # move them out of the window. (So a chunk either continues where its row's last one ended or starts a
+    # new sequence at 0: a ring cannot rewind, it has already overwritten what the rewound queries would need.)
+    ring = ring_pos.masked_fill(ring_pos >= pos[:, :1], -window)
+    if pos.shape[1] == 1:  # one token: it is written into its ring slot before attending (KVCache.update)
+        return kv_global, ring.scatter(1, pos % ring_len, pos)[:, : filled_slots(pos.max() + 1, ring_len)]
+    return kv_global, torch.cat([ring[:, : filled_slots(pos[:, 0].max(), ring_len)], pos], dim=1)
+
+
+def row_masks(pos: torch.Tensor, mask: torch.Tensor) -> Mask:
+    """For one token in each of B rows at different positions pos (B, 1): the mask (B, 1, 1, S) cut into each
+    row's own (1, 1, 1, S_r), the S_r slots the row has filled (as filled_slots counts them for the row
+    alone). Attention over more keys, the masked ones included, rounds otherwise (its matmuls block by
+    length), and bf16 activations make that visible: each row attending over exactly its own keys decodes
+    bit for bit as it does alone (batch invariance). Rows all at one length keep the one mask."""
+    lengths = [min(p + 1, mask.shape[-1]) for p in pos[:, 0].tolist()]
+    if len(set(lengths)) == 1:
+        return mask
+    return [mask[r : r + 1, ..., :n] for r, n in enumerate(lengths)]
+
+
 class Attention(nn.Module):
     def __init__(self, config: Gemma3Config):
         super().__init__()
@@ -156,31 +208,37 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dtype = attention_dtype(x.dtype, x.device)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        masks = mask if isinstance(mask, list) else [mask]  # per row (Gemma3.row_masks), or one for all rows
         if pos is not None:  # (B, n_kv, S, hd): the keys the masks cover
-            k, v = self.kv_cache.update(pos, k, v, max(m.shape[-1] for m in masks), rows)
-        if T == 1 and self.num_kv_heads > 1:  # decode: each kv head's query heads as its queries (B, n_kv, g, hd),
-            q = q.view(B, self.num_kv_heads, -1, self.head_dim)  # so no copy of the cache repeated per query head
-        if len(masks) == 1:
-            y = self.attend(q, k, v, mask)
-        else:  # each row over exactly its own keys, as it would alone
-            y = torch.cat([self.attend(q[r : r + 1], k[r : r + 1], v[r : r + 1], m) for r, m in enumerate(masks)])
-        y = y.type_as(x)
-        return self.o_proj(y.reshape(B, self.num_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
+            k, v = self.kv_cache.update(pos, k, v, mask_length(mask), rows)
+        y = attend(q, k, v, mask, self.scale).type_as(x)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attention over the first mask.shape[-1] keys."""
-        k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+
+def mask_length(mask: Mask) -> int:
+    """How many keys attention reads: the longest of the masks."""
+    return max(m.shape[-1] for m in mask) if isinstance(mask, list) else mask.shape[-1]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float) -> torch.Tensor:
+    """q (B, nh, T, hd) over the first mask.shape[-1] of the keys and values k, v (B, n_kv, S, hd) -> (B, nh, T, hd).
+    A mask per row (row_masks): each row attends over exactly its own keys, as it would alone."""
+    if isinstance(mask, list):
+        return torch.cat([attend(q[r : r + 1], k[r : r + 1], v[r : r + 1], m, scale) for r, m in enumerate(mask)])
+    B, num_heads, T, head_dim = q.shape
+    if T == 1 and k.shape[1] > 1:  # decode: each kv head's query heads as its queries (B, n_kv, g, hd),
+        q = q.view(B, k.shape[1], -1, head_dim)  # so no copy of the cache repeated per query head
+    k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return y.reshape(B, num_heads, T, head_dim)
 
 
 class MLP(nn.Module):
     """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
 
-    def __init__(self, config: Gemma3Config):
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # stacked
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)  # stacked
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -197,7 +255,7 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.pre_ffw_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.post_ffw_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
@@ -280,9 +338,7 @@ class Gemma3(nn.Module):
             layer.attn.kv_cache = KVCache(
                 batch_size, length, c.num_kv_heads, c.head_dim, dtype, device, ring=not layer.is_global
             )
-        # the position held in each row's ring slots; never-written slots lie a whole window back, outside every window
-        ring_pos = torch.full((batch_size, ring), -c.sliding_window, device=device)
-        self.register_buffer("ring_pos", ring_pos, persistent=False)
+        self.register_buffer("ring_pos", ring_positions(batch_size, ring, c.sliding_window, device), persistent=False)
         self.cache_len, self.cache_batch = max_seq_len, batch_size
 
     def embed_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -343,7 +399,7 @@ class Gemma3(nn.Module):
         global_mask = attention_mask(q_pos, kv_global, same_image=same_global)
         local_mask = attention_mask(q_pos, kv_local, c.sliding_window, same_local)
         if pos is not None and T == 1 and B > 1 and not torch.compiler.is_compiling():
-            global_mask, local_mask = self.row_masks(pos, global_mask), self.row_masks(pos, local_mask)
+            global_mask, local_mask = row_masks(pos, global_mask), row_masks(pos, local_mask)
         global_rope = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_global, c.rope_scale_global, x.dtype)
         local_rope = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_local, 1.0, x.dtype)
         for layer in self.layers:
@@ -351,42 +407,14 @@ class Gemma3(nn.Module):
                 x = layer(x, global_rope, global_mask, pos, rows)
             else:
                 x = layer(x, local_rope, local_mask, pos, rows)
-        if pos is not None:  # what the ring slots hold now
-            ring_pos = self.ring_pos[rows]
-            keep = pos[:, -ring_pos.shape[1] :]
-            ring_pos.scatter_(1, keep % ring_pos.shape[1], keep)
+        if pos is not None:
+            record_ring(self.ring_pos[rows], pos)
         return self.norm(x)
 
     def cached_key_positions(self, pos: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """The positions (B, S) of the keys that queries at pos (B, T) attend over, in the order KVCache.update
-        returns them: the global caches' filled slots (slot = position), and the local ones' ring then this chunk.
-        A slot that a row has not filled yet (another row reaches further) holds no key the mask lets it see."""
         if self.cache_len == 0:
             raise RuntimeError("call setup_cache(batch_size, max_seq_len) before decoding with positions")
-        ring_pos = self.ring_pos[rows]  # (B, ring)
-        if ring_pos.shape[0] != pos.shape[0]:
-            raise ValueError(f"{pos.shape[0]} rows of input for {ring_pos.shape[0]} rows of the KV cache")
-        B, ring_len = ring_pos.shape
-        kv_global = torch.arange(filled_slots(pos[:, -1].max() + 1, self.cache_len), device=pos.device).expand(B, -1)
-        # Ring entries at or past a row's first position are stale, left by an earlier sequence in a reused row:
-        # move them out of the window. (So a chunk either continues where its row's last one ended or starts a
-        # new sequence at 0: a ring cannot rewind, it has already overwritten what the rewound queries would need.)
-        ring = ring_pos.masked_fill(ring_pos >= pos[:, :1], -self.config.sliding_window)
-        if pos.shape[1] == 1:  # one token: it is written into its ring slot before attending (KVCache.update)
-            return kv_global, ring.scatter(1, pos % ring_len, pos)[:, : filled_slots(pos.max() + 1, ring_len)]
-        return kv_global, torch.cat([ring[:, : filled_slots(pos[:, 0].max(), ring_len)], pos], dim=1)
-
-    @staticmethod
-    def row_masks(pos: torch.Tensor, mask: torch.Tensor) -> Mask:
-        """For one token in each of B rows at different positions pos (B, 1): the mask (B, 1, 1, S) cut into each
-        row's own (1, 1, 1, S_r), the S_r slots the row has filled (as filled_slots counts them for the row
-        alone). Attention over more keys, the masked ones included, rounds otherwise (its matmuls block by
-        length), and bf16 activations make that visible: each row attending over exactly its own keys decodes
-        bit for bit as it does alone (batch invariance). Rows all at one length keep the one mask."""
-        lengths = [min(p + 1, mask.shape[-1]) for p in pos[:, 0].tolist()]
-        if len(set(lengths)) == 1:
-            return mask
-        return [mask[r : r + 1, ..., :n] for r, n in enumerate(lengths)]
+        return cached_key_positions(self.ring_pos[rows], self.cache_len, self.config.sliding_window, pos)
 
     def same_image_masks(
         self, images: torch.Tensor, pos: torch.Tensor | None, kv_global: torch.Tensor, kv_local: torch.Tensor
@@ -420,13 +448,16 @@ FUSED = {
 KINDS = (*quant.FORMATS, "weight")  # int4_data, int8_data, weight: from the narrowest to the widest
 
 
-def fuse_projections(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+def fuse_projections(
+    tensors: dict[str, torch.Tensor], num_layers: int, groups: dict[str, tuple[str, ...]] = FUSED
+) -> dict[str, torch.Tensor]:
     """A state dict in the checkpoints' names -> the model's: each layer's q/k/v and gate/up weights stacked into
-    qkv_proj and gate_up_proj (already stacked ones pass). A group mixing kinds is stacked in its widest: a GGUF's
-    int8 v_proj beside int4 q and k makes all three int8 (per-row, finer than int4's steps)."""
+    qkv_proj and gate_up_proj (already stacked ones pass; `groups`: which, gemma4.py's only gate/up). A group
+    mixing kinds is stacked in its widest: a GGUF's int8 v_proj beside int4 q and k makes all three int8 (per-row,
+    finer than int4's steps)."""
     out = dict(tensors)
-    for i, fused in ((i, f) for i in range(num_layers) for f in FUSED):
-        parts = [f"layers.{i}.{p}" for p in FUSED[fused]]
+    for i, fused in ((i, f) for i in range(num_layers) for f in groups):
+        parts = [f"layers.{i}.{p}" for p in groups[fused]]
         kinds = [next((k for k in KINDS if f"{p}.{k}" in tensors), None) for p in parts]
         if all(k is None for k in kinds):
             continue  # already stacked, or not there at all (check_state_dict names what is missing)
@@ -458,8 +489,8 @@ def as_kind(tensors: dict[str, torch.Tensor], module: str, kind: str, target: st
 
 
 def split_projections(tensors: dict[str, torch.Tensor], config: Gemma3Config) -> dict[str, torch.Tensor]:
-    """The inverse of fuse_projections: stacked qkv_proj / gate_up_proj tensors back to the checkpoints' names."""
-    sizes = {"attn.qkv_proj": config.qkv_sizes, "mlp.gate_up_proj": [config.intermediate_size] * 2}
+    """The inverse of fuse_projections: stacked qkv_proj / gate_up_proj tensors back to the checkpoints' names
+    (gate and up are halves; q, k and v config.qkv_sizes)."""
     out = {}
     for name, t in tensors.items():
         module, _, kind = name.rpartition(".")
@@ -467,6 +498,7 @@ def split_projections(tensors: dict[str, torch.Tensor], config: Gemma3Config) ->
         if not (name.startswith("layers.") and fused in FUSED):
             out[name] = t
             continue
-        for part, piece in zip(FUSED[fused], t.split(sizes[fused]), strict=True):
+        pieces = t.split(config.qkv_sizes) if fused == "attn.qkv_proj" else t.chunk(2)
+        for part, piece in zip(FUSED[fused], pieces, strict=True):
             out[f"layers.{layer}.{part}.{kind}"] = piece
     return out

@@ -179,6 +179,7 @@ LAYERS = [
     {"quant"},
     {"vision", "gguf_format", "flax_format", "torchao_format"},
     {"model", "checkpoint"},
+    {"gemma4"},  # Gemma 4's decoder, built from model.py's pieces
     {"tokenizer", "loader"},
     {"generation", "ptq"},
     {"cli", "server"},
