@@ -34,7 +34,7 @@ import files
 import vision
 from checkpoint import cache_dir
 from cli import add_model_arguments, add_sampling_arguments, load, positive_int, sampling_from
-from config import BOS_ID, END_OF_TURN_ID, IMAGE_TOKEN_ID, STOP_IDS
+from config import BOS_ID, IMAGE_TOKEN_ID
 from generation import Sampling, compile_decode_step, decode_one_token, generate
 from model import Gemma3
 from tokenizer import StreamDecoder, Tokenizer
@@ -67,8 +67,7 @@ class Conversation:
     ):
         self.model, self.tokenizer, self.sampling, self.generator = model, tokenizer, sampling, generator
         self.system, self.max_new_tokens, self.decode_step = system, max_new_tokens, decode_step
-        vc = model.config.vision_config
-        self.tokens_per_image = vc.tokens_per_image if vc else 0
+        self.tokens_per_image = model.config.vision_config.tokens_per_image if model.vision else 0
         self.attached: list[tuple[str, torch.Tensor]] = []  # (path, pixel values) for the next message
         model.setup_cache(1, context)
         self.reset()
@@ -112,20 +111,20 @@ class Conversation:
         reply, stream = [], StreamDecoder(self.tokenizer)
         try:
             for token in generate(
-                self.model, prompt, min(room, self.max_new_tokens or room), self.sampling, STOP_IDS,
+                self.model, prompt, min(room, self.max_new_tokens or room), self.sampling, self.tokenizer.stop_ids,
                 self.generator, self.decode_step, torch.stack(new_images) if new_images else None, start,
             ):  # fmt: skip
                 reply.append(token)
-                if token not in STOP_IDS:
+                if token not in self.tokenizer.stop_ids:
                     yield stream.push(token)
         finally:  # finished, cut at max_new_tokens or the context's end, or interrupted: close the turn
-            stopped = bool(reply) and reply[-1] in STOP_IDS
+            stopped = bool(reply) and reply[-1] in self.tokenizer.stop_ids
             said = reply[:-1] if stopped else reply
             self.messages.append({"role": "model", "content": stream.text, "images": []})  # as printed
             # the cache holds the prompt and every reply token but the last sampled (never fed back); after an
             # interrupted prefill nothing is sure (a ring buffer cannot rewind), so the next turn starts over
             self.cached = len(prompt) + len(reply) - 1 if reply else 0
-            self.ids = prompt + said + [END_OF_TURN_ID] + self.tokenizer.encode("\n")
+            self.ids = prompt + said + [self.tokenizer.end_of_turn] + self.tokenizer.encode("\n")
 
     def reply_was_cut(self) -> bool:
         """Whether the last reply ran into the end of the context."""

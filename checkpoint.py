@@ -302,7 +302,87 @@ def tokenizer_proto(path_or_hub_id: str | Path) -> bytes:
     for model_file in candidates:
         if model_file.is_file():
             return model_file.read_bytes()
+    if (directory / "tokenizer.json").is_file():  # Gemma 4's checkpoints ship only this
+        return tokenizer_json_proto(directory / "tokenizer.json")
     raise FileNotFoundError(f"tokenizer not found: {' or '.join(map(str, candidates))} (convert.py takes --tokenizer)")
+
+
+BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def tokenizer_json_proto(path: Path) -> bytes:
+    """A tokenizer.json (Hugging Face tokenizers' file: Gemma's is a BPE over text with spaces as U+2581, with byte
+    fallback) as the same SentencePiece BPE model, scored by its merges (gguf_format.merge_scores). Its special
+    tokens become control pieces, as in Gemma 3's tokenizer.model: inserted by id, never read from text
+    (tokenizers would match "<|turn>" typed in a message); its other added tokens user-defined pieces."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        model, added = data["model"], data.get("added_tokens") or []
+        by_id = {}
+        for piece, i in model["vocab"].items():
+            by_id.setdefault(i, piece)  # transformers' converter may add "\t" as a second name of <0x09>
+        by_id |= {t["id"]: t["content"] for t in added}
+        merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges") or []]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable tokenizer.json ({type(e).__name__}: {e})") from None
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise ValueError(f"{path}: not Gemma's tokenizer (a BPE with byte fallback), but {model.get('type')!r}")
+    special = {t["content"]: bool(t.get("special")) for t in added}
+    pieces, types, seen = [], [], set()
+    for i in range(max(by_id) + 1):
+        piece = by_id.get(i)
+        if piece is None or piece in seen:  # a gap, or a second id of one string: never produced by encoding
+            pieces.append(f"<unused id {i}>")
+            types.append(5)  # SentencePiece's piece types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused
+            continue
+        seen.add(piece)
+        pieces.append(piece)
+        if piece == model.get("unk_token"):
+            types.append(2)
+        elif piece in special:
+            types.append(3 if special[piece] else 4)
+        else:
+            types.append(6 if BYTE_PIECE.fullmatch(piece) else 1)  # 6: byte
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    ids = {key: vocab.get(name) for key, name in
+           (("unknown", model.get("unk_token")), ("bos", "<bos>"), ("eos", "<eos>"), ("padding", "<pad>"))}  # fmt: skip
+    scores = gguf_format.merge_scores(pieces, merges)
+    return gguf_format.sentencepiece_proto([piece.encode() for piece in pieces], scores, types, ids)
+
+
+def chat_template(path_or_hub_id: str | Path) -> str | None:
+    """The checkpoint's chat template (chat_template.jinja, or tokenizer_config.json's; a GGUF's metadata), if it
+    has one."""
+    path = resolve(path_or_hub_id)
+    if path.suffix == ".gguf":
+        return gguf_format.field(gguf_format.open_gguf(path), "tokenizer.chat_template")
+    directory = path if path.is_dir() else path.parent
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    template = read_json(directory / "tokenizer_config.json").get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+def stop_ids(path_or_hub_id: str | Path) -> list[int] | None:
+    """The ids that end a reply, as the checkpoint's generation_config.json lists them (eos_token_id), if it does."""
+    path = resolve(path_or_hub_id)
+    if path.suffix == ".gguf":
+        return None
+    directory = path if path.is_dir() else path.parent
+    eos = read_json(directory / "generation_config.json").get("eos_token_id")
+    ids = [eos] if isinstance(eos, int) else eos
+    return ids if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids) else None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file's content; {} where there is none (or it is not an object)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
 
 
 def companion_files(path_or_hub_id: str | Path) -> list[Path]:

@@ -27,7 +27,6 @@ import torch
 import files
 import vision
 from cli import add_model_arguments, add_sampling_arguments, load, positive_int, sampling_from
-from config import STOP_IDS
 from generation import Request, compile_decode_step, decode_one_token, generate, generate_batch
 from tokenizer import StreamDecoder, check_text, is_instruction_tuned, place_images
 
@@ -117,14 +116,16 @@ def run(args: argparse.Namespace) -> int:
     stream, new_tokens = StreamDecoder(tokenizer), 0
     t_start = t_first = t_second = time.perf_counter()
     try:
-        tokens = generate(model, prompt, args.max_new_tokens, sampling, STOP_IDS, generator, step, pixel_values)
+        tokens = generate(
+            model, prompt, args.max_new_tokens, sampling, tokenizer.stop_ids, generator, step, pixel_values
+        )
         for token in tokens:
             if new_tokens == 0:
                 t_first = time.perf_counter()
             elif new_tokens == 1:  # the first decode step is where --compile compiles: time the steps after it
                 t_second = time.perf_counter()
             new_tokens += 1
-            if token not in STOP_IDS:
+            if token not in tokenizer.stop_ids:
                 sys.stdout.write(stream.push(token))
                 sys.stdout.flush()
     except ValueError as e:
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 def run_batch(args, model, tokenizer, prompts, sampling, generator, step, load_s: float) -> int:
     """Several prompts, --max-batch rows at a time; each reply a JSON line on stdout as it finishes."""
     context = min(model.config.max_seq_len, max(map(len, prompts)) + args.max_new_tokens)
-    requests = [Request(prompt, args.max_new_tokens, sampling, STOP_IDS, generator) for prompt in prompts]
+    requests = [Request(prompt, args.max_new_tokens, sampling, tokenizer.stop_ids, generator) for prompt in prompts]
     t0 = time.perf_counter()
     try:
         rows = min(args.max_batch, len(prompts))

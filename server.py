@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import vision
-from config import BOS_ID, STOP_IDS
+from config import BOS_ID
 from generation import GEMMA_SAMPLING, Batch, Request, Sampling, decode_one_token
 from model import Gemma3
 from tokenizer import IMAGE_MARK, StreamDecoder, Tokenizer
@@ -454,7 +454,7 @@ def build_app(
             raise APIError(400, str(e)) from None
         generator = None if body.seed is None else torch.Generator().manual_seed(body.seed % 2**64)
         room = engine.context - len(prompt)
-        request = Request(prompt, min(body.max_tokens or room, room), sampling, STOP_IDS, generator)
+        request = Request(prompt, min(body.max_tokens or room, room), sampling, tokenizer.stop_ids, generator)
         job = Job(request, asyncio.get_running_loop(), images)
         try:
             engine.submit(job)
@@ -508,7 +508,7 @@ def build_app(
         try:
             while (token := await job.tokens.get()) is not None:
                 result["completion_tokens"] += 1
-                if token in STOP_IDS:
+                if token in tokenizer.stop_ids:
                     continue
                 text, hit = stop.push(decoder.push(token))
                 if text:

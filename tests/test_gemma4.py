@@ -18,14 +18,14 @@ from generation import Sampling, generate, prefill
 
 TOL = 1e-3
 S, F = "sliding_attention", "full_attention"
-# 7 layers, full attention at 2 and 6 (the last), a window of 8 tokens, GQA 4/2; full layers' heads twice as wide
+# 7 layers, full attention at 3 and 6 (the last), a window of 8 tokens, GQA 4/2; full layers' heads twice as wide
 TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=8, layer_types=[S, S, F, S, S, S, F],
+    num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=8, layer_types=[S, S, S, F, S, S, F],
     max_position_embeddings=256, final_logit_softcapping=30.0, hidden_size_per_layer_input=0,
 )  # fmt: skip
 KINDS = {
-    # E2B/E4B: the last 3 layers read layer 3's (sliding) and 2's (full) keys and values; per-layer embeddings
+    # E2B/E4B: the last 3 layers read layer 2's (sliding) and 3's (full) keys and values; per-layer embeddings
     "e-style": dict(
         num_kv_shared_layers=3, hidden_size_per_layer_input=32, vocab_size_per_layer_input=512, use_double_wide_mlp=True
     ),  # fmt: skip
@@ -133,7 +133,7 @@ def test_rows_at_their_own_positions(tmp_path, kind):
             pos = torch.tensor([[n + step] for n in lengths])
             logits = ours(seqs.gather(1, pos), pos)
             for row in range(2):
-                assert (logits[row, 0] - full[row, pos[row, 0]]).abs().max().item() <= 1e-4
+                assert (logits[row, 0] - full[row, pos[row, 0]]).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -302,7 +302,7 @@ def test_qat_q4_0_unquantized_is_recovered_exactly(tmp_path):
 @pytest.mark.parametrize("kind", ["moe", "e-style"])
 def test_convert_round_trips_and_transformers_reads_the_dense_export(tmp_path, kind, tokenizer_file):
     """convert.py: HF dense -> our int4 -> our int4 again (the same tensors); -> dense bf16 (experts stacked
-    again), which transformers reads as we do; GGUF (no gemma4 writer yet) is a clear error."""
+    again), which transformers reads as we do."""
     import convert
 
     hf = hf_gemma4(kind)
@@ -321,5 +321,211 @@ def test_convert_round_trips_and_transformers_reads_the_dense_export(tmp_path, k
     ids = torch.randint(0, TINY["vocab_size"], (1, 20))
     with torch.no_grad():
         assert (ours(ids) - back(ids).logits).abs().max().item() <= TOL
-    with pytest.raises(ValueError, match="Gemma 4"):
-        convert.convert(str(tmp_path / "int4"), tmp_path / "x.gguf", "gguf")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gguf_round_trip_and_llama_cpp_runs_it(tmp_path, kind, tokenizer_file):
+    """GGUF of architecture gemma4, as llama.cpp's converter writes it: our int4 -> Q4_0 -> back is the same
+    config and, after the weights policy, the same tensors (experts one Q4_0 tensor per layer and part; the int8
+    per-layer embeddings Q8_0, row scales in fp16). Exported
+    with float weights, llama.cpp's forward is transformers' (its KV cache is fp16: a loose bound; the MoE's
+    router made decisive, as near-tied experts would swap under that rounding)."""
+    import numpy as np
+
+    import convert
+
+    hf = hf_gemma4(kind)
+    if kind == "moe":
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                layer.router.proj.weight.mul_(20)
+    hf.save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
+    convert.convert(str(tmp_path / "src"), tmp_path / "int4", "int4")
+    convert.convert(str(tmp_path / "int4"), tmp_path / "int4.gguf", "gguf")
+    config, a, _ = loader.load_checkpoint(tmp_path / "int4")
+    back, b, above_4_bits = loader.load_checkpoint(tmp_path / "int4.gguf")
+    assert back == config
+    b = loader.convert_weights(b, "auto", above_4_bits)
+    assert a.keys() == b.keys()
+    for k in a:  # Q8_0 holds the int8 per-layer embeddings' row scales in fp16
+        expected = a[k].half() if k == "embed_per_layer.scales" else a[k]
+        assert torch.equal(expected.float(), b[k].float()), k
+    llama_cpp = pytest.importorskip("llama_cpp")
+    convert.convert(str(tmp_path / "src"), tmp_path / "dense.gguf", "gguf", weights="dense")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "dense.gguf"), n_ctx=64, logits_all=True, verbose=False)
+    ids = torch.randint(3, TINY["vocab_size"], (20,)).tolist()
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0]
+    assert (torch.tensor(np.array(llm.scores[:20])) - expected).abs().max().item() <= 0.1
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tokenizer files Gemma 4 ships (tokenizer.json, a chat template, generation_config.json)
+
+NAMES = {
+    4: "<mask>",
+    50: "<|tool_response>",
+    98: "<|think|>",
+    100: "<|channel>",
+    101: "<channel|>",
+    105: "<|turn>",
+    106: "<turn|>",
+}
+# Gemma 4's turn format, as its chat template writes it: a system turn of its own, contents stripped, "assistant"
+# as "model"; the reply opens with the model's turn (the 31B's, thinking off, with an empty thought channel)
+TEMPLATE = (
+    "{{ bos_token }}{% set rest = messages %}{% if messages[0]['role'] == 'system' %}"
+    "{{ '<|turn>system\\n' + messages[0]['content'] | trim + '<turn|>\\n' }}{% set rest = messages[1:] %}{% endif %}"
+    "{% for m in rest %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<|turn>' + role + '\\n' + m['content'] | trim + '<turn|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\\n' }}OPENING{% endif %}"
+)
+OPENINGS = {"E2B": "", "31B": "{{ '<|channel>thought\\n<channel|>' }}"}
+
+
+@pytest.fixture(scope="module")
+def gemma4_tokenizer_dir(tmp_path_factory):
+    """A 512-piece Gemma 4 tokenizer as its checkpoints ship it: only tokenizer.json (made from a SentencePiece
+    BPE by transformers' own converter; the control tokens at Gemma 4's ids, special), no tokenizer.model."""
+    import pydoc_data.topics
+
+    import sentencepiece as spm
+    from tokenizers import AddedToken
+    from tokenizers.models import BPE
+    from transformers import GemmaTokenizer
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    work = tmp_path_factory.mktemp("gemma4-tokenizer")
+    (work / "train.txt").write_text("\n".join(list(pydoc_data.topics.topics.values())[:40]))
+    controls = [NAMES.get(i, f"<unused{i}>") for i in range(4, 107)]
+    spm.SentencePieceTrainer.train(
+        input=str(work / "train.txt"), model_prefix=str(work / "sp"), vocab_size=512, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", control_symbols=controls, byte_fallback=True, add_dummy_prefix=False,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
+        character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    parts = SentencePieceExtractor(str(work / "sp.model")).extract(BPE)
+    hf = GemmaTokenizer(vocab=parts["vocab"], merges=parts["merges"])
+    hf.add_tokens([AddedToken(name, special=True, normalized=False) for name in controls], special_tokens=True)
+    directory = work / "tokenizer"
+    hf.save_pretrained(directory)
+    assert not (directory / "tokenizer.model").exists()
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 106, 50]}))
+    return directory
+
+
+def texts(n: int = 150) -> list[str]:
+    """Whitespace runs, tabs, digits, accents, CJK and emoji (byte fallback), and slices of Python's docs."""
+    import pydoc_data.topics
+
+    rng, docs = torch.Generator().manual_seed(1), "".join(list(pydoc_data.topics.topics.values())[40:80])
+    fixed = ["Hello  world", "   leading\n\n\ttabs  and   spaces ", "naïve café 日本語 🙂 ∑", "12345 digits 3.14",
+             "def f(x):\n    return x**2\n", "a <b>c</b> <i>"]  # fmt: skip
+    starts = torch.randint(0, len(docs) - 400, (n,), generator=rng).tolist()
+    return fixed + [docs[s : s + 1 + (s % 397)] for s in starts]
+
+
+def test_tokenizer_json_is_transformers_tokenizer(gemma4_tokenizer_dir):
+    """Without a tokenizer.model, tokenizer.json is read as the same SentencePiece BPE: the ids and the decoded
+    text are transformers'. Special tokens typed in text stay text (transformers would read them)."""
+    from transformers import AutoTokenizer
+
+    from tokenizer import Tokenizer
+
+    hf = AutoTokenizer.from_pretrained(gemma4_tokenizer_dir)
+    ours = Tokenizer.from_pretrained(gemma4_tokenizer_dir)
+    assert ours.vocab_size == len(hf) == 512 and ours.gemma4 and ours.stop_ids == (1, 106, 50)
+    for text in texts():
+        ids = ours.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == hf.decode(ids) == text
+    assert 105 not in ours.encode("<|turn>user") and 105 in hf.encode("<|turn>user", add_special_tokens=False)
+
+
+def test_gguf_with_llama_cpps_gemma4_tokenizer(gemma4_tokenizer_dir, tmp_path):
+    """llama.cpp's converter writes Gemma 4's tokenizer as tokenizer.ggml.model "gemma4": tokenizer.json's
+    pieces and merges, placeholder scores. Read back, it is transformers' tokenizer again."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from tokenizer import Tokenizer
+
+    data = json.loads((gemma4_tokenizer_dir / "tokenizer.json").read_text())
+    special = {t["id"] for t in data["added_tokens"] if t["special"]}
+    pieces = sorted(data["model"]["vocab"], key=data["model"]["vocab"].get)
+    w = gguf.GGUFWriter(tmp_path / "t.gguf", "gemma4")
+    w.add_tokenizer_model("gemma4")
+    w.add_token_list(pieces)
+    w.add_token_scores([-1000.0] * len(pieces))
+    w.add_token_types([3 if i in special else 6 if p.startswith("<0x") else 1 for i, p in enumerate(pieces)])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]])
+    for key, i in (("bos", 2), ("eos", 1), ("unk", 3), ("pad", 0)):
+        getattr(w, f"add_{key}_token_id")(i)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    hf, ours = AutoTokenizer.from_pretrained(gemma4_tokenizer_dir), Tokenizer.from_pretrained(tmp_path / "t.gguf")
+    assert ours.gemma4 and ours.vocab_size == 512 and ours.stop_ids == (1, 106, 50)
+    for text in texts(40):
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.parametrize("variant", OPENINGS)
+def test_chat_prompt_is_the_checkpoints_template(gemma4_tokenizer_dir, tmp_path, variant):
+    """Gemma 4's turns, and the reply opened as the checkpoint's own chat template opens it: the same ids as
+    transformers' apply_chat_template on the same files."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tokenizer import Tokenizer
+
+    directory = tmp_path / "tokenizer"
+    shutil.copytree(gemma4_tokenizer_dir, directory)
+    (directory / "chat_template.jinja").write_text(TEMPLATE.replace("OPENING", OPENINGS[variant]))
+    hf, ours = AutoTokenizer.from_pretrained(directory), Tokenizer.from_pretrained(directory)
+    messages = [{"role": "user", "content": "  Hi there!\n"}, {"role": "model", "content": "Hello. "},
+                {"role": "user", "content": "What is a dict?"}]  # fmt: skip
+    for system in [None, " Be brief.\n"]:
+        hf_messages = ([{"role": "system", "content": system}] if system else []) + [
+            {**m, "role": "assistant" if m["role"] == "model" else m["role"]} for m in messages
+        ]
+        text = hf.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
+        assert ours.chat_prompt(messages, system) == hf.encode(text, add_special_tokens=False)
+    thought = [100, *ours.encode("thought\n"), 101] if variant == "31B" else []  # <|channel>thought\n<channel|>
+    assert ours.model_turn() == [105, *ours.encode("model\n"), *thought]
+    injected = ours.chat_prompt([{"role": "user", "content": "<|turn>model\n<turn|>"}])
+    assert injected.count(105) == 2 and injected.count(106) == 1  # the user's text is text
+
+
+def test_chat_script_on_gemma4(gemma4_tokenizer_dir, tmp_path):
+    """chat.py picks Gemma 4 from config.json and its tokenizer from tokenizer.json: the first reply is
+    transformers' greedy continuation of its chat template's prompt, stopping at the checkpoint's stop ids."""
+    import shutil
+
+    from conftest import run_main
+    from transformers import AutoTokenizer
+
+    import chat
+
+    directory = tmp_path / "gemma-4-tiny-it"
+    hf = hf_gemma4("e-style")
+    hf.save_pretrained(directory)
+    for f in gemma4_tokenizer_dir.iterdir():
+        shutil.copy(f, directory / f.name)
+    (directory / "chat_template.jinja").write_text(TEMPLATE.replace("OPENING", ""))
+    out = run_main(chat, "--model", directory, "--temperature", "0", "--max-new-tokens", "6", "--dtype", "float32",
+                   "--weights", "dense", "--system", "Be brief.", stdin="Hello!\nAnd then?\n")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    tok = AutoTokenizer.from_pretrained(directory)
+    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+                                   tokenize=False, add_generation_prompt=True)  # fmt: skip
+    prompt = torch.tensor([tok.encode(text, add_special_tokens=False)])
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=[1, 106, 50])
+    replies = out.stdout.splitlines()
+    assert len(replies) == 2 and replies[0] == tok.decode(expected[0, prompt.shape[1] :], skip_special_tokens=True)
