@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load(args)
         device = torch.device(args.device)
         generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
-        step = compile_decode_step(device) if args.compile else decode_one_token
+        step = compile_decode_step(device, model) if args.compile else decode_one_token
         context = min(args.context, model.config.max_seq_len)
         chat = Conversation(model, tokenizer, sampling_from(args), context, args.system, args.max_new_tokens,
                             generator, step)  # fmt: skip

@@ -10,7 +10,6 @@ import torch
 import loader
 from checkpoint import DEFAULT_MODEL
 from generation import GEMMA_SAMPLING, Sampling
-from model import Gemma3
 from tokenizer import Tokenizer
 
 
@@ -77,8 +76,8 @@ def sampling_from(args: argparse.Namespace) -> Sampling:
     return Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
 
 
-def load(args: argparse.Namespace) -> tuple[Gemma3, Tokenizer]:
-    """The model and tokenizer that the model arguments name."""
+def load(args: argparse.Namespace) -> tuple[loader.Model, Tokenizer]:
+    """The model (Gemma 3 or 4, as its config says) and tokenizer that the model arguments name."""
     model = loader.from_pretrained(args.model, getattr(torch, args.dtype), torch.device(args.device), args.weights)
     tokenizer = Tokenizer.from_pretrained(args.model)
     if tokenizer.vocab_size > model.config.vocab_size:

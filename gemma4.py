@@ -128,6 +128,7 @@ class Experts(nn.ModuleList):
     def __init__(self, config: Gemma4Config):
         super().__init__(MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts))
 
+    @torch.compiler.disable  # which experts run depends on the data: eager, between compiled graphs
     def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         x2, out = x.flatten(0, 1), torch.zeros_like(x.flatten(0, 1))  # (B * T, D)
         weights, chosen = weights.flatten(0, 1), chosen.flatten(0, 1)  # (B * T, top_k)

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
-    step = compile_decode_step(device) if args.compile else decode_one_token
+    step = compile_decode_step(device, model) if args.compile else decode_one_token
     if len(prompts) > 1:
         return run_batch(args, model, tokenizer, prompts, sampling, generator, step, load_s)
     prompt = prompts[0]

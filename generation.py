@@ -108,11 +108,14 @@ def decode_one_token(model: Gemma3, tokens: torch.Tensor, pos: torch.Tensor, row
     return model(tokens, pos, rows=rows)[:, -1]
 
 
-def compile_decode_step(device: torch.device) -> Callable:
+def compile_decode_step(device: torch.device, model: torch.nn.Module | None = None) -> Callable:
     """decode_one_token through torch.compile: inductor on CPU, CUDA graphs on GPU. Its shapes never change
-    while the cache is reused (positions are tensors, not Python ints), so it compiles once."""
+    while the cache is reused (positions are tensors, not Python ints), so it compiles once, as one graph;
+    but a mixture of experts' dispatch (gemma4.Experts, which depends on the chosen experts) runs eagerly
+    between the graphs."""
     mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    one_graph = not getattr(getattr(model, "config", None), "num_experts", None)
+    return torch.compile(decode_one_token, mode=mode, fullgraph=one_graph, dynamic=False)
 
 
 @dataclass(eq=False)

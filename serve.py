@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     try:
         model, tokenizer = load(args)
         context = min(args.context, model.config.max_seq_len)
-        step = compile_decode_step(torch.device(args.device)) if args.compile else decode_one_token
+        step = compile_decode_step(torch.device(args.device), model) if args.compile else decode_one_token
         engine = Engine(model, args.max_batch, context, step, every_row=args.compile, max_queue=args.max_queue)
         if args.compile:
             print("compiling the decode step (about a minute) ...", file=sys.stderr)

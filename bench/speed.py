@@ -50,6 +50,9 @@ GEMMA4_SIZES = ["e2b", "e4b"]  # Gemma 4's, by the same method (the 31B and 26B-
 # checkpoints of the larger sizes are int4 throughout, so there auto and int4 are the same rows, and HF is left
 # out (transformers would run them dense).
 LARGE_ROWS = ["ours int4, compiled", "ours int4, eager", "llama.cpp (llama-cpp-python)"]
+# Gemma 4's random checkpoints keep the per-layer embeddings int8, as weights="auto" does (int4 would dequantize
+# them into a float table: 20 GB at E4B)
+GEMMA4_ROWS = ["ours auto, compiled", "ours auto, eager", "llama.cpp (llama-cpp-python)"]
 ROWS = {
     "ours auto, compiled": ["ours", "--weights", "auto", "--compile"],
     "ours int4, compiled": ["ours", "--weights", "int4", "--compile"],
@@ -149,7 +152,7 @@ def ours_tokens(args):  # as generate.py runs it
     if args.no_cpu_kernels:
         quant.CPU_KERNEL_MAX_ROWS = 0
     model = loader.from_pretrained(args.ours, dtype=torch.bfloat16, weights=args.weights)
-    step = compile_decode_step(torch.device("cpu")) if args.compile else decode_one_token
+    step = compile_decode_step(torch.device("cpu"), model) if args.compile else decode_one_token
     return lambda ids, n: generate(model, ids, n, Sampling(temperature=0), decode_step=step)
 
 
@@ -265,7 +268,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded at each context (default 32)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every row (default 2)")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), metavar="ROW",
-                   help="rows (default: all at 270m, else ours int4 and llama.cpp): " + "; ".join(ROWS))  # fmt: skip
+                   help="rows (default: all at 270m, else ours int4 (Gemma 4: auto) and llama.cpp): "
+                        + "; ".join(ROWS))  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="directory for the results")
     p.add_argument("--name", help="results file stem (default <size>-cpu)")
     # internal: run one row in this process
@@ -283,7 +287,7 @@ def main() -> None:
         return worker(args)
     large = args.size != "270m"
     args.contexts = args.contexts or ([16, 64, 128, 256, 1024, 4096] if large else [128, 1024, 4096])
-    args.rows = args.rows or (LARGE_ROWS if large else list(ROWS))
+    args.rows = args.rows or (GEMMA4_ROWS if args.size in GEMMA4_SIZES else LARGE_ROWS if large else list(ROWS))
     args.name = args.name or f"{args.size}-cpu"
 
     common = ["--contexts", *map(str, args.contexts), "--new-tokens", str(args.new_tokens)]
