@@ -93,19 +93,10 @@ def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
     if field(reader, "general.architecture") == GEMMA4_ARCH:
         return gemma4_hf_config(reader, path)
 
-    def get(key, default=None):
-        value = field(reader, f"{ARCH}.{key}", default)
-        if value is None:
-            raise ValueError(f"{path}: GGUF metadata has no {ARCH}.{key}")
-        return value
-
+    get = lambda key, default=None: required(reader, path, f"{ARCH}.{key}", default)
     hidden, heads = get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length", hidden // heads)
     scaling = field(reader, f"{ARCH}.rope.scaling.type", "none")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if tokens is None and embedding is None:
-        raise ValueError(f"{path}: the GGUF has neither a tokenizer nor a token_embd.weight tensor")
     return {
         "model_type": "gemma3_text",
         "hidden_size": hidden,
@@ -122,8 +113,27 @@ def hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
         "rope_scaling": {"rope_type": "linear", "factor": get("rope.scaling.factor")} if scaling == "linear" else None,
         "query_pre_attn_scalar": query_pre_attn_scalar(reader, hidden, heads, head_dim, get("block_count")),
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
-        "vocab_size": len(tokens.data) if tokens is not None else int(embedding.shape[1]),  # GGUF: fastest dim first
+        "vocab_size": vocab_size(reader, path),
     }
+
+
+def required(reader: gguf.GGUFReader, path: Path, key: str, default=None):
+    """A metadata value, or its default; an error names the key if it has neither."""
+    value = field(reader, key, default)
+    if value is None:
+        raise ValueError(f"{path}: GGUF metadata has no {key}")
+    return value
+
+
+def vocab_size(reader: gguf.GGUFReader, path: Path) -> int:
+    """The tokenizer's size, else the embedding's rows."""
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        return len(tokens.data)
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ValueError(f"{path}: the GGUF has neither a tokenizer nor a token_embd.weight tensor")
+    return int(embedding.shape[1])  # GGUF lists dims fastest first
 
 
 def gemma4_hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
@@ -131,12 +141,7 @@ def gemma4_hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
     differ): the MLP width (double-wide in the KV-shared layers) and the kv heads (the full layers' own with
     k_eq_v, whose full layers have no attn_v)."""
 
-    def get(key, default=None):
-        value = field(reader, f"{GEMMA4_ARCH}.{key}", default)
-        if value is None:
-            raise ValueError(f"{path}: GGUF metadata has no {GEMMA4_ARCH}.{key}")
-        return value
-
+    get = lambda key, default=None: required(reader, path, f"{GEMMA4_ARCH}.{key}", default)
     n_layers = get("block_count")
     sliding = get("attention.sliding_window_pattern")
     if not isinstance(sliding, list) or len(sliding) != n_layers:
@@ -151,10 +156,6 @@ def gemma4_hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
     rope_freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
     rotated = int((np.array(rope_freqs.data) == 1.0).sum()) if rope_freqs is not None else global_head_dim // 8
     experts = field(reader, f"{GEMMA4_ARCH}.expert_count") or 0
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if tokens is None and embedding is None:
-        raise ValueError(f"{path}: the GGUF has neither a tokenizer nor a token_embd.weight tensor")
     return {
         "model_type": "gemma4_text",
         "hidden_size": get("embedding_length"),
@@ -187,7 +188,7 @@ def gemma4_hf_config(reader: gguf.GGUFReader, path: Path) -> dict:
         "top_k_experts": field(reader, f"{GEMMA4_ARCH}.expert_used_count"),
         "moe_intermediate_size": field(reader, f"{GEMMA4_ARCH}.expert_feed_forward_length"),
         "tie_word_embeddings": "output.weight" not in names,
-        "vocab_size": len(tokens.data) if tokens is not None else int(embedding.shape[1]),
+        "vocab_size": vocab_size(reader, path),
         "vocab_size_per_layer_input": next(
             (int(t.shape[1]) for t in reader.tensors if t.name == "per_layer_token_embd.weight"), 262144
         ),

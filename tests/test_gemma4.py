@@ -315,7 +315,7 @@ def test_qat_q4_0_unquantized_is_recovered_exactly(tmp_path):
 @pytest.mark.parametrize("kind", ["moe", "e-style"])
 def test_convert_round_trips_and_transformers_reads_the_dense_export(tmp_path, kind, tokenizer_file):
     """convert.py: HF dense -> our int4 -> our int4 again (the same tensors); -> dense bf16 (experts stacked
-    again), which transformers reads as we do."""
+    again), which transformers reads as we do; -> AWQ and compressed-tensors, read back to the same int4."""
     import convert
 
     hf = hf_gemma4(kind)
@@ -334,6 +334,14 @@ def test_convert_round_trips_and_transformers_reads_the_dense_export(tmp_path, k
     ids = torch.randint(0, TINY["vocab_size"], (1, 20))
     with torch.no_grad():
         assert (ours(ids) - back(ids).logits).abs().max().item() <= TOL
+    a = loader.convert_weights(a, "int4", set())
+    for layout in ["awq", "compressed-tensors"]:  # the serving engines' int4: the same int4 weights back
+        convert.convert(str(tmp_path / "int4"), tmp_path / layout, layout)
+        _, b, above_4_bits = loader.load_checkpoint(tmp_path / layout)
+        b = loader.convert_weights(b, "int4", above_4_bits)
+        assert a.keys() == b.keys(), layout
+        for k in a:  # the float tensors (norms, scalars) are written in bf16
+            assert torch.equal(a[k] if k.endswith(quant.QUANT_PARTS) else a[k].bfloat16(), b[k]), (layout, k)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -515,22 +523,28 @@ def test_chat_prompt_is_the_checkpoints_template(gemma4_tokenizer_dir, tmp_path,
     assert injected.count(105) == 2 and injected.count(106) == 1  # the user's text is text
 
 
+def gemma4_chat_checkpoint(tmp_path, tokenizer_dir):
+    """A tiny instruction-tuned E-style checkpoint with Gemma 4's tokenizer files and chat template."""
+    import shutil
+
+    directory = tmp_path / "gemma-4-tiny-it"
+    hf = hf_gemma4("e-style")
+    hf.save_pretrained(directory)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, directory / f.name)
+    (directory / "chat_template.jinja").write_text(TEMPLATE.replace("OPENING", ""))
+    return directory, hf
+
+
 def test_chat_script_on_gemma4(gemma4_tokenizer_dir, tmp_path):
     """chat.py picks Gemma 4 from config.json and its tokenizer from tokenizer.json: the first reply is
     transformers' greedy continuation of its chat template's prompt, stopping at the checkpoint's stop ids."""
-    import shutil
-
     from conftest import run_main
     from transformers import AutoTokenizer
 
     import chat
 
-    directory = tmp_path / "gemma-4-tiny-it"
-    hf = hf_gemma4("e-style")
-    hf.save_pretrained(directory)
-    for f in gemma4_tokenizer_dir.iterdir():
-        shutil.copy(f, directory / f.name)
-    (directory / "chat_template.jinja").write_text(TEMPLATE.replace("OPENING", ""))
+    directory, hf = gemma4_chat_checkpoint(tmp_path, gemma4_tokenizer_dir)
     out = run_main(chat, "--model", directory, "--temperature", "0", "--max-new-tokens", "6", "--dtype", "float32",
                    "--weights", "dense", "--system", "Be brief.", stdin="Hello!\nAnd then?\n")  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -542,3 +556,58 @@ def test_chat_script_on_gemma4(gemma4_tokenizer_dir, tmp_path):
         expected = hf.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=[1, 106, 50])
     replies = out.stdout.splitlines()
     assert len(replies) == 2 and replies[0] == tok.decode(expected[0, prompt.shape[1] :], skip_special_tokens=True)
+
+
+def test_server_on_gemma4(gemma4_tokenizer_dir, tmp_path):
+    """serve.py's engine on Gemma 4: chat completions, two at once in the batch's rows, each what generate()
+    says to its chat prompt alone."""
+    import concurrent.futures
+
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from test_server import serving
+
+    from tokenizer import StreamDecoder, Tokenizer
+
+    directory, _ = gemma4_chat_checkpoint(tmp_path, gemma4_tokenizer_dir)
+    model = loader.from_pretrained(directory, dtype=torch.float32, weights="dense")
+    alone = loader.from_pretrained(directory, dtype=torch.float32, weights="dense")
+    tok = Tokenizer.from_pretrained(directory)
+    questions = ["Hello!", "What is a dict in Python, and why?"]
+    expected = []
+    for q in questions:
+        prompt = tok.chat_prompt([{"role": "user", "content": q}], "Be brief.")
+        tokens = list(generate(alone, prompt, 8, Sampling(temperature=0.0), tok.stop_ids))
+        stream = StreamDecoder(tok)  # as the server streams: a character cut at the end is left out
+        expected.append("".join(stream.push(t) for t in tokens if t not in tok.stop_ids))
+    with serving(model, tok, slots=2, context=128, name="gemma-4-tiny") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(q: str) -> str:
+            messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
+            reply = client.chat.completions.create(model="x", messages=messages, max_tokens=8, temperature=0)
+            return reply.choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(ask, questions)) == expected
+
+
+def test_eval_script_on_gemma4(gemma4_tokenizer_dir, tmp_path):
+    """eval.py's perplexity of a Gemma 4 checkpoint (soft-capped logits) is transformers' loss on the same ids."""
+    from conftest import run_main
+
+    import eval as eval_script
+    from config import BOS_ID
+    from tokenizer import Tokenizer
+
+    directory, hf = gemma4_chat_checkpoint(tmp_path, gemma4_tokenizer_dir)
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog.")
+    out = run_main(eval_script, "--model", directory, "--text", tmp_path / "text.txt", "--context", "64",
+                   "--stride", "32", "--weights", "dense")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    ids = [BOS_ID, *Tokenizer.from_pretrained(directory).encode((tmp_path / "text.txt").read_text())]
+    assert result["tokens_scored"] == len(ids) - 1 and result["windows"] == 1
+    with torch.no_grad():
+        loss = hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert result["perplexity"] == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-4)
