@@ -337,12 +337,7 @@ class Gemma4Config:
             self.global_layers = [(i + 1) % 6 == 0 or i == self.num_layers - 1 for i in range(self.num_layers)]
         if len(self.global_layers) != self.num_layers or not all(type(g) is bool for g in self.global_layers):
             raise ValueError(f"global_layers must be {self.num_layers} booleans, one per layer")
-        if (
-            self.num_experts
-            and not 0 < self.top_k_experts <= self.num_experts
-            or self.num_experts
-            and not (self.moe_intermediate_size)
-        ):
+        if self.num_experts and not (0 < self.top_k_experts <= self.num_experts and self.moe_intermediate_size):
             raise ValueError("a mixture of experts needs top_k_experts in 1..num_experts and moe_intermediate_size")
         if not self.num_kv_shared_layers < self.num_layers:
             raise ValueError(f"num_kv_shared_layers must be below num_layers ({self.num_layers})")

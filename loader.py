@@ -118,8 +118,8 @@ def gemma4_text_tensors(config: Gemma4Config, tensors: dict, source: str | Path)
 
 def convert_weights(tensors: dict[str, torch.Tensor], weights: str, above_4_bits: set[str]) -> dict[str, torch.Tensor]:
     """The weights policy (quant.convert_state_dict) applied to the language model; the vision tower and its
-        projector keep float weights (the checkpoints keep them bf16, and their 4096-token passes are compute-bound
-        anyway): a checkpoint that quantized them too (torchao's recipes quantize every linear) is dequantized. So is
+    projector keep float weights (the checkpoints keep them bf16, and their 4096-token passes are compute-bound
+    anyway): a checkpoint that quantized them too (torchao's recipes quantize every linear) is dequantized. So is
     Gemma 4's MoE router (small, and it decides which experts run)."""
     float_tensors = {k: v for k, v in tensors.items() if k.startswith(VISION_MODULES) or ".router." in k}
     text_tensors = {k: v for k, v in tensors.items() if k not in float_tensors}

@@ -76,9 +76,8 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if w.dim() != 2 or w.shape[1] % GROUP_SIZE:
         raise ValueError(f"int4 needs a 2-D weight with K a multiple of {GROUP_SIZE}, got shape {tuple(w.shape)}")
-    if w.shape[0] > 4096:  # a few thousand rows at a time: the grid search holds several float copies of them
-        pieces = [quantize_int4(w[i : i + 4096]) for i in range(0, w.shape[0], 4096)]
-        return torch.cat([data for data, _ in pieces]), torch.cat([scales for _, scales in pieces])
+    if w.shape[0] > ROW_BLOCK:  # the grid search holds several float copies of the rows
+        return in_row_blocks(lambda rows: quantize_int4(w[rows]), w.shape[0])
     groups = w.float().unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
     absmax = groups.abs().amax(-1)
     scales = (absmax / 7).to(torch.bfloat16).float()
@@ -109,22 +108,34 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest int8, one scale per output row: float (N, K) -> (int8 (N, K), float32 scales (N,))."""
     if w.dim() != 2:
         raise ValueError(f"int8 needs a 2-D weight, got shape {tuple(w.shape)}")
+    if w.shape[0] > ROW_BLOCK:  # Gemma 4's per-layer embeddings: 2.8 G weights, 11 GB as one float32 copy
+        return in_row_blocks(lambda rows: quantize_int8(w[rows]), w.shape[0])
     scales = w.float().abs().amax(-1) / 127
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
     return torch.round(w.float() / scales[:, None]).to(torch.int8), scales
+
+
+ROW_BLOCK = 4096  # rows quantized at a time: the float copies quantizing makes stay small at any size
+
+
+def in_row_blocks(quantize: Callable, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize(rows) -> (data, scales) over the row blocks of an (n_rows, K) weight, concatenated."""
+    pieces = [quantize(slice(i, i + ROW_BLOCK)) for i in range(0, n_rows, ROW_BLOCK)]
+    return torch.cat([data for data, _ in pieces]), torch.cat([scales for _, scales in pieces])
 
 
 def dequantize_int8(int8_data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return int8_data * scales[..., None]
 
 
-def dequantize(tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
-    """A quantized weight of a state dict -> float32 (N, K): "<module>.int4_data" (with "<module>.zeros" if it
-    has zero points) or "<module>.int8_data", and "<module>.scales"."""
-    scales = tensors[f"{module}.scales"].float()
+def dequantize(tensors: dict[str, torch.Tensor], module: str, rows: slice = slice(None)) -> torch.Tensor:
+    """A quantized weight of a state dict (or those of its rows) -> float32 (N, K): "<module>.int4_data" (with
+    "<module>.zeros" if it has zero points) or "<module>.int8_data", and "<module>.scales"."""
+    scales = tensors[f"{module}.scales"][rows].float()
     if f"{module}.int8_data" in tensors:
-        return dequantize_int8(tensors[f"{module}.int8_data"], scales)
-    return dequantize_int4(tensors[f"{module}.int4_data"], scales, tensors.get(f"{module}.zeros"))
+        return dequantize_int8(tensors[f"{module}.int8_data"][rows], scales)
+    zeros = tensors.get(f"{module}.zeros")
+    return dequantize_int4(tensors[f"{module}.int4_data"][rows], scales, None if zeros is None else zeros[rows])
 
 
 # When each kernel runs (policy, measured; bench/crossover.py, bench/speed.py)
@@ -428,6 +439,11 @@ def convert_state_dict(
             if keep:
                 parts = [f"{module}.{part}" for part in QUANT_PARTS]
                 out.update({part: tensors[part] for part in parts if part in tensors})
+                continue
+            if weights == "int4":  # int8 -> int4, a block of rows at a time (never the whole table in float32)
+                requantize = lambda rows, module=module: quantize_int4(dequantize(tensors, module, rows))
+                n_rows = tensors[name].shape[0]
+                out[f"{module}.int4_data"], out[f"{module}.scales"] = in_row_blocks(requantize, n_rows)
                 continue
             t = dequantize(tensors, module)  # float32
             kind = "weight"

@@ -337,3 +337,20 @@ def test_policies_keep_zero_points():
         torch.nn.Sequential(torch.nn.Linear(128, 48, bias=False)), {"0.int4_data": None, "0.zeros": None}
     )
     assert model[0].zeros is not None and model[0].zeros.shape == (48, 4)
+
+
+def test_tall_weights_quantize_a_block_of_rows_at_a_time(monkeypatch):
+    """A table of many rows (Gemma 4's per-layer embeddings: 262144) is quantized a block of rows at a time, so
+    that no whole float32 copy of it exists: int8 is still each row's round to nearest of w / (max |w| / 127),
+    and int8 -> int4 under the int4 policy is the whole table's dequantization quantized."""
+    monkeypatch.setattr(quant, "ROW_BLOCK", 8)
+    w = torch.randn(29, 64) * torch.rand(29, 1)
+    data, scales = quant.quantize_int8(w)
+    expected_scales = w.abs().amax(-1) / 127
+    assert torch.equal(scales, expected_scales) and torch.equal(
+        data, torch.round(w / expected_scales[:, None]).to(torch.int8)
+    )
+    tensors = {"m.int8_data": data, "m.scales": scales}
+    out = quant.convert_state_dict(tensors, "int4")
+    whole_data, whole_scales = quant.quantize_int4(quant.dequantize_int8(data, scales))
+    assert torch.equal(out["m.int4_data"], whole_data) and torch.equal(out["m.scales"], whole_scales)
