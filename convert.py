@@ -70,7 +70,7 @@ def convert(
     else:
         if to in ("awq", "compressed-tensors"):
             weights = "int4"  # both formats are 4-bit only
-        tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits)
+        tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits, consume=True)
     checkpoint.save(config, tensors, proto, dst, to, companions)
 
 

@@ -45,7 +45,8 @@ def from_pretrained(
     path = checkpoint.resolve(path_or_hub_id)  # once: a hub id is looked up (downloaded) here
     config, tensors, above_4_bits = load_checkpoint(path)
     # stacked here, so that the unstacked copies are freed before the model is built and packed
-    tensors = fuse_projections(convert_weights(tensors, weights, above_4_bits), config.num_layers, fused(config))
+    tensors = convert_weights(tensors, weights, above_4_bits, consume=True)
+    tensors = fuse_projections(tensors, config.num_layers, fused(config))
     model = from_tensors(config, tensors, dtype, device)
     if weights == "auto" and isinstance(model.head, quant.Int8Linear):  # an int8 head: rank with int4 first
         head = model.head  # its ranker is cached by the default model's conversion
@@ -116,14 +117,19 @@ def gemma4_text_tensors(config: Gemma4Config, tensors: dict, source: str | Path)
     return {k: v for k, v in tensors.items() if k not in set(towers) | set(unused)}
 
 
-def convert_weights(tensors: dict[str, torch.Tensor], weights: str, above_4_bits: set[str]) -> dict[str, torch.Tensor]:
+def convert_weights(
+    tensors: dict[str, torch.Tensor], weights: str, above_4_bits: set[str], consume: bool = False
+) -> dict[str, torch.Tensor]:
     """The weights policy (quant.convert_state_dict) applied to the language model; the vision tower and its
     projector keep float weights (the checkpoints keep them bf16, and their 4096-token passes are compute-bound
     anyway): a checkpoint that quantized them too (torchao's recipes quantize every linear) is dequantized. So is
-    Gemma 4's MoE router (small, and it decides which experts run)."""
+    Gemma 4's MoE router (small, and it decides which experts run). consume: empties `tensors`, each dense
+    weight freed once quantized (the caller keeps no other reference to them)."""
     float_tensors = {k: v for k, v in tensors.items() if k.startswith(VISION_MODULES) or ".router." in k}
     text_tensors = {k: v for k, v in tensors.items() if k not in float_tensors}
-    return quant.convert_state_dict(text_tensors, weights, above_4_bits) | quant.convert_state_dict(
+    if consume:
+        tensors.clear()
+    return quant.convert_state_dict(text_tensors, weights, above_4_bits, consume) | quant.convert_state_dict(
         float_tensors, "dense"
     )
 

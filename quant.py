@@ -421,18 +421,21 @@ def replace_linears(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: 
 
 
 def convert_state_dict(
-    tensors: dict[str, torch.Tensor], weights: str, above_4_bits: set[str] = frozenset()
+    tensors: dict[str, torch.Tensor], weights: str, above_4_bits: set[str] = frozenset(), consume: bool = False
 ) -> dict[str, torch.Tensor]:
     """Apply a weights policy to a state dict:
     "auto":  dense 2-D weights -> int4 (round to nearest), or int8 if named in above_4_bits (a GGUF stored them
              at more than 4 bits); int4 (zero points included) and int8 stay;
     "int4":  everything -> int4 (int8 is dequantized first; int4 stays as it is);
     "dense": everything -> float32.
+    consume: take each dense weight out of `tensors` once quantized, so that a checkpoint's bf16 copy is freed as
+    it goes, not at the end (a dense E4B holds 16 GB of them).
     """
     if weights not in ("auto", "int4", "dense"):
         raise ValueError(f"weights must be 'auto', 'int4' or 'dense', not {weights!r}")
     out = {}
-    for name, t in tqdm(tensors.items(), desc=f"weights: {weights}", unit="tensor", disable=None, leave=False):
+    for name in tqdm(list(tensors), desc=f"weights: {weights}", unit="tensor", disable=None, leave=False):
+        t = tensors.pop(name) if consume and name.endswith(".weight") else tensors[name]
         module, _, kind = name.rpartition(".")
         if kind in FORMATS:
             keep = weights != "dense" and (kind == "int4_data" or (kind == "int8_data" and weights == "auto"))

@@ -354,3 +354,16 @@ def test_tall_weights_quantize_a_block_of_rows_at_a_time(monkeypatch):
     out = quant.convert_state_dict(tensors, "int4")
     whole_data, whole_scales = quant.quantize_int4(quant.dequantize_int8(data, scales))
     assert torch.equal(out["m.int4_data"], whole_data) and torch.equal(out["m.scales"], whole_scales)
+
+
+def test_convert_state_dict_can_consume_its_input():
+    """consume=True (loading): each dense weight leaves the input as it is quantized; the result is the same."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(8, 64, generator=g), "n.weight": torch.randn(64, generator=g)}
+    tensors["b.int4_data"], tensors["b.scales"] = quant.quantize_int4(torch.randn(4, 64, generator=g))
+    for policy in ["auto", "int4", "dense"]:
+        kept = quant.convert_state_dict(tensors, policy)
+        given = dict(tensors)
+        consumed = quant.convert_state_dict(given, policy, consume=True)
+        assert kept.keys() == consumed.keys() and all(torch.equal(kept[k], consumed[k]) for k in kept)
+        assert sorted(given) == ["b.int4_data", "b.scales"]  # the dense weights went; the int4 parts are small
