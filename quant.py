@@ -428,8 +428,9 @@ def convert_state_dict(
              at more than 4 bits); int4 (zero points included) and int8 stay;
     "int4":  everything -> int4 (int8 is dequantized first; int4 stays as it is);
     "dense": everything -> float32.
-    consume: take each dense weight out of `tensors` once quantized, so that a checkpoint's bf16 copy is freed as
-    it goes, not at the end (a dense E4B holds 16 GB of them).
+    consume: take each dense weight out of `tensors` once quantized, so that a source held in memory (a GGUF's
+    dequantized tensors, a pickle's) is freed as it goes, not at the end. (Safetensors are memory-mapped: their
+    pages are the page cache's, which the kernel takes back as it needs.)
     """
     if weights not in ("auto", "int4", "dense"):
         raise ValueError(f"weights must be 'auto', 'int4' or 'dense', not {weights!r}")
