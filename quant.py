@@ -142,13 +142,24 @@ def dequantize(tensors: dict[str, torch.Tensor], module: str, rows: slice = slic
 
 CPU_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD, ...); "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 # PyTorch's CPU int4 kernel costs about the same per row at any batch, bandwidth-bound for one row and
 # compute-bound from a few; the dequant-matmul costs a dequantization per call, then a fast bf16 matmul. So
 # the kernel is the faster up to some batch size, the crossover. bench/crossover.py measures it for each shape:
-# with AVX-512 it lies between 96 and 192 rows for the 1B and 4B shapes, and at 128 neither path loses more
-# than a fifth. Without AVX-512 the kernel is compute-bound already at one row, and a few rows are its limit
-# (8, as measured before). Only bf16 (the kernel's dtype) uses it.
-CPU_KERNEL_MAX_ROWS = 128 if CPU_AVX512 else 8
+# with AVX-512 on AMD Zen 5 it lies between 96 and 192 rows for the 1B and 4B shapes (at 128 neither path loses
+# more than a fifth); on an Intel Xeon at 64 (crossover-cpu-avx512-xeon.json: at 128 rows the kernel takes
+# 1.7x the dequant-matmul's time). Without AVX-512 the kernel is compute-bound already at one row, and a few
+# rows are its limit (8, as measured before). Only bf16 (the kernel's dtype) uses it.
+CPU_KERNEL_MAX_ROWS = (64 if cpu_vendor() == "GenuineIntel" else 128) if CPU_AVX512 else 8
 CPU_TILE_WEIGHTS = 2**21  # weights dequantized at a time by the dequant-matmul on CPU (4 MB in bf16)
 
 
