@@ -48,8 +48,9 @@ class Tokenizer:
     def from_pretrained(cls, path_or_hub_id: str | Path) -> Tokenizer:
         """A GGUF's own tokenizer, else the tokenizer.model (or tokenizer.json) of a checkpoint directory (or beside
         a file), with the checkpoint's chat template and stop ids where it has them."""
-        proto, template = checkpoint.tokenizer_proto(path_or_hub_id), checkpoint.chat_template(path_or_hub_id)
-        return cls(proto, str(path_or_hub_id), template, checkpoint.stop_ids(path_or_hub_id))
+        path = checkpoint.resolve(path_or_hub_id)  # once: a hub id is looked up here, not for each file
+        proto, template = checkpoint.tokenizer_proto(path), checkpoint.chat_template(path)
+        return cls(proto, str(path_or_hub_id), template, checkpoint.stop_ids(path))
 
     def encode(self, text: str, bos: bool = False, num_images: int = 0, tokens_per_image: int = 256) -> list[int]:
         """Text -> ids. With num_images, the text marks where each image goes with "<start_of_image>" (see
