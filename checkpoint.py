@@ -318,15 +318,15 @@ def tokenizer_json_proto(path: Path) -> bytes:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         model, added = data["model"], data.get("added_tokens") or []
+        if model.get("type") != "BPE" or not model.get("byte_fallback"):
+            raise ValueError(f"{path}: not Gemma's tokenizer (a BPE with byte fallback), but {model.get('type')!r}")
         by_id = {}
         for piece, i in model["vocab"].items():
             by_id.setdefault(i, piece)  # transformers' converter may add "\t" as a second name of <0x09>
         by_id |= {t["id"]: t["content"] for t in added}
         merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges") or []]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a readable tokenizer.json ({type(e).__name__}: {e})") from None
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise ValueError(f"{path}: not Gemma's tokenizer (a BPE with byte fallback), but {model.get('type')!r}")
     special = {t["content"]: bool(t.get("special")) for t in added}
     pieces, types, seen = [], [], set()
     for i in range(max(by_id) + 1):

@@ -611,3 +611,30 @@ def test_eval_script_on_gemma4(gemma4_tokenizer_dir, tmp_path):
     with torch.no_grad():
         loss = hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert result["perplexity"] == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-4)
+
+
+def test_bad_tokenizer_files(gemma4_tokenizer_dir, tmp_path):
+    """A damaged tokenizer.json, one of another kind, broken generation_config.json: one-line errors naming the
+    file. A chat template that does not render: a warning, and replies open the model's turn plainly."""
+    import shutil
+
+    from tokenizer import Tokenizer
+
+    directory = tmp_path / "tok"
+    shutil.copytree(gemma4_tokenizer_dir, directory)
+    (directory / "chat_template.jinja").write_text("{{ raise_exception('no') }}")
+    with pytest.warns(UserWarning, match="chat template does not render"):
+        assert Tokenizer.from_pretrained(directory).model_turn()[0] == 105
+    (directory / "generation_config.json").write_text("{")
+    with pytest.raises(ValueError, match="generation_config.json: not valid JSON"):
+        Tokenizer.from_pretrained(directory)
+    good = (directory / "tokenizer.json").read_text()
+    (directory / "tokenizer.json").write_text(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer.json"):
+        Tokenizer.from_pretrained(directory)
+    (directory / "tokenizer.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer.json"):
+        Tokenizer.from_pretrained(directory)
+    (directory / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
+    with pytest.raises(ValueError, match="not Gemma's tokenizer"):
+        Tokenizer.from_pretrained(directory)
