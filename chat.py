@@ -1,6 +1,7 @@
-"""Chat with Gemma 3: a multi-turn conversation in the terminal, each reply streamed as it is generated.
+"""Chat with Gemma 3 or 4: a multi-turn conversation in the terminal, each reply streamed as it is generated.
 
 python chat.py --model gaunernst/gemma-3-4b-it-int4 --image cat.png
+python chat.py --model google/gemma-4-E4B-it        # Gemma 4, text only (its template, turns, stop ids)
 python chat.py --model gaunernst/gemma-3-1b-it-int4 --system "Answer in one sentence."
 printf 'Hi!\\nWhat did I just say?\\n' | python chat.py --model gaunernst/gemma-3-1b-it-int4
 

@@ -1,4 +1,4 @@
-"""Convert a Gemma 3 checkpoint between formats.
+"""Convert a Gemma 3 (or Gemma 4 text) checkpoint between formats.
 
     python convert.py gaunernst/gemma-3-1b-it-int4 gemma-3-1b-it-q4_0.gguf --to gguf
     python convert.py model.gguf ./gemma-3-270m-int4 --to int4

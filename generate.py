@@ -1,4 +1,4 @@
-"""Generate text with Gemma 3, streaming the continuation to stdout.
+"""Generate text with Gemma 3 (or Gemma 4's text models), streaming the continuation to stdout.
 
 python generate.py --model gaunernst/gemma-3-1b-it-int4 --prompt "Why is the sky blue?"
 python generate.py --model gaunernst/gemma-3-4b-it-int4 --image cat.png --prompt "What is in this image?"

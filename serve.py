@@ -1,4 +1,4 @@
-"""Serve Gemma 3 over OpenAI's HTTP API, with a chat page, many requests decoding in one batch.
+"""Serve Gemma 3 (or Gemma 4 text) over OpenAI's HTTP API, with a chat page, many requests decoding in one batch.
 
 python serve.py                                   # the embedded 270M on http://127.0.0.1:8000
 python serve.py --model gaunernst/gemma-3-4b-it-int4 --max-batch 4 --context 8192
