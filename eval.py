@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import files
 import loader
+import quant
 from checkpoint import DEFAULT_MODEL
 from cli import device_arg, positive_int
 from config import BOS_ID
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--weights", choices=["auto", "int4", "dense"], default="auto", help="as in generate.py (default auto)"
     )
+    p.add_argument("--act", choices=["int8", "bf16"], default=quant.ACTIVATIONS,
+                   help="with --dtype bfloat16 on CPU, as in generate.py (default %(default)s)")  # fmt: skip
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default cuda if there is a GPU)")  # fmt: skip
     args = p.parse_args(argv)
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
     try:
         windows(args.context, args.context, args.stride)  # a bad --stride fails before the slow load
         text = read_text(args.text)
-        model = loader.from_pretrained(args.model, getattr(torch, args.dtype), args.device, args.weights)
+        model = loader.from_pretrained(args.model, getattr(torch, args.dtype), args.device, args.weights, args.act)
         if args.context > model.config.max_seq_len:
             raise ValueError(f"--context {args.context} exceeds the model's context of {model.config.max_seq_len}")
         ids = Tokenizer.from_pretrained(args.model).encode(text)[: args.max_tokens]
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
     except (KeyboardInterrupt, files.Terminated) as e:
         print(f"[interrupted{f' by {e}' if str(e) else ''}]", file=sys.stderr)
         return files.exit_code(e)
-    result.update(model=str(args.model), text=str(args.text), weights=args.weights, dtype=args.dtype,
+    result.update(model=str(args.model), text=str(args.text), weights=args.weights, dtype=args.dtype, act=args.act,
                   context=args.context, stride=args.stride, seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
     print(json.dumps(result, allow_nan=False))
     return 0

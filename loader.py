@@ -31,6 +31,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device | None = None,
     weights: str = "auto",
+    activations: str | None = None,
 ) -> Model:
     """Load a checkpoint directory, a .safetensors or .gguf file, or a hub repo id.
 
@@ -40,7 +41,7 @@ def from_pretrained(
     weights="int4":  every linear weight int4;  weights="dense": every weight a float tensor of `dtype`.
     The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype`. Gemma 4 (its config.json's
     model_type gemma4_text or gemma4) loads as gemma4.Gemma4, its per-layer embeddings int8 under "auto", its
-    router float.
+    router float. activations: the CPU int4 matmuls' ("int8" or "bf16"; default quant.ACTIVATIONS).
     """
     path = checkpoint.resolve(path_or_hub_id)  # once: a hub id is looked up (downloaded) here
     config, tensors, above_4_bits = load_checkpoint(path)
@@ -53,7 +54,7 @@ def from_pretrained(
         head.add_ranker(checkpoint.read_ranker(path, head.out_features, head.in_features))
     lookups_only = [model.embed] if model.lm_head is not None else []  # embeddings never used as a matmul
     lookups_only += [model.embed_per_layer] if isinstance(model, Gemma4) and model.embed_per_layer else []
-    return quant.use_cpu_kernels(model, lookups_only=tuple(lookups_only))
+    return quant.use_cpu_kernels(model, lookups_only=tuple(lookups_only), activations=activations)
 
 
 def fused(config: Config) -> dict[str, tuple[str, ...]]:

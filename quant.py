@@ -9,8 +9,9 @@ Int4Linear holds exactly these tensors. Its portable path dequantizes on the fly
 ops followed by a matmul, which torch.compile fuses; on CPU it runs PyTorch's int4 kernel instead
 (Int8Linear: its int8 kernel, or the int4 one as two int4 digits, whichever the CPU runs faster).
 Int8Linear (per-row scales) is for weights that lose quality at 4 bits, like llama.cpp's Q8_0/Q6_K.
-Either serves as a tied embedding/head. This module imports nothing of ours: replace_linears swaps
-any model's nn.Linear/nn.Embedding for the quantized module its state dict asks for.
+Either serves as a tied embedding/head. With int8 activations (ACTIVATIONS) an Int4Linear's CPU matmul is
+w4a8.py's op instead: llama.cpp's integer arithmetic, on the tensors as stored. This module imports only w4a8 of
+ours: replace_linears swaps any model's nn.Linear/nn.Embedding for the quantized module its state dict asks for.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import w4a8
 
 GROUP_SIZE = 32
 
@@ -180,8 +183,15 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if slow_bf16 else x.dtype
 
 
-def use_cpu_kernel(x: torch.Tensor, in_features: int) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() <= CPU_KERNEL_MAX_ROWS * in_features
+# The activations of the CPU's int4 matmuls: "int8", rounded per group of 32 and multiplied in integers (w4a8.py,
+# llama.cpp's arithmetic: faster, and within a fraction of a percent in perplexity, bench/quality.py), or "bf16",
+# exact (the dequant reference's result, bit for bit). use_cpu_kernels takes this default unless told.
+ACTIVATIONS = "int8"
+W4A8_MAX_ROWS = 8  # up to this many rows the W4A8 op runs; larger batches (prefill) take the dequant-matmul
+
+
+def use_cpu_kernel(x: torch.Tensor, in_features: int, max_rows: int) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() <= max_rows * in_features
 
 
 # Which CPU kernel is faster for int8 weights depends on the CPU. With AVX-512, PyTorch's int8 kernel
@@ -205,20 +215,22 @@ class QuantLinear(nn.Module):
     It also serves as a tied embedding of N rows: `lookup` dequantizes only the rows it reads, and
     `unembed` (the output head) is the linear layer itself.
 
-    On CPU, `pack_for_cpu` (see use_cpu_kernels) chooses one of PyTorch's CPU kernels for the layer, once:
+    On CPU, `pack_for_cpu` (see use_cpu_kernels) chooses a CPU kernel for the layer, once: with int8 activations
+    an Int4Linear's is "w4a8" (w4a8.py), which reads the tensors as they are; otherwise one of PyTorch's:
     "int4", _weight_int4pack_mm_for_cpu, which computes x @ ((q - 8) * scale + zero).T for q in 0..15 with a
     scale and a zero per group of 32 along K, from a repacked copy (pack_for_int4_kernel); or for int8
     weights "int8", _weight_int8pack_mm, which reads the weight as it is. The quantized tensors stay as they
     are: the embedding's lookups and large batches (prefill) use them.
     """
 
-    cpu_kernel: str | None = None  # "int4" or "int8" once packed for that CPU kernel, else None
+    cpu_kernel: str | None = None  # "w4a8", "int4" or "int8" once prepared for that CPU kernel, else None
     cpu_packed: torch.Tensor | None = None  # the weight repacked for the int4 kernel
     cpu_scales_and_zeros: torch.Tensor | None = None  # (groups, N, 2)
     cpu_digits_per_weight = 1  # the int4 kernel's K is cpu_digits_per_weight * in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_kernel is not None and use_cpu_kernel(x, self.in_features):
+        max_rows = W4A8_MAX_ROWS if self.cpu_kernel == "w4a8" else CPU_KERNEL_MAX_ROWS
+        if self.cpu_kernel is not None and use_cpu_kernel(x, self.in_features, max_rows):
             y = self.cpu_matmul(x.reshape(-1, self.in_features))  # (M, N)
             return y.view(*x.shape[:-1], self.out_features)
         dtype = matmul_dtype(x)
@@ -233,6 +245,8 @@ class QuantLinear(nn.Module):
 
     def cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, K) bf16 -> (M, N) through the CPU kernel chosen at packing."""
+        if self.cpu_kernel == "w4a8":  # an Int4Linear's tensors, as they are
+            return w4a8.linear(x2, self.int4_data, self.scales, self.zeros)
         if self.cpu_kernel == "int8":  # an Int8Linear's weight and row scales, as they are
             return torch.ops.aten._weight_int8pack_mm(x2, self.int8_data, self.scales)
         x2 = torch.cat([x2] * self.cpu_digits_per_weight, dim=1)  # (M, digits * K)
@@ -247,8 +261,12 @@ class QuantLinear(nn.Module):
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         raise NotImplementedError
 
-    def pack_for_cpu(self) -> None:
-        self.pack_for_int4_kernel()
+    def pack_for_cpu(self, activations: str) -> None:
+        if self.fits_torch_kernels():
+            self.pack_for_int4_kernel()
+
+    def fits_torch_kernels(self) -> bool:
+        return self.out_features % 16 == 0 and self.in_features % GROUP_SIZE == 0
 
     def pack_for_int4_kernel(self) -> None:
         """Repack for the int4 kernel, a slice of rows at a time (its packer takes int32: 4 bytes per weight)."""
@@ -295,6 +313,13 @@ class Int4Linear(QuantLinear):
         zeros = None if self.zeros is None else self.zeros[rows]
         return dequantize_int4(self.int4_data[rows], self.scales[rows], zeros)
 
+    def pack_for_cpu(self, activations: str) -> None:
+        """int8 activations: the W4A8 op reads these tensors as they are (no second copy); bf16: the int4 kernel."""
+        if activations == "int8" and w4a8.load():
+            self.cpu_kernel = "w4a8"
+        elif self.fits_torch_kernels():
+            self.pack_for_int4_kernel()
+
     # our grid is the kernel's with q shifted by 8, and our zero (0 when symmetric) its zero
     def cpu_digits(self, rows: slice) -> torch.Tensor:
         u = self.int4_data[rows].view(torch.uint8) ^ 0x88  # q + 8 in each nibble: its sign bit flipped
@@ -319,10 +344,12 @@ class Int8Linear(QuantLinear):
 
     cpu_digits_per_weight = 2  # on the int4 kernel (INT8_AS_INT4_DIGITS): w = 16 * hi + lo
 
-    def pack_for_cpu(self) -> None:
+    def pack_for_cpu(self, activations: str) -> None:
         """The int4 kernel as two int4 digits, or the int8 kernel: whichever this CPU runs faster."""
         if self.ranker is not None:  # a ranked head: its int4 copy runs the matmul, this weight only rescores rows
-            self.ranker.pack_for_cpu()
+            self.ranker.pack_for_cpu(activations)
+        elif not self.fits_torch_kernels():
+            return
         elif INT8_AS_INT4_DIGITS:
             self.pack_for_int4_kernel()
         else:
@@ -385,15 +412,20 @@ def int4_ranker(int8_data: torch.Tensor, scales: torch.Tensor) -> dict[str, torc
     return {"int4_data": data, "scales": int4_scales}
 
 
-def use_cpu_kernels(model: nn.Module, lookups_only: tuple[nn.Module, ...] = ()) -> nn.Module:
-    """Prepare every bf16 QuantLinear on the CPU for PyTorch's CPU kernels (QuantLinear.pack_for_cpu). They want
-    N % 16 == 0 and whole groups of 32 along K: layers of other shapes stay on the portable path. `lookups_only`:
-    embeddings that are never a matmul (untied ones), which a packed copy would only cost memory."""
+def use_cpu_kernels(
+    model: nn.Module, lookups_only: tuple[nn.Module, ...] = (), activations: str | None = None
+) -> nn.Module:
+    """Prepare every bf16 QuantLinear on the CPU for the CPU kernels (QuantLinear.pack_for_cpu). PyTorch's want
+    N % 16 == 0 and whole groups of 32 along K: layers of other shapes stay on the portable path (the W4A8 op
+    takes any). `lookups_only`: embeddings that are never a matmul (untied ones), which a packed copy would only
+    cost memory. `activations`: "int8" (int4 weights through the W4A8 op) or "bf16"; default ACTIVATIONS."""
+    activations = activations or ACTIVATIONS
+    if activations not in ("int8", "bf16"):
+        raise ValueError(f"activations must be 'int8' or 'bf16', not {activations!r}")
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.scales.device.type == "cpu" and module not in lookups_only:
-            fits = module.out_features % 16 == 0 and module.in_features % GROUP_SIZE == 0
-            if module.scales.dtype == torch.bfloat16 and fits:
-                module.pack_for_cpu()
+            if module.scales.dtype == torch.bfloat16:
+                module.pack_for_cpu(activations)
     return model
 
 

@@ -12,6 +12,14 @@ import torch
 import quant
 from checkpoint import write_shards
 
+
+@pytest.fixture(autouse=True)
+def exact_activations(monkeypatch):
+    """Every test runs the exact path, bf16 activations (the parity tests' reference), unless it asks for int8
+    (tests/test_w4a8.py)."""
+    monkeypatch.setattr(quant, "ACTIVATIONS", "bf16")
+
+
 # Small but covering every feature: 7 layers (global at 5, local after it), GQA 4/2, a window of 8 tokens,
 # linear RoPE scaling on global layers, and query_pre_attn_scalar != head_dim (like 27B).
 TINY = dict(

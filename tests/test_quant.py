@@ -110,6 +110,7 @@ def test_int4_linear_is_the_matmul_of_its_grid(dtype):
     layer.load_state_dict({"int4_data": quant.pack_int4(q), "scales": scales})
     x = torch.randn(3, 5, 128, dtype=dtype)
     dt = quant.matmul_dtype(x)  # float32 on CPUs without native bf16 matmuls, rounded back to x's dtype
+    w = w.to(dtype)  # the grid's weights in the layer's dtype, as it dequantizes them
     assert torch.equal(layer(x), torch.nn.functional.linear(x.to(dt), w.to(dt)).to(dtype))
 
 
@@ -151,13 +152,13 @@ def test_cpu_kernels_against_the_dequant_reference(cls, int8_kernel, monkeypatch
     assert layer.cpu_kernel == ("int8" if int8_kernel else "int4")
     eye = torch.eye(128, dtype=torch.bfloat16)
     for rows in range(0, 128, quant.CPU_KERNEL_MAX_ROWS):
-        assert quant.use_cpu_kernel(eye[rows : rows + 8], 128)
+        assert quant.use_cpu_kernel(eye[rows : rows + 8], 128, quant.CPU_KERNEL_MAX_ROWS)
         assert torch.equal(layer(eye[rows : rows + 8]), reference.t()[rows : rows + 8])
     x = torch.randn(1, 3, 128, dtype=torch.bfloat16)
     expected = torch.nn.functional.linear(x.float(), reference.float())
     torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
     big = torch.randn(2, quant.CPU_KERNEL_MAX_ROWS, 128, dtype=torch.bfloat16)
-    assert not quant.use_cpu_kernel(big, 128)
+    assert not quant.use_cpu_kernel(big, 128, quant.CPU_KERNEL_MAX_ROWS)
     dtype = quant.matmul_dtype(big)  # float32 on CPUs without native bf16
     expected = torch.nn.functional.linear(big.to(dtype), reference.to(dtype)).to(big.dtype)
     assert torch.equal(layer(big), expected)

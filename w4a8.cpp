@@ -1,0 +1,179 @@
+// int4 weights x int8 activations on the CPU: llama.cpp's arithmetic (its Q4_0 x Q8_0 dot product) as one
+// PyTorch op, gemma::w4a8_linear(x, int4_data, scales, zeros) -> y = x @ W.T, for x (M, K) bf16.
+//
+// Why: a token's matmuls are a weight-streaming job. PyTorch's int4 kernel unpacks every weight to float32
+// and spends a float FMA on it; here each weight stays a 4-bit integer and meets an 8-bit integer activation,
+// and one AVX2 instruction (vpmaddubsw) multiplies 32 byte pairs. The cost: the activations are rounded to
+// int8, per group of 32 with a float scale, as llama.cpp rounds them.
+//
+// The arithmetic, which w4a8.py's reference computes the same way in plain PyTorch, bit for bit:
+//   1. each row of x, per group g of 32: d[g] = max|x| / 127, xq = round_half_even(x * (1 / d[g])) in
+//      [-127, 127], and xsum[g] = sum of xq;
+//   2. for each output n and group g, the exact integer dot product isum = sum over the group of q * xq, with
+//      q in [-8, 7] the weight's int4 value;
+//   3. in float32, one rounding per operation (no FMA: built with -ffp-contract=off),
+//      t = (float(isum) * scale[n, g] + float(xsum[g]) * zero[n, g]) * d[g]   (the zero term only with zeros);
+//   4. y[n] = (t over the even groups, summed in order) + (t over the odd groups, summed in order).
+// The weights are read as they are stored (quant.py's layout: int4_data (N, K/2), element 2j in the low
+// nibble of byte j, bf16 scales and zeros (N, K/32)): no repacked copy.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t GROUP = 32;
+
+// Step 1 for one row of K floats. Each pair of groups is stored as the 16 even elements of group g, the 16 even
+// ones of g + 1, then their odd elements alike: the order in which a pair of groups' weight bytes unpack into
+// low nibbles and high nibbles. A last, unpaired group is its 16 even elements, then its 16 odd ones.
+void quantize_row(const float* x, int64_t K, int8_t* xq, float* d, int32_t* xsum) {
+  const int64_t G = K / GROUP;
+  for (int64_t g = 0; g < G; g++) {
+    const float* v = x + g * GROUP;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < GROUP; i++) amax = std::fmax(amax, std::fabs(v[i]));
+    d[g] = amax / 127.0f;
+    const float id = d[g] != 0.0f ? 1.0f / d[g] : 0.0f;
+    const bool paired = g + 1 < G || g % 2 == 1;  // the last group is unpaired when G is odd
+    const int64_t base = g / 2 * 2 * GROUP, half = paired ? 2 * 16 : 16, offset = paired ? g % 2 * 16 : 0;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < GROUP; i++) {
+      const int8_t q = static_cast<int8_t>(std::nearbyint(v[i] * id));  // round half to even, as torch.round
+      xq[base + i % 2 * half + offset + i / 2] = q;
+      sum += q;
+    }
+    xsum[g] = sum;
+  }
+}
+
+// 8 bf16 -> the float32 of 4 scales of group g (low half) and of group g + 1 (high half), from the pairs (g, g+1)
+// of 4 rows: each bf16 is the top half of its float32.
+inline __m256 bf16_pairs(const at::BFloat16* const* rows, int64_t g) {
+  int32_t pair[4];
+  for (int r = 0; r < 4; r++) std::memcpy(&pair[r], rows[r] + g, 4);
+  const __m128i p = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pair));
+  const __m128 even = _mm_castsi128_ps(_mm_slli_epi32(p, 16));
+  const __m128 odd = _mm_castsi128_ps(_mm_and_si128(p, _mm_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+  return _mm256_set_m128(odd, even);
+}
+
+inline __m128 bf16_column(const at::BFloat16* const* rows, int64_t g) {  // the 4 rows' values of one group g
+  int32_t v[4];
+  for (int r = 0; r < 4; r++) v[r] = static_cast<int32_t>(rows[r][g].x) << 16;
+  return _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+}
+
+// Steps 2-4 for 4 weight rows and one quantized activation row -> 4 outputs. The float accumulator's lanes are
+// (row 0..3 of the even groups | row 0..3 of the odd groups).
+void dot4(const uint8_t* const* w, const at::BFloat16* const* s, const at::BFloat16* const* z, const int8_t* xq,
+          const float* d, const int32_t* xsum, int64_t G, float* out) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  // Our nibbles are two's complement; flipping each one's top bit gives u = q + 8 in 0..15, an unsigned byte
+  // for vpmaddubsw (u * xq summed in pairs never saturates int16: 2 * 15 * 127 < 32767). The 8 * xsum this
+  // adds to each group's dot product is taken back in integers.
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x88));
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= G; g += 2) {  // a pair of groups: 32 bytes of each row, 64 weights
+    const __m256i x_even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * GROUP));
+    const __m256i x_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * GROUP + 32));
+    __m256i p[4];
+    for (int r = 0; r < 4; r++) {
+      const __m256i b = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + g * 16)), flip);
+      const __m256i u_even = _mm256_and_si256(b, low4), u_odd = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u_even, x_even), _mm256_maddubs_epi16(u_odd, x_odd));
+      p[r] = _mm256_madd_epi16(pairs, ones);  // 8 int32: 4 partial sums of group g, then 4 of group g + 1
+    }
+    // two rounds of horizontal adds: (row 0..3 of group g | row 0..3 of group g + 1)
+    __m256i isum = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    const __m256i sums = _mm256_setr_epi32(xsum[g], xsum[g], xsum[g], xsum[g], xsum[g + 1], xsum[g + 1], xsum[g + 1],
+                                           xsum[g + 1]);
+    isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(sums, 3));  // u = q + 8: take back 8 * xsum
+    __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), bf16_pairs(s, g));
+    if (z) t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_cvtepi32_ps(sums), bf16_pairs(z, g)));
+    const __m256 dg = _mm256_setr_ps(d[g], d[g], d[g], d[g], d[g + 1], d[g + 1], d[g + 1], d[g + 1]);
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(t, dg));
+  }
+  __m128 even = _mm256_castps256_ps128(acc);
+  if (g < G) {  // a last, unpaired (even) group: the same with 16 bytes a row
+    const __m128i x_even = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + g * GROUP));
+    const __m128i x_odd = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + g * GROUP + 16));
+    __m128i p[4];
+    for (int r = 0; r < 4; r++) {
+      const __m128i b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + g * 16)),
+                                      _mm256_castsi256_si128(flip));
+      const __m128i u_even = _mm_and_si128(b, _mm256_castsi256_si128(low4));
+      const __m128i u_odd = _mm_and_si128(_mm_srli_epi16(b, 4), _mm256_castsi256_si128(low4));
+      const __m128i pairs = _mm_add_epi16(_mm_maddubs_epi16(u_even, x_even), _mm_maddubs_epi16(u_odd, x_odd));
+      p[r] = _mm_madd_epi16(pairs, _mm256_castsi256_si128(ones));
+    }
+    __m128i isum = _mm_hadd_epi32(_mm_hadd_epi32(p[0], p[1]), _mm_hadd_epi32(p[2], p[3]));
+    const __m128i sums = _mm_set1_epi32(xsum[g]);
+    isum = _mm_sub_epi32(isum, _mm_slli_epi32(sums, 3));
+    __m128 t = _mm_mul_ps(_mm_cvtepi32_ps(isum), bf16_column(s, g));
+    if (z) t = _mm_add_ps(t, _mm_mul_ps(_mm_cvtepi32_ps(sums), bf16_column(z, g)));
+    even = _mm_add_ps(even, _mm_mul_ps(t, _mm_set1_ps(d[g])));
+  }
+  _mm_storeu_ps(out, _mm_add_ps(even, _mm256_extractf128_ps(acc, 1)));
+}
+
+at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& int4_data, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& zeros) {
+  TORCH_CHECK(x.dim() == 2 && int4_data.dim() == 2 && int4_data.scalar_type() == at::kChar, "w4a8_linear: shapes");
+  const int64_t M = x.size(0), K = x.size(1), N = int4_data.size(0), G = K / GROUP;
+  TORCH_CHECK(K % GROUP == 0 && int4_data.size(1) == K / 2, "w4a8_linear: K must be a multiple of 32");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.size(0) == N && scales.size(1) == G, "w4a8_linear: scales");
+  TORCH_CHECK(!zeros || (zeros->scalar_type() == at::kBFloat16 && zeros->sizes() == scales.sizes()), "w4a8_linear: zeros");
+  const at::Tensor xf = x.to(at::kFloat).contiguous(), w = int4_data.contiguous(), sc = scales.contiguous();
+  const at::Tensor zc = zeros ? zeros->contiguous() : at::Tensor();
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor xd = at::empty({M, G}, x.options().dtype(at::kFloat));
+  at::Tensor xs = at::empty({M, G}, x.options().dtype(at::kInt));
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* xf_p = xf.data_ptr<float>();
+  int8_t* xq_p = xq.data_ptr<int8_t>();
+  float* xd_p = xd.data_ptr<float>();
+  int32_t* xs_p = xs.data_ptr<int32_t>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) quantize_row(xf_p + m * K, K, xq_p + m * K, xd_p + m * G, xs_p + m * G);
+  });
+  const uint8_t* w_p = reinterpret_cast<const uint8_t*>(w.data_ptr<int8_t>());
+  const at::BFloat16* s_p = sc.data_ptr<at::BFloat16>();
+  const at::BFloat16* z_p = zeros ? zc.data_ptr<at::BFloat16>() : nullptr;
+  float* y_p = y.data_ptr<float>();
+  // Blocks of 4 weight rows, shared among the threads; each block meets every activation row while its
+  // K/2 bytes a row are in cache. A last block of fewer rows reads row N - 1 again in their place.
+  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+      const uint8_t* wr[4];
+      const at::BFloat16* sr[4];
+      const at::BFloat16* zr[4];
+      for (int r = 0; r < 4; r++) {
+        const int64_t n = std::min(4 * b + r, N - 1);
+        wr[r] = w_p + n * (K / 2);
+        sr[r] = s_p + n * G;
+        zr[r] = z_p ? z_p + n * G : nullptr;
+      }
+      for (int64_t m = 0; m < M; m++) {
+        float out[4];
+        dot4(wr, sr, z_p ? zr : nullptr, xq_p + m * K, xd_p + m * G, xs_p + m * G, G, out);
+        for (int64_t r = 0; r < 4 && 4 * b + r < N; r++) y_p[m * N + 4 * b + r] = out[r];
+      }
+    }
+  });
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gemma, m) {
+  m.def("w4a8_linear(Tensor x, Tensor int4_data, Tensor scales, Tensor? zeros) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gemma, CPU, m) { m.impl("w4a8_linear", &w4a8_linear); }

@@ -1,0 +1,110 @@
+"""int4 weights x int8 activations (W4A8) on the CPU: the one native piece, and its reference in plain PyTorch.
+
+llama.cpp multiplies its 4-bit weights by activations rounded to 8 bits (per group of 32, with a float scale),
+with integer dot products. w4a8.cpp is that arithmetic as a PyTorch op, gemma::w4a8_linear, built by
+torch.utils.cpp_extension on first use (about a minute, once; cached under ~/.cache/torch_extensions) for CPUs
+with AVX2. `reference` below computes the same numbers from the same integers, bit for bit (tests/test_w4a8.py),
+so the C++ is checked against something a reader can follow. Where the op cannot be built (no compiler, no
+AVX2), `load()` says so in one line and returns False: the bf16 path runs instead.
+This module imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+GROUP_SIZE = 32
+SOURCE = Path(__file__).with_name("w4a8.cpp")
+
+_loaded: bool | None = None
+
+
+def cpu_has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def load() -> bool:
+    """Build (once) and load the op; False, with one line on stderr, where it cannot run here."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _build()
+    return _loaded
+
+
+def _build() -> bool:
+    if not cpu_has_avx2():
+        print("w4a8: this CPU has no AVX2: int8 activations are off, the bf16 path runs", file=sys.stderr)
+        return False
+    if not SOURCE.exists():
+        print(f"w4a8: {SOURCE.name} is missing: int8 activations are off, the bf16 path runs", file=sys.stderr)
+        return False
+    from torch.utils import cpp_extension
+
+    name = "gemma_w4a8"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    if not any(build_dir.glob(f"{name}*.so")):
+        print("w4a8: compiling the int8-activation CPU kernel (once, about a minute)...", file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(
+            name,
+            [str(SOURCE)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off"],  # no FMA contraction: see w4a8.cpp
+            is_python_module=False,
+            verbose=os.environ.get("W4A8_VERBOSE") == "1",
+        )
+    except Exception as e:  # no compiler, no headers, a failed build: the message's first line says which
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"w4a8: the kernel did not build ({first}): int8 activations are off, the bf16 path runs",
+              file=sys.stderr)  # fmt: skip
+        return False
+    # torch.compile traces the op by its output's shape alone
+    torch.library.register_fake("gemma::w4a8_linear")(lambda x, w, s, z: x.new_empty(x.shape[0], w.shape[0]))
+    return True
+
+
+def linear(x: torch.Tensor, int4_data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) @ W.T for W in quant.py's int4 layout -> (M, N) in x's dtype, through the C++ op (load() first)."""
+    return torch.ops.gemma.w4a8_linear(x, int4_data, scales, zeros)
+
+
+# The reference: the same integers and the same float32 operations, in plain PyTorch
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (xq int8 (M, K), d float32 (M, K/32), xsum int32 (M, K/32)): per group of 32,
+    d = max|x| / 127 and xq = round(x * (1 / d)) (half to even), as llama.cpp's Q8_0 rounds, in natural order."""
+    groups = x.float().unflatten(-1, (-1, GROUP_SIZE))  # (M, G, 32)
+    d = groups.abs().amax(-1) / 127
+    inverse = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    xq = torch.round(groups * inverse[..., None]).to(torch.int8)
+    return xq.flatten(-2), d, xq.sum(-1, dtype=torch.int32)
+
+
+def reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) and the int4 values q (N, K) in [-8, 7] with their scales (and zeros) (N, K/32) -> (M, N) in x's
+    dtype, exactly as w4a8.cpp computes it: integer dot products per group, then per group in float32
+    t = (isum * scale + xsum * zero) * d, summed over the even groups and the odd groups in order, then the two."""
+    xq, d, xsum = quantize_activations(x)
+    M, N, G = x.shape[0], q.shape[0], q.shape[1] // GROUP_SIZE
+    # float64 holds every integer dot product exactly (|isum| <= 32 * 8 * 127)
+    xg = xq.double().view(M, G, GROUP_SIZE).transpose(0, 1)  # (G, M, 32)
+    qg = q.double().view(N, G, GROUP_SIZE).permute(1, 2, 0)  # (G, 32, N)
+    isum = torch.bmm(xg, qg).permute(1, 2, 0).float()  # (M, N, G), exact
+    t = isum * scales.float()
+    if zeros is not None:
+        t = t + xsum.float()[:, None, :] * zeros.float()
+    t = t * d[:, None, :]
+    even, odd = t[..., 0], torch.zeros_like(t[..., 0])
+    for g in range(1, G):
+        if g % 2:
+            odd = odd + t[..., g]
+        else:
+            even = even + t[..., g]
+    return (even + odd).to(x.dtype)
