@@ -4,6 +4,8 @@
 
 Perplexity: the same token ids and windows (eval.py's) for every row, llama.cpp included (its logits
 through llama-cpp-python). Decode speed: greedy, 128 new tokens after a short prompt, bf16, one run.
+The activation rows: the default weights in bf16 with bf16 activations (exact) and int8 (W4A8, w4a8.py),
+perplexity and mean KL from the exact path (the rule: int8 is the default only within 1% perplexity).
 """
 
 import argparse
@@ -18,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import loader
+import quant
 from checkpoint import embedded_gguf
 from eval import chunked_logits, perplexity
 from generation import Sampling, generate
@@ -35,6 +38,36 @@ def decode_speed(step_fn, prompt: list[int], n: int = 128) -> float:
     t0 = time.perf_counter()
     got = step_fn(prompt, n)
     return (got - 1) / (time.perf_counter() - t0)
+
+
+def activation_rows(path: Path, ids: list[int], args) -> list[dict]:
+    """The default weights in bf16 with each activation option of the CPU's int4 matmuls (quant.ACTIVATIONS):
+    perplexity, and the mean KL divergence of each next-token distribution from the exact (bf16) path's. Every
+    row of every window runs the option's matmul (the W4A8 op takes any number of rows), so this measures its
+    arithmetic, not where the decode/prefill split lies."""
+    captured, rows = {}, []
+    for act in ("bf16", "int8"):
+        model = loader.from_pretrained(path, dtype=torch.bfloat16, weights="auto", activations=act)
+        logits_fn, kept = chunked_logits(model), []
+
+        def capture(x, fn=logits_fn, kept=kept):
+            out = fn(x)
+            kept.append(torch.log_softmax(out[0].float(), dim=-1))
+            return out
+
+        saved, quant.W4A8_MAX_ROWS = quant.W4A8_MAX_ROWS, 1 << 30
+        try:
+            ppl = perplexity(capture, ids, args.context, args.stride)["perplexity"]
+        finally:
+            quant.W4A8_MAX_ROWS = saved
+        captured[act] = kept
+        row = {"name": f"ours --weights auto, bf16, --act {act}", "perplexity": ppl}
+        if act != "bf16":  # KL(exact || this), averaged over every position of every window
+            kl = [(p.exp() * (p - q)).sum(-1) for p, q in zip(captured["bf16"], kept, strict=True)]
+            row["mean_kl"] = torch.cat(kl).mean().item()
+        rows.append(row)
+        print(row, file=sys.stderr)
+    return rows
 
 
 def main() -> None:
@@ -56,6 +89,7 @@ def main() -> None:
         run = lambda prompt, n, m=fast: len(list(generate(m, prompt, n, Sampling(temperature=0))))
         rows.append({"name": f"ours --weights {weights}", "perplexity": ppl, "decode_tok_s": decode_speed(run, prompt)})
         print(rows[-1], file=sys.stderr)
+    rows += activation_rows(path, ids, args)
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=args.context, n_batch=args.context, n_ubatch=args.context,
@@ -74,8 +108,11 @@ def main() -> None:
     speed = decode_speed(llama_run, prompt)
     rows.append({"name": "llama.cpp (the Q4_K_M file as is)", "perplexity": ppl, "decode_tok_s": speed})
     print(rows[-1], file=sys.stderr)
-    table = ["| weights | perplexity | decode tok/s (bf16) |", "|---|---|---|"]
-    table += [f"| {r['name']} | {r['perplexity']:.2f} | {r['decode_tok_s']:.1f} |" for r in rows]
+    table = ["| weights | perplexity | mean KL from --act bf16 | decode tok/s (bf16) |", "|---|---|---|---|"]
+    for r in rows:
+        kl, speed = r.get("mean_kl"), r.get("decode_tok_s")
+        cells = [f"{r['perplexity']:.3f}", "" if kl is None else f"{kl:.5f}", "" if speed is None else f"{speed:.1f}"]
+        table.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     print("\n".join(table))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

