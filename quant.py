@@ -187,7 +187,10 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
 # llama.cpp's arithmetic: faster, and within a fraction of a percent in perplexity, bench/quality.py), or "bf16",
 # exact (the dequant reference's result, bit for bit). use_cpu_kernels takes this default unless told.
 ACTIVATIONS = "int8"
-W4A8_MAX_ROWS = 8  # up to this many rows the W4A8 op runs; larger batches (prefill) take the dequant-matmul
+# Up to this many rows the W4A8 op runs, larger batches take the dequant-matmul (bench/crossover.py). Without native
+# bf16 the dequant-matmul computes in float32, and the op is the faster up to a whole 512-token prefill chunk;
+# with AVX-512 BF16 we take the int4 kernel's crossover until the op's own is measured there.
+W4A8_MAX_ROWS = CPU_KERNEL_MAX_ROWS if CPU_HAS_BF16 else 512
 
 
 def use_cpu_kernel(x: torch.Tensor, in_features: int, max_rows: int) -> bool:

@@ -69,58 +69,73 @@ inline __m128 bf16_column(const at::BFloat16* const* rows, int64_t g) {  // the 
   return _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
 }
 
-// Steps 2-4 for 4 weight rows and one quantized activation row -> 4 outputs. The float accumulator's lanes are
+// Steps 2-4 for 4 weight rows and R quantized activation rows (R = 1 when decoding; 2 at a time in a prefill,
+// which unpacks each weight byte once for both) -> out[j * 4 + r]. The float accumulators' lanes are
 // (row 0..3 of the even groups | row 0..3 of the odd groups).
-void dot4(const uint8_t* const* w, const at::BFloat16* const* s, const at::BFloat16* const* z, const int8_t* xq,
-          const float* d, const int32_t* xsum, int64_t G, float* out) {
+template <int R>
+void dot4(const uint8_t* const* w, const at::BFloat16* const* s, const at::BFloat16* const* z,
+          const int8_t* const* xq, const float* const* d, const int32_t* const* xsum, int64_t G, float* out) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   // Our nibbles are two's complement; flipping each one's top bit gives u = q + 8 in 0..15, an unsigned byte
   // for vpmaddubsw (u * xq summed in pairs never saturates int16: 2 * 15 * 127 < 32767). The 8 * xsum this
   // adds to each group's dot product is taken back in integers.
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x88));
-  __m256 acc = _mm256_setzero_ps();
+  const int64_t ahead = 8 * G * 16;  // bytes from a row to the same row two blocks of 4 on
+  __m256 acc[R];
+  for (int j = 0; j < R; j++) acc[j] = _mm256_setzero_ps();
   int64_t g = 0;
-  for (; g + 2 <= G; g += 2) {  // a pair of groups: 32 bytes of each row, 64 weights
-    const __m256i x_even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * GROUP));
-    const __m256i x_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * GROUP + 32));
-    __m256i p[4];
+  for (; g + 2 <= G; g += 2) {  // a pair of groups: 32 bytes of each weight row, 64 weights
+    __m256i x_even[R], x_odd[R], p[R][4];
+    for (int j = 0; j < R; j++) {
+      x_even[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[j] + g * GROUP));
+      x_odd[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[j] + g * GROUP + 32));
+    }
     for (int r = 0; r < 4; r++) {
+      _mm_prefetch(reinterpret_cast<const char*>(w[r] + g * 16 + ahead), _MM_HINT_T0);  // the next block's bytes
       const __m256i b = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + g * 16)), flip);
       const __m256i u_even = _mm256_and_si256(b, low4), u_odd = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
-      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u_even, x_even), _mm256_maddubs_epi16(u_odd, x_odd));
-      p[r] = _mm256_madd_epi16(pairs, ones);  // 8 int32: 4 partial sums of group g, then 4 of group g + 1
+      for (int j = 0; j < R; j++) {
+        const __m256i pairs =
+            _mm256_add_epi16(_mm256_maddubs_epi16(u_even, x_even[j]), _mm256_maddubs_epi16(u_odd, x_odd[j]));
+        p[j][r] = _mm256_madd_epi16(pairs, ones);  // 8 int32: 4 partial sums of group g, then 4 of group g + 1
+      }
     }
-    // two rounds of horizontal adds: (row 0..3 of group g | row 0..3 of group g + 1)
-    __m256i isum = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    const __m256i sums = _mm256_setr_epi32(xsum[g], xsum[g], xsum[g], xsum[g], xsum[g + 1], xsum[g + 1], xsum[g + 1],
-                                           xsum[g + 1]);
-    isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(sums, 3));  // u = q + 8: take back 8 * xsum
-    __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), bf16_pairs(s, g));
-    if (z) t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_cvtepi32_ps(sums), bf16_pairs(z, g)));
-    const __m256 dg = _mm256_setr_ps(d[g], d[g], d[g], d[g], d[g + 1], d[g + 1], d[g + 1], d[g + 1]);
-    acc = _mm256_add_ps(acc, _mm256_mul_ps(t, dg));
-  }
-  __m128 even = _mm256_castps256_ps128(acc);
-  if (g < G) {  // a last, unpaired (even) group: the same with 16 bytes a row
-    const __m128i x_even = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + g * GROUP));
-    const __m128i x_odd = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + g * GROUP + 16));
-    __m128i p[4];
-    for (int r = 0; r < 4; r++) {
-      const __m128i b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + g * 16)),
-                                      _mm256_castsi256_si128(flip));
-      const __m128i u_even = _mm_and_si128(b, _mm256_castsi256_si128(low4));
-      const __m128i u_odd = _mm_and_si128(_mm_srli_epi16(b, 4), _mm256_castsi256_si128(low4));
-      const __m128i pairs = _mm_add_epi16(_mm_maddubs_epi16(u_even, x_even), _mm_maddubs_epi16(u_odd, x_odd));
-      p[r] = _mm_madd_epi16(pairs, _mm256_castsi256_si128(ones));
+    const __m256 scale = bf16_pairs(s, g), zero = z ? bf16_pairs(z, g) : _mm256_setzero_ps();
+    for (int j = 0; j < R; j++) {
+      // two rounds of horizontal adds: (row 0..3 of group g | row 0..3 of group g + 1)
+      __m256i isum = _mm256_hadd_epi32(_mm256_hadd_epi32(p[j][0], p[j][1]), _mm256_hadd_epi32(p[j][2], p[j][3]));
+      const int32_t s0 = xsum[j][g], s1 = xsum[j][g + 1];
+      const __m256i sums = _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1);
+      isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(sums, 3));  // u = q + 8: take back 8 * xsum
+      __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), scale);
+      if (z) t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_cvtepi32_ps(sums), zero));
+      const float d0 = d[j][g], d1 = d[j][g + 1];
+      acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(t, _mm256_setr_ps(d0, d0, d0, d0, d1, d1, d1, d1)));
     }
-    __m128i isum = _mm_hadd_epi32(_mm_hadd_epi32(p[0], p[1]), _mm_hadd_epi32(p[2], p[3]));
-    const __m128i sums = _mm_set1_epi32(xsum[g]);
-    isum = _mm_sub_epi32(isum, _mm_slli_epi32(sums, 3));
-    __m128 t = _mm_mul_ps(_mm_cvtepi32_ps(isum), bf16_column(s, g));
-    if (z) t = _mm_add_ps(t, _mm_mul_ps(_mm_cvtepi32_ps(sums), bf16_column(z, g)));
-    even = _mm_add_ps(even, _mm_mul_ps(t, _mm_set1_ps(d[g])));
   }
-  _mm_storeu_ps(out, _mm_add_ps(even, _mm256_extractf128_ps(acc, 1)));
+  for (int j = 0; j < R; j++) {
+    __m128 even = _mm256_castps256_ps128(acc[j]);
+    if (g < G) {  // a last, unpaired (even) group: the same with 16 bytes a row
+      const __m128i x_even = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq[j] + g * GROUP));
+      const __m128i x_odd = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq[j] + g * GROUP + 16));
+      __m128i p[4];
+      for (int r = 0; r < 4; r++) {
+        const __m128i b = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + g * 16)),
+                                        _mm256_castsi256_si128(flip));
+        const __m128i u_even = _mm_and_si128(b, _mm256_castsi256_si128(low4));
+        const __m128i u_odd = _mm_and_si128(_mm_srli_epi16(b, 4), _mm256_castsi256_si128(low4));
+        const __m128i pairs = _mm_add_epi16(_mm_maddubs_epi16(u_even, x_even), _mm_maddubs_epi16(u_odd, x_odd));
+        p[r] = _mm_madd_epi16(pairs, _mm256_castsi256_si128(ones));
+      }
+      __m128i isum = _mm_hadd_epi32(_mm_hadd_epi32(p[0], p[1]), _mm_hadd_epi32(p[2], p[3]));
+      const __m128i sums = _mm_set1_epi32(xsum[j][g]);
+      isum = _mm_sub_epi32(isum, _mm_slli_epi32(sums, 3));
+      __m128 t = _mm_mul_ps(_mm_cvtepi32_ps(isum), bf16_column(s, g));
+      if (z) t = _mm_add_ps(t, _mm_mul_ps(_mm_cvtepi32_ps(sums), bf16_column(z, g)));
+      even = _mm_add_ps(even, _mm_mul_ps(t, _mm_set1_ps(d[j][g])));
+    }
+    _mm_storeu_ps(out + 4 * j, _mm_add_ps(even, _mm256_extractf128_ps(acc[j], 1)));
+  }
 }
 
 at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& int4_data, const at::Tensor& scales,
@@ -160,10 +175,17 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& int4_data, const a
         sr[r] = s_p + n * G;
         zr[r] = z_p ? z_p + n * G : nullptr;
       }
-      for (int64_t m = 0; m < M; m++) {
-        float out[4];
-        dot4(wr, sr, z_p ? zr : nullptr, xq_p + m * K, xd_p + m * G, xs_p + m * G, G, out);
-        for (int64_t r = 0; r < 4 && 4 * b + r < N; r++) y_p[m * N + 4 * b + r] = out[r];
+      for (int64_t m = 0; m < M;) {
+        const int rows = M - m >= 2 ? 2 : 1;
+        const int8_t* xr[2] = {xq_p + m * K, xq_p + (m + rows - 1) * K};
+        const float* dr[2] = {xd_p + m * G, xd_p + (m + rows - 1) * G};
+        const int32_t* sr2[2] = {xs_p + m * G, xs_p + (m + rows - 1) * G};
+        float out[8];
+        if (rows == 2) dot4<2>(wr, sr, z_p ? zr : nullptr, xr, dr, sr2, G, out);
+        else dot4<1>(wr, sr, z_p ? zr : nullptr, xr, dr, sr2, G, out);
+        for (int j = 0; j < rows; j++)
+          for (int64_t r = 0; r < 4 && 4 * b + r < N; r++) y_p[(m + j) * N + 4 * b + r] = out[4 * j + r];
+        m += rows;
       }
     }
   });

@@ -55,7 +55,9 @@ def _build() -> bool:
         cpp_extension.load(
             name,
             [str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off"],  # no FMA contraction: see w4a8.cpp
+            # no FMA contraction (see w4a8.cpp); at::parallel_for threads through OpenMP, as PyTorch's own ops do
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=os.environ.get("W4A8_VERBOSE") == "1",
         )
