@@ -69,8 +69,8 @@ inline __m128 bf16_column(const at::BFloat16* const* rows, int64_t g) {  // the 
   return _mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
 }
 
-// Steps 2-4 for 4 weight rows and R quantized activation rows (R = 1 when decoding; 2 at a time in a prefill,
-// which unpacks each weight byte once for both) -> out[j * 4 + r]. The float accumulators' lanes are
+// Steps 2-4 for 4 weight rows and R quantized activation rows (R = 1 when decoding; up to 4 at a time in a
+// prefill, which unpacks each weight byte once for all of them) -> out[j * 4 + r]. The float accumulators' lanes are
 // (row 0..3 of the even groups | row 0..3 of the odd groups).
 template <int R>
 void dot4(const uint8_t* const* w, const at::BFloat16* const* s, const at::BFloat16* const* z,
@@ -162,30 +162,42 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& int4_data, const a
   const at::BFloat16* s_p = sc.data_ptr<at::BFloat16>();
   const at::BFloat16* z_p = zeros ? zc.data_ptr<at::BFloat16>() : nullptr;
   float* y_p = y.data_ptr<float>();
-  // Blocks of 4 weight rows, shared among the threads; each block meets every activation row while its
-  // K/2 bytes a row are in cache. A last block of fewer rows reads row N - 1 again in their place.
+  // Blocks of 4 weight rows, shared among the threads. A prefill's activation rows go a tile at a time: a tile's
+  // quantized rows stay in cache while the thread's weight blocks stream past them, each block meeting the
+  // tile's rows 4 at a time. A last block of fewer than 4 rows reads row N - 1 again in their place.
+  constexpr int64_t TILE = 32;
   at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++) {
-      const uint8_t* wr[4];
-      const at::BFloat16* sr[4];
-      const at::BFloat16* zr[4];
-      for (int r = 0; r < 4; r++) {
-        const int64_t n = std::min(4 * b + r, N - 1);
-        wr[r] = w_p + n * (K / 2);
-        sr[r] = s_p + n * G;
-        zr[r] = z_p ? z_p + n * G : nullptr;
-      }
-      for (int64_t m = 0; m < M;) {
-        const int rows = M - m >= 2 ? 2 : 1;
-        const int8_t* xr[2] = {xq_p + m * K, xq_p + (m + rows - 1) * K};
-        const float* dr[2] = {xd_p + m * G, xd_p + (m + rows - 1) * G};
-        const int32_t* sr2[2] = {xs_p + m * G, xs_p + (m + rows - 1) * G};
-        float out[8];
-        if (rows == 2) dot4<2>(wr, sr, z_p ? zr : nullptr, xr, dr, sr2, G, out);
-        else dot4<1>(wr, sr, z_p ? zr : nullptr, xr, dr, sr2, G, out);
-        for (int j = 0; j < rows; j++)
-          for (int64_t r = 0; r < 4 && 4 * b + r < N; r++) y_p[(m + j) * N + 4 * b + r] = out[4 * j + r];
-        m += rows;
+    for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+      for (int64_t b = b0; b < b1; b++) {
+        const uint8_t* wr[4];
+        const at::BFloat16* sr[4];
+        const at::BFloat16* zr[4];
+        for (int r = 0; r < 4; r++) {
+          const int64_t n = std::min(4 * b + r, N - 1);
+          wr[r] = w_p + n * (K / 2);
+          sr[r] = s_p + n * G;
+          zr[r] = z_p ? z_p + n * G : nullptr;
+        }
+        const int64_t m_end = std::min(M, m0 + TILE);
+        for (int64_t m = m0; m < m_end;) {
+          const int rows = m_end - m >= 4 ? 4 : m_end - m >= 2 ? 2 : 1;
+          const int8_t* xr[4];
+          const float* dr[4];
+          const int32_t* xsr[4];
+          for (int j = 0; j < rows; j++) {
+            xr[j] = xq_p + (m + j) * K;
+            dr[j] = xd_p + (m + j) * G;
+            xsr[j] = xs_p + (m + j) * G;
+          }
+          float out[16];
+          const at::BFloat16* const* zp = z_p ? zr : nullptr;
+          if (rows == 4) dot4<4>(wr, sr, zp, xr, dr, xsr, G, out);
+          else if (rows == 2) dot4<2>(wr, sr, zp, xr, dr, xsr, G, out);
+          else dot4<1>(wr, sr, zp, xr, dr, xsr, G, out);
+          for (int j = 0; j < rows; j++)
+            for (int64_t r = 0; r < 4 && 4 * b + r < N; r++) y_p[(m + j) * N + 4 * b + r] = out[4 * j + r];
+          m += rows;
+        }
       }
     }
   });

@@ -37,7 +37,7 @@ SHAPES = [(64, 1152), (52, 6912), (40, 2560), (36, 10240), (24, 3840), (12, 1536
 
 @needs_op
 @pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 6, 37])  # 37: a tile of 32 rows, then 4 + 1
 @pytest.mark.parametrize("zeros", [False, True])
 def test_op_equals_reference_bit_for_bit(n, k, m, zeros):
     int4_data, scales, z = random_weight(n, k, zeros)
