@@ -219,20 +219,21 @@ class QuantLinear(nn.Module):
     `unembed` (the output head) is the linear layer itself.
 
     On CPU, `pack_for_cpu` (see use_cpu_kernels) chooses a CPU kernel for the layer, once: with int8 activations
-    an Int4Linear's is "w4a8" (w4a8.py), which reads the tensors as they are; otherwise one of PyTorch's:
+    an Int4Linear's is "w4a8" (w4a8.py) and an Int8Linear's "w8a8", which read the tensors as they are; otherwise
+    one of PyTorch's:
     "int4", _weight_int4pack_mm_for_cpu, which computes x @ ((q - 8) * scale + zero).T for q in 0..15 with a
     scale and a zero per group of 32 along K, from a repacked copy (pack_for_int4_kernel); or for int8
     weights "int8", _weight_int8pack_mm, which reads the weight as it is. The quantized tensors stay as they
     are: the embedding's lookups and large batches (prefill) use them.
     """
 
-    cpu_kernel: str | None = None  # "w4a8", "int4" or "int8" once prepared for that CPU kernel, else None
+    cpu_kernel: str | None = None  # "w4a8", "w8a8", "int4" or "int8" once prepared for that kernel, else None
     cpu_packed: torch.Tensor | None = None  # the weight repacked for the int4 kernel
     cpu_scales_and_zeros: torch.Tensor | None = None  # (groups, N, 2)
     cpu_digits_per_weight = 1  # the int4 kernel's K is cpu_digits_per_weight * in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        max_rows = W4A8_MAX_ROWS if self.cpu_kernel == "w4a8" else CPU_KERNEL_MAX_ROWS
+        max_rows = W4A8_MAX_ROWS if self.cpu_kernel in ("w4a8", "w8a8") else CPU_KERNEL_MAX_ROWS
         if self.cpu_kernel is not None and use_cpu_kernel(x, self.in_features, max_rows):
             y = self.cpu_matmul(x.reshape(-1, self.in_features))  # (M, N)
             return y.view(*x.shape[:-1], self.out_features)
@@ -250,6 +251,8 @@ class QuantLinear(nn.Module):
         """(M, K) bf16 -> (M, N) through the CPU kernel chosen at packing."""
         if self.cpu_kernel == "w4a8":  # an Int4Linear's tensors, as they are
             return w4a8.linear(x2, self.int4_data, self.scales, self.zeros)
+        if self.cpu_kernel == "w8a8":  # an Int8Linear's
+            return w4a8.linear_int8(x2, self.int8_data, self.scales)
         if self.cpu_kernel == "int8":  # an Int8Linear's weight and row scales, as they are
             return torch.ops.aten._weight_int8pack_mm(x2, self.int8_data, self.scales)
         x2 = torch.cat([x2] * self.cpu_digits_per_weight, dim=1)  # (M, digits * K)
@@ -351,6 +354,8 @@ class Int8Linear(QuantLinear):
         """The int4 kernel as two int4 digits, or the int8 kernel: whichever this CPU runs faster."""
         if self.ranker is not None:  # a ranked head: its int4 copy runs the matmul, this weight only rescores rows
             self.ranker.pack_for_cpu(activations)
+        elif activations == "int8" and w4a8.load():
+            self.cpu_kernel = "w8a8"  # the int8 twin of the W4A8 op, on these tensors as they are
         elif not self.fits_torch_kernels():
             return
         elif INT8_AS_INT4_DIGITS:

@@ -1,5 +1,6 @@
 // int4 weights x int8 activations on the CPU: llama.cpp's arithmetic (its Q4_0 x Q8_0 dot product) as one
-// PyTorch op, gemma::w4a8_linear(x, int4_data, scales, zeros) -> y = x @ W.T, for x (M, K) bf16.
+// PyTorch op, gemma::w4a8_linear(x, int4_data, scales, zeros) -> y = x @ W.T, for x (M, K) bf16; and its twin
+// for int8 weights with one scale per row (llama.cpp's Q8_0 x Q8_0, near enough), gemma::w8a8_linear.
 //
 // Why: a token's matmuls are a weight-streaming job. PyTorch's int4 kernel unpacks every weight to float32
 // and spends a float FMA on it; here each weight stays a 4-bit integer and meets an 8-bit integer activation,
@@ -29,10 +30,11 @@ namespace {
 
 constexpr int64_t GROUP = 32;
 
-// Step 1 for one row of K floats. Each pair of groups is stored as the 16 even elements of group g, the 16 even
-// ones of g + 1, then their odd elements alike: the order in which a pair of groups' weight bytes unpack into
-// low nibbles and high nibbles. A last, unpaired group is its 16 even elements, then its 16 odd ones.
-void quantize_row(const float* x, int64_t K, int8_t* xq, float* d, int32_t* xsum) {
+// Step 1 for one row of K floats. For int4 weights (interleave) each pair of groups is stored as the 16 even
+// elements of group g, the 16 even ones of g + 1, then their odd elements alike: the order in which a pair of
+// groups' weight bytes unpack into low nibbles and high nibbles. A last, unpaired group is its 16 even elements,
+// then its 16 odd ones. For int8 weights, the natural order.
+void quantize_row(const float* x, int64_t K, int8_t* xq, float* d, int32_t* xsum, bool interleave) {
   const int64_t G = K / GROUP;
   for (int64_t g = 0; g < G; g++) {
     const float* v = x + g * GROUP;
@@ -45,7 +47,7 @@ void quantize_row(const float* x, int64_t K, int8_t* xq, float* d, int32_t* xsum
     int32_t sum = 0;
     for (int64_t i = 0; i < GROUP; i++) {
       const int8_t q = static_cast<int8_t>(std::nearbyint(v[i] * id));  // round half to even, as torch.round
-      xq[base + i % 2 * half + offset + i / 2] = q;
+      xq[interleave ? base + i % 2 * half + offset + i / 2 : g * GROUP + i] = q;
       sum += q;
     }
     xsum[g] = sum;
@@ -138,6 +140,83 @@ void dot4(const uint8_t* const* w, const at::BFloat16* const* s, const at::BFloa
   }
 }
 
+// int8 weights (quant.Int8Linear: one scale per row) meet the int8 activations the same way, per group:
+// isum = sum of w * xq exactly, t = float(isum) * d[g], summed over the even groups and the odd groups in order,
+// then y = (even + odd) * scale[n]. vpmaddubsw wants one unsigned operand: |w|, with w's sign moved onto xq
+// (vpsignb; |-128| reads as the unsigned 128, and 2 * 128 * 127 < 32767 never saturates).
+inline __m128i group_sums(__m256i p0, __m256i p1, __m256i p2, __m256i p3) {  // 4 rows' 8 lanes -> 4 sums
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+void dot4_int8(const int8_t* const* w, const int8_t* xq, const float* d, int64_t G, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t ahead = 8 * G * GROUP;  // two blocks of 4 rows on
+  __m256 acc = _mm256_setzero_ps();
+  __m256i p[2][4];
+  int64_t g = 0;
+  for (; g + 2 <= G; g += 2) {
+    for (int h = 0; h < 2; h++) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (g + h) * GROUP));
+      for (int r = 0; r < 4; r++) {
+        const int8_t* row = w[r] + (g + h) * GROUP;
+        _mm_prefetch(reinterpret_cast<const char*>(row + ahead), _MM_HINT_T0);
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+        p[h][r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(b, b), _mm256_sign_epi8(x, b)), ones);
+      }
+    }
+    const __m256i isum = _mm256_set_m128i(group_sums(p[1][0], p[1][1], p[1][2], p[1][3]),
+                                          group_sums(p[0][0], p[0][1], p[0][2], p[0][3]));
+    const __m256 dg = _mm256_setr_ps(d[g], d[g], d[g], d[g], d[g + 1], d[g + 1], d[g + 1], d[g + 1]);
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dg));
+  }
+  __m128 even = _mm256_castps256_ps128(acc);
+  if (g < G) {  // a last, unpaired (even) group
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * GROUP));
+    for (int r = 0; r < 4; r++) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + g * GROUP));
+      p[0][r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(b, b), _mm256_sign_epi8(x, b)), ones);
+    }
+    const __m128i isum = group_sums(p[0][0], p[0][1], p[0][2], p[0][3]);
+    even = _mm_add_ps(even, _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(d[g])));
+  }
+  _mm_storeu_ps(out, _mm_add_ps(even, _mm256_extractf128_ps(acc, 1)));
+}
+
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& int8_data, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && int8_data.dim() == 2 && int8_data.scalar_type() == at::kChar, "w8a8_linear: shapes");
+  const int64_t M = x.size(0), K = x.size(1), N = int8_data.size(0), G = K / GROUP;
+  TORCH_CHECK(K % GROUP == 0 && int8_data.size(1) == K, "w8a8_linear: K must be a multiple of 32");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.dim() == 1 && scales.size(0) == N, "w8a8_linear: scales");
+  const at::Tensor xf = x.to(at::kFloat).contiguous(), w = int8_data.contiguous(), sc = scales.contiguous();
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor xd = at::empty({M, G}, x.options().dtype(at::kFloat));
+  at::Tensor xs = at::empty({M, G}, x.options().dtype(at::kInt));
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* xf_p = xf.data_ptr<float>();
+  int8_t* xq_p = xq.data_ptr<int8_t>();
+  float* xd_p = xd.data_ptr<float>();
+  int32_t* xs_p = xs.data_ptr<int32_t>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) quantize_row(xf_p + m * K, K, xq_p + m * K, xd_p + m * G, xs_p + m * G, false);
+  });
+  const int8_t* w_p = w.data_ptr<int8_t>();
+  const at::BFloat16* s_p = sc.data_ptr<at::BFloat16>();
+  float* y_p = y.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+      const int8_t* wr[4];
+      for (int r = 0; r < 4; r++) wr[r] = w_p + std::min(4 * b + r, N - 1) * K;
+      for (int64_t m = 0; m < M; m++) {
+        float out[4];
+        dot4_int8(wr, xq_p + m * K, xd_p + m * G, G, out);
+        for (int64_t r = 0; r < 4 && 4 * b + r < N; r++) y_p[m * N + 4 * b + r] = out[r] * float(s_p[4 * b + r]);
+      }
+    }
+  });
+  return y.to(x.scalar_type());
+}
+
 at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& int4_data, const at::Tensor& scales,
                        const std::optional<at::Tensor>& zeros) {
   TORCH_CHECK(x.dim() == 2 && int4_data.dim() == 2 && int4_data.scalar_type() == at::kChar, "w4a8_linear: shapes");
@@ -156,7 +235,7 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& int4_data, const a
   float* xd_p = xd.data_ptr<float>();
   int32_t* xs_p = xs.data_ptr<int32_t>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++) quantize_row(xf_p + m * K, K, xq_p + m * K, xd_p + m * G, xs_p + m * G);
+    for (int64_t m = m0; m < m1; m++) quantize_row(xf_p + m * K, K, xq_p + m * K, xd_p + m * G, xs_p + m * G, true);
   });
   const uint8_t* w_p = reinterpret_cast<const uint8_t*>(w.data_ptr<int8_t>());
   const at::BFloat16* s_p = sc.data_ptr<at::BFloat16>();
@@ -208,6 +287,10 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& int4_data, const a
 
 TORCH_LIBRARY(gemma, m) {
   m.def("w4a8_linear(Tensor x, Tensor int4_data, Tensor scales, Tensor? zeros) -> Tensor");
+  m.def("w8a8_linear(Tensor x, Tensor int8_data, Tensor scales) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(gemma, CPU, m) { m.impl("w4a8_linear", &w4a8_linear); }
+TORCH_LIBRARY_IMPL(gemma, CPU, m) {
+  m.impl("w4a8_linear", &w4a8_linear);
+  m.impl("w8a8_linear", &w8a8_linear);
+}

@@ -66,8 +66,9 @@ def _build() -> bool:
         print(f"w4a8: the kernel did not build ({first}): int8 activations are off, the bf16 path runs",
               file=sys.stderr)  # fmt: skip
         return False
-    # torch.compile traces the op by its output's shape alone
+    # torch.compile traces the ops by their outputs' shapes alone
     torch.library.register_fake("gemma::w4a8_linear")(lambda x, w, s, z: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("gemma::w8a8_linear")(lambda x, w, s: x.new_empty(x.shape[0], w.shape[0]))
     return True
 
 
@@ -76,7 +77,12 @@ def linear(x: torch.Tensor, int4_data: torch.Tensor, scales: torch.Tensor, zeros
     return torch.ops.gemma.w4a8_linear(x, int4_data, scales, zeros)
 
 
-# The reference: the same integers and the same float32 operations, in plain PyTorch
+def linear_int8(x: torch.Tensor, int8_data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ W.T for int8 W (N, K) with one bf16 scale per row (quant.Int8Linear) -> (M, N) in x's dtype."""
+    return torch.ops.gemma.w8a8_linear(x, int8_data, scales)
+
+
+# The references: the same integers and the same float32 operations, in plain PyTorch
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,19 +100,34 @@ def reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: tor
     dtype, exactly as w4a8.cpp computes it: integer dot products per group, then per group in float32
     t = (isum * scale + xsum * zero) * d, summed over the even groups and the odd groups in order, then the two."""
     xq, d, xsum = quantize_activations(x)
-    M, N, G = x.shape[0], q.shape[0], q.shape[1] // GROUP_SIZE
-    # float64 holds every integer dot product exactly (|isum| <= 32 * 8 * 127)
-    xg = xq.double().view(M, G, GROUP_SIZE).transpose(0, 1)  # (G, M, 32)
-    qg = q.double().view(N, G, GROUP_SIZE).permute(1, 2, 0)  # (G, 32, N)
-    isum = torch.bmm(xg, qg).permute(1, 2, 0).float()  # (M, N, G), exact
-    t = isum * scales.float()
+    t = group_dots(xq, q) * scales.float()
     if zeros is not None:
         t = t + xsum.float()[:, None, :] * zeros.float()
-    t = t * d[:, None, :]
+    return sum_even_odd(t * d[:, None, :]).to(x.dtype)
+
+
+def reference_int8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) and int8 weights w (N, K) with one scale per row (N,) -> (M, N), as w8a8_linear computes it:
+    per group t = isum * d, summed over the even and the odd groups, then times the row's scale."""
+    xq, d, _ = quantize_activations(x)
+    return (sum_even_odd(group_dots(xq, w) * d[:, None, :]) * scales.float()).to(x.dtype)
+
+
+def group_dots(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The exact integer dot product of each activation row (M, K) and weight row (N, K) per group of 32:
+    (M, N, K/32) in float32 (float64 computes them exactly: |isum| <= 32 * 128 * 127)."""
+    M, N, G = xq.shape[0], w.shape[0], w.shape[1] // GROUP_SIZE
+    xg = xq.double().view(M, G, GROUP_SIZE).transpose(0, 1)  # (G, M, 32)
+    wg = w.double().view(N, G, GROUP_SIZE).permute(1, 2, 0)  # (G, 32, N)
+    return torch.bmm(xg, wg).permute(1, 2, 0).float()
+
+
+def sum_even_odd(t: torch.Tensor) -> torch.Tensor:
+    """(M, N, G) -> (M, N): the even groups' terms summed in order, the odd groups' likewise, then the two."""
     even, odd = t[..., 0], torch.zeros_like(t[..., 0])
-    for g in range(1, G):
+    for g in range(1, t.shape[-1]):
         if g % 2:
             odd = odd + t[..., g]
         else:
             even = even + t[..., g]
-    return (even + odd).to(x.dtype)
+    return even + odd

@@ -51,6 +51,22 @@ def test_op_equals_reference_bit_for_bit(n, k, m, zeros):
 
 
 @needs_op
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 37])
+def test_int8_op_equals_reference_bit_for_bit(n, k, m):
+    """The int8-weight twin (quant.Int8Linear's per-row scales), -128 included."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    w[0, :32] = -128
+    scales = (torch.rand(n, generator=g) * 0.01 + 1e-4).to(torch.bfloat16)
+    x = random_activations(m, k)
+    got = w4a8.linear_int8(x, w, scales)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert torch.equal(got, w4a8.reference_int8(x, w, scales))
+    assert torch.equal(w4a8.linear_int8(x.float(), w, scales), w4a8.reference_int8(x.float(), w, scales))
+
+
+@needs_op
 def test_op_equals_reference_on_the_tied_head():
     """The 262144-row tied head of every Gemma 3 (K = 1152, the 1B's), one token."""
     int4_data, scales, _ = random_weight(262144, 1152, zeros=False, seed=3)
@@ -67,6 +83,16 @@ def test_rows_are_batch_invariant():
     batched = w4a8.linear(x, int4_data, scales, z)
     alone = torch.cat([w4a8.linear(x[i : i + 1], int4_data, scales, z) for i in range(9)])
     assert torch.equal(batched, alone)
+
+
+def test_int8_reference_approximates_the_float_matmul():
+    g = torch.Generator().manual_seed(4)
+    w, scales = quant.quantize_int8(torch.randn(96, 1152, generator=g))
+    x = random_activations(4, 1152)
+    exact = x.float() @ quant.dequantize_int8(w, scales.to(torch.bfloat16).float()).T
+    got = w4a8.reference_int8(x.float(), w, scales.to(torch.bfloat16))
+    assert (got - exact).norm() / exact.norm() < 0.02
+    assert (w4a8.reference_int8(x.float(), w.flip(1), scales.to(torch.bfloat16)) - exact).norm() / exact.norm() > 0.5
 
 
 @pytest.mark.parametrize("zeros", [False, True])
@@ -121,6 +147,28 @@ def test_int8_activations_in_the_model(tiny_int4_dir):
     requests = [Request(p, 16, Sampling(temperature=0)) for p in prompts]
     list(generate_batch(model, requests, rows=3, context=64))
     assert [r.tokens for r in requests] == alone
+
+
+@needs_op
+def test_int8_linear_runs_the_int8_op(monkeypatch):
+    """An Int8Linear (a GGUF's Q6_K/Q8_0 tensors) under int8 activations: its twin op up to W4A8_MAX_ROWS rows,
+    the exact dequant-matmul beyond; an int8 head's int4 ranker takes the int4 op."""
+    layer = quant.Int8Linear(128, 40)
+    layer.int8_data, scales = quant.quantize_int8(torch.randn(40, 128))
+    layer.scales = scales.to(torch.bfloat16)
+    quant.use_cpu_kernels(layer, activations="int8")
+    assert layer.cpu_kernel == "w8a8"
+    x = random_activations(3, 128)
+    assert torch.equal(layer(x), w4a8.reference_int8(x, layer.int8_data, layer.scales))
+    monkeypatch.setattr(quant, "W4A8_MAX_ROWS", 2)
+    dt = quant.matmul_dtype(x)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x.to(dt), layer.dequantize().to(dt)).to(x.dtype))
+    head = quant.Int8Linear(128, 64)
+    head.int8_data, scales = quant.quantize_int8(torch.randn(64, 128))
+    head.scales = scales.to(torch.bfloat16)
+    head.add_ranker()
+    quant.use_cpu_kernels(head, activations="int8")
+    assert head.cpu_kernel is None and head.ranker.cpu_kernel == "w4a8"
 
 
 def test_without_the_op_the_int4_kernel_runs(tiny_int4_dir, monkeypatch):
