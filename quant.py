@@ -233,7 +233,8 @@ class QuantLinear(nn.Module):
     cpu_digits_per_weight = 1  # the int4 kernel's K is cpu_digits_per_weight * in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        max_rows = W4A8_MAX_ROWS if self.cpu_kernel in ("w4a8", "w8a8") else CPU_KERNEL_MAX_ROWS
+        # the int8-weight op is a plain GEMV (no prefill tiling): it takes the kernels' crossover
+        max_rows = W4A8_MAX_ROWS if self.cpu_kernel == "w4a8" else CPU_KERNEL_MAX_ROWS
         if self.cpu_kernel is not None and use_cpu_kernel(x, self.in_features, max_rows):
             y = self.cpu_matmul(x.reshape(-1, self.in_features))  # (M, N)
             return y.view(*x.shape[:-1], self.out_features)

@@ -34,10 +34,12 @@ constexpr int64_t GROUP = 32;
 // elements of group g, the 16 even ones of g + 1, then their odd elements alike: the order in which a pair of
 // groups' weight bytes unpack into low nibbles and high nibbles. A last, unpaired group is its 16 even elements,
 // then its 16 odd ones. For int8 weights, the natural order.
-void quantize_row(const float* x, int64_t K, int8_t* xq, float* d, int32_t* xsum, bool interleave) {
+template <typename T>  // float or at::BFloat16 (read as the float32 it is)
+void quantize_row(const T* x, int64_t K, int8_t* xq, float* d, int32_t* xsum, bool interleave) {
   const int64_t G = K / GROUP;
   for (int64_t g = 0; g < G; g++) {
-    const float* v = x + g * GROUP;
+    float v[GROUP];
+    for (int64_t i = 0; i < GROUP; i++) v[i] = static_cast<float>(x[g * GROUP + i]);
     float amax = 0.0f;
     for (int64_t i = 0; i < GROUP; i++) amax = std::fmax(amax, std::fabs(v[i]));
     d[g] = amax / 127.0f;
@@ -52,6 +54,41 @@ void quantize_row(const float* x, int64_t K, int8_t* xq, float* d, int32_t* xsum
     }
     xsum[g] = sum;
   }
+}
+
+// Step 1 for every row of x (M, K): xq (M, K) int8, d (M, K/32) float32, xsum (M, K/32) int32.
+struct Activations {
+  at::Tensor q, d, sum;
+};
+
+Activations quantize_rows(const at::Tensor& x, bool interleave) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / GROUP;
+  Activations a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, G}, x.options().dtype(at::kFloat)),
+                at::empty({M, G}, x.options().dtype(at::kInt))};
+  int8_t* q = a.q.data_ptr<int8_t>();
+  float* d = a.d.data_ptr<float>();
+  int32_t* sum = a.sum.data_ptr<int32_t>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) {
+      if (x.scalar_type() == at::kBFloat16)
+        quantize_row(x.data_ptr<at::BFloat16>() + m * K, K, q + m * K, d + m * G, sum + m * G, interleave);
+      else
+        quantize_row(x.data_ptr<float>() + m * K, K, q + m * K, d + m * G, sum + m * G, interleave);
+    }
+  });
+  return a;
+}
+
+// y[i] = v in y's dtype: float32, or bf16 rounded to nearest even (as torch's .to(torch.bfloat16) rounds)
+inline void put(void* y, bool bf16, int64_t i, float v) {
+  if (bf16) static_cast<at::BFloat16*>(y)[i] = at::BFloat16(v);
+  else static_cast<float*>(y)[i] = v;
+}
+
+void check_input(const at::Tensor& x, const at::Tensor& w, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.scalar_type() == at::kChar, op, ": shapes");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, op, ": x must be bf16 or float32");
+  TORCH_CHECK(x.size(1) % GROUP == 0, op, ": K must be a multiple of 32");
 }
 
 // 8 bf16 -> the float32 of 4 scales of group g (low half) and of group g + 1 (high half), from the pairs (g, g+1)
@@ -183,64 +220,52 @@ void dot4_int8(const int8_t* const* w, const int8_t* xq, const float* d, int64_t
   _mm_storeu_ps(out, _mm_add_ps(even, _mm256_extractf128_ps(acc, 1)));
 }
 
-at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& int8_data, const at::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2 && int8_data.dim() == 2 && int8_data.scalar_type() == at::kChar, "w8a8_linear: shapes");
-  const int64_t M = x.size(0), K = x.size(1), N = int8_data.size(0), G = K / GROUP;
-  TORCH_CHECK(K % GROUP == 0 && int8_data.size(1) == K, "w8a8_linear: K must be a multiple of 32");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.dim() == 1 && scales.size(0) == N, "w8a8_linear: scales");
-  const at::Tensor xf = x.to(at::kFloat).contiguous(), w = int8_data.contiguous(), sc = scales.contiguous();
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor xd = at::empty({M, G}, x.options().dtype(at::kFloat));
-  at::Tensor xs = at::empty({M, G}, x.options().dtype(at::kInt));
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const float* xf_p = xf.data_ptr<float>();
-  int8_t* xq_p = xq.data_ptr<int8_t>();
-  float* xd_p = xd.data_ptr<float>();
-  int32_t* xs_p = xs.data_ptr<int32_t>();
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++) quantize_row(xf_p + m * K, K, xq_p + m * K, xd_p + m * G, xs_p + m * G, false);
-  });
+at::Tensor w8a8_linear(const at::Tensor& x_in, const at::Tensor& int8_data, const at::Tensor& scales) {
+  check_input(x_in, int8_data, "w8a8_linear");
+  const at::Tensor x = x_in.contiguous(), w = int8_data.contiguous(), sc = scales.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / GROUP;
+  TORCH_CHECK(w.size(1) == K, "w8a8_linear: int8_data must be (N, K)");
+  TORCH_CHECK(sc.scalar_type() == at::kBFloat16 && sc.dim() == 1 && sc.size(0) == N, "w8a8_linear: scales");
+  const Activations a = quantize_rows(x, false);
   const int8_t* w_p = w.data_ptr<int8_t>();
   const at::BFloat16* s_p = sc.data_ptr<at::BFloat16>();
-  float* y_p = y.data_ptr<float>();
+  at::Tensor y = at::empty({M, N}, x.options());
+  void* y_p = y.data_ptr();
+  const bool bf16 = y.scalar_type() == at::kBFloat16;
   at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; b++) {
       const int8_t* wr[4];
       for (int r = 0; r < 4; r++) wr[r] = w_p + std::min(4 * b + r, N - 1) * K;
       for (int64_t m = 0; m < M; m++) {
         float out[4];
-        dot4_int8(wr, xq_p + m * K, xd_p + m * G, G, out);
-        for (int64_t r = 0; r < 4 && 4 * b + r < N; r++) y_p[m * N + 4 * b + r] = out[r] * float(s_p[4 * b + r]);
+        dot4_int8(wr, a.q.data_ptr<int8_t>() + m * K, a.d.data_ptr<float>() + m * G, G, out);
+        for (int64_t r = 0; r < 4 && 4 * b + r < N; r++)
+          put(y_p, bf16, m * N + 4 * b + r, out[r] * float(s_p[4 * b + r]));
       }
     }
   });
-  return y.to(x.scalar_type());
+  return y;
 }
 
-at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& int4_data, const at::Tensor& scales,
+at::Tensor w4a8_linear(const at::Tensor& x_in, const at::Tensor& int4_data, const at::Tensor& scales,
                        const std::optional<at::Tensor>& zeros) {
-  TORCH_CHECK(x.dim() == 2 && int4_data.dim() == 2 && int4_data.scalar_type() == at::kChar, "w4a8_linear: shapes");
-  const int64_t M = x.size(0), K = x.size(1), N = int4_data.size(0), G = K / GROUP;
-  TORCH_CHECK(K % GROUP == 0 && int4_data.size(1) == K / 2, "w4a8_linear: K must be a multiple of 32");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.size(0) == N && scales.size(1) == G, "w4a8_linear: scales");
-  TORCH_CHECK(!zeros || (zeros->scalar_type() == at::kBFloat16 && zeros->sizes() == scales.sizes()), "w4a8_linear: zeros");
-  const at::Tensor xf = x.to(at::kFloat).contiguous(), w = int4_data.contiguous(), sc = scales.contiguous();
+  check_input(x_in, int4_data, "w4a8_linear");
+  const at::Tensor x = x_in.contiguous(), w = int4_data.contiguous(), sc = scales.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / GROUP;
+  TORCH_CHECK(w.size(1) == K / 2, "w4a8_linear: int4_data must be (N, K / 2)");
+  TORCH_CHECK(sc.scalar_type() == at::kBFloat16 && sc.size(0) == N && sc.size(1) == G, "w4a8_linear: scales");
+  TORCH_CHECK(!zeros || (zeros->scalar_type() == at::kBFloat16 && zeros->sizes() == sc.sizes()), "w4a8_linear: zeros");
   const at::Tensor zc = zeros ? zeros->contiguous() : at::Tensor();
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor xd = at::empty({M, G}, x.options().dtype(at::kFloat));
-  at::Tensor xs = at::empty({M, G}, x.options().dtype(at::kInt));
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const float* xf_p = xf.data_ptr<float>();
-  int8_t* xq_p = xq.data_ptr<int8_t>();
-  float* xd_p = xd.data_ptr<float>();
-  int32_t* xs_p = xs.data_ptr<int32_t>();
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++) quantize_row(xf_p + m * K, K, xq_p + m * K, xd_p + m * G, xs_p + m * G, true);
-  });
+  const Activations a = quantize_rows(x, true);
+  const int8_t* xq_p = a.q.data_ptr<int8_t>();
+  const float* xd_p = a.d.data_ptr<float>();
+  const int32_t* xs_p = a.sum.data_ptr<int32_t>();
   const uint8_t* w_p = reinterpret_cast<const uint8_t*>(w.data_ptr<int8_t>());
   const at::BFloat16* s_p = sc.data_ptr<at::BFloat16>();
   const at::BFloat16* z_p = zeros ? zc.data_ptr<at::BFloat16>() : nullptr;
-  float* y_p = y.data_ptr<float>();
+  at::Tensor y = at::empty({M, N}, x.options());
+  void* y_p = y.data_ptr();
+  const bool bf16 = y.scalar_type() == at::kBFloat16;
   // Blocks of 4 weight rows, shared among the threads. A prefill's activation rows go a tile at a time: a tile's
   // quantized rows stay in cache while the thread's weight blocks stream past them, each block meeting the
   // tile's rows 4 at a time. A last block of fewer than 4 rows reads row N - 1 again in their place.
@@ -274,13 +299,14 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& int4_data, const a
           else if (rows == 2) dot4<2>(wr, sr, zp, xr, dr, xsr, G, out);
           else dot4<1>(wr, sr, zp, xr, dr, xsr, G, out);
           for (int j = 0; j < rows; j++)
-            for (int64_t r = 0; r < 4 && 4 * b + r < N; r++) y_p[(m + j) * N + 4 * b + r] = out[4 * j + r];
+            for (int64_t r = 0; r < 4 && 4 * b + r < N; r++)
+              put(y_p, bf16, (m + j) * N + 4 * b + r, out[4 * j + r]);
           m += rows;
         }
       }
     }
   });
-  return y.to(x.scalar_type());
+  return y;
 }
 
 }  // namespace

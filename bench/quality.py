@@ -44,26 +44,30 @@ def activation_rows(path: Path, ids: list[int], args) -> list[dict]:
     """The default weights in bf16 with each activation option of the CPU's int4 matmuls (quant.ACTIVATIONS):
     perplexity, and the mean KL divergence of the next-token distributions (every position of every window) from
     the exact (bf16) path's.
-    Every row of every window runs the option's matmul (the W4A8 op takes any number of rows), so this measures
-    its arithmetic, not where the decode/prefill split lies."""
+    Every row of every window runs the option's matmuls (the int8-activation ops take any number of rows), so
+    this measures their arithmetic, not where the decode/prefill split lies."""
     exact = chunked_logits(loader.from_pretrained(path, dtype=torch.bfloat16, weights="auto", activations="bf16"))
-    int8 = chunked_logits(loader.from_pretrained(path, dtype=torch.bfloat16, weights="auto", activations="int8"))
+    int8_model = loader.from_pretrained(path, dtype=torch.bfloat16, weights="auto", activations="int8")
     kl = []
 
-    def int8_beside_exact(x: torch.Tensor) -> torch.Tensor:  # KL(exact || int8) at every position, kept summed
+    def int8(x: torch.Tensor) -> torch.Tensor:  # every row through the int8-activation ops
+        saved = quant.W4A8_MAX_ROWS, quant.CPU_KERNEL_MAX_ROWS
+        quant.W4A8_MAX_ROWS = quant.CPU_KERNEL_MAX_ROWS = 1 << 30
+        try:
+            return chunked_logits(int8_model)(x)
+        finally:
+            quant.W4A8_MAX_ROWS, quant.CPU_KERNEL_MAX_ROWS = saved
+
+    def int8_beside_exact(x: torch.Tensor) -> torch.Tensor:  # KL(exact || int8) at every position, kept
         p, q = (torch.log_softmax(fn(x)[0].float(), dim=-1) for fn in (exact, int8))
         kl.append((p.exp() * (p - q)).sum(-1))
         return q[None]
 
-    saved, quant.W4A8_MAX_ROWS = quant.W4A8_MAX_ROWS, 1 << 30
-    try:
-        rows = [{"name": "ours --weights auto, bf16, --act bf16",
-                 "perplexity": perplexity(exact, ids, args.context, args.stride)["perplexity"]},
-                {"name": "ours --weights auto, bf16, --act int8",
-                 "perplexity": perplexity(int8_beside_exact, ids, args.context, args.stride)["perplexity"],
-                 "mean_kl": torch.cat(kl).mean().item()}]  # fmt: skip
-    finally:
-        quant.W4A8_MAX_ROWS = saved
+    rows = [{"name": "ours --weights auto, bf16, --act bf16",
+             "perplexity": perplexity(exact, ids, args.context, args.stride)["perplexity"]},
+            {"name": "ours --weights auto, bf16, --act int8",
+             "perplexity": perplexity(int8_beside_exact, ids, args.context, args.stride)["perplexity"],
+             "mean_kl": torch.cat(kl).mean().item()}]  # fmt: skip
     print(rows, file=sys.stderr)
     return rows
 

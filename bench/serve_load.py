@@ -17,7 +17,9 @@ First, without HTTP (--step-rows): the engine's eager decode step alone at 1, 2,
 and tok/s), which says what the slot count can gain on this machine.
 
 llama.cpp: llama-cpp-python's server (`python -m llama_cpp.server`, which needs its [server] extra:
-sse-starlette, starlette-context, pydantic-settings), skipped if it cannot be started. It decodes one request
+sse-starlette, starlette-context, pydantic-settings), built natively as a user's pip builds it, in an environment
+of its own (--llama-python: python -m venv .venv-bench && .venv-bench/bin/pip install 'llama-cpp-python[server]');
+its llama_print_system_info() goes into the results. Skipped if it cannot be started. It decodes one request
 at a time; with --interrupt_requests False the others queue (by default a new request cuts the running one). Writes
 serve-<name>.json and .md under --out.
 """
@@ -218,6 +220,9 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=300, help="seconds per request at most (default 300)")
     p.add_argument("--compile", action="store_true", help="ours with --compile too")
     p.add_argument("--no-llama", action="store_true", help="leave out llama.cpp's server")
+    p.add_argument("--llama-python", type=Path, default=ROOT / ".venv-bench" / "bin" / "python",
+                   help="the Python whose llama-cpp-python[server], built natively, runs llama.cpp's server "
+                        "(default .venv-bench/bin/python)")  # fmt: skip
     p.add_argument("--step-rows", type=int, nargs="*", default=[1, 2, 4, 8, 16],
                    help="busy rows to time the bare decode step at (default 1 2 4 8 16; none: skip)")  # fmt: skip
     p.add_argument("--steps-worker", action="store_true", help=argparse.SUPPRESS)
@@ -251,8 +256,12 @@ def main() -> None:
     if not args.no_llama:
         name, port = "llama.cpp (llama-cpp-python server)", free_port()
         print(f"== {name}", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_ctx", "1024",
-               "--n_threads", str(os.cpu_count()), "--n_batch", "512", "--interrupt_requests", "False"]  # fmt: skip
+        info = [str(args.llama_python), "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"]
+        info = subprocess.run(info, stdout=subprocess.PIPE, text=True)
+        report["llama_cpp_system_info"] = info.stdout.strip() if info.returncode == 0 else None
+        cmd = [str(args.llama_python), "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+               "--n_ctx", "1024", "--n_threads", str(os.cpu_count()), "--n_batch", "512",
+               "--interrupt_requests", "False"]  # fmt: skip
         try:
             with server(cmd, port, "/v1/models"):
                 report["servers"][name] = [

@@ -151,7 +151,7 @@ def test_int8_activations_in_the_model(tiny_int4_dir):
 
 @needs_op
 def test_int8_linear_runs_the_int8_op(monkeypatch):
-    """An Int8Linear (a GGUF's Q6_K/Q8_0 tensors) under int8 activations: its twin op up to W4A8_MAX_ROWS rows,
+    """An Int8Linear (a GGUF's Q6_K/Q8_0 tensors) under int8 activations: its twin op up to CPU_KERNEL_MAX_ROWS,
     the exact dequant-matmul beyond; an int8 head's int4 ranker takes the int4 op."""
     layer = quant.Int8Linear(128, 40)
     layer.int8_data, scales = quant.quantize_int8(torch.randn(40, 128))
@@ -160,7 +160,7 @@ def test_int8_linear_runs_the_int8_op(monkeypatch):
     assert layer.cpu_kernel == "w8a8"
     x = random_activations(3, 128)
     assert torch.equal(layer(x), w4a8.reference_int8(x, layer.int8_data, layer.scales))
-    monkeypatch.setattr(quant, "W4A8_MAX_ROWS", 2)
+    monkeypatch.setattr(quant, "CPU_KERNEL_MAX_ROWS", 2)
     dt = quant.matmul_dtype(x)
     assert torch.equal(layer(x), torch.nn.functional.linear(x.to(dt), layer.dequantize().to(dt)).to(x.dtype))
     head = quant.Int8Linear(128, 64)
