@@ -1,5 +1,6 @@
 // int4 weights x int8 activations on the CPU: llama.cpp's arithmetic (its Q4_0 x Q8_0 dot product) as one
-// PyTorch op, gemma::w4a8_linear(x, int4_data, scales, zeros) -> y = x @ W.T, for x (M, K) bf16; and its twin
+// PyTorch op, gemma::w4a8_linear(x, int4_data, scales, zeros) -> y = x @ W.T, for x (M, K) bf16 or float32, y in
+// x's dtype; and its twin
 // for int8 weights with one scale per row (llama.cpp's Q8_0 x Q8_0, near enough), gemma::w8a8_linear.
 //
 // Why: a token's matmuls are a weight-streaming job. PyTorch's int4 kernel unpacks every weight to float32

@@ -1,11 +1,12 @@
 """int4 weights x int8 activations (W4A8) on the CPU: the one native piece, and its reference in plain PyTorch.
 
 llama.cpp multiplies its 4-bit weights by activations rounded to 8 bits (per group of 32, with a float scale),
-with integer dot products. w4a8.cpp is that arithmetic as a PyTorch op, gemma::w4a8_linear, built by
-torch.utils.cpp_extension on first use (about a minute, once; cached under ~/.cache/torch_extensions) for CPUs
-with AVX2. `reference` below computes the same numbers from the same integers, bit for bit (tests/test_w4a8.py),
-so the C++ is checked against something a reader can follow. Where the op cannot be built (no compiler, no
-AVX2), `load()` says so in one line and returns False: the bf16 path runs instead.
+with integer dot products. w4a8.cpp is that arithmetic as a PyTorch op, gemma::w4a8_linear (and its twin for
+int8 weights with per-row scales, gemma::w8a8_linear), built by torch.utils.cpp_extension on first use (about a
+minute, once; cached under ~/.cache/torch_extensions) for CPUs with AVX2. `reference` and `reference_int8` below
+compute the same numbers from the same integers, bit for bit (tests/test_w4a8.py), so the C++ is checked against
+something a reader can follow. Where the op cannot be built (no compiler, no AVX2), `load()` says so in one line
+and returns False: PyTorch's kernels (the bf16 path) run instead.
 This module imports nothing of ours.
 """
 
