@@ -269,8 +269,7 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def pack_for_cpu(self, activations: str) -> None:
-        if self.fits_torch_kernels():
-            self.pack_for_int4_kernel()
+        raise NotImplementedError
 
     def fits_torch_kernels(self) -> bool:
         return self.out_features % 16 == 0 and self.in_features % GROUP_SIZE == 0

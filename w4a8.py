@@ -50,7 +50,8 @@ def _build() -> bool:
 
     name = "gemma_w4a8"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    if not any(build_dir.glob(f"{name}*.so")):
+    built = [so.stat().st_mtime for so in build_dir.glob(f"{name}*.so")]
+    if not built or max(built) < SOURCE.stat().st_mtime:  # none yet, or older than the source: it builds now
         print("w4a8: compiling the int8-activation CPU kernel (once, about a minute)...", file=sys.stderr, flush=True)
     try:
         cpp_extension.load(

@@ -306,11 +306,11 @@ def main() -> None:
         return worker(args)
     import torch
 
-    if any(ROWS[r][0] == "llama.cpp" for r in args.rows or LARGE_ROWS) and not args.llama_python.exists():
-        p.error(f"{args.llama_python} does not exist: see --llama-python")
     large = args.size != "270m"
     args.contexts = args.contexts or ([16, 64, 128, 256, 1024, 4096] if large else [128, 1024, 4096])
     args.rows = args.rows or (GEMMA4_ROWS if args.size in GEMMA4_SIZES else LARGE_ROWS if large else list(ROWS))
+    if LLAMA in args.rows and not args.llama_python.exists():
+        p.error(f"{args.llama_python} does not exist: see --llama-python")
     args.name = args.name or f"{args.size}-cpu"
 
     common = ["--contexts", *map(str, args.contexts), "--new-tokens", str(args.new_tokens)]
