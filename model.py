@@ -123,10 +123,14 @@ class KVCache(nn.Module):
 
 
 def store(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write k, v (B, n_kv, T, hd) into the caches' slots (B, T): each row at its own slots."""
-    index = slots[:, None, :, None].expand_as(k)
-    k_cache.scatter_(2, index, k)
-    v_cache.scatter_(2, index, v)
+    """Write k, v (B, n_kv, T, hd) into the caches' slots (B, T): each row at its own slots. One index_copy_ into
+    the cache seen as a list of (row, head, slot) vectors, because torch.compile updates that in place (a
+    scatter_ along the slots made it copy every cache on every step)."""
+    B, num_kv_heads, length, head_dim = k_cache.shape
+    first_slot = torch.arange(B * num_kv_heads, device=slots.device).view(B, num_kv_heads, 1) * length
+    index = (first_slot + slots[:, None, :]).flatten()  # (B * n_kv * T,)
+    k_cache.view(-1, head_dim).index_copy_(0, index, k.reshape(-1, head_dim))
+    v_cache.view(-1, head_dim).index_copy_(0, index, v.reshape(-1, head_dim))
 
 
 def filled_slots(upto: torch.Tensor, length: int) -> int:
