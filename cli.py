@@ -67,12 +67,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """Sampling flags, with Google's defaults for Gemma 3 (GEMMA_SAMPLING); shared with chat.py."""
     s = GEMMA_SAMPLING
-    p.add_argument("--temperature", type=float, default=s.temperature, help=f"0 = greedy (default {s.temperature})")
+    p.add_argument("--temperature", type=float, default=s.temperature,
+                   help=f"0 = greedy, else 0.01 to 100 (default {s.temperature})")  # fmt: skip
     p.add_argument("--top-k", type=int, default=s.top_k,
                    help=f"sample from the k most likely tokens; 0 = off (default {s.top_k})")  # fmt: skip
     p.add_argument("--top-p", type=float, default=s.top_p, help=f"nucleus sampling mass; 1 = off (default {s.top_p})")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages repeats, 0.01 to 100 (default 1 = off)")  # fmt: skip
     p.add_argument("--seed", type=seed_int, default=None, help="random seed, for reproducible sampling")
 
 

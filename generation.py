@@ -10,6 +10,10 @@ import torch
 
 from model import ALL, Gemma3, image_index
 
+# The range of temperature (other than 0) and repetition_penalty: together they scale logits by at most 10^4, so
+# finite logits stay finite (an overflow to infinity would make NaN, and sampling from NaN fails).
+SCALES = (0.01, 100.0)
+
 
 @dataclass
 class Sampling:
@@ -23,16 +27,17 @@ class Sampling:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        low, high = SCALES
+        if self.temperature != 0 and not low <= self.temperature <= high:
+            raise ValueError(f"temperature must be 0 (greedy) or from {low} to {high}, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be from {low} to {high}, got {self.repetition_penalty}")
 
 
 GEMMA_SAMPLING = Sampling(temperature=1.0, top_k=64, top_p=0.95)  # Google's recommended settings for Gemma 3
