@@ -9,7 +9,10 @@ Endpoints: POST /v1/chat/completions and /v1/completions (stream: true for serve
 GET /v1/models, GET /health, and a chat page at http://HOST:PORT/. Concurrent requests share each decode
 step, one KV-cache row (--max-batch of them, --context tokens each) per request; more wait in a queue
 (--max-queue; beyond it: 503). Images (4B, 12B, 27B) come as data: URLs; nothing is fetched.
-Ctrl-C or SIGTERM: in-flight requests get --shutdown-timeout seconds to finish, then are cancelled.
+Requests must name the server in their Host header (localhost, an IP address, --host, or --allow-host), so
+that web pages cannot reach it through DNS rebinding. Ctrl-C or SIGTERM: in-flight requests get
+--shutdown-timeout seconds to finish, then are cancelled. Exits 1 if the engine fails, for a supervisor to
+restart it.
 """
 
 import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
@@ -17,6 +20,7 @@ import hugepages  # noqa: F401  (first: it configures torch's allocator, see hug
 # isort: split
 import argparse
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +31,7 @@ from generation import compile_decode_step, decode_one_token
 
 if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
     sys.exit("error: serve.py needs FastAPI and uvicorn: pip install -e '.[serve]'")
-from server import Engine, build_app, serve
+from server import LOCAL_NAMES, Engine, build_app, listen, serve
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="largest request body, images included, in MB (default 32)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish on shutdown (default 5)")  # fmt: skip
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="serve requests whose Host header is NAME too (default: localhost, IP addresses and "
+                        "--host); repeatable; '*' serves any name")  # fmt: skip
+    p.add_argument("--max-connections", type=positive_int, default=100,
+                   help="open connections; more are closed at once (default 100; keep it under ulimit -n)")  # fmt: skip
+    p.add_argument("--idle-timeout", type=float, default=5.0,
+                   help="seconds a connection has to send each request's head (default 5)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -66,10 +77,20 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
         return 130
-    app = build_app(engine, tokenizer, args.name or Path(str(args.model)).name, args.api_key, args.max_body_mb * 2**20)
+    app = build_app(engine, tokenizer, args.name or Path(str(args.model)).name, args.api_key, args.max_body_mb * 2**20,
+                    [*LOCAL_NAMES, args.host, *args.allow_host])  # fmt: skip
+    try:
+        sock = listen(args.host, args.port)
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {os.strerror(e.errno) if e.errno else e}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     print(f"serving {args.model} on http://{args.host}:{args.port}/ ({args.max_batch} rows of {context} tokens)",
           file=sys.stderr)  # fmt: skip
-    return 0 if serve(app, engine, args.host, args.port, args.shutdown_timeout) else 1
+    served = serve(app, engine, sock, args.shutdown_timeout, args.max_connections, args.idle_timeout)
+    if engine.failure is not None:
+        print(f"error: the engine failed ({engine.failure!r}): restart the server", file=sys.stderr)
+    return 0 if served else 1
 
 
 if __name__ == "__main__":

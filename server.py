@@ -3,8 +3,13 @@
 Read in order: the engine (the one thread that runs the model: requests wait in a bounded queue, join free rows of
 generation.Batch between decode steps and leave the moment they finish or their client goes away), the request
 bodies (pydantic models of OpenAI's chat and completions APIs), turning a chat into a prompt (Gemma's template;
-images only as data: URLs), stop strings, and the FastAPI app: /v1/models, /v1/chat/completions and
-/v1/completions (streamed as server-sent events, or whole), /health, and the chat page at /.
+images only as data: URLs), stop strings, the gate every request passes (Host, API key, body size), and the
+FastAPI app: /v1/models, /v1/chat/completions and /v1/completions (streamed as server-sent events, or whole),
+/health, and the chat page at /; last, the connections uvicorn keeps (how many, how long idle) and serve.
+
+No request can stop the others: its failure fails only itself; its CPU work (tokenizing, decoding images) runs
+off the event loop, its images are checked by size before they are decoded, its stop strings are matched in
+time linear in their length; a client that hangs up frees its row at once.
 """
 
 from __future__ import annotations
@@ -15,16 +20,23 @@ import binascii
 import collections
 import contextlib
 import dataclasses
+import functools
 import hmac
 import io
+import ipaddress
 import json
+import logging
+import math
 import signal
+import socket
 import threading
 import time
+import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import torch
 import uvicorn
@@ -34,9 +46,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import vision
 from config import BOS_ID
@@ -88,18 +103,24 @@ class Engine:
     waiting jobs take the free ones (their prompts prefilled on joining); then one step decodes a token for
     every active row. Only this thread runs the model, and best the thread that loaded it (serve does so):
     PyTorch's OpenMP gives each thread that runs parallel work its own team of worker threads, and two teams
-    on two cores slow every step (bench/README.md, "Serving")."""
+    on two cores slow every step (bench/README.md, "Serving").
+
+    A request that fails (its prefill, or a decode step it is in) fails with a 500, and the engine goes on.
+    Should the engine's own loop fail (a bug), `failure` says why: every job ends with an error, new ones
+    are refused, /health answers 503 and serve returns, so that a supervisor restarts the server."""
 
     def __init__(self, model: Gemma3, slots: int, context: int, decode_step: Callable = decode_one_token,
                  every_row: bool = False, max_queue: int = 64):  # fmt: skip
         model.setup_cache(slots, context)
         self.model, self.context, self.max_queue = model, context, max_queue
         self.batch = Batch(model, decode_step, every_row)
+        self.jobs: set[Job] = set()  # submitted and not yet ended: waiting, joining or running
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: dict[Request, Job] = {}
         self.wake = threading.Condition()
         self.stopping = False
         self.deadline: float | None = None  # shutting down: running jobs are cut at this time.monotonic()
+        self.failure: BaseException | None = None
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -129,10 +150,13 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self.wake:
+            if self.failure is not None:
+                raise APIError(503, f"the engine failed ({self.failure!r}): restart the server", "server_error")
             if self.deadline is not None:
                 raise Busy("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise Busy(f"the server is busy: {len(self.waiting)} requests are waiting; try again later")
+            self.jobs.add(job)
             self.waiting.append(job)
             self.wake.notify()
 
@@ -146,19 +170,33 @@ class Engine:
         return {"slots": len(self.batch.requests), "active": len(self.running), "waiting": len(self.waiting)}
 
     def run(self) -> None:
+        try:
+            self.serve_jobs()
+        except BaseException as e:
+            traceback.print_exc()
+            with self.wake:
+                self.failure = e
+                jobs = list(self.jobs)
+            for job in jobs:  # (the batch may be broken: only tell the clients)
+                job.error = APIError(500, f"the engine failed ({e!r}): restart the server", "server_error")
+                job.deliver(None)
+
+    def serve_jobs(self) -> None:
         while True:
             with self.wake:
                 while not (self.stopping or self.waiting or self.running):
                     self.wake.wait(timeout=0.5)  # (timed: the main thread's signal handlers run meanwhile)
                 if self.stopping:
                     break
+                for job in [job for job in self.waiting if job.cancelled]:  # its client went away while it waited
+                    self.waiting.remove(job)
+                    self.finish(job)
                 if self.deadline is not None:  # shutting down: nothing more joins; past the deadline nothing runs
                     late = time.monotonic() > self.deadline
                     self.cut([*self.waiting, *(self.running.values() if late else [])])
                     self.waiting.clear()
                 joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.batch.free_rows())))]
             for job in [job for job in self.running.values() if job.cancelled]:
-                self.batch.remove(job.request)
                 self.finish(job)
             for job in joining:
                 self.join(job)
@@ -166,35 +204,31 @@ class Engine:
         self.cut([*self.running.values(), *self.waiting])
 
     def cut(self, jobs: list[Job]) -> None:
+        self.fail(jobs, APIError(503, "the server shut down before this reply was finished", "server_error"))
+
+    def fail(self, jobs: list[Job], error: APIError) -> None:
         for job in jobs:
-            if job.request in self.running:
-                self.batch.remove(job.request)
-            job.error = APIError(503, "the server shut down before this reply was finished", "server_error")
+            job.error = error
             self.finish(job)
 
     def join(self, job: Job) -> None:
         if job.cancelled:
-            return job.deliver(None)
+            return self.finish(job)
         try:
             if job.images:
                 size = self.model.config.vision_config.image_size
                 job.request.pixel_values = torch.stack([vision.preprocess(image, size) for image in job.images])
             self.batch.add(job.request)
-        except (ValueError, RuntimeError) as e:  # checked before queueing; a failure here is the model's
-            job.error = APIError(500, f"prefill failed: {e}", "server_error")
-            return job.deliver(None)
+        except Exception as e:  # checked before queueing; a failure here is the model's (or a bug): this job's
+            return self.fail([job], APIError(500, f"prefill failed: {e!r}", "server_error"))
         self.running[job.request] = job
         self.delivered(job)
 
     def step(self) -> None:
         try:
             requests = self.batch.step()
-        except RuntimeError as e:  # e.g. out of memory: fail the batch's jobs, keep serving
-            for job in list(self.running.values()):
-                self.batch.remove(job.request)
-                job.error = APIError(500, f"decoding failed: {e}", "server_error")
-                self.finish(job)
-            return
+        except Exception as e:  # e.g. out of memory: fail the step's jobs, keep serving
+            return self.fail(list(self.running.values()), APIError(500, f"decoding failed: {e!r}", "server_error"))
         for request in requests:
             self.delivered(self.running[request])
 
@@ -205,7 +239,12 @@ class Engine:
             self.finish(job)
 
     def finish(self, job: Job) -> None:
+        """The job leaves its row (if it still has one) and its tokens end."""
+        if job.request in self.batch.requests:
+            self.batch.remove(job.request)
         self.running.pop(job.request, None)
+        with self.wake:
+            self.jobs.discard(job)
         job.deliver(None)
 
 
@@ -237,12 +276,23 @@ class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def known_parts(cls, content: Any) -> Any:
+        """An unknown part's type, named (else pydantic reports the union's first member: 'not a string')."""
+        for i, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("text", "image_url"):
+                raise ValueError(f"part {i} has type {kind!r}: the parts this server reads are 'text' and 'image_url'")
+        return content
+
 
 class StreamOptions(Strict):
     include_usage: bool = False
 
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+MAX_STOP_CHARS = 4096
 
 
 class Completion(Strict):
@@ -261,16 +311,39 @@ class Completion(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     prompt: str | list[int] = ""
+    # What this server cannot do: refused (unsupported) rather than silently ignored, as OpenAI does.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    response_format: dict | None = None
 
-    def sampling(self) -> Sampling:
-        """Gemma's recommended sampling (GEMMA_SAMPLING) where the request says nothing."""
+    def unsupported(self) -> None:
+        """A 400 naming the first field that asks for what this server cannot do."""
+        asked = {
+            "logprobs": self.logprobs not in (None, False),
+            "top_logprobs": bool(self.top_logprobs),
+            "tools": bool(self.tools),
+            "response_format": (self.response_format or {}).get("type", "text") != "text",
+        }
+        for field in [field for field, asked_for in asked.items() if asked_for][:1]:
+            raise APIError(400, f"{field}: not supported by this server (it replies with plain text)", param=field)
+
+    def settings(self) -> tuple[Sampling, list[str]]:
+        """How to sample and where to stop, checked (400s) before any work is done. Sampling is Gemma's
+        recommended (GEMMA_SAMPLING) where the request says nothing."""
+        self.unsupported()
         given = {name: getattr(self, name) for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")}
-        return dataclasses.replace(GEMMA_SAMPLING, **{k: v for k, v in given.items() if v is not None})
+        try:
+            sampling = dataclasses.replace(GEMMA_SAMPLING, **{k: v for k, v in given.items() if v is not None})
+        except ValueError as e:  # (Sampling's messages begin with the field's name)
+            raise APIError(400, str(e), param=str(e).split()[0]) from None
+        return sampling, self.stops()
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > 16 or "" in stops:
-            raise APIError(400, "stop: at most 16 strings, none empty", param="stop")
+        if len(stops) > 16 or "" in stops or sum(map(len, stops)) > MAX_STOP_CHARS:
+            raise APIError(400, f"stop: at most 16 strings, none empty, {MAX_STOP_CHARS} characters in all",
+                           param="stop")  # fmt: skip
         return stops
 
 
@@ -283,57 +356,70 @@ class ChatCompletion(Completion):
 # A chat as a prompt: Gemma's template (tokenizer.chat_prompt) with the images in their places.
 
 
-def chat_prompt(messages: list[Message], tokenizer: Tokenizer, model: Gemma3) -> tuple[list[int], list[Image.Image]]:
-    """The prompt's ids, and its images in order. System (and developer) messages come first and become
-    Gemma's system prompt, which has no role of its own."""
+def chat_prompt(messages: list[Message], tokenizer: Tokenizer, model: Gemma3,
+                context: int) -> tuple[list[int], list[Image.Image]]:  # fmt: skip
+    """The prompt's ids, and its images in order (at the model's size). System (and developer) messages come
+    first and become Gemma's system prompt, which has no role of its own. Images are decoded last, once the
+    model is known to see them and the context to hold them."""
     system = []
     while messages and messages[0].role in ("system", "developer"):
-        system.append(text_of(messages[0], []))
+        text, urls = parts_of(messages[0])
+        if urls:
+            raise APIError(400, "messages[0]: system messages are text only", param="messages")
+        system.append(text)
         messages = messages[1:]
     if not messages:
         raise APIError(400, "messages: a chat needs a user message after the system messages", param="messages")
-    turns, images = [], []
+    turns, urls = [], []
     for i, m in enumerate(messages):
         if m.role in ("system", "developer"):
             raise APIError(400, f"messages[{i}]: system messages go before the chat", param="messages")
-        before = len(images)
-        turns.append({"role": "user" if m.role == "user" else "model", "content": text_of(m, images),
-                      "images": len(images) - before})  # fmt: skip
-    if images and model.vision is None:
+        text, images = parts_of(m)
+        turns.append({"role": "user" if m.role == "user" else "model", "content": text, "images": len(images)})
+        urls += images
+    if urls and model.vision is None:
         raise APIError(400, "this model is text-only: images need Gemma 3 4B, 12B or 27B", param="messages")
     tokens_per_image = model.config.vision_config.tokens_per_image if model.vision else 0
+    if len(urls) * tokens_per_image >= context:
+        raise APIError(400, f"{len(urls)} images take {len(urls) * tokens_per_image} tokens, but the context is "
+                       f"{context} tokens (serve.py --context)", param="messages")  # fmt: skip
     try:
         ids = tokenizer.chat_prompt(turns, "\n\n".join(system) or None, tokens_per_image)
     except ValueError as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
-    return ids, images
+    return ids, [decode_image(url, model.config.vision_config.image_size) for url in urls]
 
 
-def text_of(message: Message, images: list) -> str:
-    """A message's text, with an image mark where each image part was (its decoded image appended to images)."""
+def parts_of(message: Message) -> tuple[str, list[str]]:
+    """A message's text, with an image mark where each image part is, and the images' URLs."""
     if message.content is None or isinstance(message.content, str):
-        return message.content or ""
-    text = ""
+        return message.content or "", []
+    text, urls = "", []
     for part in message.content:
         if part.type == "text":
             text += part.text
         else:
-            images.append(decode_image(part.image_url.url))
+            urls.append(part.image_url.url)
             text += IMAGE_MARK
-    return text
+    return text, urls
 
 
-def decode_image(url: str) -> Image.Image:
-    """An image from a data: URL (base64). Nothing is fetched from the network."""
+def decode_image(url: str, size: int) -> Image.Image:
+    """An image from a data: URL (base64), at the model's size. Nothing is fetched from the network. Its size
+    is checked before it is decoded (Pillow's MAX_IMAGE_PIXELS, about 89 megapixels, an error here), and it is
+    shrunk at once, so that a request holds one image at full size at a time."""
     header, comma, data = url.partition(",")
     if not (url.startswith("data:") and comma and header.endswith(";base64")):
         raise APIError(400, "image_url: only data: URLs with base64 data are accepted (the server fetches nothing)",
                        param="messages")  # fmt: skip
     try:
         raw = base64.b64decode(data, validate=True)
-        return vision.load_image(io.BytesIO(raw), "image_url")
-    except (binascii.Error, ValueError) as e:
-        raise APIError(400, f"image_url: not a readable image ({e})", param="messages") from None
+        image = vision.load_image(io.BytesIO(raw), "image_url", max_pixels=Image.MAX_IMAGE_PIXELS)
+    except binascii.Error as e:
+        raise APIError(400, f"image_url: not base64 ({e})", param="messages") from None
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return vision.resize(image, size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,32 +427,128 @@ def decode_image(url: str) -> Image.Image:
 
 
 class StopStrings:
+    """The generated text, cut before the first stop string. Each stop string is matched as Knuth, Morris and
+    Pratt do: `matched[i]` is the length of the longest prefix of stop i that the text ends with, and each new
+    character updates it in constant time (amortized) with the stop's table of borders, however long the stops.
+    Text is held back while it could be the start of a stop string: the last max(matched) characters."""
+
     def __init__(self, stops: list[str]):
         self.stops, self.held = stops, ""
+        self.borders = [borders(stop) for stop in stops]
+        self.matched = [0] * len(stops)
 
     def push(self, text: str) -> tuple[str, bool]:
         """Add generated text; return what may be sent now, and whether a stop string ended the text (which
         leaves the stop string and everything after it out)."""
         self.held += text
-        hits = [i for i in (self.held.find(stop) for stop in self.stops) if i >= 0]
-        if hits:
-            return self.held[: min(hits)], True
-        keep = max((k for stop in self.stops for k in range(1, len(stop)) if self.held.endswith(stop[:k])), default=0)
+        for end in range(len(self.held) - len(text) + 1, len(self.held) + 1):  # each new character, ending at `end`
+            char, starts = self.held[end - 1], []
+            for i, (stop, border) in enumerate(zip(self.stops, self.borders, strict=True)):
+                m = self.matched[i]
+                while m and stop[m] != char:
+                    m = border[m - 1]
+                m = self.matched[i] = m + (stop[m] == char)
+                if m == len(stop):
+                    starts.append(end - m)
+            if starts:  # the first stop string to end here (the longest, if several do)
+                return self.held[: min(starts)], True
+        keep = max(self.matched, default=0)
         ready, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return ready, False
+
+
+def borders(s: str) -> list[int]:
+    """Knuth-Morris-Pratt's table: [j] is the length of the longest proper prefix of s[: j + 1] that is also its
+    suffix (where a partial match of s can go on after a mismatch)."""
+    table, k = [0] * len(s), 0
+    for j in range(1, len(s)):
+        while k and s[j] != s[k]:
+            k = table[k - 1]
+        k += s[j] == s[k]
+        table[j] = k
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------
+# The gate: what every request passes before the app sees it.
+
+LOCAL_NAMES = ("localhost",)  # the Host names served by default (besides IP addresses, always served)
+PUBLIC_PATHS = ("/", "/favicon.ico", "/health")  # the chat page and the health check: no API key
+
+
+class Gate:
+    """Pure ASGI middleware (Starlette's @app.middleware("http") would hide a client's hang-up from the app) in
+    front of every request: its Host header must name this server; the API key, if there is one, is needed
+    everywhere but PUBLIC_PATHS (case-insensitive "Bearer", as RFC 6750 says); and its body may not pass
+    max_body bytes: refused unread if its Content-Length says so, else once that many bytes have come (a
+    chunked body's Content-Length may lie).
+
+    Host: a web page can reach a server on 127.0.0.1 from a browser by DNS rebinding (its own name, resolved
+    again to 127.0.0.1), but its requests carry its own name in the Host header. So only the names this server
+    is known by are served (`hosts`: localhost, --host, --allow-host; "*" serves any), and IP addresses (a
+    URL with an address resolves nothing, so nothing can be rebound)."""
+
+    def __init__(self, app: ASGIApp, hosts: Collection[str], api_key: str | None, max_body: int):
+        self.app, self.hosts, self.api_key, self.max_body = app, {host.lower() for host in hosts}, api_key, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            return await refusal.response()(scope, receive, send)
+        read = 0
+
+        async def counted() -> dict:
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.max_body:  # (FastAPI reading the body passes it on: the app answers 413)
+                raise HTTPException(413)
+            return message
+
+        await self.app(scope, counted, send)
+
+    def refusal(self, scope: Scope) -> APIError | None:
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        if host is not None and not self.serves(host):
+            return APIError(403, f"Host {host!r} is not a name of this server (serve.py --allow-host NAME adds one)",
+                            "permission_error")  # fmt: skip
+        if self.api_key is not None and scope["path"] not in PUBLIC_PATHS:
+            scheme, _, key = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+                return APIError(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return APIError(413, too_large(self.max_body))
+        return None
+
+    def serves(self, host: str) -> bool:
+        """Whether the Host header names this server."""
+        try:
+            name = urlsplit(f"//{host}").hostname or ""  # without the port or an IPv6 address's brackets
+        except ValueError:
+            return False
+        with contextlib.suppress(ValueError):
+            return ipaddress.ip_address(name) is not None
+        return "*" in self.hosts or name in self.hosts
+
+
+def too_large(max_body: int) -> str:
+    return f"the request body is over {max_body} bytes (serve.py --max-body-mb)"
 
 
 # ---------------------------------------------------------------------------------------------------
 # The app.
 
 
-def build_app(
-    engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None, max_body: int = 32 * 2**20
-) -> FastAPI:
-    """The FastAPI app over an engine, which runs apart from it (serve, or Engine.start). A request body over
-    max_body bytes is refused unread (413), as is a body without a Content-Length (411)."""
+def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+              max_body: int = 32 * 2**20, hosts: Collection[str] = LOCAL_NAMES) -> FastAPI:  # fmt: skip
+    """The FastAPI app over an engine, which runs apart from it (serve, or Engine.start), behind the Gate."""
     model, created = engine.model, int(time.time())
     app = FastAPI(title="gemma3-int4", docs_url=None, redoc_url=None)
+    app.add_middleware(Gate, hosts=hosts, api_key=api_key, max_body=max_body)
 
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
@@ -375,33 +557,15 @@ def build_app(
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: HTTPRequest, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            return APIError(400, f"the body is not valid JSON ({first['ctx']['error']})").response()
         where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
-        message = "the body is not valid JSON" if first["type"] == "json_invalid" else f"{where}: {first['msg']}"
-        return APIError(400, message, param=where).response()
+        return APIError(400, f"{where}: {first['msg'].removeprefix('Value error, ')}", param=where).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: HTTPRequest, e: HTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return APIError(e.status_code, str(e.detail), kind).response()
-
-    @app.middleware("http")
-    async def limit_body(request: HTTPRequest, call_next):
-        length = request.headers.get("content-length")
-        if request.method == "POST" and not (length or "").isdigit():
-            return APIError(411, "a request body needs a Content-Length").response()
-        if length is not None and length.isdigit() and int(length) > max_body:
-            return APIError(413, f"the request body is over {max_body} bytes (serve.py --max-body-mb)").response()
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def check_key(request: HTTPRequest, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return APIError(
-                    401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error"
-                ).response()
-        return await call_next(request)
+        return APIError(e.status_code, too_large(max_body) if e.status_code == 413 else str(e.detail), kind).response()
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -412,8 +576,12 @@ def build_app(
         return Response(status_code=204)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": model_name, "vision": model.vision is not None, **engine.status()}
+    async def health() -> JSONResponse:
+        """503 once the engine has failed: a supervisor's cue to restart the server."""
+        if engine.failure is not None:
+            return JSONResponse({"status": "error", "error": f"the engine failed: {engine.failure!r}"}, 503)
+        return JSONResponse({"status": "ok", "model": model_name, "vision": model.vision is not None,
+                             **engine.status()})  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -424,34 +592,24 @@ def build_app(
 
     @app.post("/v1/completions")
     async def completions(body: Completion, http: HTTPRequest):
-        if isinstance(body.prompt, str):
-            try:
-                prompt = [BOS_ID, *tokenizer.encode(body.prompt)]
-            except ValueError as e:
-                raise APIError(400, f"prompt: {e}", param="prompt") from None
-        else:
-            prompt = body.prompt
-            if any(not 0 <= t < model.config.vocab_size for t in prompt):
-                raise APIError(400, f"prompt: token ids go from 0 to {model.config.vocab_size - 1}", param="prompt")
-        return await respond(body, prompt, [], http, chat=False)
+        sampling, stops = body.settings()
+        prompt = await run_in_threadpool(completion_prompt, body.prompt, tokenizer, model.config.vocab_size)
+        return await respond(body, sampling, stops, prompt, [], http, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletion, http: HTTPRequest):
-        ids, images = await run_in_threadpool(chat_prompt, body.messages, tokenizer, model)
+        sampling, stops = body.settings()
+        ids, images = await run_in_threadpool(chat_prompt, body.messages, tokenizer, model, engine.context)
         body.max_tokens = body.max_tokens or body.max_completion_tokens
-        return await respond(body, ids, images, http, chat=True)
+        return await respond(body, sampling, stops, ids, images, http, chat=True)
 
-    async def respond(body: Completion, prompt: list[int], images: list, http: HTTPRequest, chat: bool):
+    async def respond(body: Completion, sampling: Sampling, stops: list[str], prompt: list[int], images: list,
+                      http: HTTPRequest, chat: bool):  # fmt: skip
         if not prompt:
             raise APIError(400, "prompt: empty", param="prompt")
         if len(prompt) >= engine.context:
             raise APIError(400, f"the prompt has {len(prompt)} tokens, but the context is {engine.context} tokens "
                            "(serve.py --context)", param="messages" if chat else "prompt")  # fmt: skip
-        stops = body.stops()
-        try:
-            sampling = body.sampling()
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
         generator = None if body.seed is None else torch.Generator().manual_seed(body.seed % 2**64)
         room = engine.context - len(prompt)
         request = Request(prompt, min(body.max_tokens or room, room), sampling, tokenizer.stop_ids, generator)
@@ -468,7 +626,7 @@ def build_app(
         usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": result["completion_tokens"],
                          "total_tokens": len(prompt) + result["completion_tokens"]}  # fmt: skip
         if not body.stream:
-            text = "".join([piece async for piece in watched(pieces, http, job)])
+            text = "".join([piece async for piece in watched(pieces, http.receive)])
             choice = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": None}
             choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             return {**head, "choices": [choice], "usage": usage()}
@@ -487,7 +645,7 @@ def build_app(
             try:
                 yield chunk("")
                 try:
-                    async for piece in pieces:
+                    async for piece in watched(pieces, http.receive):
                         yield chunk(piece)
                 except APIError as e:  # the model failed mid-stream: say so in the stream, as OpenAI does
                     yield sse({"error": {"message": e.message, "type": e.type, "param": None, "code": None}})
@@ -527,19 +685,115 @@ def build_app(
     return app
 
 
-def serve(app: FastAPI, engine: Engine, host: str, port: int, shutdown_timeout: float) -> bool:
-    """Serve the app with uvicorn in a thread and run the engine in this one (the thread that loaded the
-    model, see Engine) until SIGINT or SIGTERM: then uvicorn takes no new connections, the requests in
-    flight get shutdown_timeout seconds before the engine cuts them, and both stop. False: the server did not
-    start (uvicorn said why, e.g. the port is taken)."""
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout + 5
-    )
-    server = uvicorn.Server(config)
+def completion_prompt(prompt: str | list[int], tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+    """/v1/completions' prompt as ids: a string after <bos>, or the ids given (checked)."""
+    if isinstance(prompt, list):
+        if any(not 0 <= t < vocab_size for t in prompt):
+            raise APIError(400, f"prompt: token ids go from 0 to {vocab_size - 1}", param="prompt")
+        return prompt
+    try:
+        return [BOS_ID, *tokenizer.encode(prompt)]
+    except ValueError as e:
+        raise APIError(400, f"prompt: {e}", param="prompt") from None
+
+
+def sse(payload: dict) -> bytes:
+    return format_sse_event(data_str=json.dumps(payload, ensure_ascii=False))
+
+
+async def watched(pieces: AsyncIterator[str], receive: Receive) -> AsyncIterator[str]:
+    """The pieces until the client hangs up: then the one awaited is cancelled, which frees the job's row at once
+    (texts), whether the reply is streamed or whole."""
+    hung_up, iterator = asyncio.ensure_future(hang_up(receive)), aiter(pieces)
+    try:
+        while True:
+            piece = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait([piece, hung_up], return_when=asyncio.FIRST_COMPLETED)
+            if not piece.done():
+                piece.cancel()
+                return
+            try:
+                text = piece.result()
+            except StopAsyncIteration:
+                return
+            yield text
+    finally:
+        hung_up.cancel()
+
+
+async def hang_up(receive: Receive) -> None:
+    """Returns when the client hangs up: once the request's body is read, uvicorn's receive() waits for that (or
+    for the response to be complete)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# Connections, and serving.
+
+logger = logging.getLogger("uvicorn.error")  # (uvicorn's: its warnings and ours read alike)
+
+
+@dataclasses.dataclass
+class ConnectionLimit:
+    """What the connections share: how many may be open, and when refusing more was last logged."""
+
+    most: int
+    logged: float = -math.inf
+
+
+class Connection(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, limited. Beyond `limit.most` open connections, a new one is closed at once
+    (before the process runs out of file descriptors, where each failed accept is logged), logged once a minute
+    at most. And a connection has uvicorn's keep-alive timeout (serve.py --idle-timeout) to send each request's
+    head, from the moment it opens (uvicorn's timer starts only when a response ends, and restarts at every
+    byte that trickles in)."""
+
+    def __init__(self, *args, limit: ConnectionLimit, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.limit = limit
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limit.most:
+            if time.monotonic() - self.limit.logged > 60:
+                logger.warning(f"{len(self.connections)} connections are open, the most allowed (serve.py "
+                               "--max-connections): new ones are closed until some end")  # fmt: skip
+                self.limit.logged = time.monotonic()
+            self.transport = transport
+            return transport.close()
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)  # uvicorn's, less its restart of the timer: a request's head cancels it
+        self.handle_events()
+
+
+def uvicorn_config(app: FastAPI, max_connections: int = 100, idle_timeout: float = 5.0,
+                   shutdown_timeout: float = 5.0) -> uvicorn.Config:  # fmt: skip
+    """uvicorn's settings for the app: HTTP/1.1 through Connection, with its limits."""
+    connection = functools.partial(Connection, limit=ConnectionLimit(max_connections))
+    return uvicorn.Config(app, http=connection, log_level="warning", timeout_keep_alive=idle_timeout,
+                          timeout_graceful_shutdown=shutdown_timeout + 5)  # fmt: skip
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port (an IPv6 address too): bound before the server says it is serving."""
+    return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
+def serve(app: FastAPI, engine: Engine, sock: socket.socket, shutdown_timeout: float, max_connections: int = 100,
+          idle_timeout: float = 5.0) -> bool:  # fmt: skip
+    """Serve the app with uvicorn on the listening socket in a thread, and run the engine in this one (the
+    thread that loaded the model, see Engine) until SIGINT or SIGTERM: then uvicorn takes no new connections,
+    the requests in flight get shutdown_timeout seconds before the engine cuts them, and both stop. False: the
+    server did not start (uvicorn said why), or the engine failed (and the server stopped with it, so that a
+    supervisor can restart it)."""
+    server = uvicorn.Server(uvicorn_config(app, max_connections, idle_timeout, shutdown_timeout))
 
     def http() -> None:
         try:
-            server.run()
+            server.run(sockets=[sock])
         finally:
             engine.stop()
 
@@ -553,27 +807,6 @@ def serve(app: FastAPI, engine: Engine, host: str, port: int, shutdown_timeout: 
     thread = threading.Thread(target=http, name="http")
     thread.start()
     engine.run()
+    server.should_exit = True  # (the engine stopped: uvicorn already is, unless the engine failed)
     thread.join()
-    return server.started
-
-
-def sse(payload: dict) -> bytes:
-    return format_sse_event(data_str=json.dumps(payload, ensure_ascii=False))
-
-
-async def watched(pieces: AsyncIterator[str], http: HTTPRequest, job: Job) -> AsyncIterator[str]:
-    """The pieces, until the client goes away (checked each second): a whole response's client that hangs up
-    frees its row too."""
-    iterator = aiter(pieces)
-    while True:
-        task = asyncio.ensure_future(anext(iterator))
-        while not task.done():
-            await asyncio.wait([task], timeout=1.0)
-            if not task.done() and await http.is_disconnected():
-                task.cancel()
-                return
-        try:
-            piece = task.result()
-        except StopAsyncIteration:
-            return
-        yield piece
+    return server.started and engine.failure is None

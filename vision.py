@@ -29,14 +29,18 @@ from quant import attention_dtype
 # (without its optional pan-and-scan crops).
 
 
-def load_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+def load_image(path: str | Path | BinaryIO, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """Open an image file (or a file object: `name` says what it is in errors), upright (its EXIF orientation
-    applied), fully decoded: errors name the file."""
+    applied), fully decoded: errors name the file. max_pixels: a larger image is refused by the size in its
+    header, before anything is decoded (a small file can decode to gigabytes; Pillow only warns below twice
+    its MAX_IMAGE_PIXELS)."""
     name = name or str(path)
     if isinstance(path, (str, Path)) and Path(path).exists() and not Path(path).is_file():
         raise ValueError(f"{path}: not a regular file")  # a directory, or a FIFO that would block forever
     try:
         with Image.open(path) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ValueError(f"{image.width}x{image.height} pixels, more than the {max_pixels} allowed")
             image = ImageOps.exif_transpose(image)
             image.load()  # decode now, so a truncated file fails here and not later
             return image
@@ -59,11 +63,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
+def resize(image: Image.Image, size: int) -> Image.Image:
+    """The image as the model sees it: RGB, size x size, bilinear (preprocess of the result gives the same pixels)."""
+    return to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+
+
 def preprocess(image: Image.Image | str | Path, size: int = 896) -> torch.Tensor:
     """An image (or its path) -> pixel values (3, size, size) in [-1, 1]: RGB, bilinear resize, (x/255 - 0.5) / 0.5."""
     if not isinstance(image, Image.Image):
         image = load_image(image)
-    image = to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+    image = resize(image, size)
     pixels = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)  # (size, size, 3), rounded once
     pixels = (pixels - np.float32(0.5)) / np.float32(0.5)
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()

@@ -4,18 +4,23 @@ of bad request, a dropped stream, a full queue, the API key, images, shutdown, a
 
 import asyncio
 import base64
+import collections
 import contextlib
 import http.client
 import io
 import json
+import logging
 import os
+import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,12 +29,13 @@ import torch
 from conftest import hf_multimodal_model, int4_checkpoint
 from PIL import Image
 
+import generation
 import loader
 import vision
 from checkpoint import DEFAULT_MODEL
 from config import BOS_ID, STOP_IDS
 from generation import Request, Sampling, compile_decode_step, generate
-from server import Engine, Job, build_app
+from server import LOCAL_NAMES, Engine, Job, StopStrings, build_app, listen, uvicorn_config
 from tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
@@ -41,13 +47,14 @@ GREEDY = Sampling(temperature=0)
 
 @contextlib.contextmanager
 def serving(model, tokenizer, slots=8, context=512, max_queue=64, api_key=None, name="gemma-3-270m",
-            max_body=2**20):  # fmt: skip
-    """The app on a free loopback port, in a thread: yields its base URL."""
-    engine = Engine(model, slots, context, max_queue=max_queue)
-    app = build_app(engine, tokenizer, name, api_key, max_body)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+            max_body=2**20, hosts=LOCAL_NAMES, max_connections=100, idle_timeout=5.0, engine=None):  # fmt: skip
+    """The app on a free loopback port, in a thread, as serve runs it: yields its base URL."""
+    engine = engine or Engine(model, slots, context, max_queue=max_queue)
+    app = build_app(engine, tokenizer, name, api_key, max_body, hosts)
+    sock = listen("127.0.0.1", 0)
+    config = uvicorn_config(app, max_connections, idle_timeout)
+    config.timeout_graceful_shutdown = 2
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     engine.start()
     thread.start()
@@ -194,24 +201,22 @@ BAD = [
     ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "context is 512 tokens"),
     ({"messages": [{"role": "user", "content": "caf\udce9"}]}, 400, "UTF-8"),
     ({"prompt": [1, 2, 10**9]}, 400, "token ids"),
-    (
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
-        400,
-        "data: URLs",
-    ),  # fmt: skip
-    (
-        {
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}],
-                }
-            ]
-        },
-        400,
-        "not a readable image",
-    ),  # fmt: skip
-]
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e39, "repetition_penalty": 1e39}, 400,
+     "temperature must be 0 (greedy) or from 0.01 to 100"),
+    ({"prompt": "hi", "repetition_penalty": 1e39}, 400, "repetition_penalty must be from 0.01 to 100"),
+    ({"prompt": "hi", "temperature": 1e-30}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 3000, "y" * 1097]}, 400, "4096 characters"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "tools: not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400,
+     "response_format: not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs: not supported"),
+    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs: not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": ""}}]}]}, 400,
+     "part 0 has type 'input_audio'"),
+    ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
+                   {"role": "user", "content": "hi"}]}, 400, "system messages are text only"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("body, status, words", BAD)
@@ -222,15 +227,30 @@ def test_bad_requests_get_openai_errors(real, body, status, words):
     assert words.lower() in answer["error"]["message"].lower(), answer
 
 
-def test_a_body_over_the_limit_is_refused(real):
-    body = {"messages": [{"role": "user", "content": "x" * 2**20}]}  # the test server takes 1 MiB
+def chunked_post(url: str, chunks: list[bytes], head: bytes = b"") -> tuple[int, dict]:
+    """A POST of /v1/completions with a chunked body (and more header lines, as they are)."""
+    conn = http.client.HTTPConnection(*url[7:].split(":"), timeout=30)
+    conn.connect()
+    conn.sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n%s\r\n" % head)  # fmt: skip
+    with contextlib.suppress(OSError):  # (refused before it is all sent)
+        conn.sock.sendall(b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in [*chunks, b""]))
+    response = http.client.HTTPResponse(conn.sock, method="POST")
+    response.begin()
+    return response.status, json.loads(response.read())
+
+
+def test_a_body_over_the_limit_is_refused_by_the_bytes_read(real):
+    """The test server takes 1 MiB: a larger body is refused by its Content-Length, or when its chunks pass the
+    limit, whatever Content-Length it claims beside them; a small chunked body is served."""
+    body = {"messages": [{"role": "user", "content": "x" * 2**20}]}
     code, answer = post(real.url, "/v1/chat/completions", body)
-    assert code == 413 and set(answer["error"]) >= {"message", "type", "param"}
-    conn = http.client.HTTPConnection(*real.url[7:].split(":"), timeout=10)  # a chunked body: no length to check
-    conn.request("POST", "/v1/completions", iter([b'{"prompt": "Hi"}']), {"Content-Type": "application/json"},
-                 encode_chunked=True)  # fmt: skip
-    response = conn.getresponse()
-    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]["message"]
+    assert code == 413 and "over 1048576 bytes" in answer["error"]["message"]
+    chunks = [b'{"prompt": "', *[b"x" * 2**16] * 32, b'", "max_tokens": 1}']  # 2 MiB, "Content-Length: 10"
+    code, answer = chunked_post(real.url, chunks, b"Content-Length: 10\r\n")
+    assert code == 413 and "over 1048576 bytes" in answer["error"]["message"]
+    code, answer = chunked_post(real.url, [b'{"prompt": "Hi", ', b'"max_tokens": 2}'])
+    assert code == 200 and answer["usage"]["completion_tokens"] == 2
 
 
 def test_non_finite_sampling_values_are_refused(real):
@@ -240,12 +260,27 @@ def test_non_finite_sampling_values_are_refused(real):
         assert code == 400 and "temperature" in answer["error"]["message"]
 
 
-def test_an_image_for_a_text_only_model(real):
-    url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
-    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": "What is this?"}]}]}  # fmt: skip
-    code, answer = post(real.url, "/v1/chat/completions", body)
+def image_message(*urls: str, text: str = "What is this?") -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]}
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def test_images_for_a_text_only_model_are_refused_undecoded(real, monkeypatch):
+    """Refused before anything is decoded: a bomb's header is not even read."""
+    monkeypatch.setattr(vision, "load_image", lambda *args, **kwargs: pytest.fail("an image was decoded"))
+    code, answer = post(real.url, "/v1/chat/completions", image_message(*[data_url(png_header(13000, 13000))] * 8))
     assert code == 400 and "text-only" in answer["error"]["message"]
+
+
+def get(url: str, path: str, headers: dict | None = None) -> tuple[int, bytes]:
+    with contextlib.closing(http.client.HTTPConnection(*url[7:].split(":"), timeout=10)) as conn:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
 
 
 def health(url: str) -> dict:
@@ -254,23 +289,27 @@ def health(url: str) -> dict:
         return json.loads(conn.getresponse().read())
 
 
-def test_a_dropped_stream_frees_its_row(real):
-    host, port = real.url[7:].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400, "stream": True}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200
-    data = 0
-    while data < 3:  # the opening chunk, then two of the reply's: it has a row and decodes
-        data += response.readline().startswith(b"data: ")
-    assert health(real.url)["active"] == 1
-    response.close()
-    conn.close()
-    deadline = time.time() + 10
-    while health(real.url)["active"] and time.time() < deadline:
-        time.sleep(0.05)
-    assert health(real.url)["active"] == 0  # freed long before its 400 tokens
+def wait_for_active(url: str, active: int, seconds: float) -> float:
+    """Seconds until /health shows `active` rows busy (at most `seconds`, then fails)."""
+    start = time.monotonic()
+    while health(url)["active"] != active:
+        assert time.monotonic() - start < seconds, health(url)
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_frees_its_row_within_a_second(real, stream):
+    """A request whose client goes away mid-reply (curl -m2): its row is free within a second, whole or streamed."""
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 2000, "stream": stream}
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", int(real.url.rsplit(":", 1)[1])))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))  # fmt: skip
+    wait_for_active(real.url, 1, 30)
+    time.sleep(0.3)  # decoding
+    sock.close()
+    assert wait_for_active(real.url, 0, 1.0) < 1.0
     assert real.client.completions.create(model="x", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
 
 
@@ -296,13 +335,23 @@ def test_an_api_key_is_required_when_set():
         assert code == 401
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert client.completions.create(model="x", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
-        assert health(url)["status"] == "ok"  # /health and the page need no key
+        lowercase = {"Authorization": "bearer s3cret"}  # the scheme's name is case-insensitive
+        assert post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2}, lowercase)[0] == 200
+        assert get(url, "/openapi.json")[0] == 401 and get(url, "/openapi.json", lowercase)[0] == 200
+        assert health(url)["status"] == "ok" and get(url, "/")[0] == 200  # /health and the page need no key
 
 
 def png_bytes(size: int = 40) -> bytes:
     buffer = io.BytesIO()
     Image.effect_noise((size, size), 60).convert("RGB").save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height (a decompression bomb's, as far as anything reads before decoding)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(99))) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -334,6 +383,170 @@ def test_images_as_data_urls(tiny_vision):
                                                max_tokens=12, temperature=0)  # fmt: skip
         assert health(server_url)["vision"] is True
     assert reply.choices[0].message.content == expected
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bad_images_for_a_vision_model(tiny_vision):
+    """Each refused with a 400 naming the problem: a bomb by the size in its header, before anything is decoded
+    (at 96 megapixels Pillow only warns); more images than the context holds before any is decoded."""
+    model, tokenizer = loader.from_pretrained(tiny_vision), Tokenizer.from_file(tiny_vision / "tokenizer.model")
+    with serving(model, tokenizer, context=128, name="tiny") as url:
+        for body, words in [
+            (image_message("https://x/y.png"), "only data: URLs"),
+            (image_message("data:image/png;base64,aGVsbG8="), "not an image file"),
+            (image_message("data:image/png;base64,not base64!"), "not base64"),
+            (image_message(data_url(png_header(12000, 8000))), "12000x8000 pixels, more than the 89478485 allowed"),
+            (image_message(*[data_url(png_bytes())] * 32), "32 images take 128 tokens, but the context is 128"),
+        ]:
+            code, answer = post(url, "/v1/chat/completions", body)
+            assert code == 400 and words in answer["error"]["message"], answer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_int4_dir):
+    """The tiny int4 model and its tokenizer: for servers whose replies do not matter."""
+    return loader.from_pretrained(tiny_int4_dir), Tokenizer.from_file(tiny_int4_dir / "tokenizer.model")
+
+
+def closed(sock: socket.socket) -> bool:
+    """Whether the server closed the connection (waiting up to the socket's timeout)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_request_that_fails_fails_alone(real, monkeypatch):
+    """A request whose sampling raises (at its prefill, or in a decode step) gets a 500 or an error event in
+    OpenAI's shape; the engine serves on."""
+    sample = generation.sample
+    calls = collections.Counter()
+
+    def failing(logits, s, *args):  # fails the requests sampled at temperature 0.5, on their `s.top_k`-th token
+        calls[s.top_k] += s.temperature == 0.5
+        if s.temperature == 0.5 and calls[s.top_k] == s.top_k:
+            raise IndexError("argmax on an empty tensor")
+        return sample(logits, s, *args)
+
+    monkeypatch.setattr(generation, "sample", failing)
+    code, answer = post(real.url, "/v1/completions", {"prompt": "Hi", "temperature": 0.5, "top_k": 1})
+    assert code == 500 and "prefill failed: IndexError" in answer["error"]["message"], answer
+    assert answer["error"]["type"] == "server_error"
+    stream = real.client.completions.create(model="x", prompt="Hi", max_tokens=20, temperature=0.5, stream=True,
+                                            extra_body={"top_k": 3})  # fmt: skip
+    with pytest.raises(openai.APIError, match="decoding failed: IndexError"):
+        list(stream)
+    assert health(real.url)["active"] == 0
+    assert real.client.completions.create(model="x", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_an_engine_that_fails_says_so_and_refuses_work(tiny):
+    """A bug in the engine's loop (not a request's failure): the request in flight gets a 500, /health a 503
+    with status "error" (a supervisor's cue), and new requests a 503."""
+    model, tokenizer = tiny
+    engine = Engine(model, 2, 64)
+    engine.join = lambda job: 1 / 0
+    with serving(model, tokenizer, engine=engine) as url:
+        code, answer = post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        assert code == 500 and "the engine failed (ZeroDivisionError" in answer["error"]["message"]
+        status, body = get(url, "/health")
+        assert status == 503 and json.loads(body)["status"] == "error"
+        code, answer = post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        assert code == 503 and "restart the server" in answer["error"]["message"]
+
+
+def test_tokenizing_runs_off_the_event_loop(real, monkeypatch):
+    """A prompt that takes long to tokenize (a 30 MB one) leaves /health and the other requests answering."""
+    for name, path, body in [("encode", "/v1/completions", {"prompt": "Hi", "max_tokens": 1}),
+                             ("chat_prompt", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                                      "max_tokens": 1})]:  # fmt: skip
+        fast = getattr(real.tokenizer, name)
+        monkeypatch.setattr(real.tokenizer, name, lambda *args, fast=fast: time.sleep(2) or fast(*args))
+        thread = threading.Thread(target=post, args=(real.url, path, body))
+        thread.start()
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert health(real.url)["status"] == "ok" and time.monotonic() - start < 1.0
+        thread.join()
+        monkeypatch.undo()
+
+
+def test_stop_strings_take_linear_time():
+    """Against a reference (the text up to where a stop string first ends), text cut anywhere into tokens; and
+    stop strings of 10000 characters that every token keeps matched but for their end cost microseconds per
+    token (trying each prefix of each cost a second per token)."""
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choices("ab", k=rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choices("ab", k=rng.randint(0, 30)))
+        ends = [n for n in range(len(text) + 1) if any(text[:n].endswith(stop) for stop in stops)]
+        expected = text if not ends else text[: min(ends[0] - len(s) for s in stops if text[: ends[0]].endswith(s))]
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 4)))
+        matcher, said, hit = StopStrings(stops), "", False
+        for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
+            ready, hit = matcher.push(text[a:b])
+            said += ready
+            if hit:
+                break
+        assert (said if hit else said + matcher.held) == expected, (stops, text)
+    matcher, start = StopStrings(["ab" * 5000 + "c" + str(i) for i in range(4)]), time.perf_counter()
+    for _ in range(6000):
+        assert matcher.push("ab")[1] is False
+    assert time.perf_counter() - start < 2.0 and len(matcher.held) == 10000
+
+
+def test_only_the_servers_own_names_are_served(tiny):
+    """The Host header names localhost, an IP address or a name given (--host, --allow-host): a page whose name
+    was rebound to 127.0.0.1 gets a 403."""
+    with serving(*tiny, context=64, hosts=[*LOCAL_NAMES, "gemma.lan"]) as url:
+        port = url.rsplit(":", 1)[1]
+        for host, status in [(f"localhost:{port}", 200), (f"127.0.0.1:{port}", 200), (f"[::1]:{port}", 200),
+                             ("192.168.1.20", 200), (f"Gemma.LAN:{port}", 200), (f"evil.example:{port}", 403),
+                             ("localhost.evil.example", 403), ("127.0.0.1.nip.io", 403), ("[::1", 403)]:  # fmt: skip
+            code, body = get(url, "/health", {"Host": host})
+            assert code == status, (host, body)
+        assert "evil.example" in json.loads(get(url, "/", {"Host": "evil.example"})[1])["error"]["message"]
+
+
+def test_connections_are_limited_and_idle_ones_closed(tiny):
+    """Beyond the limit a new connection is closed at once, logged once; one that sends no request head within
+    the idle timeout (nothing, or a byte at a time) is closed; then the server answers again."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    with serving(*tiny, context=64, max_connections=3, idle_timeout=0.5) as url:
+        logging.getLogger("uvicorn.error").addHandler(handler)  # (after uvicorn configured its loggers)
+        try:
+            address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+            idle = [socket.create_connection(address, timeout=5) for _ in range(3)]
+            time.sleep(0.1)
+            extra = [socket.create_connection(address, timeout=5) for _ in range(20)]
+            assert all(closed(s) for s in extra)  # at once
+            start = time.monotonic()
+            assert all(closed(s) for s in idle) and time.monotonic() - start < 2  # when idle
+            dribbler = socket.create_connection(address, timeout=5)
+            with contextlib.suppress(OSError):
+                for byte in b"GET /health HTTP/1.1\r\nHost: localhost\r\n":
+                    dribbler.send(bytes([byte]))
+                    time.sleep(0.05)
+            assert closed(dribbler)
+            assert health(url)["status"] == "ok"
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert [r.getMessage() for r in records if "connections are open" in r.getMessage()] == [
+        "3 connections are open, the most allowed (serve.py --max-connections): new ones are closed until some end"
+    ]
+
+
+def test_errors_name_the_field_in_param(real):
+    for body, param, words in [(b'{"prompt": "Hi",', None, "not valid JSON"),
+                               ({"prompt": "Hi", "temperature": 500}, "temperature", "temperature must be"),
+                               ({"prompt": "Hi", "tools": [{}]}, "tools", "tools"),
+                               ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages.0.content",
+                                "messages.0.content: part 0 has type 'audio'")]:  # fmt: skip
+        path = "/v1/completions" if isinstance(body, bytes) or "prompt" in body else "/v1/chat/completions"
+        code, answer = post(real.url, path, body)
+        assert code == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
 
 
 def test_the_engine_with_a_compiled_step(tiny_int4_dir):
@@ -370,21 +583,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def until_serving(proc: subprocess.Popen) -> str:
+    """serve.py's stderr up to its "serving ..." line (all of it, if it ends first)."""
+    said = ""
+    while not said.endswith("\n") or not said.splitlines()[-1].startswith("serving"):
+        line = proc.stderr.readline()
+        if not line:
+            return said
+        said += line
+    return said
+
+
 def test_sigterm_ends_in_flight_streams_and_exits(tmp_path):
-    """serve.py as users run it: a stream in flight when SIGTERM comes is finished or cut within the shutdown
-    timeout, and the server exits 0."""
+    """serve.py as users run it: "serving" is said once the port takes connections; a stream in flight when
+    SIGTERM comes is finished or cut within the shutdown timeout, and the server exits 0."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", str(port), "--shutdown-timeout", "1"],
                             cwd=tmp_path, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            with contextlib.suppress(OSError):
-                health(url)
-                break
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-            time.sleep(0.2)
+        assert "serving" in until_serving(proc)
+        health(url)  # at once
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         stream = client.completions.create(model="x", prompt="Once upon a time", max_tokens=2000, stream=True)
         pieces = iter(stream)
@@ -396,6 +615,38 @@ def test_sigterm_ends_in_flight_streams_and_exits(tmp_path):
         # uvicorn exits by the signal it caught, once everything is closed: as a service manager expects
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
         assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+ENGINE_FAILS = """
+import sys
+sys.path.insert(0, {root!r})
+import serve, server
+server.Engine.join = lambda self, job: 1 / 0  # a bug in the engine's loop
+sys.exit(serve.main(sys.argv[1:]))
+"""
+
+
+def test_serve_exits_1_when_it_cannot_serve(tiny_int4_dir, tmp_path):
+    """A port that is taken: one line, before "serving". An engine that fails: the request in flight gets a 500,
+    and the server exits 1 (for a supervisor to restart it) saying why."""
+    command = [sys.executable, "-c", ENGINE_FAILS.format(root=str(ROOT)), "--model", str(tiny_int4_dir), "--port"]
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        out = subprocess.run([*command, port], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "serving" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    port = str(free_port())
+    proc = subprocess.Popen([*command, port], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in until_serving(proc)
+        code, answer = post(f"http://127.0.0.1:{port}", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        assert code == 500 and "the engine failed" in answer["error"]["message"]
+        assert proc.wait(timeout=30) == 1
+        assert proc.stderr.read().strip().splitlines()[-1].startswith("error: the engine failed (ZeroDivisionError")
     finally:
         if proc.poll() is None:
             proc.kill()
