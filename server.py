@@ -325,7 +325,8 @@ class Completion(Strict):
             "tools": bool(self.tools),
             "response_format": (self.response_format or {}).get("type", "text") != "text",
         }
-        for field in [field for field, asked_for in asked.items() if asked_for][:1]:
+        field = next((field for field, asked_for in asked.items() if asked_for), None)
+        if field is not None:
             raise APIError(400, f"{field}: not supported by this server (it replies with plain text)", param=field)
 
     def settings(self) -> tuple[Sampling, list[str]]:
@@ -531,7 +532,8 @@ class Gate:
         except ValueError:
             return False
         with contextlib.suppress(ValueError):
-            return ipaddress.ip_address(name) is not None
+            ipaddress.ip_address(name)
+            return True
         return "*" in self.hosts or name in self.hosts
 
 
@@ -759,8 +761,9 @@ class Connection(H11Protocol):
                 logger.warning(f"{len(self.connections)} connections are open, the most allowed (serve.py "
                                "--max-connections): new ones are closed until some end")  # fmt: skip
                 self.limit.logged = time.monotonic()
-            self.transport = transport
-            return transport.close()
+            self.transport = transport  # (for connection_lost)
+            transport.close()
+            return
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
