@@ -12,9 +12,10 @@ Type a message and press Enter. Commands:
   /save FILE     save the conversation as JSON (a new file; /save! FILE may replace one)
   /help          show this help
   /exit          leave (or Ctrl-D)
-Ctrl-C stops a reply and keeps what it said so far. The KV cache is kept across turns, so each
-message costs only its own tokens. When the conversation fills the context (--context tokens),
-chat.py says so: /reset starts over (/save first to keep the transcript).
+Ctrl-C stops a reply and keeps what it said so far. A reply ends at --max-new-tokens (default 1024)
+and says so. The KV cache is kept across turns, so each message costs only its own tokens. When the
+conversation fills the context (--context tokens), chat.py says so: /reset starts over (/save first
+to keep the transcript).
 With stdin piped, each line is one message (commands too) and each reply is one block on stdout.
 """
 
@@ -38,8 +39,9 @@ from cli import add_model_arguments, add_sampling_arguments, load, positive_int,
 from config import BOS_ID, IMAGE_TOKEN_ID
 from generation import Sampling, compile_decode_step, decode_one_token, generate
 from model import Gemma3
-from tokenizer import StreamDecoder, Tokenizer
+from tokenizer import StreamDecoder, Tokenizer, is_base_model
 
+REPLY_LIMIT = 1024  # tokens: a long answer, while a base model that never ends its turn stops in seconds
 HELP = __doc__[__doc__.index("Commands:") : __doc__.index("Ctrl-C")].rstrip()
 
 
@@ -70,6 +72,7 @@ class Conversation:
         self.system, self.max_new_tokens, self.decode_step = system, max_new_tokens, decode_step
         self.tokens_per_image = model.config.vision_config.tokens_per_image if model.vision else 0
         self.attached: list[tuple[str, torch.Tensor]] = []  # (path, pixel values) for the next message
+        self.finish: str | None = None  # how the last reply ended: "stop" (a stop id), "length" or None
         model.setup_cache(1, context)
         self.reset()
 
@@ -109,10 +112,11 @@ class Conversation:
         images_before = self.ids[:start].count(IMAGE_TOKEN_ID) // max(self.tokens_per_image, 1)
         new_images = self.pixel_values[images_before:]
         room = self.context - len(prompt)
+        limit = min(room, self.max_new_tokens or room)
         reply, stream = [], StreamDecoder(self.tokenizer)
         try:
             for token in generate(
-                self.model, prompt, min(room, self.max_new_tokens or room), self.sampling, self.tokenizer.stop_ids,
+                self.model, prompt, limit, self.sampling, self.tokenizer.stop_ids,
                 self.generator, self.decode_step, torch.stack(new_images) if new_images else None, start,
             ):  # fmt: skip
                 reply.append(token)
@@ -121,6 +125,7 @@ class Conversation:
         finally:  # finished, cut at max_new_tokens or the context's end, or interrupted: close the turn
             stopped = bool(reply) and reply[-1] in self.tokenizer.stop_ids
             said = reply[:-1] if stopped else reply
+            self.finish = "stop" if stopped else "length" if len(reply) == limit else None  # None: interrupted
             self.messages.append({"role": "model", "content": stream.text, "images": []})  # as printed
             # the cache holds the prompt and every reply token but the last sampled (never fed back); after an
             # interrupted prefill nothing is sure (a ring buffer cannot rewind), so the next turn starts over
@@ -145,8 +150,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an image for the first message (repeatable), like /image")  # fmt: skip
     p.add_argument("--context", type=positive_int, default=8192,
                    help="tokens the conversation may hold (KV cache; default 8192, at most the model's)")  # fmt: skip
-    p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="longest reply (default: up to the context)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=positive_int, default=REPLY_LIMIT,
+                   help=f"longest reply in tokens, at most the context; a reply cut there says so (default "
+                        f"{REPLY_LIMIT}: raise it for long answers)")  # fmt: skip
     add_sampling_arguments(p)
     return p.parse_args(argv)
 
@@ -179,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    if is_base_model(args.model, tokenizer.chat_template):
+        print(f"note: {args.model} is a base model, not instruction-tuned: it continues text rather than answering "
+              "(an -it model chats)", file=sys.stderr)  # fmt: skip
     if interactive:
         setup_readline()
         print(f"chatting with {args.model} ({context} tokens of context). /help for commands, Ctrl-D to leave.",
@@ -270,6 +279,8 @@ def reply(chat: Conversation, text: str) -> None:
     sys.stdout.flush()
     if chat.reply_was_cut():
         print("(the context is full: /reset starts a new conversation)", file=sys.stderr)
+    elif chat.finish == "length":
+        print(f"(reply cut at {chat.max_new_tokens} tokens: --max-new-tokens sets the limit)", file=sys.stderr)
 
 
 def setup_readline() -> None:

@@ -35,6 +35,7 @@ class Tokenizer:
         tool_response = self.sp.piece_to_id("<|tool_response>")  # Gemma 4's stop token too, as Google lists them
         tool_response = [tool_response] if self.gemma4 and 0 <= tool_response != self.sp.unk_id() else []
         self.stop_ids = tuple(stop_ids or (EOS_ID, self.end_of_turn, *tool_response))
+        self.chat_template = chat_template
         self.reply_opening = generation_prompt(chat_template, source) or f"{start}model\n"
 
     @classmethod
@@ -178,6 +179,18 @@ def place_images(text: str, num_images: int) -> str:
 def is_instruction_tuned(name: str | Path) -> bool:
     """Gemma's instruction-tuned checkpoints are named *-it (gemma-3-4b-it, gemma-3-1b-it-int4, ...)."""
     return re.search(r"(^|[-_./])(it|instruct)([-_./]|$)", Path(name).name, re.IGNORECASE) is not None
+
+
+def is_base_model(name: str | Path, chat_template: str | None) -> bool:
+    """Whether a checkpoint is a pretrained (base) model, which continues text rather than answering, as far as its
+    name and files tell: Google names tuned models *-it and base ones gemma-N-SIZE or *-pt; a name that follows
+    neither convention (a fine-tune's) counts as tuned when the checkpoint carries a chat template."""
+    stem = Path(name).name
+    if is_instruction_tuned(stem):
+        return False
+    if re.search(r"(^|[-_.])(pt|base)([-_.]|$)", stem, re.IGNORECASE) or re.match(r"gemma-?\d", stem, re.IGNORECASE):
+        return True
+    return chat_template is None
 
 
 class StreamDecoder:

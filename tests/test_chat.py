@@ -168,6 +168,20 @@ def test_piped_chat_with_commands(tiny_int4_dir, tmp_path):
     assert out.stdout == "".join(r + "\n" for r in replies)  # the replies, each on its own line
 
 
+def test_piped_chat_cuts_replies_at_the_default_limit_and_names_a_base_model(tiny_int4_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(chat_script, "REPLY_LIMIT", 3)  # the default of --max-new-tokens
+    base = tmp_path / "gemma-3-tiny"  # a base model's name (no -it)
+    base.symlink_to(tiny_int4_dir)
+    out = run_chat("Hello!\n", "--model", base, "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == greedy_replies(tiny_int4_dir, ["Hello!"], [], max_new_tokens=3)[0] + "\n"
+    assert "(reply cut at 3 tokens: --max-new-tokens sets the limit)" in out.stderr
+    notice = [line for line in out.stderr.splitlines() if "base model" in line]
+    assert len(notice) == 1 and "not instruction-tuned" in notice[0]
+    tuned = run_chat("Hello!\n", "--model", tiny_int4_dir, "--temperature", "0")
+    assert "base model" not in tuned.stderr and "reply cut at 3 tokens" in tuned.stderr
+
+
 def greedy_replies(model_dir, turns: list[str], after_reset: list[str], system=None, max_new_tokens=None) -> list[str]:
     """What the script should print: the Conversation API's greedy replies, with chat.py's defaults (bf16)."""
     model = loader.from_pretrained(model_dir) if model_dir else loader.from_pretrained(checkpoint.DEFAULT_MODEL)

@@ -55,6 +55,15 @@ def test_is_instruction_tuned():
     assert not tk.is_instruction_tuned("/data/edit/gemma-3-1b-pt")
 
 
+def test_is_base_model():
+    assert tk.is_base_model("gemma-3-270m", None)  # the embedded default
+    assert tk.is_base_model("google/gemma-3-270m", "{{ messages }}")  # Google's base repos carry the template too
+    assert tk.is_base_model("/models/my-gemma-pt.gguf", "{{ messages }}")
+    assert not tk.is_base_model("gaunernst/gemma-3-1b-it-int4", None)
+    assert not tk.is_base_model("./my-finetune", "{{ messages }}")  # a name that does not tell: the template does
+    assert tk.is_base_model("./my-finetune", None)
+
+
 def test_bad_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer not found"):
         Tokenizer.from_file(tmp_path / "tokenizer.model")
