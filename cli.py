@@ -4,6 +4,7 @@ anything slow runs, and loading the model and tokenizer they name (generate.py, 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -19,6 +20,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
     return value
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cli import add_model_arguments, load, positive_int
+from cli import add_model_arguments, load, positive_float, positive_int
 from generation import compile_decode_step, decode_one_token
 
 if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens per request, prompt and reply (default 4096, at most the model's)")  # fmt: skip
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting for a row before the server answers 503 (default 64)")  # fmt: skip
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (default: no key)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on all but the page and /health "
+                   "(default: no key)")  # fmt: skip
     p.add_argument("--name", help="the model's name in /v1/models (default: --model's last part)")
     p.add_argument("--max-body-mb", type=positive_int, default=32,
                    help="largest request body, images included, in MB (default 32)")  # fmt: skip
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--host); repeatable; '*' serves any name")  # fmt: skip
     p.add_argument("--max-connections", type=positive_int, default=100,
                    help="open connections; more are closed at once (default 100; keep it under ulimit -n)")  # fmt: skip
-    p.add_argument("--idle-timeout", type=float, default=5.0,
+    p.add_argument("--idle-timeout", type=positive_float, default=5.0,
                    help="seconds a connection has to send each request's head (default 5)")  # fmt: skip
     return p.parse_args(argv)
 

@@ -81,6 +81,23 @@ def test_generate_rejects_bad_arguments(tiny_int4_dir, tmp_path, args, fragments
     assert out == ""
 
 
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--idle-timeout", "0"], ["--idle-timeout", "above 0"]),
+        (["--idle-timeout", "nan"], ["--idle-timeout", "above 0"]),
+        (["--max-connections", "0"], ["--max-connections", "at least 1"]),
+    ],
+)
+def test_serve_rejects_bad_arguments(tiny_int4_dir, args, fragments):
+    pytest.importorskip("uvicorn")
+    import serve
+
+    code, out, err = run(serve, ["--model", tiny_int4_dir, *args])
+    assert_one_line_error(code, err, *fragments)
+    assert out == ""
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 def test_generate_without_cuda_says_so_before_loading(tmp_path):
     code, _, err = run(generate, ["--model", tmp_path / "not-loaded", "--prompt", "Hi", "--device", "cuda"])
