@@ -374,6 +374,15 @@ def stop_ids(path_or_hub_id: str | Path) -> list[int] | None:
     return ids if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids) else None
 
 
+def adds_bos(path_or_hub_id: str | Path) -> bool:
+    """Whether the checkpoint's tokenizer starts a text with <bos>: a GGUF says so in its metadata (Gemma's do);
+    elsewhere, Gemma's always does (a tokenizer_config.json that says otherwise travels with the conversion)."""
+    path = resolve(path_or_hub_id)
+    if path.suffix != ".gguf":
+        return True
+    return bool(gguf_format.field(gguf_format.open_gguf(path), "tokenizer.ggml.add_bos_token", True))
+
+
 def read_json(path: Path) -> dict:
     """A JSON object file's content; {} where there is none (or it is not an object)."""
     if not path.is_file():
@@ -420,6 +429,7 @@ def save(
     layout: str = "int4",
     companions: list[Path] = (),
     extras: dict[str, dict[str, torch.Tensor]] | None = None,
+    tokenizer_files: dict[str, str] | None = None,
 ) -> None:
     """Write a checkpoint (our names and tensors in) in any output layout (convert.TARGETS), atomically
     (files.atomic_output: an existing `dst` is an error, and an interrupted write leaves nothing); load_weights
@@ -427,8 +437,9 @@ def save(
     "int4": gaunernst's (int4 and int8 pairs as they are, the rest bf16);
     "awq", "compressed-tensors": every int4 linear in that layout, the embedding dense bf16 (neither has an
     int4 embedding), with the quantization_config vLLM reads;   "dense": every weight bf16, as Google's.
-    `companions` (see companion_files) are copied as they are; `extras` maps file names to more tensors, each
-    written as a safetensors file of its own (the default model's RANKER)."""
+    `tokenizer_files` (name -> text: hf_tokenizer.tokenizer_files) are written beside tokenizer.model, and then
+    `companions` (see companion_files) copied as they are, the source's own files taking precedence; `extras` maps
+    file names to more tensors, each written as a safetensors file of its own (the default model's RANKER)."""
     if layout == "gguf":
         return gguf_format.save(config, tensors, tokenizer, dst)
     hf_config = config.to_hf()
@@ -445,6 +456,8 @@ def save(
         write_shards(tensors, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "tokenizer.model").write_bytes(tokenizer)
+        for name, text in (tokenizer_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         for file in companions:
             shutil.copyfile(file, tmp / file.name)
         for name, extra in (extras or {}).items():
@@ -531,6 +544,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         save_file(tensors, path, metadata={"format": "pt"})
     except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
         raise OSError(str(e)) from None
+    os.chmod(path, 0o666 & ~umask())  # safetensors writes through a private (0600) temporary: readable as any file
+
+
+def umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:

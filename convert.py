@@ -25,6 +25,7 @@ from pathlib import Path
 
 import checkpoint
 import files
+import hf_tokenizer
 import ptq
 from loader import convert_weights, load_checkpoint
 from tokenizer import Tokenizer
@@ -55,10 +56,12 @@ def convert(
     src = checkpoint.resolve(src)  # once: a hub id is looked up (downloaded) here, not for each file read below
     config, tensors, above_4_bits = load_checkpoint(src)
     if tokenizer is not None:  # the source's tokenizer files would contradict it: carry none over
-        proto, companions = tokenizer.read_bytes(), []
+        proto, companions, template, stop_ids = tokenizer.read_bytes(), [], None, None
     else:
         proto, companions = checkpoint.tokenizer_proto(src), checkpoint.companion_files(src)
-    sentencepiece = Tokenizer(proto, str(tokenizer or "the source's tokenizer"))  # not one: fails before writing
+        template, stop_ids = checkpoint.chat_template(src), checkpoint.stop_ids(src)
+    # not a tokenizer: fails before writing
+    sentencepiece = Tokenizer(proto, str(tokenizer or "the source's tokenizer"), template, stop_ids)
     if sentencepiece.vocab_size > config.vocab_size:
         raise ValueError(
             f"the tokenizer has {sentencepiece.vocab_size} tokens, more than the model's {config.vocab_size}"
@@ -71,7 +74,11 @@ def convert(
         if to in ("awq", "compressed-tensors"):
             weights = "int4"  # both formats are 4-bit only
         tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits, consume=True)
-    checkpoint.save(config, tensors, proto, dst, to, companions)
+    tokenizer_files = None
+    if to != "gguf":  # what transformers, vLLM and SGLang read beside tokenizer.model, where the source has none
+        tokenizer_files = hf_tokenizer.tokenizer_files(proto, template, checkpoint.adds_bos(src),
+                                                       list(sentencepiece.stop_ids), config.max_seq_len)  # fmt: skip
+    checkpoint.save(config, tensors, proto, dst, to, companions, tokenizer_files=tokenizer_files)
 
 
 def main(argv=None) -> int:

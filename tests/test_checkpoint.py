@@ -178,7 +178,7 @@ LAYERS = [
     {"config", "files", "hugepages", "w4a8"},  # import nothing of ours
     {"quant"},
     {"vision", "gguf_format", "flax_format", "torchao_format"},
-    {"model", "checkpoint"},
+    {"model", "checkpoint", "hf_tokenizer"},
     {"gemma4"},  # Gemma 4's decoder, built from model.py's pieces
     {"tokenizer", "loader"},
     {"generation", "ptq"},

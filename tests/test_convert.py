@@ -3,6 +3,7 @@ independent readers (AutoAWQ's unpacking, the compressed-tensors library, transf
 
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -279,7 +280,68 @@ def test_tokenizer_and_generation_files_travel_along(tiny_int4_dir, tokenizer_fi
     convert.convert(str(src), tmp_path / "awq", "awq")
     assert all((tmp_path / "awq" / name).read_text() == text for name, text in files.items())
     convert.convert(str(src), tmp_path / "other", "dense", tokenizer=tokenizer_file)
-    assert not any((tmp_path / "other" / name).exists() for name in files)
+    assert not any((tmp_path / "other" / name).read_text() == text for name, text in files.items())  # ours instead
+    assert "chat_template" not in json.loads((tmp_path / "other" / "tokenizer_config.json").read_text())
+
+
+# A Gemma-style chat template (Google's, without its system-prompt and image branches)
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+TEXTS = ["The quick brown fox.", "  two  spaces\n\n\tand a tab", "naïve café 日本語 🦀", "x = f(3.14)\n"]
+
+
+@pytest.mark.parametrize("to", ["dense", "awq", "compressed-tensors"])
+def test_transformers_tokenizes_and_generates_from_the_export_as_we_do(to, tiny_int4_dir, tmp_path):
+    """An export carries what transformers (and so vLLM and SGLang) need to tokenize as we do, <bos> included,
+    apply the chat template and stop where we stop: tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+    generation_config.json; every file readable by all, as any checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from generation import Sampling, generate
+    from tokenizer import Tokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_int4_dir, src)
+    (src / "chat_template.jinja").write_text(TEMPLATE)
+    exported = tmp_path / to
+    convert.convert(str(src), exported, to)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (exported / name).is_file(), name
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in exported.iterdir())  # not 0600
+    ours, theirs = Tokenizer.from_pretrained(exported), AutoTokenizer.from_pretrained(exported)
+    for text in TEXTS:
+        assert theirs(text)["input_ids"] == ours.encode(text, bos=True), text
+        assert theirs.decode(ours.encode(text)) == text
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "What is a dict?"}]  # fmt: skip
+    prompt = ours.chat_prompt([{**m, "role": "model" if m["role"] == "assistant" else "user"} for m in messages])
+    assert theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"] == prompt
+    if to == "awq":  # transformers runs AWQ only with AutoAWQ's kernels (a GPU): the tokenizer is what we check
+        return
+    hf = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    model = loader.from_pretrained(exported, dtype=torch.float32, weights="dense")
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :].tolist()
+    assert list(generate(model, prompt, 12, Sampling(temperature=0), ours.stop_ids)) == expected
+
+
+def test_the_tokenizer_of_an_export_loads_without_protobuf_or_tokenizer_model(tiny_int4_dir, export, tmp_path,
+                                                                                monkeypatch):  # fmt: skip
+    """transformers reads tokenizer.model through protobuf (and fails without it); tokenizer.json needs neither."""
+    from transformers import AutoTokenizer
+
+    from tokenizer import Tokenizer
+
+    exported = tmp_path / "dense"
+    shutil.copytree(export(tiny_int4_dir, "dense"), exported)
+    (exported / "tokenizer.model").unlink()
+    monkeypatch.setitem(sys.modules, "google.protobuf", None)  # import google.protobuf fails
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)
+    theirs = AutoTokenizer.from_pretrained(exported)
+    ours = Tokenizer.from_pretrained(tiny_int4_dir)
+    assert [theirs(text)["input_ids"] for text in TEXTS] == [ours.encode(text, bos=True) for text in TEXTS]
 
 
 @pytest.mark.parametrize("kind", ["symmetric", "activation order", "zero points"])

@@ -239,3 +239,21 @@ def test_serving_exports_round_trip_on_the_real_model(real_gguf, tmp_path):
         for name, t in back.items():
             if name.rpartition(".")[0] not in with_zeros:
                 assert torch.equal(t, original[name]), f"{to}: {name}"
+
+
+def test_dense_export_tokenizes_and_generates_in_transformers_as_we_do(real_gguf, tmp_path, tok):
+    """The real 270M exported dense: transformers reads its tokenizer.json (user-defined whitespace pieces, byte
+    fallback, 262k merges) as we tokenize, <bos> added as the GGUF says, and greedy-decodes what we do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import convert
+
+    convert.convert(str(real_gguf), tmp_path / "dense", "dense")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "dense")
+    for text in [text_sample(100_000), *PROMPTS, "  two  spaces\tand\ttabs\n\n\n  ", "héllo 🦀🤖 ∑∫ Привет"]:
+        assert theirs(text).input_ids == tok.encode(text, bos=True), text[:40]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    ours = loader.from_pretrained(tmp_path / "dense", dtype=torch.float32, weights="dense")
+    prompt = theirs(PROMPTS[0]).input_ids
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt) :].tolist()
+    assert list(generate(ours, prompt, 16, Sampling(temperature=0), tok.stop_ids)) == expected
