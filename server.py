@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import signal
 import socket
 import threading
@@ -36,7 +37,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import torch
 import uvicorn
@@ -94,10 +94,6 @@ class Job:
             self.loop.call_soon_threadsafe(self.tokens.put_nowait, token)
 
 
-class Busy(Exception):
-    pass
-
-
 class Engine:
     """Continuous batching in one thread (run): between decode steps, cancelled jobs leave their rows and
     waiting jobs take the free ones (their prompts prefilled on joining); then one step decodes a token for
@@ -149,13 +145,15 @@ class Engine:
             self.wake.notify()
 
     def submit(self, job: Job) -> None:
+        """Queue the job (thread-safe); a 503 if the engine failed, is shutting down, or the queue is full."""
         with self.wake:
             if self.failure is not None:
                 raise APIError(503, f"the engine failed ({self.failure!r}): restart the server", "server_error")
             if self.deadline is not None:
-                raise Busy("the server is shutting down")
+                raise APIError(503, "the server is shutting down", "server_busy")
             if len(self.waiting) >= self.max_queue:
-                raise Busy(f"the server is busy: {len(self.waiting)} requests are waiting; try again later")
+                raise APIError(503, f"the server is busy: {len(self.waiting)} requests are waiting; try again later",
+                               "server_busy")  # fmt: skip
             self.jobs.add(job)
             self.waiting.append(job)
             self.wake.notify()
@@ -405,22 +403,29 @@ def parts_of(message: Message) -> tuple[str, list[str]]:
     return text, urls
 
 
+FULL_SIZE = threading.Lock()  # held while an image is in memory at full size (decode_image)
+WEB_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what browsers show (Pillow reads more: EPS through Ghostscript)
+
+
 def decode_image(url: str, size: int) -> Image.Image:
     """An image from a data: URL (base64), at the model's size. Nothing is fetched from the network. Its size
     is checked before it is decoded (Pillow's MAX_IMAGE_PIXELS, about 89 megapixels, an error here), and it is
-    shrunk at once, so that a request holds one image at full size at a time."""
+    shrunk at once; requests take turns, so that the server holds one image at full size at a time (up to a
+    few hundred MB: a PNG of 300 kB can decode to 89 megapixels). Only the formats browsers show are read."""
     header, comma, data = url.partition(",")
     if not (url.startswith("data:") and comma and header.endswith(";base64")):
         raise APIError(400, "image_url: only data: URLs with base64 data are accepted (the server fetches nothing)",
                        param="messages")  # fmt: skip
     try:
         raw = base64.b64decode(data, validate=True)
-        image = vision.load_image(io.BytesIO(raw), "image_url", max_pixels=Image.MAX_IMAGE_PIXELS)
+        with FULL_SIZE:
+            image = vision.load_image(io.BytesIO(raw), "image_url", Image.MAX_IMAGE_PIXELS, WEB_FORMATS)
+            image = vision.resize(image, size)  # (which frees the full-size one before the next is decoded)
     except binascii.Error as e:
         raise APIError(400, f"image_url: not base64 ({e})", param="messages") from None
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
-    return vision.resize(image, size)
+    return image
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -475,6 +480,7 @@ def borders(s: str) -> list[int]:
 
 LOCAL_NAMES = ("localhost",)  # the Host names served by default (besides IP addresses, always served)
 PUBLIC_PATHS = ("/", "/favicon.ico", "/health")  # the chat page and the health check: no API key
+HOST = re.compile(r"(?:\[(?P<ipv6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9._-]+))(?::[0-9]*)?")  # RFC 9110's, lowercase
 
 
 class Gate:
@@ -491,6 +497,7 @@ class Gate:
 
     def __init__(self, app: ASGIApp, hosts: Collection[str], api_key: str | None, max_body: int):
         self.app, self.hosts, self.api_key, self.max_body = app, {host.lower() for host in hosts}, api_key, max_body
+        self.too_large = f"the request body is over {max_body} bytes (serve.py --max-body-mb)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -505,7 +512,7 @@ class Gate:
             message = await receive()
             read += len(message.get("body", b""))
             if read > self.max_body:  # (FastAPI reading the body passes it on: the app answers 413)
-                raise HTTPException(413)
+                raise HTTPException(413, self.too_large)
             return message
 
         await self.app(scope, counted, send)
@@ -522,23 +529,20 @@ class Gate:
                 return APIError(401, "a valid API key is needed: Authorization: Bearer KEY", "authentication_error")
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
-            return APIError(413, too_large(self.max_body))
+            return APIError(413, self.too_large)
         return None
 
     def serves(self, host: str) -> bool:
-        """Whether the Host header names this server."""
-        try:
-            name = urlsplit(f"//{host}").hostname or ""  # without the port or an IPv6 address's brackets
-        except ValueError:
+        """Whether the Host header names this server. It is a name or an address, and perhaps a port; anything
+        else (user@name, name/path: no browser sends them) names none."""
+        match = HOST.fullmatch(host.lower())
+        if match is None:
             return False
+        name = match["ipv6"] or match["name"]
         with contextlib.suppress(ValueError):
             ipaddress.ip_address(name)
             return True
         return "*" in self.hosts or name in self.hosts
-
-
-def too_large(max_body: int) -> str:
-    return f"the request body is over {max_body} bytes (serve.py --max-body-mb)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -567,7 +571,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
     @app.exception_handler(HTTPException)
     async def http_error(request: HTTPRequest, e: HTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return APIError(e.status_code, too_large(max_body) if e.status_code == 413 else str(e.detail), kind).response()
+        return APIError(e.status_code, str(e.detail), kind).response()
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -616,10 +620,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         room = engine.context - len(prompt)
         request = Request(prompt, min(body.max_tokens or room, room), sampling, tokenizer.stop_ids, generator)
         job = Job(request, asyncio.get_running_loop(), images)
-        try:
-            engine.submit(job)
-        except Busy as e:
-            raise APIError(503, str(e), "server_busy") from None
+        engine.submit(job)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name}  # fmt: skip

@@ -29,25 +29,27 @@ from quant import attention_dtype
 # (without its optional pan-and-scan crops).
 
 
-def load_image(path: str | Path | BinaryIO, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
+def load_image(path: str | Path | BinaryIO, name: str | None = None, max_pixels: int | None = None,
+               formats: tuple[str, ...] | None = None) -> Image.Image:  # fmt: skip
     """Open an image file (or a file object: `name` says what it is in errors), upright (its EXIF orientation
     applied), fully decoded: errors name the file. max_pixels: a larger image is refused by the size in its
     header, before anything is decoded (a small file can decode to gigabytes; Pillow only warns below twice
-    its MAX_IMAGE_PIXELS)."""
+    its MAX_IMAGE_PIXELS). formats: Pillow's names of those read (default: all it knows); others are refused."""
     name = name or str(path)
     if isinstance(path, (str, Path)) and Path(path).exists() and not Path(path).is_file():
         raise ValueError(f"{path}: not a regular file")  # a directory, or a FIFO that would block forever
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=formats) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:
                 raise ValueError(f"{image.width}x{image.height} pixels, more than the {max_pixels} allowed")
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # (not a copy: a large image is in memory once, not twice)
             image.load()  # decode now, so a truncated file fails here and not later
             return image
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {name}") from None
     except UnidentifiedImageError:
-        raise ValueError(f"{name}: not an image file (or a format pillow cannot read)") from None
+        what = "an image file (or a format pillow cannot read)" if formats is None else f"a {'/'.join(formats)} image"
+        raise ValueError(f"{name}: not {what}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{name}: cannot read the image ({e})") from None
 

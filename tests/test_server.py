@@ -341,9 +341,9 @@ def test_an_api_key_is_required_when_set():
         assert health(url)["status"] == "ok" and get(url, "/")[0] == 200  # /health and the page need no key
 
 
-def png_bytes(size: int = 40) -> bytes:
+def image_file(format: str = "PNG") -> bytes:
     buffer = io.BytesIO()
-    Image.effect_noise((size, size), 60).convert("RGB").save(buffer, "PNG")
+    Image.effect_noise((40, 40), 60).convert("RGB").save(buffer, format)
     return buffer.getvalue()
 
 
@@ -368,7 +368,7 @@ def test_images_as_data_urls(tiny_vision):
     directory = tiny_vision
     model, tokenizer = loader.from_pretrained(directory), Tokenizer.from_file(directory / "tokenizer.model")
     alone = loader.from_pretrained(directory)
-    png = png_bytes()
+    png = image_file()
     pixels = vision.preprocess(Image.open(io.BytesIO(png)), model.config.vision_config.image_size)[None]
     message = {"role": "user", "content": "Look: <start_of_image> what is it?", "images": 1}
     prompt = tokenizer.chat_prompt([message], tokens_per_image=4)
@@ -393,13 +393,41 @@ def test_bad_images_for_a_vision_model(tiny_vision):
     with serving(model, tokenizer, context=128, name="tiny") as url:
         for body, words in [
             (image_message("https://x/y.png"), "only data: URLs"),
-            (image_message("data:image/png;base64,aGVsbG8="), "not an image file"),
+            (image_message("data:image/png;base64,aGVsbG8="), "not a PNG/JPEG/WEBP/GIF/BMP image"),
+            (image_message(data_url(image_file("EPS"))), "not a PNG/JPEG/WEBP/GIF/BMP image"),  # (Ghostscript's)
             (image_message("data:image/png;base64,not base64!"), "not base64"),
             (image_message(data_url(png_header(12000, 8000))), "12000x8000 pixels, more than the 89478485 allowed"),
-            (image_message(*[data_url(png_bytes())] * 32), "32 images take 128 tokens, but the context is 128"),
+            (image_message(*[data_url(image_file())] * 32), "32 images take 128 tokens, but the context is 128"),
         ]:
             code, answer = post(url, "/v1/chat/completions", body)
             assert code == 400 and words in answer["error"]["message"], answer
+
+
+def test_concurrent_requests_decode_their_images_in_turn(tiny_vision, monkeypatch):
+    """One image at full size in memory at a time, however many requests bring one (an 89-megapixel PNG of 300 kB
+    decodes to over 300 MB; the threads of 40 requests at once would hold 40)."""
+    load, decoding, most = vision.load_image, [], []
+
+    def slow_load(*args, **kwargs):
+        decoding.append(None)
+        most.append(len(decoding))
+        time.sleep(0.2)
+        try:
+            return load(*args, **kwargs)
+        finally:
+            decoding.pop()
+
+    monkeypatch.setattr(vision, "load_image", slow_load)
+    model, tokenizer = loader.from_pretrained(tiny_vision), Tokenizer.from_file(tiny_vision / "tokenizer.model")
+    body, codes = {**image_message(data_url(image_file())), "max_tokens": 1}, []
+    with serving(model, tokenizer, context=128, name="tiny") as url:
+        threads = [threading.Thread(target=lambda: codes.append(post(url, "/v1/chat/completions", body)[0]))
+                   for _ in range(4)]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert codes == [200] * 4 and most == [1] * 4
 
 
 @pytest.fixture(scope="module")
@@ -502,7 +530,8 @@ def test_only_the_servers_own_names_are_served(tiny):
         port = url.rsplit(":", 1)[1]
         for host, status in [(f"localhost:{port}", 200), (f"127.0.0.1:{port}", 200), (f"[::1]:{port}", 200),
                              ("192.168.1.20", 200), (f"Gemma.LAN:{port}", 200), (f"evil.example:{port}", 403),
-                             ("localhost.evil.example", 403), ("127.0.0.1.nip.io", 403), ("[::1", 403)]:  # fmt: skip
+                             ("localhost.evil.example", 403), ("127.0.0.1.nip.io", 403), ("[::1", 403),
+                             ("evil.example@localhost", 403), ("localhost/x", 403), ("localhost:x", 403)]:  # fmt: skip
             code, body = get(url, "/health", {"Host": host})
             assert code == status, (host, body)
         assert "evil.example" in json.loads(get(url, "/", {"Host": "evil.example"})[1])["error"]["message"]
@@ -697,7 +726,7 @@ def test_the_chat_page_sends_an_image(tiny_vision, tmp_path):
     """A vision model's page offers an image: attached, it shows in the message and goes as a data: URL."""
     playwright = pytest.importorskip("playwright.sync_api")
     model, tokenizer = loader.from_pretrained(tiny_vision), Tokenizer.from_file(tiny_vision / "tokenizer.model")
-    (tmp_path / "cat.png").write_bytes(png_bytes())
+    (tmp_path / "cat.png").write_bytes(image_file())
     with serving(model, tokenizer, context=128, name="tiny") as url, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.getuid() == 0 else [])
         try:
