@@ -12,12 +12,14 @@ pickle (torchao's pytorch_model.bin) only through torch.load(weights_only=True) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -93,9 +95,10 @@ def resolve(path_or_hub_id: str | Path) -> Path:
 
         try:
             return Path(snapshot_download(str(path_or_hub_id), allow_patterns=hub_patterns(str(path_or_hub_id))))
-        except Exception as e:
+        except Exception as e:  # its messages run to several lines: the first says what failed
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FileNotFoundError(
-                f"{path_or_hub_id!r} is not a local path, and downloading it from the hub failed: {e}"
+                f"{path_or_hub_id!r} is not a local path, and downloading it from the hub failed: {reason}"
             ) from e
     raise FileNotFoundError(f"no such checkpoint: {path_or_hub_id} (not a file, directory or owner/name hub id)")
 
@@ -103,10 +106,10 @@ def resolve(path_or_hub_id: str | Path) -> Path:
 def hub_patterns(repo_id: str) -> list[str]:
     """The files to download: HUB_FILES, and the pickled weights only from a repo without safetensors (so that
     a repo holding both is not downloaded twice). Offline, both: the cache holds what it holds."""
-    from huggingface_hub import list_repo_files
+    from huggingface_hub import model_info
 
-    try:
-        names = list_repo_files(repo_id)
+    try:  # one request (list_repo_files retries five times, a line each, before it fails offline)
+        names = [f.rfilename for f in model_info(repo_id).siblings or []]
     except Exception:  # offline, or unknown: snapshot_download says why
         return [*HUB_FILES, PICKLED]
     return HUB_FILES + ([] if any(n.endswith(".safetensors") for n in names) else [PICKLED])
@@ -429,7 +432,7 @@ def save(
     layout: str = "int4",
     companions: list[Path] = (),
     extras: dict[str, dict[str, torch.Tensor]] | None = None,
-    tokenizer_files: dict[str, str] | None = None,
+    text_files: dict[str, str] | None = None,
 ) -> None:
     """Write a checkpoint (our names and tensors in) in any output layout (convert.TARGETS), atomically
     (files.atomic_output: an existing `dst` is an error, and an interrupted write leaves nothing); load_weights
@@ -437,7 +440,7 @@ def save(
     "int4": gaunernst's (int4 and int8 pairs as they are, the rest bf16);
     "awq", "compressed-tensors": every int4 linear in that layout, the embedding dense bf16 (neither has an
     int4 embedding), with the quantization_config vLLM reads;   "dense": every weight bf16, as Google's.
-    `tokenizer_files` (name -> text: hf_tokenizer.tokenizer_files) are written beside tokenizer.model, and then
+    `text_files` (name -> text: hf_tokenizer.tokenizer_files) are written beside tokenizer.model, and then
     `companions` (see companion_files) copied as they are, the source's own files taking precedence; `extras` maps
     file names to more tensors, each written as a safetensors file of its own (the default model's RANKER)."""
     if layout == "gguf":
@@ -456,7 +459,7 @@ def save(
         write_shards(tensors, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "tokenizer.model").write_bytes(tokenizer)
-        for name, text in (tokenizer_files or {}).items():
+        for name, text in (text_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         for file in companions:
             shutil.copyfile(file, tmp / file.name)
@@ -498,29 +501,81 @@ def embedded_gguf() -> Path:
 
 
 def default_model() -> Path:
-    """The embedded 270M, converted on first use into our layout (as weights="auto" loads it) in the cache.
-    Two processes converting at once both publish atomically: the second finds the first's conversion and
-    uses it. Temporaries of killed conversions are removed."""
-    directory = cache_dir() / DEFAULT_MODEL_CACHE
+    """The embedded 270M, converted on first use into our layout (as weights="auto" loads it) in the cache."""
+
+    def convert() -> tuple[Gemma3Config, dict[str, torch.Tensor], bytes]:
+        gguf_path = embedded_gguf()
+        hf_config, tensors, above_4_bits = gguf_format.load(gguf_path)
+        tensors = quant.convert_state_dict(tensors, "auto", above_4_bits)
+        return Gemma3Config.from_hf(hf_config), tensors, gguf_format.tokenizer_proto(gguf_path)
+
+    return cached_conversion(cache_dir() / DEFAULT_MODEL_CACHE, DEFAULT_MODEL, convert)
+
+
+def cached_conversion(
+    directory: Path,
+    name: str,
+    convert: Callable[[], tuple[Gemma3Config | Gemma4Config, dict[str, torch.Tensor], bytes]],
+    text_files: dict[str, str] | None = None,
+) -> Path:
+    """`directory`: the checkpoint `name` in our layout as weights="auto" loads it, which convert() -> (config,
+    tensors, tokenizer) makes on first use; an int8 head's int4 ranker is cached with it. Two processes converting
+    at once both publish atomically: the second finds the first's conversion and uses it. Temporaries of killed
+    conversions are removed."""
     files.remove_abandoned(directory)
     if (directory / "config.json").exists():
         return directory
     if directory.exists():  # conversions are published whole, so this is not one of ours
         raise FileExistsError(f"{directory} is not a converted model (no config.json): delete it to convert again")
-    gguf_path = embedded_gguf()
-    print(f"converting {gguf_path.name} into {directory} (once)", file=sys.stderr)
-    hf_config, tensors, above_4_bits = gguf_format.load(gguf_path)
-    tensors = quant.convert_state_dict(tensors, "auto", above_4_bits)
+    print(f"converting {name} into {directory} (once)", file=sys.stderr)
+    config, tensors, tokenizer = convert()
     extras = {}
     if "embed.int8_data" in tensors:  # its int8 head's int4 ranker, so that no load quantizes it again
         extras[RANKER] = quant.int4_ranker(tensors["embed.int8_data"], tensors["embed.scales"])
+    directory.parent.mkdir(parents=True, exist_ok=True)
     try:
-        save(Gemma3Config.from_hf(hf_config), tensors, gguf_format.tokenizer_proto(gguf_path), directory,
-             extras=extras)  # fmt: skip
+        save(config, tensors, tokenizer, directory, extras=extras, text_files=text_files)
     except OSError:  # the rename onto another process's conversion failed: use theirs
         if not (directory / "config.json").exists():
             raise
     return directory
+
+
+GGUF_CACHE = "gguf"  # in cache_dir(): the conversions of GGUF files (other than the default model)
+SOURCE = "source.json"  # in each: the file it was converted from, and that file's key (gguf_key)
+
+
+def gguf_cache(path: Path) -> tuple[Path, str]:
+    """Where the conversion of a GGUF file is cached (named by the file, and by its key: a file changed in place
+    gets a new directory), and the SOURCE record to write in it."""
+    path = path.resolve()
+    key = gguf_key(path)
+    source = json.dumps({"path": str(path), "key": key})
+    name = f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}-{key[:16]}"
+    return cache_dir() / GGUF_CACHE / name, source
+
+
+def gguf_key(path: Path) -> str:
+    """A GGUF file's size, mtime and a hash of its header (the metadata: the first MiB) and last MiB, hashed."""
+    stat = path.stat()
+    digest = hashlib.sha256(f"{stat.st_size} {stat.st_mtime_ns}".encode())
+    with path.open("rb") as f:
+        digest.update(f.read(2**20))
+        f.seek(max(stat.st_size - 2**20, 0))
+        digest.update(f.read())
+    return digest.hexdigest()
+
+
+def remove_stale_gguf_conversions() -> None:
+    """Remove the cached conversions whose GGUF file is gone or has changed since (or that record no source)."""
+    for directory in (cache_dir() / GGUF_CACHE).glob("*"):
+        try:
+            source = json.loads((directory / SOURCE).read_text())
+            stale = gguf_key(Path(source["path"])) != source["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            stale = directory.is_dir() and not directory.name.startswith(".")  # a temporary is remove_abandoned's
+        if stale:
+            files.remove(directory)
 
 
 RANKER = "ranker.safetensors"  # the cached int4 ranker of a checkpoint's int8 head (quant.Int8Linear.unembed)

@@ -44,6 +44,11 @@ def from_pretrained(
     router float. activations: the CPU int4 matmuls' ("int8" or "bf16"; default quant.ACTIVATIONS).
     """
     path = checkpoint.resolve(path_or_hub_id)  # once: a hub id is looked up (downloaded) here
+    if path.suffix == ".gguf" and weights == "auto":
+        try:
+            path = cached_gguf(path)
+        except OSError as e:  # a cache that cannot be written: the file is converted as it is, each time
+            warnings.warn(f"{e}: loading {path.name} without caching its conversion", stacklevel=2)
     config, tensors, above_4_bits = load_checkpoint(path)
     # stacked here, so that the unstacked copies are freed before the model is built and packed
     tensors = convert_weights(tensors, weights, above_4_bits, consume=True)
@@ -55,6 +60,21 @@ def from_pretrained(
     lookups_only = [model.embed] if model.lm_head is not None else []  # embeddings never used as a matmul
     lookups_only += [model.embed_per_layer] if isinstance(model, Gemma4) and model.embed_per_layer else []
     return quant.use_cpu_kernels(model, lookups_only=tuple(lookups_only), activations=activations)
+
+
+def cached_gguf(path: Path) -> Path:
+    """A GGUF file converted as weights="auto" loads it, into the cache on first use (checkpoint.gguf_cache: keyed
+    by the file's size, mtime and header), so that later loads read our layout as the default model's do instead
+    of dequantizing and quantizing every tensor again. A conversion removes those of files gone or changed."""
+    directory, source = checkpoint.gguf_cache(path)
+
+    def convert() -> tuple[Config, dict[str, torch.Tensor], bytes]:
+        checkpoint.remove_stale_gguf_conversions()
+        config, tensors, above_4_bits = load_checkpoint(path)
+        tensors = convert_weights(tensors, "auto", above_4_bits, consume=True)
+        return config, tensors, checkpoint.tokenizer_proto(path)
+
+    return checkpoint.cached_conversion(directory, path.name, convert, {checkpoint.SOURCE: source})
 
 
 def fused(config: Config) -> dict[str, tuple[str, ...]]:

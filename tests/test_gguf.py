@@ -178,3 +178,28 @@ def test_zero_points_go_out_as_q4_1(tmp_path, tiny_int4_dir):
     tensors[f"{up}.scales"] = tensors[f"{up}.scales"].float() * (1 + 2**-12)  # 17 bits: not an fp16
     with pytest.warns(UserWarning, match=r"1 int4 weight\(s\) with zero points written as Q4_1 .* rounded"):
         gguf_format.save(config, tensors, tokenizer, tmp_path / "y.gguf")
+
+
+def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tiny_int4_dir, tmp_path, monkeypatch, capsys):
+    """weights="auto" converts a GGUF into the cache on its first load; later loads read the conversion (the same
+    model as converting again); a file changed in place is converted again, and its stale conversion removed."""
+    monkeypatch.setenv("GEMMA3_INT4_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    assert run_convert(tiny_int4_dir, path, "--to", "gguf").returncode == 0
+    reads = []
+    real_load = gguf_format.load
+    monkeypatch.setattr(gguf_format, "load", lambda p: reads.append(p) or real_load(p))
+    first = loader.from_pretrained(path, dtype=torch.float32).state_dict()
+    second = loader.from_pretrained(path, dtype=torch.float32).state_dict()
+    assert len(reads) == 1 and capsys.readouterr().err.count("converting tiny.gguf") == 1
+    [cached] = (tmp_path / "cache" / "gguf").iterdir()
+    with monkeypatch.context() as m:  # no cache to be had: converted as it is, with a warning
+        m.setattr(loader, "cached_gguf", lambda p: (_ for _ in ()).throw(PermissionError("read-only cache")))
+        with pytest.warns(UserWarning, match="read-only cache: loading tiny.gguf without caching"):
+            uncached = loader.from_pretrained(path, dtype=torch.float32).state_dict()
+    assert first.keys() == second.keys() == uncached.keys()
+    assert all(torch.equal(first[k], second[k]) and torch.equal(first[k], uncached[k]) for k in first)
+    path.write_bytes(path.read_bytes())  # rewritten: a new mtime
+    loader.from_pretrained(path, dtype=torch.float32)
+    assert len(reads) == 3 and not cached.exists() and len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+    assert loader.from_pretrained(path, weights="int4") and len(reads) == 4  # other policies: from the file
