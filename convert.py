@@ -1,5 +1,6 @@
 """Convert a Gemma 3 (or Gemma 4 text) checkpoint between formats.
 
+    python convert.py gemma-3-270m ./gemma-3-270m-bf16 --to dense     # the embedded default model, by its name
     python convert.py gaunernst/gemma-3-1b-it-int4 gemma-3-1b-it-q4_0.gguf --to gguf
     python convert.py model.gguf ./gemma-3-270m-int4 --to int4
     python convert.py ./gemma-3-1b-it-int4 ./gemma-3-1b-it-awq --to awq
@@ -9,8 +10,9 @@
     python convert.py google/gemma-3-1b-it ./gemma-3-1b-it-gptq --to int4 --quantizer gptq
 
 The source format is detected: our int4 directory (gaunernst's layout), a dense HF directory, an AWQ or
-compressed-tensors directory, a .gguf file, a Google Flax/Orbax checkpoint directory, or a hub id. QAT weights
-(Google's Flax int4 checkpoints) come out lossless: each group's int4 grid is recovered exactly.
+compressed-tensors directory, a .gguf file, a Google Flax/Orbax checkpoint directory, a hub id, or gemma-3-270m
+(the embedded default model). QAT weights (Google's Flax int4 checkpoints) come out lossless: each group's int4
+grid is recovered exactly.
 DST's directory must exist, and DST must not: the output is written under a temporary name and published at
 the end without replacing anything (files.atomic_output), so a failed or interrupted conversion (Ctrl-C,
 SIGTERM, a full disk) leaves neither a half-written DST nor its temporary.
@@ -78,12 +80,13 @@ def convert(
     if to != "gguf":  # what transformers, vLLM and SGLang read beside tokenizer.model, where the source has none
         tokenizer_files = hf_tokenizer.tokenizer_files(proto, template, checkpoint.adds_bos(src),
                                                        list(sentencepiece.stop_ids), config.max_seq_len)  # fmt: skip
-    checkpoint.save(config, tensors, proto, dst, to, companions, tokenizer_files=tokenizer_files)
+    checkpoint.save(config, tensors, proto, dst, to, companions, text_files=tokenizer_files)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="checkpoint directory, .safetensors or .gguf file, or hub id (owner/name)")
+    p.add_argument("src", help="checkpoint directory, .safetensors or .gguf file, hub id (owner/name), or "
+                               f"{checkpoint.DEFAULT_MODEL}: the embedded default model")  # fmt: skip
     p.add_argument("dst", type=Path, help="output: a .gguf file, or a directory")
     p.add_argument("--to", required=True, choices=list(TARGETS),
                    help="; ".join(f"{k}: {v}" for k, v in TARGETS.items()))  # fmt: skip

@@ -1,6 +1,7 @@
 """Perplexity of a model on a text file, with a sliding window.
 
-    python eval.py --model gemma-3-270m.gguf --text wiki.txt --context 1024 --stride 512
+    python eval.py --text README.md --context 1024 --stride 512     # the default model, gemma-3-270m
+    python eval.py --model ./gemma-3-1b-it-int4 --text wiki.txt --dtype float32
 
 Each window starts with <bos> and holds up to --context tokens of the text; consecutive windows
 start --stride tokens apart, and each scores only the tokens the previous one did not, so every
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=positive_int, default=1024,
                    help="tokens per window, <bos> included (default 1024; at most the model's context)")  # fmt: skip
     p.add_argument("--stride", type=positive_int, default=512, help="tokens between window starts (default 512)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="activation dtype, as generate.py runs (default bfloat16; float32: slower)")  # fmt: skip
     p.add_argument(
         "--weights", choices=["auto", "int4", "dense"], default="auto", help="as in generate.py (default auto)"
     )

@@ -169,6 +169,17 @@ def test_hub_id_loads_from_the_hub_cache_layout(int4_dir, tmp_path_factory):
     assert out.returncode != 0 and "downloading it from the hub failed" in out.stderr
 
 
+def test_an_unreachable_hub_fails_in_one_line(tmp_path):
+    """Without a network (here, a hub address that refuses connections), a hub id that is not in the cache fails
+    at once, in one line: no retries, each with a line of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path)}
+    cmd = [sys.executable, "eval.py", "--model", "someone/not-cached", "--text", "README.md"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("error: 'someone/not-cached' is not a local path, and downloading it from the hub")
+
+
 MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 
 
@@ -243,10 +254,13 @@ def test_a_cached_ranker_that_does_not_fit_the_head_is_a_clear_error(tmp_path):
 
 def test_hub_downloads_pickles_only_from_a_repo_without_safetensors(monkeypatch):
     """torchao's pickled releases are fetched, but a repo holding both formats is not downloaded twice."""
+    from types import SimpleNamespace
+
     import huggingface_hub
 
     listings = {"a/safe": ["config.json", "model.safetensors", "pytorch_model.bin"], "a/pickled": ["pytorch_model.bin"]}
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: listings[repo])
+    info = lambda repo: SimpleNamespace(siblings=[SimpleNamespace(rfilename=name) for name in listings[repo]])
+    monkeypatch.setattr(huggingface_hub, "model_info", info)
     assert checkpoint.hub_patterns("a/safe") == checkpoint.HUB_FILES
     assert checkpoint.hub_patterns("a/pickled") == [*checkpoint.HUB_FILES, checkpoint.PICKLED]
     assert checkpoint.hub_patterns("a/unknown") == [*checkpoint.HUB_FILES, checkpoint.PICKLED]  # lookup failed

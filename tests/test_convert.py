@@ -269,6 +269,12 @@ def test_bad_inputs_give_clear_errors(tiny_int4_dir, export, tmp_path):
     assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))
 
 
+def test_help_names_the_default_model():
+    out = run_convert("--help")
+    assert out.returncode == 0 and "python convert.py gemma-3-270m " in out.stdout
+    assert "gemma-3-270m: the embedded default model" in " ".join(out.stdout.split())
+
+
 def test_tokenizer_and_generation_files_travel_along(tiny_int4_dir, tokenizer_file, tmp_path):
     """A serving engine reads the chat template, tokenizer and generation defaults from the checkpoint directory:
     the source's are copied into the export, unless --tokenizer replaces the tokenizer."""

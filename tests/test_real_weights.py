@@ -257,3 +257,23 @@ def test_dense_export_tokenizes_and_generates_in_transformers_as_we_do(real_gguf
     prompt = theirs(PROMPTS[0]).input_ids
     expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt) :].tolist()
     assert list(generate(ours, prompt, 16, Sampling(temperature=0), tok.stop_ids)) == expected
+
+
+def test_eval_help_example_runs_in_bf16_by_default(monkeypatch):
+    """eval.py's own first example (the default model on README.md) runs as printed, scoring in bf16 by default,
+    within 2% of float32."""
+    from conftest import run_main
+
+    import eval as eval_script
+
+    example = next(line for line in eval_script.__doc__.splitlines() if "python eval.py" in line)
+    args = example.split("#")[0].split()[2:] + ["--max-tokens", "400"]
+    monkeypatch.chdir(ROOT)
+    results = []
+    for extra in ([], ["--dtype", "float32"]):
+        out = run_main(eval_script, *args, *extra)
+        assert out.returncode == 0, out.stderr
+        results.append(json.loads(out.stdout))
+    bf16, fp32 = results
+    assert bf16["dtype"] == "bfloat16" and bf16["tokens_scored"] == 400 and 1 < bf16["perplexity"] < 100
+    assert abs(bf16["perplexity"] / fp32["perplexity"] - 1) < 0.02
