@@ -573,6 +573,10 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return APIError(e.status_code, str(e.detail), kind).response()
 
+    @app.exception_handler(Exception)
+    async def bug(request: HTTPRequest, e: Exception) -> JSONResponse:  # (uvicorn logs its traceback too)
+        return APIError(500, f"the server failed: {e!r}", "server_error").response()
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(PAGE, media_type="text/html")

@@ -31,6 +31,7 @@ from PIL import Image
 
 import generation
 import loader
+import server
 import vision
 from checkpoint import DEFAULT_MODEL
 from config import BOS_ID, STOP_IDS
@@ -465,6 +466,14 @@ def test_a_request_that_fails_fails_alone(real, monkeypatch):
     with pytest.raises(openai.APIError, match="decoding failed: IndexError"):
         list(stream)
     assert health(real.url)["active"] == 0
+    assert real.client.completions.create(model="x", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_bug_in_a_handler_is_a_500_in_openais_shape(real, monkeypatch):
+    """Not Starlette's plain-text "Internal Server Error": clients read the error as any other."""
+    monkeypatch.setattr(server, "chat_prompt", lambda *args: {}["a bug"])
+    code, answer = post(real.url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+    assert code == 500 and answer["error"]["type"] == "server_error" and "KeyError" in answer["error"]["message"]
     assert real.client.completions.create(model="x", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
 
 
