@@ -153,15 +153,29 @@ def read_safetensors(shards: list[Path]) -> dict[str, torch.Tensor]:
     return read_safetensors_with_metadata(shards)[0]
 
 
+READ_CHUNK = 256 << 20  # bytes copied out of a shard's memory map before it is closed and opened again
+
+
 def read_safetensors_with_metadata(shards: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of every shard, and their headers' metadata (torchao's writes the whole of it into each)."""
+    """The tensors of every shard, and their headers' metadata (torchao's writes the whole of it into each).
+    safe_open's tensors are views of the shard's memory map, and every page of it they touch counts as this
+    process's memory for as long as any of them lives: the model keeps some (down_proj) and replaces others
+    (q, k, v and gate, up are fused into copies), so the pages of the replaced ones would stay counted too,
+    1.7x the weights at 12B. So each tensor is copied out, a chunk at a time, and the map closed after each
+    chunk: the peak stays near the weights' own size."""
     tensors, metadata = {}, {}
     for f in tqdm(shards, desc="loading weights", unit="shard", disable=None, leave=False):
         try:
             with safe_open(f, framework="pt") as st:
-                for name in st.keys():
-                    tensors[name] = st.get_tensor(name)
+                names = list(st.keys())
                 metadata |= st.metadata() or {}
+            while names:
+                with safe_open(f, framework="pt") as st:
+                    copied = 0
+                    while names and copied < READ_CHUNK:
+                        name = names.pop()
+                        tensors[name] = st.get_tensor(name).clone()
+                        copied += tensors[name].nbytes
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     return tensors, metadata

@@ -52,7 +52,7 @@ def from_pretrained(
     config, tensors, above_4_bits = load_checkpoint(path)
     # stacked here, so that the unstacked copies are freed before the model is built and packed
     tensors = convert_weights(tensors, weights, above_4_bits, consume=True)
-    tensors = fuse_projections(tensors, config.num_layers, fused(config))
+    tensors = fuse_projections(tensors, config.num_layers, fused(config), consume=True)
     model = from_tensors(config, tensors, dtype, device)
     if weights == "auto" and isinstance(model.head, quant.Int8Linear):  # an int8 head: rank with int4 first
         head = model.head  # its ranker is cached by the default model's conversion

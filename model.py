@@ -453,13 +453,17 @@ KINDS = (*quant.FORMATS, "weight")  # int4_data, int8_data, weight: from the nar
 
 
 def fuse_projections(
-    tensors: dict[str, torch.Tensor], num_layers: int, groups: dict[str, tuple[str, ...]] = FUSED
+    tensors: dict[str, torch.Tensor],
+    num_layers: int,
+    groups: dict[str, tuple[str, ...]] = FUSED,
+    consume: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A state dict in the checkpoints' names -> the model's: each layer's q/k/v and gate/up weights stacked into
     qkv_proj and gate_up_proj (already stacked ones pass; `groups`: which, gemma4.py's only gate/up). A group
     mixing kinds is stacked in its widest: a GGUF's int8 v_proj beside int4 q and k makes all three int8 (per-row,
-    finer than int4's steps)."""
-    out = dict(tensors)
+    finer than int4's steps). consume: stacks within `tensors` itself, so each layer's parts are freed as soon as
+    they are stacked (the caller keeps no other reference to them) and the peak is one layer above the weights."""
+    out = tensors if consume else dict(tensors)
     for i, fused in ((i, f) for i in range(num_layers) for f in groups):
         parts = [f"layers.{i}.{p}" for p in groups[fused]]
         kinds = [next((k for k in KINDS if f"{p}.{k}" in tensors), None) for p in parts]
