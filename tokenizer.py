@@ -193,20 +193,51 @@ def is_base_model(name: str | Path, chat_template: str | None) -> bool:
     return chat_template is None
 
 
+# Ids of left context that StreamDecoder decodes before the new ones: SentencePiece strips the leading space of
+# a text's first piece (in models with a dummy prefix), so a window's new ids must not come first.
+CONTEXT_IDS = 4
+
+
 class StreamDecoder:
     """Turns generated ids into text as it becomes printable: a multi-byte character split over
-    byte-fallback tokens waits for its last byte, and leading spaces of pieces are kept."""
+    byte-fallback tokens waits for its last byte, and leading spaces of pieces are kept.
+
+    Each push decodes only the ids whose text may still change (those since the text last settled, after a
+    few of context), so a reply costs time linear in its length; the text is the same as decoding all the ids
+    on every push would give: SentencePiece decodes piece by piece, except that a run of byte pieces decodes
+    as one UTF-8 string."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
+        self.ids: list[int] = []  # up to CONTEXT_IDS settled ids, then those whose text may still change
+        self.context = ""  # the text of the settled ones
+        self.unsent = ""  # settled text held back: it ends in a replacement character (see push)
+        self.printed: list[str] = []  # the text returned so far, piece by piece
+
+    @property
+    def text(self) -> str:
+        """The text returned so far."""
+        return "".join(self.printed)
 
     def push(self, token_id: int) -> str:
-        """Add one token; return the new printable text (possibly "")."""
+        """Add one token; return the new printable text (possibly ""). Text that ends in U+FFFD (what the first
+        bytes of a multi-byte character decode to until its last one comes) is held back until more follows."""
+        if token_id >= self.tokenizer.vocab_size:
+            return ""  # decodes to nothing (Tokenizer.decode), and the byte pieces either side of it still join
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far
-            return ""
-        new, self.text = text[len(self.text) :], text
-        return new
+        new = self.tokenizer.decode(self.ids)[len(self.context) :]
+        if new.endswith("\ufffd") and self.tokenizer.sp.is_byte(token_id):
+            return ""  # a character's first bytes: the next byte pieces may complete it
+        self.settle(new)
+        if self.unsent.endswith("\ufffd"):  # final (an invalid byte, or a piece's), but held back all the same:
+            return ""  # what is printed never ends in U+FFFD
+        text, self.unsent = self.unsent, ""
+        self.printed.append(text)
+        return text
+
+    def settle(self, text: str) -> None:
+        """The text so far is final: later ids cannot change it, after a piece that is not a byte or after
+        bytes that made a whole character. Only a few ids stay, as context."""
+        self.unsent += text
+        self.ids = self.ids[-CONTEXT_IDS:]
+        self.context = self.tokenizer.decode(self.ids)

@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 import tokenizer as tk
@@ -46,6 +48,60 @@ def test_stream_decoder_prints_exactly_the_text(tok):
     assert "".join(chunks) == text
     assert "\ufffd" not in "".join(chunks)
     assert any(c.startswith(" ") for c in chunks)  # leading spaces of pieces are kept
+
+
+CHARACTERS = [(0x80, 0x7FF), (0x3000, 0x9FFF), (0x1F300, 0x1FAFF)]  # of two, three and four UTF-8 bytes
+
+
+def streamed_by_decoding_everything(tok: Tokenizer, ids: list[int]) -> list[str]:
+    """StreamDecoder's specification, as it was first written: on every push, decode all the ids so far and
+    return what is new, unless the text ends in U+FFFD (a character's first bytes)."""
+    pieces, printed = [], ""
+    for n in range(1, len(ids) + 1):
+        text = tok.decode(ids[:n])
+        pieces.append("" if text.endswith("\ufffd") else text[len(printed) :])
+        printed = printed if text.endswith("\ufffd") else text
+    return pieces
+
+
+@pytest.fixture(scope="module")
+def real_tok(real_gguf):
+    return Tokenizer.from_pretrained(real_gguf)
+
+
+def test_stream_decoder_streams_as_decoding_everything(real_tok):
+    """Random ids of the real 262144-piece vocabulary (control tokens, byte pieces, pieces holding U+FFFD, ids
+    past it), CJK and emoji text, and valid UTF-8 split over byte pieces: each push returns what decoding all
+    the ids so far would add, and the pieces make the whole decoded text."""
+    tok, rng = real_tok, random.Random(0)
+    byte_pieces = [i for i in range(tok.vocab_size) if tok.sp.is_byte(i)]
+    replacement = [i for i in range(tok.vocab_size) if "\ufffd" in tok.sp.id_to_piece(i)]
+    text = tok.encode("naïve café, 日本語の文章 🦀👍🏽 Привет\ufffd  two spaces\n\n∑")
+    pools = [range(tok.vocab_size + 64), byte_pieces, replacement, [1, 2, 105, 106], text, [262144, 262207]]
+    for _ in range(300):
+        ids = [rng.choice(rng.choices(pools, weights=[3, 4, 1, 1, 3, 1])[0]) for _ in range(rng.randint(1, 40))]
+        chars = "".join(chr(rng.randint(*rng.choice(CHARACTERS))) for _ in range(4))
+        ids += [tok.sp.piece_to_id(f"<0x{b:02X}>") for b in chars.encode()] * rng.randint(0, 1)
+        stream = StreamDecoder(tok)
+        pieces = [stream.push(i) for i in ids]
+        assert pieces == streamed_by_decoding_everything(tok, ids), ids
+        assert stream.text == "".join(pieces)
+        if not tok.decode(ids).endswith("\ufffd"):
+            assert "".join(pieces) == tok.decode(ids)
+    stream = StreamDecoder(tok)
+    assert "".join(stream.push(i) for i in text) == tok.decode(text)
+
+
+def test_stream_decoder_decodes_each_id_a_few_times(real_tok, monkeypatch):
+    """A 4096-token reply: the ids decoded over all its pushes grow linearly with its length (decoding all of
+    them on every push was 8 million ids, 1.2 s of the server's event loop)."""
+    tok = real_tok
+    reply = (tok.encode("Hello wörld, 日本語 and 🦀 with  spaces. ") * 300)[:4096]
+    decoded, decode = [], tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids: decoded.append(len(ids)) or decode(ids))
+    stream = StreamDecoder(tok)
+    assert "".join(stream.push(i) for i in reply) == decode(reply)
+    assert sum(decoded) < 12 * len(reply) and max(decoded) < 12
 
 
 def test_is_instruction_tuned():
