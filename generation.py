@@ -135,7 +135,9 @@ class Request:
     pixel_values: torch.Tensor | None = None  # (N, 3, S, S): the images whose soft tokens prompt[start:] holds
     start: int = 0  # the row's cache already holds prompt[:start] (a chat's earlier turns)
     tokens: list[int] = field(default_factory=list)  # generated so far
-    finish_reason: str | None = None  # "stop": a stop id (the last token); "length": max_new_tokens or the context
+    finish_reason: str | None = None  # "stop": a stop id (the last token); "length": max_new_tokens or the context;
+    # "error": sampling its next token failed (error says why)
+    error: Exception | None = None
 
 
 class Batch:
@@ -183,7 +185,8 @@ class Batch:
 
     @torch.no_grad()
     def step(self) -> list[Request]:
-        """Decode one token for every active row; return the requests that got one (in row order)."""
+        """Decode one token for every active row; return the requests that got one, or failed (in row order).
+        A row whose sampling fails (NaN logits, say) fails alone: its request finishes with the error."""
         active = [row for row, request in enumerate(self.requests) if request is not None]
         if not active:
             return []
@@ -192,8 +195,16 @@ class Batch:
         logits = self.decode_step(self.model, self.tokens[:n], self.pos[:n], rows)
         requests = [self.requests[row] for row in active]
         for row in active:
-            self.accept(row, logits[row : row + 1])
+            try:
+                self.accept(row, logits[row : row + 1])
+            except Exception as e:  # this row's logits or sampling: the other rows' tokens are still good
+                self.fail(self.requests[row], e)
         return requests
+
+    def fail(self, request: Request, error: Exception) -> None:
+        """Finish the request with the error and free its row; its tokens so far stay with it."""
+        request.finish_reason, request.error = "error", error
+        self.remove(request)
 
     def remove(self, request: Request) -> None:
         """Free the request's row (a client that went away); its tokens so far stay with it."""
@@ -256,6 +267,8 @@ def generate(
     yield request.tokens[-1]
     while request.finish_reason is None:
         batch.step()
+        if request.error is not None:
+            raise request.error
         yield request.tokens[-1]
 
 
@@ -268,7 +281,8 @@ def generate_batch(
     every_row: bool = False,
 ) -> Iterator[Request]:
     """Run the requests through a Batch of `rows` rows with a `context`-token cache each, each joining as soon as
-    a row is free; yield each request as it finishes (a prompt that does not fit raises before anything runs)."""
+    a row is free; yield each request as it finishes (a prompt that does not fit raises before anything runs; a
+    request whose sampling fails finishes with its error, the others go on)."""
     for request in requests:
         if not 0 < len(request.prompt) < context:
             raise ValueError(f"a prompt has {len(request.prompt)} tokens: it must have 1 to {context - 1}")

@@ -101,7 +101,8 @@ class Engine:
     PyTorch's OpenMP gives each thread that runs parallel work its own team of worker threads, and two teams
     on two cores slow every step (bench/README.md, "Serving").
 
-    A request that fails (its prefill, or a decode step it is in) fails with a 500, and the engine goes on.
+    A request that fails (its prefill, or a decode step it is in) fails with a 500, and the engine goes on; a
+    failure sampling one row's token (its logits NaN, say) fails that row's request alone.
     Should the engine's own loop fail (a bug), `failure` says why: every job ends with an error, new ones
     are refused, /health answers 503 and serve returns, so that a supervisor restarts the server."""
 
@@ -228,7 +229,10 @@ class Engine:
         except Exception as e:  # e.g. out of memory: fail the step's jobs, keep serving
             return self.fail(list(self.running.values()), APIError(500, f"decoding failed: {e!r}", "server_error"))
         for request in requests:
-            self.delivered(self.running[request])
+            if request.error is not None:  # its row alone failed (Batch.step)
+                self.fail([self.running[request]], APIError(500, f"decoding failed: {request.error!r}", "server_error"))
+            else:
+                self.delivered(self.running[request])
 
     def delivered(self, job: Job) -> None:
         """Send the job its newest token; end it if that was its last."""

@@ -164,6 +164,37 @@ def test_batched_requests_generate_as_each_alone(models):
     assert run_batch(ours, requests(), [0, 1, 2, 3, 4], rows=3, every_row=True) == alone  # all rows each step
 
 
+def nan_logits_in_row_0(from_step: int):
+    """A decode step whose logits for row 0 turn NaN from its from_step-th call on (the model breaking down
+    on one sequence): top-k sampling then keeps no candidate, and raises."""
+    calls = []
+
+    def step(model, tokens, pos, rows=slice(None)):
+        logits = decode_one_token(model, tokens, pos, rows)
+        calls.append(1)
+        if len(calls) >= from_step:
+            logits[0] = float("nan")
+        return logits
+
+    return step
+
+
+def test_a_row_whose_sampling_fails_fails_alone(models):
+    """Two rows in flight; row 0's sampling fails at its 4th token: its request finishes with the error and
+    the tokens it had, the other generates what it does alone."""
+    _, ours = models
+    sampled = Sampling(temperature=1.0, top_k=20)
+    prompts = [[2, 17, 300, 45], [2, 99, 7]]
+    alone = list(generate(ours, prompts[1], 20, sampled, generator=torch.Generator().manual_seed(5)))
+    requests = [Request(p, 20, sampled, generator=torch.Generator().manual_seed(5)) for p in prompts]
+    run_batch(ours, requests, [0, 0], rows=2, decode_step=nan_logits_in_row_0(from_step=3))
+    assert requests[0].finish_reason == "error" and isinstance(requests[0].error, IndexError)
+    assert len(requests[0].tokens) == 3
+    assert requests[1].tokens == alone and requests[1].finish_reason == "length" and requests[1].error is None
+    with pytest.raises(IndexError):  # generate() is a batch of one: its request's error is raised
+        list(generate(ours, prompts[0], 20, sampled, decode_step=nan_logits_in_row_0(from_step=3)))
+
+
 def test_batched_int4_decoding_matches_single_rows(tiny_int4_dir):
     """bf16 int4 through PyTorch's CPU int4 kernel, several rows a matmul: greedy tokens as each request alone,
     eager and compiled (every row, one shape)."""

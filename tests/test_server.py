@@ -615,6 +615,42 @@ def test_the_engine_with_a_compiled_step(tiny_int4_dir):
         engine.stop()
 
 
+def test_a_row_whose_sampling_fails_fails_alone_in_the_engine(tiny):
+    """Two requests in the engine's rows; row 0's logits turn NaN at its 3rd decode step: that request ends
+    with a 500 (its client gets an error), the other gets what it gets alone."""
+    from test_generation import nan_logits_in_row_0
+
+    model, _ = tiny
+    sampled = Sampling(temperature=1.0, top_k=20)
+    prompts = [[2, 17, 300, 45], [2, 8, 9, 10, 11, 12]]
+    alone = list(generate(model, prompts[1], 12, GREEDY))
+    engine = Engine(model, 2, 64, nan_logits_in_row_0(from_step=3))
+
+    jobs = []
+
+    async def run() -> list[list[int]]:
+        jobs.extend([Job(Request(prompts[0], 12, sampled), asyncio.get_running_loop()),
+                     Job(Request(prompts[1], 12, GREEDY), asyncio.get_running_loop())])  # fmt: skip
+        for job in jobs:
+            engine.submit(job)  # both queued before the engine starts: the first takes row 0
+        engine.start()
+        replies = []
+        for job in jobs:
+            replies.append([])
+            while (token := await job.tokens.get()) is not None:
+                replies[-1].append(token)
+        return replies
+
+    try:
+        failed, other = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert jobs[0].error.status == 500 and "decoding failed: IndexError" in jobs[0].error.message
+    assert len(failed) == 3
+    assert jobs[1].error is None and other == alone
+    assert engine.status()["active"] == 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
