@@ -35,7 +35,8 @@ def from_pretrained(
 ) -> Model:
     """Load a checkpoint directory, a .safetensors or .gguf file, or a hub repo id.
 
-    weights="auto":  int4 stays int4, dense weights are quantized to int4 (round to nearest, group 32),
+    weights="auto":  int4 stays int4, dense weights are quantized to int4 (group 32: QAT weights exactly on their
+                     grid, others asymmetric, with zero points),
                      GGUF tensors stored at more than 4 bits become int8 (see gguf_format.py), and
                      an int8 head ranks the vocabulary with an int4 copy first (Int8Linear.unembed);
     weights="int4":  every linear weight int4;  weights="dense": every weight a float tensor of `dtype`.
@@ -139,20 +140,24 @@ def gemma4_text_tensors(config: Gemma4Config, tensors: dict, source: str | Path)
 
 
 def convert_weights(
-    tensors: dict[str, torch.Tensor], weights: str, above_4_bits: set[str], consume: bool = False
+    tensors: dict[str, torch.Tensor],
+    weights: str,
+    above_4_bits: set[str],
+    consume: bool = False,
+    integer_zero_points: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The weights policy (quant.convert_state_dict) applied to the language model; the vision tower and its
     projector keep float weights (the checkpoints keep them bf16, and their 4096-token passes are compute-bound
     anyway): a checkpoint that quantized them too (torchao's recipes quantize every linear) is dequantized. So is
     Gemma 4's MoE router (small, and it decides which experts run). consume: empties `tensors`, each dense
-    weight freed once quantized (the caller keeps no other reference to them)."""
+    weight freed once quantized (the caller keeps no other reference to them). integer_zero_points: as
+    quant.convert_state_dict."""
     float_tensors = {k: v for k, v in tensors.items() if k.startswith(VISION_MODULES) or ".router." in k}
     text_tensors = {k: v for k, v in tensors.items() if k not in float_tensors}
     if consume:
         tensors.clear()
-    return quant.convert_state_dict(text_tensors, weights, above_4_bits, consume) | quant.convert_state_dict(
-        float_tensors, "dense"
-    )
+    text = quant.convert_state_dict(text_tensors, weights, above_4_bits, consume, integer_zero_points)
+    return text | quant.convert_state_dict(float_tensors, "dense")
 
 
 def check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -84,12 +84,7 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = w.float().unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
     absmax = groups.abs().amax(-1)
     scales = (absmax / 7).to(torch.bfloat16).float()
-    # QAT weights? Most of their groups fit the nearest 7-grid; a dense weight's almost never do (a few in a
-    # thousand by chance, in an int8 GGUF head). An even sample of groups decides, so that a dense weight costs
-    # no more than plain rounding; a misjudged dense tensor would only cost time (the search keeps RTN's scales).
-    sample = slice(None, None, max(1, absmax.numel() // QAT_SAMPLE))
-    sampled = groups.flatten(0, 1)[sample], absmax.flatten()[sample]
-    if grid_scales(*sampled, 7, neighbours=(0,))[1].float().mean() >= 0.02:
+    if on_qat_grid(w):  # a misjudged dense tensor would only cost time (the search keeps RTN's scales)
         grid, fits = grid_scales(groups, absmax, 7)
         scales = torch.where(fits, grid, scales)
         rest = ~fits & (absmax > 0)  # the few groups whose largest |q| is below 7: the coarsest grid that fits
@@ -104,7 +99,68 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pack_int4(q.flatten(-2)), scales.to(torch.bfloat16)
 
 
+def on_qat_grid(w: torch.Tensor) -> bool:
+    """Whether a (N, K) weight was trained for int4 (QAT): most of its groups fit the nearest symmetric 7-grid, where
+    a dense weight's almost never do (a few in a thousand by chance, in an int8 GGUF head). An even sample of
+    groups decides, so that deciding costs little beside quantizing."""
+    groups = w.unflatten(-1, (-1, GROUP_SIZE)).flatten(0, 1)
+    sample = groups[:: max(1, len(groups) // QAT_SAMPLE)].float()
+    return grid_scales(sample, sample.abs().amax(-1), 7, neighbours=(0,))[1].float().mean().item() >= 0.02
+
+
 QAT_SAMPLE = 4096  # groups
+
+
+def quantize_int4_asymmetric(
+    w: torch.Tensor, integer_zero_points: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round to nearest with a zero point per group: float (N, K) -> (int4_data, scales (N, K/32) bf16,
+    zeros (N, K/32) float32), w = q * s + z for q = -8..7. Each group's range [min, max] maps onto the 16 levels,
+    narrowed about its middle by the one of CLIP_RATIOS that gives the group the least squared error (a group's
+    outliers cost the rest their resolution). integer_zero_points: z = (8 - zp) * s for an integer zp in 0..15,
+    AWQ's and compressed-tensors' form (exact in float32); else z is any bf16 value."""
+    if w.dim() != 2 or w.shape[1] % GROUP_SIZE:
+        raise ValueError(f"int4 needs a 2-D weight with K a multiple of {GROUP_SIZE}, got shape {tuple(w.shape)}")
+    if w.shape[0] > ROW_BLOCK:
+        rows = range(0, w.shape[0], ROW_BLOCK)
+        blocks = [quantize_int4_asymmetric(w[i : i + ROW_BLOCK], integer_zero_points) for i in rows]
+        return tuple(torch.cat(parts) for parts in zip(*blocks, strict=True))
+    groups = w.float().unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scales, zeros = asymmetric_grid(low, high, CLIP_RATIOS[0], integer_zero_points)
+    error = grid_error(groups, scales, zeros)
+    for ratio in CLIP_RATIOS[1:]:
+        s, z = asymmetric_grid(low, high, ratio, integer_zero_points)
+        e = grid_error(groups, s, z)
+        better = e < error
+        scales, zeros, error = torch.where(better, s, scales), torch.where(better, z, zeros), torch.minimum(e, error)
+    return pack_int4(on_grid(groups, scales, zeros).flatten(-2)), scales.to(torch.bfloat16), zeros
+
+
+def asymmetric_grid(
+    low: torch.Tensor, high: torch.Tensor, ratio: float, integer_zero_points: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales (bf16 values) and zeros that map each group's range [low, high], narrowed to `ratio` of it about
+    its middle, onto q = -8..7."""
+    scales = ((high - low) * ratio / 15).to(torch.bfloat16).float()
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # a constant group: any scale works
+    lowest = (low + high - (high - low) * ratio) / 2
+    if integer_zero_points:
+        return scales, (8 - torch.round(-lowest / scales).clamp(0, 15)) * scales
+    return scales, (lowest + 8 * scales).to(torch.bfloat16).float()
+
+
+def on_grid(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The q = -8..7 nearest to each weight of (N, G, 32) groups, w = q * s + z."""
+    return torch.round((groups - zeros[..., None]) / scales[..., None]).clamp(-8, 7)
+
+
+def grid_error(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Each group's squared error on its grid, (N, G)."""
+    return (on_grid(groups, scales, zeros) * scales[..., None] + zeros[..., None] - groups).square().sum(-1)
+
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)  # of a group's range (quantize_int4_asymmetric)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,13 +528,20 @@ def replace_linears(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: 
 
 
 def convert_state_dict(
-    tensors: dict[str, torch.Tensor], weights: str, above_4_bits: set[str] = frozenset(), consume: bool = False
+    tensors: dict[str, torch.Tensor],
+    weights: str,
+    above_4_bits: set[str] = frozenset(),
+    consume: bool = False,
+    integer_zero_points: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Apply a weights policy to a state dict:
-    "auto":  dense 2-D weights -> int4 (round to nearest), or int8 if named in above_4_bits (a GGUF stored them
-             at more than 4 bits); int4 (zero points included) and int8 stay;
-    "int4":  everything -> int4 (int8 is dequantized first; int4 stays as it is);
+    "auto":  dense 2-D weights -> int4: QAT weights on their symmetric grid, exactly (quantize_int4), others
+             asymmetric with zero points (quantize_int4_asymmetric; measured on the 270M's float weights, see
+             bench/quantizers.py); or int8 if named in above_4_bits (a GGUF stored them at more than 4 bits);
+             int4 (zero points included) and int8 stay;
+    "int4":  everything -> int4, symmetric round to nearest (int8 is dequantized first; int4 stays as it is);
     "dense": everything -> float32.
+    integer_zero_points: "auto"'s zero points as AWQ and compressed-tensors hold them (convert.py's targets).
     consume: take each dense weight out of `tensors` once quantized, so that a source held in memory (a GGUF's
     dequantized tensors, a pickle's) is freed as it goes, not at the end. (Safetensors are memory-mapped: their
     pages are the page cache's, which the kernel takes back as it needs.)
@@ -504,6 +567,9 @@ def convert_state_dict(
             kind = "weight"
         if kind == "weight" and t.dim() == 2 and weights == "auto" and name in above_4_bits:
             out[f"{module}.int8_data"], out[f"{module}.scales"] = quantize_int8(t)
+        elif kind == "weight" and t.dim() == 2 and weights == "auto" and not on_qat_grid(t):
+            parts = quantize_int4_asymmetric(t, integer_zero_points)
+            out.update(zip((f"{module}.int4_data", f"{module}.scales", f"{module}.zeros"), parts, strict=True))
         elif kind == "weight" and t.dim() == 2 and weights != "dense":
             out[f"{module}.int4_data"], out[f"{module}.scales"] = quantize_int4(t)
         elif kind not in ("scales", "zeros"):

@@ -144,14 +144,14 @@ def test_calibration_ids(tokenizer_file):
 
 def test_convert_py_gptq(tmp_path, tokenizer_file):
     """convert.py --quantizer gptq: a dense HF checkpoint in, our int4 out, calibrated on a text file, and closer
-    to the dense model than --quantizer rtn (the default)."""
+    to the dense model than symmetric round to nearest (--quantizer rtn --weights int4) on the same grid."""
     hf = hf_text_model()
     hf.save_pretrained(tmp_path / "dense")
     (tmp_path / "dense" / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
     text = tmp_path / "calibration.txt"
     text.write_text("\n\n".join(list(pydoc_data.topics.topics.values())[-60:]))
     for quantizer in ("rtn", "gptq"):
-        convert.convert(str(tmp_path / "dense"), tmp_path / quantizer, "int4", quantizer=quantizer, calibration=text)
+        convert.convert(str(tmp_path / "dense"), tmp_path / quantizer, "int4", "int4", None, quantizer, text)
     ids = torch.randint(0, TINY["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf(ids).logits

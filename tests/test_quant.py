@@ -85,6 +85,37 @@ def test_quantize_keeps_the_7_grid_when_two_fit():
     assert torch.equal(again[0], data) and torch.equal(again[1], scales)
 
 
+def test_asymmetric_quantization():
+    """A zero point per group: no worse than symmetric rounding on centred weights and far better on shifted ones;
+    narrowing a group's range lowers its error where outliers stretch it; integer zero points are exact multiples
+    of their scales (AWQ's form); a constant group is exact."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) / 20
+    w[:, 5] *= 8  # an outlier in the first group of each row
+    shifted = w + torch.rand(64, 1, generator=g) / 10
+
+    def error(weight, integer=False):
+        data, scales, zeros = quant.quantize_int4_asymmetric(weight, integer)
+        assert scales.dtype == torch.bfloat16 and zeros.dtype == torch.float32 and data.shape == (64, 128)
+        return (quant.dequantize_int4(data, scales.float(), zeros) - weight).square().sum().item()
+
+    def symmetric(weight):
+        return (quant.dequantize_int4(*quant.quantize_int4(weight)).float() - weight).square().sum().item()
+
+    assert error(w) < symmetric(w) and error(shifted) < symmetric(shifted) / 2
+    assert error(shifted, integer=True) < symmetric(shifted) / 2
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(quant, "CLIP_RATIOS", (1.0,))  # the whole range: plain asymmetric rounding
+        whole_range = error(w)
+    assert error(w) < 0.95 * whole_range
+    _, scales, zeros = quant.quantize_int4_asymmetric(shifted, integer_zero_points=True)
+    zp = 8 - zeros / scales.float()
+    assert torch.equal(zp, zp.round()) and bool(((zp >= 0) & (zp <= 15)).all())
+    for integer in (False, True):  # an all-zero group (a padded row) stays zero
+        data, scales, zeros = quant.quantize_int4_asymmetric(torch.zeros(4, 32), integer)
+        assert not quant.dequantize_int4(data, scales.float(), zeros).any()
+
+
 def test_quantize_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of 32"):
         quant.quantize_int4(torch.randn(4, 48))
@@ -200,16 +231,21 @@ def test_weights_policies():
     w4, w8, dense = torch.randn(8, 64), torch.randn(8, 64), torch.randn(8, 64)
     d4, s4 = quant.quantize_int4(w4)
     d8, s8 = quant.quantize_int8(w8)
+    qat = quant.dequantize_int4(d4, s4).float()  # on a symmetric int4 grid, as QAT weights are
     tensors = {"a.int4_data": d4, "a.scales": s4, "b.int8_data": d8, "b.scales": s8, "c.weight": dense,
-               "norm.weight": torch.randn(64)}  # fmt: skip
+               "d.weight": qat, "norm.weight": torch.randn(64)}  # fmt: skip
     auto = quant.convert_state_dict(tensors, "auto")
-    assert auto["a.int4_data"] is d4 and auto["b.int8_data"] is d8 and "c.int4_data" in auto
-    assert torch.equal(auto["c.int4_data"], quant.quantize_int4(dense)[0]) and "c.weight" not in auto
+    assert auto["a.int4_data"] is d4 and auto["b.int8_data"] is d8 and "c.weight" not in auto
+    asymmetric = quant.quantize_int4_asymmetric(dense)  # dense weights get zero points; QAT ones stay exact
+    for part, x in zip(("int4_data", "scales", "zeros"), asymmetric, strict=True):
+        assert torch.equal(auto[f"c.{part}"], x)
+    assert torch.equal(auto["d.int4_data"], d4) and torch.equal(auto["d.scales"], s4) and "d.zeros" not in auto
     all4 = quant.convert_state_dict(tensors, "int4")
-    assert set(all4) == {"a.int4_data", "a.scales", "b.int4_data", "b.scales", "c.int4_data", "c.scales", "norm.weight"}
+    assert set(all4) == {"a.int4_data", "a.scales", "b.int4_data", "b.scales", "c.int4_data", "c.scales", "d.int4_data",
+                         "d.scales", "norm.weight"}  # fmt: skip
     assert torch.equal(all4["b.int4_data"], quant.quantize_int4(quant.dequantize_int8(d8, s8))[0])
     dense_sd = quant.convert_state_dict(tensors, "dense")
-    assert set(dense_sd) == {"a.weight", "b.weight", "c.weight", "norm.weight"}
+    assert set(dense_sd) == {"a.weight", "b.weight", "c.weight", "d.weight", "norm.weight"}
     assert torch.equal(dense_sd["a.weight"], quant.dequantize_int4(d4, s4.float()))
     assert torch.equal(dense_sd["b.weight"], quant.dequantize_int8(d8, s8))
     with pytest.raises(ValueError, match="weights must be"):
