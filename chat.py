@@ -35,7 +35,7 @@ import torch
 import files
 import vision
 from checkpoint import cache_dir
-from cli import add_model_arguments, add_sampling_arguments, load, positive_int, sampling_from
+from cli import add_model_arguments, add_sampling_arguments, load, one_line_warnings, positive_int, sampling_from
 from config import BOS_ID, IMAGE_TOKEN_ID
 from generation import Sampling, compile_decode_step, decode_one_token, generate
 from model import Gemma3
@@ -160,6 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     files.handle_signals()  # SIGTERM, SIGHUP: leave like Ctrl-D, cleaning up (a first run's conversion too)
+    one_line_warnings()
     try:
         return run(args)
     except files.Terminated as e:

@@ -747,7 +747,7 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
     """Checkpoint tensors in gaunernst's layout -> `layout` ("awq", "compressed-tensors" or "dense") and the
     quantization_config that describes it (None for dense). The embedding and, for "dense", every int4 weight
     are dequantized to bf16."""
-    out, zero_points, requantized = {}, {}, []
+    out, zero_points, refitted = {}, {}, {}  # refitted: module -> (squared error, squared norm) of its weight
     for name, t in tensors.items():
         module, _, kind = name.rpartition(".")
         if kind not in quant.FORMATS:  # norms, the vision tower, a dense embedding (scales are read with their data)
@@ -757,14 +757,14 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
         if layout == "dense" or "embed_tokens" in module or "lm_head" in module:  # engines read these heads dense
             out[module] = quant.dequantize(tensors, module).to(torch.bfloat16)
             continue
-        if kind == "int8_data":
-            raise ValueError(f"{layout} holds 4-bit linear weights, but {module} is int8 (convert with --weights int4)")
         scales = tensors[f"{module}.scales"]
-        zp = integer_zero_points(scales, tensors.get(f"{module}.zeros"))
-        if zp is None:  # zeros that no integer zero point gives: quantized again, symmetric
-            t, scales = quant.quantize_int4(quant.dequantize(tensors, module))
-            zp = torch.full(scales.shape, 8)
-            requantized.append(module)
+        zp = integer_zero_points(scales, tensors.get(f"{module}.zeros")) if kind == "int4_data" else None
+        if zp is None:  # int8 (a GGUF's weights above 4 bits), or zeros that no integer zero point gives (Q4_K's)
+            w = quant.dequantize(tensors, module)
+            t, scales, zeros = quant.quantize_int4_asymmetric(w, integer_zero_points=True)
+            zp = integer_zero_points(scales, zeros)
+            error = quant.dequantize_int4(t, scales.float(), zeros) - w
+            refitted[module] = (error.square().sum().item(), w.square().sum().item())
         base = module.removesuffix(".weight")
         if layout == "awq":  # transposed: (K, N/8), zero points (K/32, N/8), scales (K/32, N)
             out[f"{base}.qweight"] = pack_nibbles(quant.unpack_int4(t).t() + 8, AWQ_ORDER)
@@ -776,10 +776,12 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
             out[f"{base}.weight_scale"] = scales.to(torch.bfloat16)
             out[f"{base}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
             zero_points[f"{base}.weight_zero_point"] = zp
-    if requantized:
+    if refitted:
+        error, norm = (sum(x) for x in zip(*refitted.values(), strict=True))
         warnings.warn(
-            f"{len(requantized)} weight(s) ({requantized[0]}, ...) have zero points that {layout} cannot hold (not "
-            "whole multiples of their scales): quantized again, symmetric, round to nearest",
+            f"{len(refitted)} weight(s) ({next(iter(refitted))}, ...) are int8 or have zero points that {layout} "
+            "cannot hold (not whole multiples of their scales): refitted with integer zero points, "
+            f"{(error / norm) ** 0.5:.2%} relative RMS error against their weights",
             stacklevel=2,
         )
     symmetric = all(bool((zp == 8).all()) for zp in zero_points.values())

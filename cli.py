@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 
 import torch
 
@@ -13,6 +14,12 @@ import quant
 from checkpoint import DEFAULT_MODEL
 from generation import GEMMA_SAMPLING, Sampling
 from tokenizer import Tokenizer
+
+
+def one_line_warnings() -> None:
+    """Print warnings as the scripts' other messages are printed, "warning: ..." on one line, without the Python
+    source line that issued them (meant for a programmer, not a user)."""
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
 
 
 def positive_int(text: str) -> int:

@@ -29,14 +29,17 @@ import checkpoint
 import files
 import hf_tokenizer
 import ptq
+from cli import one_line_warnings
 from loader import convert_weights, load_checkpoint
 from tokenizer import Tokenizer
 
 TARGETS = {
     "int4": "our int4 (gaunernst's safetensors layout; GGUF tensors above 4 bits stay 8-bit with --weights auto)",
     "gguf": "for llama.cpp: int4 -> Q4_0 (lossless), int8 -> Q8_0, the tokenizer in the metadata",
-    "awq": "AutoAWQ's gemm layout for vLLM / SGLang / transformers: every linear int4, embedding bf16",
-    "compressed-tensors": "W4A16 pack-quantized (symmetric, group 32) for vLLM: every linear int4, embedding bf16",
+    "awq": "AutoAWQ's gemm layout for vLLM / SGLang / transformers: every linear int4 (int8 and float zero points "
+    "refitted with integer zero points), embedding bf16",
+    "compressed-tensors": "W4A16 pack-quantized (group 32, zero points where needed) for vLLM: every linear int4 (as "
+    "awq), embedding bf16",
     "dense": "bf16 safetensors as Google's checkpoints (int4 weights dequantized), for transformers or fine-tuning",
 }
 
@@ -72,10 +75,9 @@ def convert(
         text = calibration.read_text() if calibration else None
         ids = ptq.calibration_ids(sentencepiece, text)
         tensors = ptq.gptq(config, convert_weights(tensors, "dense", above_4_bits), ids)
-    else:
-        if to in ("awq", "compressed-tensors"):
-            weights = "int4"  # both formats are 4-bit only
-        tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits, consume=True)
+    else:  # awq and compressed-tensors: 4-bit only, with integer zero points (the encoder refits int8 and others)
+        integer = to in ("awq", "compressed-tensors")
+        tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits, True, integer)
     tokenizer_files = None
     if to != "gguf":  # what transformers, vLLM and SGLang read beside tokenizer.model, where the source has none
         tokenizer_files = hf_tokenizer.tokenizer_files(proto, template, checkpoint.adds_bos(src),
@@ -91,10 +93,12 @@ def main(argv=None) -> int:
     p.add_argument("--to", required=True, choices=list(TARGETS),
                    help="; ".join(f"{k}: {v}" for k, v in TARGETS.items()))  # fmt: skip
     p.add_argument("--weights", choices=["auto", "int4"], default="auto",
-                   help="for --to int4/gguf. auto: keep each tensor's precision (dense -> int4, GGUF above 4 bits "
-                        "-> 8 bits); int4: every linear weight int4 (default auto)")  # fmt: skip
+                   help="auto: keep each tensor's precision (dense -> int4, GGUF above 4 bits -> 8 bits, which awq and "
+                        "compressed-tensors refit to int4 with zero points); int4: every linear weight int4, symmetric "
+                        "(default auto)")  # fmt: skip
     p.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn",
-                   help="how dense weights become int4. rtn: round to nearest (seconds); gptq: GPTQ calibrated on "
+                   help="how dense weights become int4. rtn: round to nearest, with zero points under --weights auto "
+                        "(seconds); gptq: GPTQ calibrated on "
                         "--calibration, every linear int4 (minutes; far better on models not trained for int4). "
                         "Weights already on an int4 grid (QAT) stay exact either way (default rtn)")  # fmt: skip
     p.add_argument("--calibration", type=Path,
@@ -105,6 +109,7 @@ def main(argv=None) -> int:
                         "beside it)")  # fmt: skip
     args = p.parse_args(argv)
     files.handle_signals()  # SIGTERM and SIGHUP, like Ctrl-C: the temporary output is removed
+    one_line_warnings()
     try:
         convert(args.src, args.dst, args.to, args.weights, args.tokenizer, args.quantizer, args.calibration)
     except (OSError, ValueError, ImportError) as e:

@@ -28,7 +28,7 @@ import files
 import loader
 import quant
 from checkpoint import DEFAULT_MODEL
-from cli import device_arg, positive_int
+from cli import device_arg, one_line_warnings, positive_int
 from config import BOS_ID
 from tokenizer import Tokenizer
 
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
                    help="cpu or cuda (default cuda if there is a GPU)")  # fmt: skip
     args = p.parse_args(argv)
     files.handle_signals()  # SIGTERM, SIGHUP: like Ctrl-C, so that a first run's conversion cleans up
+    one_line_warnings()
     try:
         windows(args.context, args.context, args.stride)  # a bad --stride fails before the slow load
         text = read_text(args.text)

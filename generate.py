@@ -26,7 +26,7 @@ import torch
 
 import files
 import vision
-from cli import add_model_arguments, add_sampling_arguments, load, positive_int, sampling_from
+from cli import add_model_arguments, add_sampling_arguments, load, one_line_warnings, positive_int, sampling_from
 from generation import Request, compile_decode_step, decode_one_token, generate, generate_batch
 from tokenizer import StreamDecoder, check_text, is_instruction_tuned, place_images
 
@@ -71,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     files.handle_signals()  # SIGTERM, SIGHUP: like Ctrl-C, so that a first run's conversion cleans up
+    one_line_warnings()
     try:
         return run(args)
     except (KeyboardInterrupt, files.Terminated) as e:  # Ctrl-C: stop cleanly, whatever was running

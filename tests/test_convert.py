@@ -233,6 +233,41 @@ def test_awq_zero_points_load_exactly_and_go_back_out(tmp_path, tokenizer_file):
     assert torch.equal(decompressed, quant.dequantize(tensors, up).to(decompressed.dtype))
 
 
+def test_float_zero_points_are_refitted_as_integers(tiny_int4_dir, tokenizer_file, tmp_path, monkeypatch):
+    """Zero points that AWQ and compressed-tensors cannot hold (a GGUF's Q4_K minimums: any float) are refitted per
+    group with integer zero points against the weights they give (quant.quantize_int4_asymmetric), far closer than
+    symmetric rounding is; one warning names the error, printed as one line by the scripts."""
+    import cli
+
+    src = tmp_path / "src"
+    tensors = stored(tiny_int4_dir)
+    module = "model.layers.1.mlp.down_proj.weight"
+    w = quant.dequantize_int4(tensors[f"{module}.int4_data"], tensors[f"{module}.scales"].float())
+    w = w + torch.linspace(0, 0.05, w.shape[0])[:, None]  # shifted rows: asymmetric groups
+    parts = quant.quantize_int4_asymmetric(w)  # float zeros: not whole multiples of the scales
+    tensors |= dict(zip([f"{module}.int4_data", f"{module}.scales", f"{module}.zeros"], parts, strict=True))
+    checkpoint.write_shards(tensors, src)
+    shutil.copy(tiny_int4_dir / "config.json", src)
+    source = quant.dequantize_int4(parts[0], parts[1].float(), parts[2])  # as the checkpoint gives it
+    data, scales, zeros = quant.quantize_int4_asymmetric(source, integer_zero_points=True)
+    expected = quant.dequantize_int4(data, scales.float(), zeros)
+    symmetric = quant.dequantize_int4(*quant.quantize_int4(source)).float()
+    for layout in ("awq", "compressed-tensors"):
+        message = (
+            rf"^1 weight.s. \(model.layers.1.mlp.down_proj.weight, ...\) are int8 or have zero points that {layout} "
+            r"cannot hold .* refitted with integer zero points, [\d.]+% relative RMS error against their weights$"
+        )
+        with pytest.warns(UserWarning, match=message):
+            convert.convert(str(src), tmp_path / layout, layout, tokenizer=tokenizer_file)
+        _, back, _ = load_checkpoint(tmp_path / layout)
+        got = quant.dequantize(back, "layers.1.mlp.down_proj")
+        assert torch.equal(got, expected)
+        assert (got - source).square().sum() < 0.75 * (symmetric - source).square().sum()
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    cli.one_line_warnings()
+    assert warnings.formatwarning("a message", UserWarning, "checkpoint.py", 7, "code") == "warning: a message\n"
+
+
 def test_zero_points_of_rows_not_a_multiple_of_8_are_padded():
     """compressed-tensors packs zero points eight rows to an int32: 12 rows take two words, the last half empty."""
     gen = torch.Generator().manual_seed(0)

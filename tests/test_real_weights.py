@@ -219,7 +219,7 @@ def test_gguf_export_runs_in_llama_cpp(real_gguf, tmp_path, tok):
 def test_serving_exports_round_trip_on_the_real_model(real_gguf, tmp_path):
     """The real 270M, every linear int4, through AWQ and compressed-tensors and back: bit-exact, the bf16
     embedding included (its int4 grid is recovered from the bf16 values); the Q4_K weights, whose float zeros
-    neither holds, come back quantized again (symmetric, round to nearest: exactly quant.quantize_int4's)."""
+    neither holds, come back refitted with integer zero points (exactly quant.quantize_int4_asymmetric's)."""
     import convert
     from loader import load_checkpoint
 
@@ -228,14 +228,15 @@ def test_serving_exports_round_trip_on_the_real_model(real_gguf, tmp_path):
     with_zeros = {name.removesuffix(".zeros") for name in original if name.endswith(".zeros")}
     assert with_zeros  # attn_output and half the ffn_down
     for to in ("awq", "compressed-tensors"):
-        with pytest.warns(UserWarning, match=f"{len(with_zeros)} weight.s. .* quantized again"):
+        with pytest.warns(UserWarning, match=f"{len(with_zeros)} weight.s. .* refitted with integer zero points"):
             convert.convert(str(tmp_path / "int4"), tmp_path / to, to)
         convert.convert(str(tmp_path / to), tmp_path / f"{to}-back", "int4")
         _, back = load_checkpoint(tmp_path / f"{to}-back")[:2]
-        assert back.keys() == original.keys() - {f"{m}.zeros" for m in with_zeros}
+        assert back.keys() == original.keys()
         for module in with_zeros:
-            data, scales = quant.quantize_int4(quant.dequantize(original, module))
-            assert torch.equal(back[f"{module}.int4_data"], data) and torch.equal(back[f"{module}.scales"], scales)
+            refit = quant.quantize_int4_asymmetric(quant.dequantize(original, module), integer_zero_points=True)
+            for part, x in zip(("int4_data", "scales", "zeros"), refit, strict=True):
+                assert torch.equal(back[f"{module}.{part}"].float(), x.float()), f"{to}: {module}.{part}"
         for name, t in back.items():
             if name.rpartition(".")[0] not in with_zeros:
                 assert torch.equal(t, original[name]), f"{to}: {name}"
