@@ -94,7 +94,8 @@ def main(argv=None) -> int:
                    help="; ".join(f"{k}: {v}" for k, v in TARGETS.items()))  # fmt: skip
     p.add_argument("--weights", choices=["auto", "int4"], default="auto",
                    help="auto: keep each tensor's precision (dense -> int4, GGUF above 4 bits -> 8 bits, which awq and "
-                        "compressed-tensors refit to int4 with zero points); int4: every linear weight int4, symmetric "
+                        "compressed-tensors refit to int4 with zero points); int4: every linear weight int4 (dense and "
+                        "8-bit ones rounded symmetric) "
                         "(default auto)")  # fmt: skip
     p.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn",
                    help="how dense weights become int4. rtn: round to nearest, with zero points under --weights auto "
