@@ -159,15 +159,16 @@ READ_CHUNK = 256 << 20  # bytes copied out of a shard's memory map before it is 
 def read_safetensors_with_metadata(shards: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of every shard, and their headers' metadata (torchao's writes the whole of it into each).
     safe_open's tensors are views of the shard's memory map, and every page of it they touch counts as this
-    process's memory for as long as any of them lives: the model keeps some (down_proj) and replaces others
-    (q, k, v and gate, up are fused into copies), so the pages of the replaced ones would stay counted too,
-    1.7x the weights at 12B. So each tensor is copied out, a chunk at a time, and the map closed after each
-    chunk: the peak stays near the weights' own size."""
+    process's memory for as long as any of them lives. The model replaces some (q, k, v and gate, up are fused
+    into copies), whose pages would stay counted beside the copies: 1.5x the weights at 12B. So every tensor is
+    copied out, a chunk at a time, each chunk's map closed after it; but the embedding tables stay views of a
+    map of their own, since a lookup touches only the rows of the tokens it reads (Gemma 4's per-layer tables
+    are GBs)."""
     tensors, metadata = {}, {}
     for f in tqdm(shards, desc="loading weights", unit="shard", disable=None, leave=False):
         try:
             with safe_open(f, framework="pt") as st:
-                names = list(st.keys())
+                names = [name for name in st.keys() if "embed" not in name]
                 metadata |= st.metadata() or {}
             while names:
                 with safe_open(f, framework="pt") as st:
@@ -176,6 +177,8 @@ def read_safetensors_with_metadata(shards: list[Path]) -> tuple[dict[str, torch.
                         name = names.pop()
                         tensors[name] = st.get_tensor(name).clone()
                         copied += tensors[name].nbytes
+            with safe_open(f, framework="pt") as st:
+                tensors |= {name: st.get_tensor(name) for name in st.keys() if "embed" in name}
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     return tensors, metadata
