@@ -321,7 +321,7 @@ def test_convert_round_trips_and_transformers_reads_the_dense_export(tmp_path, k
     hf = hf_gemma4(kind)
     hf.save_pretrained(tmp_path / "src")
     (tmp_path / "src" / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
-    convert.convert(str(tmp_path / "src"), tmp_path / "int4", "int4")
+    convert.convert(str(tmp_path / "src"), tmp_path / "int4", "int4", weights="int4")  # symmetric, as Q4_0
     _, a, _ = loader.load_checkpoint(tmp_path / "int4")
     convert.convert(str(tmp_path / "int4"), tmp_path / "again", "int4")
     _, b, _ = loader.load_checkpoint(tmp_path / "again")
@@ -362,7 +362,7 @@ def test_gguf_round_trip_and_llama_cpp_runs_it(tmp_path, kind, tokenizer_file):
                 layer.router.proj.weight.mul_(20)
     hf.save_pretrained(tmp_path / "src")
     (tmp_path / "src" / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
-    convert.convert(str(tmp_path / "src"), tmp_path / "int4", "int4")
+    convert.convert(str(tmp_path / "src"), tmp_path / "int4", "int4", weights="int4")
     convert.convert(str(tmp_path / "int4"), tmp_path / "int4.gguf", "gguf")
     config, a, _ = loader.load_checkpoint(tmp_path / "int4")
     back, b, above_4_bits = loader.load_checkpoint(tmp_path / "int4.gguf")
@@ -603,7 +603,7 @@ def test_eval_script_on_gemma4(gemma4_tokenizer_dir, tmp_path):
     directory, hf = gemma4_chat_checkpoint(tmp_path, gemma4_tokenizer_dir)
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog.")
     out = run_main(eval_script, "--model", directory, "--text", tmp_path / "text.txt", "--context", "64",
-                   "--stride", "32", "--weights", "dense")  # fmt: skip
+                   "--stride", "32", "--weights", "dense", "--dtype", "float32")  # fmt: skip
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     ids = [BOS_ID, *Tokenizer.from_pretrained(directory).encode((tmp_path / "text.txt").read_text())]
