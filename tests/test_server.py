@@ -587,6 +587,16 @@ def test_errors_name_the_field_in_param(real):
         assert code == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
 
 
+async def tokens_of(jobs: list[Job]) -> list[list[int]]:
+    """Each job's tokens, in order, until it ends."""
+    replies = []
+    for job in jobs:
+        replies.append([])
+        while (token := await job.tokens.get()) is not None:
+            replies[-1].append(token)
+    return replies
+
+
 def test_the_engine_with_a_compiled_step(tiny_int4_dir):
     """--compile: the step compiles at warm_up for all rows (idle ones too), and requests joining it generate
     what the compiled step generates for each alone."""
@@ -601,12 +611,7 @@ def test_the_engine_with_a_compiled_step(tiny_int4_dir):
         jobs = [Job(Request(p, 12, GREEDY), asyncio.get_running_loop()) for p in prompts]
         for job in jobs:
             engine.submit(job)
-        replies = []
-        for job in jobs:
-            replies.append([])
-            while (token := await job.tokens.get()) is not None:
-                replies[-1].append(token)
-        return replies
+        return await tokens_of(jobs)
 
     engine.start()
     try:
@@ -634,12 +639,7 @@ def test_a_row_whose_sampling_fails_fails_alone_in_the_engine(tiny):
         for job in jobs:
             engine.submit(job)  # both queued before the engine starts: the first takes row 0
         engine.start()
-        replies = []
-        for job in jobs:
-            replies.append([])
-            while (token := await job.tokens.get()) is not None:
-                replies[-1].append(token)
-        return replies
+        return await tokens_of(jobs)
 
     try:
         failed, other = asyncio.run(run())
