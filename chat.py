@@ -35,13 +35,21 @@ import torch
 import files
 import vision
 from checkpoint import cache_dir
-from cli import add_model_arguments, add_sampling_arguments, load, one_line_warnings, positive_int, sampling_from
+from cli import (
+    REPLY_LIMIT,
+    add_model_arguments,
+    add_sampling_arguments,
+    load,
+    note_if_base_model,
+    one_line_warnings,
+    positive_int,
+    sampling_from,
+)
 from config import BOS_ID, IMAGE_TOKEN_ID
 from generation import Sampling, compile_decode_step, decode_one_token, generate
 from model import Gemma3
-from tokenizer import StreamDecoder, Tokenizer, is_base_model
+from tokenizer import StreamDecoder, Tokenizer
 
-REPLY_LIMIT = 1024  # tokens: a long answer, while a base model that never ends its turn stops in seconds
 HELP = __doc__[__doc__.index("Commands:") : __doc__.index("Ctrl-C")].rstrip()
 
 
@@ -186,9 +194,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    if is_base_model(args.model, tokenizer.chat_template):
-        print(f"note: {args.model} is a base model, not instruction-tuned: it continues text rather than answering "
-              "(an -it model chats)", file=sys.stderr)  # fmt: skip
+    note_if_base_model(args, tokenizer)
     if interactive:
         setup_readline()
         print(f"chatting with {args.model} ({context} tokens of context). /help for commands, Ctrl-D to leave.",

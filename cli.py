@@ -1,10 +1,11 @@
 """What the command lines share: the model and sampling flags, argument types that check values before
-anything slow runs, and loading the model and tokenizer they name (generate.py, chat.py, eval.py)."""
+anything slow runs, and loading the model and tokenizer they name (generate.py, chat.py, eval.py, serve.py)."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import warnings
 
 import torch
@@ -13,7 +14,9 @@ import loader
 import quant
 from checkpoint import DEFAULT_MODEL
 from generation import GEMMA_SAMPLING, Sampling
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, is_base_model
+
+REPLY_LIMIT = 1024  # tokens: a long answer, while a base model that never ends its turn stops in seconds
 
 
 def one_line_warnings() -> None:
@@ -109,3 +112,10 @@ def load(args: argparse.Namespace) -> tuple[loader.Model, Tokenizer]:
             f"{model.config.vocab_size}"
         )
     return model, tokenizer
+
+
+def note_if_base_model(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
+    """One line on stderr when the model is a base (pretrained) model: it continues text and seldom ends a reply."""
+    if is_base_model(args.model, tokenizer.chat_template):
+        print(f"note: {args.model} is a base model, not instruction-tuned: it continues text rather than answering "
+              "(an -it model chats)", file=sys.stderr)  # fmt: skip

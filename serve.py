@@ -8,7 +8,8 @@ curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/jso
 Endpoints: POST /v1/chat/completions and /v1/completions (stream: true for server-sent events),
 GET /v1/models, GET /health, and a chat page at http://HOST:PORT/. Concurrent requests share each decode
 step, one KV-cache row (--max-batch of them, --context tokens each) per request; more wait in a queue
-(--max-queue; beyond it: 503). Images (4B, 12B, 27B) come as data: URLs; nothing is fetched.
+(--max-queue; beyond it: 503). A reply ends at the request's max_tokens, or --max-tokens (default 1024).
+A line per request is logged on stderr (--quiet: none). Images (4B, 12B, 27B) come as data: URLs; nothing is fetched.
 Requests must name the server in their Host header (localhost, an IP address, --host, or --allow-host), so
 that web pages cannot reach it through DNS rebinding. Ctrl-C or SIGTERM: in-flight requests get
 --shutdown-timeout seconds to finish, then are cancelled. Exits 1 if the engine fails, for a supervisor to
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cli import add_model_arguments, load, positive_float, positive_int
+from cli import REPLY_LIMIT, add_model_arguments, load, note_if_base_model, positive_float, positive_int
 from generation import compile_decode_step, decode_one_token
 
 if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
@@ -43,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="requests decoding together, one KV-cache row each (default 8)")  # fmt: skip
     p.add_argument("--context", type=positive_int, default=4096,
                    help="tokens per request, prompt and reply (default 4096, at most the model's)")  # fmt: skip
+    p.add_argument("--max-tokens", type=positive_int, default=REPLY_LIMIT,
+                   help=f"a reply's length when the request sets no max_tokens (default {REPLY_LIMIT})")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="log no line per request")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting for a row before the server answers 503 (default 64)")  # fmt: skip
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on all but the page and /health "
@@ -64,6 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:  # first: a port in use is an error before the model loads
+        sock = listen(args.host, args.port)
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {os.strerror(e.errno) if e.errno else e}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     try:
         model, tokenizer = load(args)
         context = min(args.context, model.config.max_seq_len)
@@ -78,14 +88,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
         return 130
+    note_if_base_model(args, tokenizer)
+    log = None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True)
     app = build_app(engine, tokenizer, args.name or Path(str(args.model)).name, args.api_key, args.max_body_mb * 2**20,
-                    [*LOCAL_NAMES, args.host, *args.allow_host])  # fmt: skip
-    try:
-        sock = listen(args.host, args.port)
-    except OSError as e:
-        print(f"error: cannot listen on {args.host}:{args.port}: {os.strerror(e.errno) if e.errno else e}",
-              file=sys.stderr)  # fmt: skip
-        return 1
+                    [*LOCAL_NAMES, args.host, *args.allow_host], args.max_tokens, log)  # fmt: skip
     print(f"serving {args.model} on http://{args.host}:{args.port}/ ({args.max_batch} rows of {context} tokens)",
           file=sys.stderr)  # fmt: skip
     served = serve(app, engine, sock, args.shutdown_timeout, args.max_connections, args.idle_timeout)

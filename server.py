@@ -497,15 +497,34 @@ class Gate:
     Host: a web page can reach a server on 127.0.0.1 from a browser by DNS rebinding (its own name, resolved
     again to 127.0.0.1), but its requests carry its own name in the Host header. So only the names this server
     is known by are served (`hosts`: localhost, --host, --allow-host; "*" serves any), and IP addresses (a
-    URL with an address resolves nothing, so nothing can be rebound)."""
+    URL with an address resolves nothing, so nothing can be rebound).
 
-    def __init__(self, app: ASGIApp, hosts: Collection[str], api_key: str | None, max_body: int):
+    And each request is logged, one line once its response ends (`log`, if given: see log_line)."""
+
+    def __init__(self, app: ASGIApp, hosts: Collection[str], api_key: str | None, max_body: int,
+                 log: Callable[[str], None] | None = None):  # fmt: skip
         self.app, self.hosts, self.api_key, self.max_body = app, {host.lower() for host in hosts}, api_key, max_body
         self.too_large = f"the request body is over {max_body} bytes (serve.py --max-body-mb)"
+        self.log = log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.log is None:
+            return await self.checked(scope, receive, send)
+        start, status = time.monotonic(), [499]  # (nginx's "client closed the request", if no response began)
+
+        async def noted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.checked(scope, receive, noted)
+        finally:
+            self.log(log_line(scope, status[0], time.monotonic() - start))
+
+    async def checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = self.refusal(scope)
         if refusal is not None:
             return await refusal.response()(scope, receive, send)
@@ -549,16 +568,28 @@ class Gate:
         return "*" in self.hosts or name in self.hosts
 
 
+def log_line(scope: Scope, status: int, seconds: float) -> str:
+    """A request's line in the log: who, what, the status, its tokens (those a completion leaves in its scope's
+    state, see respond) and how long it took."""
+    client = scope.get("client") or ("-", 0)
+    usage = scope.get("state", {}).get("usage")
+    tokens = f" {usage['prompt_tokens']} prompt + {usage['completion_tokens']} reply tokens," if usage else ""
+    return f'{client[0]} "{scope["method"]} {scope["path"]}" {status},{tokens} {seconds:.2f} s'
+
+
 # ---------------------------------------------------------------------------------------------------
 # The app.
 
 
 def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
-              max_body: int = 32 * 2**20, hosts: Collection[str] = LOCAL_NAMES) -> FastAPI:  # fmt: skip
-    """The FastAPI app over an engine, which runs apart from it (serve, or Engine.start), behind the Gate."""
+              max_body: int = 32 * 2**20, hosts: Collection[str] = LOCAL_NAMES, max_tokens: int | None = None,
+              log: Callable[[str], None] | None = None) -> FastAPI:  # fmt: skip
+    """The FastAPI app over an engine, which runs apart from it (serve, or Engine.start), behind the Gate.
+    max_tokens: a reply's length when its request names none (None: the rest of the context)."""
     model, created = engine.model, int(time.time())
-    app = FastAPI(title="gemma3-int4", docs_url=None, redoc_url=None)
-    app.add_middleware(Gate, hosts=hosts, api_key=api_key, max_body=max_body)
+    # a body without a Content-Type is read as JSON; one that says it is something else is refused (invalid_body)
+    app = FastAPI(title="gemma3-int4", docs_url=None, redoc_url=None, strict_content_type=False)
+    app.add_middleware(Gate, hosts=hosts, api_key=api_key, max_body=max_body, log=log)
 
     @app.exception_handler(APIError)
     async def api_error(request: HTTPRequest, e: APIError) -> JSONResponse:
@@ -569,6 +600,11 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         first = e.errors()[0]
         if first["type"] == "json_invalid":
             return APIError(400, f"the body is not valid JSON ({first['ctx']['error']})").response()
+        kind = request.headers.get("content-type", "")
+        if first["loc"] == ("body",) and kind and kind.split(";")[0].strip().lower() != "application/json":
+            # (a body is read as JSON only if its Content-Type says so, or it has none: curl -d says "a form")
+            return APIError(400, "the body must be JSON, sent with 'Content-Type: application/json' (this one came "
+                            f"as {kind!r})").response()  # fmt: skip
         where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
         return APIError(400, f"{where}: {first['msg'].removeprefix('Value error, ')}", param=where).response()
 
@@ -626,16 +662,18 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
                            "(serve.py --context)", param="messages" if chat else "prompt")  # fmt: skip
         generator = None if body.seed is None else torch.Generator().manual_seed(body.seed % 2**64)
         room = engine.context - len(prompt)
-        request = Request(prompt, min(body.max_tokens or room, room), sampling, tokenizer.stop_ids, generator)
+        limit = min(body.max_tokens or max_tokens or room, room)
+        request = Request(prompt, limit, sampling, tokenizer.stop_ids, generator)
         job = Job(request, asyncio.get_running_loop(), images)
         engine.submit(job)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name}  # fmt: skip
-        result = {"finish_reason": None, "completion_tokens": 0}
+        result = {"finish_reason": None, "completion_tokens": 0, "prompt_tokens": len(prompt)}
         pieces = texts(job, stops, result)
         usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": result["completion_tokens"],
                          "total_tokens": len(prompt) + result["completion_tokens"]}  # fmt: skip
+        http.state.usage = result  # (the log line reads its counts once the response ends)
         if not body.stream:
             text = "".join([piece async for piece in watched(pieces, http.receive)])
             choice = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": None}

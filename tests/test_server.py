@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -48,10 +49,11 @@ GREEDY = Sampling(temperature=0)
 
 @contextlib.contextmanager
 def serving(model, tokenizer, slots=8, context=512, max_queue=64, api_key=None, name="gemma-3-270m",
-            max_body=2**20, hosts=LOCAL_NAMES, max_connections=100, idle_timeout=5.0, engine=None):  # fmt: skip
+            max_body=2**20, hosts=LOCAL_NAMES, max_connections=100, idle_timeout=5.0, engine=None,
+            max_tokens=None, log=None):  # fmt: skip
     """The app on a free loopback port, in a thread, as serve runs it: yields its base URL."""
     engine = engine or Engine(model, slots, context, max_queue=max_queue)
-    app = build_app(engine, tokenizer, name, api_key, max_body, hosts)
+    app = build_app(engine, tokenizer, name, api_key, max_body, hosts, max_tokens, log)
     sock = listen("127.0.0.1", 0)
     config = uvicorn_config(app, max_connections, idle_timeout)
     config.timeout_graceful_shutdown = 2
@@ -546,6 +548,50 @@ def test_only_the_servers_own_names_are_served(tiny):
         assert "evil.example" in json.loads(get(url, "/", {"Host": "evil.example"})[1])["error"]["message"]
 
 
+def test_replies_end_at_the_default_limit_and_each_request_is_logged(tiny):
+    """A request without max_tokens gets the server's default (serve.py --max-tokens); each request, refused or
+    answered, streamed or whole, leaves one line: who, what, the status, its tokens and its time."""
+    lines = []
+    with serving(*tiny, context=64, max_tokens=3, log=lines.append) as url:
+        code, answer = post(url, "/v1/completions", {"prompt": "Hi", "temperature": 0})
+        assert code == 200 and answer["usage"]["completion_tokens"] == 3, answer
+        assert answer["choices"][0]["finish_reason"] == "length"
+        code, answer = post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 5, "temperature": 0})
+        assert answer["usage"]["completion_tokens"] == 5
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        chunks = list(client.completions.create(model="x", prompt="Hi", stream=True))
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert post(url, "/v1/completions", {"prompt": "Hi", "max_tokens": 0})[0] == 400
+        assert get(url, "/health", {"Host": "evil.example"})[0] == 403
+        time.sleep(0.2)  # (a line is logged once its response has ended)
+    prompt = len(tiny[1].encode("Hi")) + 1
+    assert [re.sub(r"\d+\.\d\d s$", "T s", line) for line in lines] == [
+        f'127.0.0.1 "POST /v1/completions" 200, {prompt} prompt + 3 reply tokens, T s',
+        f'127.0.0.1 "POST /v1/completions" 200, {prompt} prompt + 5 reply tokens, T s',
+        f'127.0.0.1 "POST /v1/completions" 200, {prompt} prompt + 3 reply tokens, T s',
+        '127.0.0.1 "POST /v1/completions" 400, T s',
+        '127.0.0.1 "GET /health" 403, T s',
+    ]
+
+
+def test_a_body_not_sent_as_json_is_told_so(tiny):
+    """curl -d without -H 'Content-Type: application/json' sends a form: one line says what to send. A body
+    with no Content-Type at all is read as JSON."""
+    with serving(*tiny, context=64) as url:
+        host, port = url.removeprefix("http://").split(":")
+        for kind in ("application/x-www-form-urlencoded", "text/plain"):
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request("POST", "/v1/completions", b'{"prompt": "Hi", "max_tokens": 1}', {"Content-Type": kind})
+            response = conn.getresponse()
+            message = json.loads(response.read())["error"]["message"]
+            assert response.status == 400 and message == (
+                f"the body must be JSON, sent with 'Content-Type: application/json' (this one came as '{kind}')"
+            )
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)  # no Content-Type: read as JSON
+        conn.request("POST", "/v1/completions", b'{"prompt": "Hi", "max_tokens": 1}')
+        assert conn.getresponse().status == 200
+
+
 def test_connections_are_limited_and_idle_ones_closed(tiny):
     """Beyond the limit a new connection is closed at once, logged once; one that sends no request head within
     the idle timeout (nothing, or a byte at a time) is closed; then the server answers again."""
@@ -676,7 +722,8 @@ def test_sigterm_ends_in_flight_streams_and_exits(tmp_path):
                             cwd=tmp_path, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        assert "serving" in until_serving(proc)
+        said = until_serving(proc)
+        assert "serving" in said and "note: gemma-3-270m is a base model, not instruction-tuned" in said
         health(url)  # at once
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         stream = client.completions.create(model="x", prompt="Once upon a time", max_tokens=2000, stream=True)
