@@ -128,8 +128,14 @@ class Experts(nn.ModuleList):
     def __init__(self, config: Gemma4Config):
         super().__init__(MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.num_experts))
 
-    @torch.compiler.disable  # which experts run depends on the data: eager, between compiled graphs
     def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        # which experts run depends on the data: eager, between compiled graphs (disabled here rather than with a
+        # decorator, which would import torch._dynamo, a second or two, into every start)
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(self.run)(x, weights, chosen)
+        return self.run(x, weights, chosen)
+
+    def run(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         x2, out = x.flatten(0, 1), torch.zeros_like(x.flatten(0, 1))  # (B * T, D)
         weights, chosen = weights.flatten(0, 1), chosen.flatten(0, 1)  # (B * T, top_k)
         for e in chosen.unique().tolist():  # only the experts some token chose (decode: top_k of them)

@@ -3,7 +3,10 @@ per-layer embeddings, KV sharing, double-wide MLP; 31B-style: k_eq_v, wide full-
 26B-style: mixture of experts), through a plain forward, the KV caches and greedy generation; and its loaders."""
 
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,6 +150,12 @@ def test_compiled_decoding_of_experts(tmp_path):
         torch.device("cpu"), ours)))  # fmt: skip
     ours.setup_cache(1, 64)
     assert compiled == list(generate(ours, prompt, 6, Sampling(temperature=0.0)))
+
+
+def test_the_model_code_does_not_import_the_compiler():
+    """Importing torch._dynamo costs a second or two of every start: only torch.compile should pay for it."""
+    code = "import sys, loader, generation, cli; sys.exit('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
 
 @pytest.mark.parametrize("kind", KINDS)
