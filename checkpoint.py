@@ -258,7 +258,16 @@ def read_weights(path: Path) -> tuple[dict | None, dict[str, torch.Tensor], set[
                 raise ValueError(f"{path}: quantized tensor {name} has dtype {t.dtype}, expected torch.int8")
     if hf_config is not None:
         hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}  # decoded above
-    return hf_config, split_experts(tensors), set()
+    return hf_config, split_experts(tensors), kept_above_4_bits(quantization, tensors)
+
+
+def kept_above_4_bits(quantization: dict | None, tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The dense weights (our names) that an AWQ or compressed-tensors checkpoint names as not quantized
+    (modules_to_not_convert, ignore; our exports list the weights their source held above 4 bits): weights="auto"
+    keeps them at 8 bits."""
+    quantization = quantization or {}
+    modules = quantization.get("modules_to_not_convert") or quantization.get("ignore") or []
+    return {name for m in modules if (name := our_name(f"{m}.weight")) in tensors}
 
 
 EXPERTS = re.compile(r"layers\.\d+\.experts\.(gate_up_proj|down_proj)")  # Gemma 4's experts, stacked in HF's layout
@@ -755,26 +764,30 @@ def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | N
 def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal: bool) -> tuple[dict, dict | None]:
     """Checkpoint tensors in gaunernst's layout -> `layout` ("awq", "compressed-tensors" or "dense") and the
     quantization_config that describes it (None for dense). The embedding and, for "dense", every int4 weight
-    are dequantized to bf16."""
+    are dequantized to bf16; so are int8 weights (a GGUF's above 4 bits: 4 bits would lose much of what the
+    source kept), which the config lists as not quantized."""
     out, zero_points, refitted = {}, {}, {}  # refitted: module -> (squared error, squared norm) of its weight
+    unquantized = []  # the int8 linears, written bf16
     for name, t in tensors.items():
         module, _, kind = name.rpartition(".")
         if kind not in quant.FORMATS:  # norms, the vision tower, a dense embedding (scales are read with their data)
             if kind not in ("scales", "zeros"):
                 out[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
             continue
-        if layout == "dense" or "embed_tokens" in module or "lm_head" in module:  # engines read these heads dense
-            out[module] = quant.dequantize(tensors, module).to(torch.bfloat16)
+        base = module.removesuffix(".weight")
+        if layout == "dense" or kind == "int8_data" or "embed_tokens" in module or "lm_head" in module:
+            out[module] = quant.dequantize(tensors, module).to(torch.bfloat16)  # the engines read heads dense
+            if layout != "dense" and kind == "int8_data":
+                unquantized.append(base)
             continue
         scales = tensors[f"{module}.scales"]
-        zp = integer_zero_points(scales, tensors.get(f"{module}.zeros")) if kind == "int4_data" else None
-        if zp is None:  # int8 (a GGUF's weights above 4 bits), or zeros that no integer zero point gives (Q4_K's)
+        zp = integer_zero_points(scales, tensors.get(f"{module}.zeros"))
+        if zp is None:  # zeros that no integer zero point gives (a GGUF's Q4_K minimums)
             w = quant.dequantize(tensors, module)
             t, scales, zeros = quant.quantize_int4_asymmetric(w, integer_zero_points=True)
             zp = integer_zero_points(scales, zeros)
             error = quant.dequantize_int4(t, scales.float(), zeros) - w
             refitted[module] = (error.square().sum().item(), w.square().sum().item())
-        base = module.removesuffix(".weight")
         if layout == "awq":  # transposed: (K, N/8), zero points (K/32, N/8), scales (K/32, N)
             out[f"{base}.qweight"] = pack_nibbles(quant.unpack_int4(t).t() + 8, AWQ_ORDER)
             out[f"{base}.qzeros"] = pack_nibbles(zp.t(), AWQ_ORDER)
@@ -788,7 +801,7 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
     if refitted:
         error, norm = (sum(x) for x in zip(*refitted.values(), strict=True))
         warnings.warn(
-            f"{len(refitted)} weight(s) ({next(iter(refitted))}, ...) are int8 or have zero points that {layout} "
+            f"{len(refitted)} weight(s) ({next(iter(refitted))}, ...) have zero points that {layout} "
             "cannot hold (not whole multiples of their scales): refitted with integer zero points, "
             f"{(error / norm) ** 0.5:.2%} relative RMS error against their weights",
             stacklevel=2,
@@ -801,7 +814,7 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
     skip = ["vision_tower", "multi_modal_projector"] if multimodal else []
     if layout == "awq":
         config = {"quant_method": "awq", "bits": 4, "group_size": quant.GROUP_SIZE, "zero_point": True,
-                  "version": "gemm", "modules_to_not_convert": skip or None}  # fmt: skip
+                  "version": "gemm", "modules_to_not_convert": skip + unquantized or None}  # fmt: skip
     elif layout == "compressed-tensors":
         weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "dynamic": False,
                    "group_size": quant.GROUP_SIZE, "actorder": None, "observer": "minmax"}  # fmt: skip
@@ -818,7 +831,7 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
                     "output_activations": None,
                 }
             },
-            "ignore": ["lm_head"] + [f"re:.*{m}.*" for m in skip],
+            "ignore": ["lm_head"] + unquantized + [f"re:.*{m}.*" for m in skip],
             "kv_cache_scheme": None,
         }
     else:

@@ -36,10 +36,10 @@ from tokenizer import Tokenizer
 TARGETS = {
     "int4": "our int4 (gaunernst's safetensors layout; GGUF tensors above 4 bits stay 8-bit with --weights auto)",
     "gguf": "for llama.cpp: int4 -> Q4_0 (lossless), int8 -> Q8_0, the tokenizer in the metadata",
-    "awq": "AutoAWQ's gemm layout for vLLM / SGLang / transformers: every linear int4 (int8 and float zero points "
-    "refitted with integer zero points), embedding bf16",
-    "compressed-tensors": "W4A16 pack-quantized (group 32, zero points where needed) for vLLM: every linear int4 (as "
-    "awq), embedding bf16",
+    "awq": "AutoAWQ's gemm layout for vLLM / SGLang / transformers: linears int4 (float zero points refitted with "
+    "integer ones), int8 ones and the embedding bf16",
+    "compressed-tensors": "W4A16 pack-quantized (group 32, zero points where needed) for vLLM: linears int4 (as "
+    "awq), int8 ones and the embedding bf16",
     "dense": "bf16 safetensors as Google's checkpoints (int4 weights dequantized), for transformers or fine-tuning",
 }
 
@@ -75,7 +75,7 @@ def convert(
         text = calibration.read_text() if calibration else None
         ids = ptq.calibration_ids(sentencepiece, text)
         tensors = ptq.gptq(config, convert_weights(tensors, "dense", above_4_bits), ids)
-    else:  # awq and compressed-tensors: 4-bit only, with integer zero points (the encoder refits int8 and others)
+    else:  # awq and compressed-tensors: integer zero points (the encoder refits float ones, writes int8 bf16)
         integer = to in ("awq", "compressed-tensors")
         tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits, True, integer)
     tokenizer_files = None
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                    help="; ".join(f"{k}: {v}" for k, v in TARGETS.items()))  # fmt: skip
     p.add_argument("--weights", choices=["auto", "int4"], default="auto",
                    help="auto: keep each tensor's precision (dense -> int4, GGUF above 4 bits -> 8 bits, which awq and "
-                        "compressed-tensors refit to int4 with zero points); int4: every linear weight int4 (dense and "
+                        "compressed-tensors write bf16); int4: every linear weight int4 (dense and "
                         "8-bit ones rounded symmetric) "
                         "(default auto)")  # fmt: skip
     p.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn",

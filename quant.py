@@ -116,8 +116,9 @@ def quantize_int4_asymmetric(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric round to nearest with a zero point per group: float (N, K) -> (int4_data, scales (N, K/32) bf16,
     zeros (N, K/32) float32), w = q * s + z for q = -8..7. Each group's range [min, max] maps onto the 16 levels,
-    narrowed about its middle by the one of CLIP_RATIOS that gives the group the least squared error (a group's
-    outliers cost the rest their resolution). integer_zero_points: z = (8 - zp) * s for an integer zp in 0..15,
+    narrowed about its middle by one of CLIP_RATIOS (a group's outliers cost the rest their resolution), or that
+    grid's scale (and zero) refitted by least squares (least_squares_grid): whichever gives the group the least
+    squared error. integer_zero_points: z = (8 - zp) * s for an integer zp in 0..15,
     AWQ's and compressed-tensors' form (exact in float32); else z is any bf16 value."""
     if w.dim() != 2 or w.shape[1] % GROUP_SIZE:
         raise ValueError(f"int4 needs a 2-D weight with K a multiple of {GROUP_SIZE}, got shape {tuple(w.shape)}")
@@ -127,14 +128,32 @@ def quantize_int4_asymmetric(
         return tuple(torch.cat(parts) for parts in zip(*blocks, strict=True))
     groups = w.float().unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
     low, high = groups.amin(-1), groups.amax(-1)
-    scales, zeros = asymmetric_grid(low, high, CLIP_RATIOS[0], integer_zero_points)
-    error = grid_error(groups, scales, zeros)
-    for ratio in CLIP_RATIOS[1:]:
-        s, z = asymmetric_grid(low, high, ratio, integer_zero_points)
-        e = grid_error(groups, s, z)
-        better = e < error
-        scales, zeros, error = torch.where(better, s, scales), torch.where(better, z, zeros), torch.minimum(e, error)
+    scales, zeros, error = torch.ones_like(low), torch.zeros_like(low), torch.full_like(low, torch.inf)
+    for ratio in CLIP_RATIOS:
+        grid = asymmetric_grid(low, high, ratio, integer_zero_points)
+        for s, z in (grid, least_squares_grid(groups, *grid, integer_zero_points)):
+            e = grid_error(groups, s, z)
+            better = e < error
+            scales, zeros, error = torch.where(better, s, scales), torch.where(better, z, zeros), error.minimum(e)
     return pack_int4(on_grid(groups, scales, zeros).flatten(-2)), scales.to(torch.bfloat16), zeros
+
+
+def least_squares_grid(
+    groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, integer_zero_points: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale (and, unless integer, the zero) that fit each group's weights best by least squares, for the q
+    that the grid (scales, zeros) rounds them to: w ~ s * (q + 8 - zp) with the integer zp kept, or w ~ s * q + z."""
+    q = on_grid(groups, scales, zeros)  # (N, G, 32)
+    if integer_zero_points:
+        shift = torch.round(zeros / scales)  # 8 - zp
+        u = q + shift[..., None]
+        fit = (groups * u).sum(-1) / u.square().sum(-1).clamp_min(1e-12)
+        fit = torch.where(fit > 0, fit, scales).to(torch.bfloat16).float()
+        return fit, shift * fit
+    dq, dw = q - q.mean(-1, keepdim=True), groups - groups.mean(-1, keepdim=True)
+    fit = (dq * dw).sum(-1) / dq.square().sum(-1).clamp_min(1e-12)
+    fit = torch.where(fit > 0, fit, scales).to(torch.bfloat16).float()
+    return fit, (groups.mean(-1) - fit * q.mean(-1)).to(torch.bfloat16).float()
 
 
 def asymmetric_grid(

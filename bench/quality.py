@@ -5,6 +5,7 @@
 Perplexity: the same token ids and windows (eval.py's) for every row, llama.cpp included (its logits
 through llama-cpp-python). Decode speed (ours only; llama.cpp's is speed.py's, against its native build):
 greedy, 128 new tokens after a short prompt, bf16, one run.
+The export rows: convert.py's AWQ and compressed-tensors exports, read back dense (what the engines compute).
 The activation rows: the default weights in bf16 with bf16 activations (exact) and int8 (W4A8, w4a8.py),
 perplexity and mean KL from the exact path (the rule: int8 is the default only within 1% perplexity).
 """
@@ -12,6 +13,7 @@ perplexity and mean KL from the exact path (the rule: int8 is the default only w
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,6 +75,21 @@ def activation_rows(path: Path, ids: list[int], args) -> list[dict]:
     return rows
 
 
+def export_rows(path: Path, ids: list[int], args) -> list[dict]:
+    """The AWQ and compressed-tensors exports (convert.py), read back dense: the weights the engines compute with."""
+    import convert
+
+    rows = []
+    for to in ("awq", "compressed-tensors"):
+        with tempfile.TemporaryDirectory() as tmp:
+            convert.convert(path, Path(tmp) / to, to)
+            model = loader.from_pretrained(Path(tmp) / to, dtype=torch.float32, weights="dense")
+            ppl = perplexity(chunked_logits(model), ids, args.context, args.stride)["perplexity"]
+        rows.append({"name": f"convert.py --to {to}, read back dense", "perplexity": ppl})
+        print(rows[-1], file=sys.stderr)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096)
@@ -92,6 +109,7 @@ def main() -> None:
         run = lambda prompt, n, m=fast: len(list(generate(m, prompt, n, Sampling(temperature=0))))
         rows.append({"name": f"ours --weights {weights}", "perplexity": ppl, "decode_tok_s": decode_speed(run, prompt)})
         print(rows[-1], file=sys.stderr)
+    rows += export_rows(path, ids, args)
     rows += activation_rows(path, ids, args)
     from llama_cpp import Llama
 

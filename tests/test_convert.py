@@ -254,7 +254,7 @@ def test_float_zero_points_are_refitted_as_integers(tiny_int4_dir, tokenizer_fil
     symmetric = quant.dequantize_int4(*quant.quantize_int4(source)).float()
     for layout in ("awq", "compressed-tensors"):
         message = (
-            rf"^1 weight.s. \(model.layers.1.mlp.down_proj.weight, ...\) are int8 or have zero points that {layout} "
+            rf"^1 weight.s. \(model.layers.1.mlp.down_proj.weight, ...\) have zero points that {layout} "
             r"cannot hold .* refitted with integer zero points, [\d.]+% relative RMS error against their weights$"
         )
         with pytest.warns(UserWarning, match=message):
@@ -266,6 +266,40 @@ def test_float_zero_points_are_refitted_as_integers(tiny_int4_dir, tokenizer_fil
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
     cli.one_line_warnings()
     assert warnings.formatwarning("a message", UserWarning, "checkpoint.py", 7, "code") == "warning: a message\n"
+
+
+def test_int8_weights_are_kept_unquantized(tiny_int4_dir, tokenizer_file, tmp_path):
+    """Weights held above 4 bits (int8: a GGUF's Q5_0 to Q8_0) are written bf16 and listed as not quantized
+    (AWQ's modules_to_not_convert, compressed-tensors' ignore): they read back exactly, weights="auto" keeps them
+    at 8 bits again, and transformers loads the compressed-tensors export as we do."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    tensors = stored(tiny_int4_dir)
+    module = "model.layers.0.mlp.up_proj.weight"
+    w = quant.dequantize_int4(tensors.pop(f"{module}.int4_data"), tensors.pop(f"{module}.scales").float())
+    w = w + 0.01 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))  # off any int4 grid
+    tensors[f"{module}.int8_data"], tensors[f"{module}.scales"] = quant.quantize_int8(w)
+    embed = "model.embed_tokens.weight"  # and an int8 embedding (a GGUF's Q8_0)
+    w = quant.dequantize_int4(tensors.pop(f"{embed}.int4_data"), tensors.pop(f"{embed}.scales").float())
+    tensors[f"{embed}.int8_data"], tensors[f"{embed}.scales"] = quant.quantize_int8(w)
+    checkpoint.write_shards(tensors, src)
+    shutil.copy(tiny_int4_dir / "config.json", src)
+    expected = quant.dequantize_int8(tensors[f"{module}.int8_data"], tensors[f"{module}.scales"]).to(torch.bfloat16)
+    for layout, listed in (("awq", "modules_to_not_convert"), ("compressed-tensors", "ignore")):
+        convert.convert(str(src), tmp_path / layout, layout, tokenizer=tokenizer_file)
+        config = json.loads((tmp_path / layout / "config.json").read_text())
+        assert {"model.layers.0.mlp.up_proj", "model.embed_tokens"} <= set(config["quantization_config"][listed])
+        assert torch.equal(stored(tmp_path / layout)[module], expected)
+        _, back, above_4_bits = load_checkpoint(tmp_path / layout)
+        assert above_4_bits == {"layers.0.mlp.up_proj.weight", "embed.weight"}
+        assert torch.equal(back["layers.0.mlp.up_proj.weight"], expected)
+        auto = loader.convert_weights(back, "auto", above_4_bits)
+        assert auto["layers.0.mlp.up_proj.int8_data"].dtype == auto["embed.int8_data"].dtype == torch.int8
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed-tensors", dtype=torch.float32).eval()
+    ours = loader.from_pretrained(tmp_path / "compressed-tensors", dtype=torch.float32, weights="dense")
+    with torch.no_grad():
+        assert (ours(IDS) - hf(IDS).logits).abs().max().item() < 1e-4
 
 
 def test_zero_points_of_rows_not_a_multiple_of_8_are_padded():

@@ -87,7 +87,8 @@ def test_quantize_keeps_the_7_grid_when_two_fit():
 
 def test_asymmetric_quantization():
     """A zero point per group: no worse than symmetric rounding on centred weights and far better on shifted ones;
-    narrowing a group's range lowers its error where outliers stretch it; integer zero points are exact multiples
+    narrowing a group's range lowers its error where outliers stretch it, and refitting the scale (and zero) by
+    least squares lowers it again; integer zero points are exact multiples
     of their scales (AWQ's form); a constant group is exact."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 256, generator=g) / 20
@@ -105,9 +106,12 @@ def test_asymmetric_quantization():
     assert error(w) < symmetric(w) and error(shifted) < symmetric(shifted) / 2
     assert error(shifted, integer=True) < symmetric(shifted) / 2
     with pytest.MonkeyPatch.context() as m:
+        m.setattr(quant, "least_squares_grid", lambda groups, scales, zeros, integer: (scales, zeros))
+        clipped = error(w), error(shifted, integer=True)  # the narrowed ranges alone, no least-squares refit
         m.setattr(quant, "CLIP_RATIOS", (1.0,))  # the whole range: plain asymmetric rounding
         whole_range = error(w)
-    assert error(w) < 0.95 * whole_range
+    assert clipped[0] < 0.95 * whole_range
+    assert error(w) < 0.95 * clipped[0] and error(shifted, integer=True) < 0.98 * clipped[1]
     _, scales, zeros = quant.quantize_int4_asymmetric(shifted, integer_zero_points=True)
     zp = 8 - zeros / scales.float()
     assert torch.equal(zp, zp.round()) and bool(((zp >= 0) & (zp <= 15)).all())
