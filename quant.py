@@ -144,16 +144,18 @@ def least_squares_grid(
     """The scale (and, unless integer, the zero) that fit each group's weights best by least squares, for the q
     that the grid (scales, zeros) rounds them to: w ~ s * (q + 8 - zp) with the integer zp kept, or w ~ s * q + z."""
     q = on_grid(groups, scales, zeros)  # (N, G, 32)
+    dot = torch.linalg.vecdot  # (sums of products without their (N, G, 32) temporary)
     if integer_zero_points:
         shift = torch.round(zeros / scales)  # 8 - zp
-        u = q + shift[..., None]
-        fit = (groups * u).sum(-1) / u.square().sum(-1).clamp_min(1e-12)
+        u = q.add_(shift[..., None])
+        fit = dot(groups, u) / dot(u, u).clamp_min(1e-12)
         fit = torch.where(fit > 0, fit, scales).to(torch.bfloat16).float()
         return fit, shift * fit
-    dq, dw = q - q.mean(-1, keepdim=True), groups - groups.mean(-1, keepdim=True)
-    fit = (dq * dw).sum(-1) / dq.square().sum(-1).clamp_min(1e-12)
+    q_mean, w_mean = q.mean(-1), groups.mean(-1)
+    dq = q.sub_(q_mean[..., None])
+    fit = dot(dq, groups - w_mean[..., None]) / dot(dq, dq).clamp_min(1e-12)
     fit = torch.where(fit > 0, fit, scales).to(torch.bfloat16).float()
-    return fit, (groups.mean(-1) - fit * q.mean(-1)).to(torch.bfloat16).float()
+    return fit, (w_mean - fit * q_mean).to(torch.bfloat16).float()
 
 
 def asymmetric_grid(
@@ -171,12 +173,12 @@ def asymmetric_grid(
 
 def on_grid(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """The q = -8..7 nearest to each weight of (N, G, 32) groups, w = q * s + z."""
-    return torch.round((groups - zeros[..., None]) / scales[..., None]).clamp(-8, 7)
+    return (groups - zeros[..., None]).div_(scales[..., None]).round_().clamp_(-8, 7)  # (in place: one copy)
 
 
 def grid_error(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """Each group's squared error on its grid, (N, G)."""
-    return (on_grid(groups, scales, zeros) * scales[..., None] + zeros[..., None] - groups).square().sum(-1)
+    return on_grid(groups, scales, zeros).mul_(scales[..., None]).add_(zeros[..., None]).sub_(groups).square_().sum(-1)
 
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)  # of a group's range (quantize_int4_asymmetric)
@@ -193,7 +195,7 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w.float() / scales[:, None]).to(torch.int8), scales
 
 
-ROW_BLOCK = 4096  # rows quantized at a time: the float copies quantizing makes stay small at any size
+ROW_BLOCK = 1024  # rows quantized at a time: the float copies quantizing makes stay small (in cache) at any size
 
 
 def in_row_blocks(quantize: Callable, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
