@@ -2,13 +2,15 @@
 
 Gemma 4 keeps Gemma 3's frame (model.py: sandwich-norm blocks, sliding and full attention layers, their KV
 caches and masks, a tied int4-ready embedding) and changes what is inside. Read in order:
-- RMSNorm scales by w, not 1 + w, and has a scale-free variant (on the values, and in the router);
+- RMSNorm (model.Gemma4RMSNorm) scales by w, not 1 + w, and has a scale-free variant (on the values, and in
+  the router);
 - attention: scale 1; full layers have their own head_dim (512) and "proportional" RoPE (a quarter of each
   head rotates); in the 31B/26B full layers K and V are one projection (k_eq_v); in E2B/E4B the last layers own
   no keys or values and attend over an earlier layer's (KV sharing);
 - the block: the GeGLU MLP, beside it in 26B-A4B a mixture of 128 experts; in E2B/E4B a per-layer embedding
   gated into the residual stream after the MLP; a stored scalar on the layer's output;
-- the model: per-layer embeddings computed with the token embeddings, and the final logits soft-capped at 30.
+- the model: per-layer embeddings computed with the token embeddings, and the final logits soft-capped at 30;
+  with a vision tower (gemma4_vision.py), images' soft tokens in the prompt take the tower's embeddings.
 Loading is loader.py's, as for Gemma 3; the config is config.Gemma4Config.
 """
 
@@ -20,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import Gemma4Config
+import gemma4_vision
+from config import PAD_ID, Gemma4Config
 from model import (
     ALL,
     FUSED,
@@ -34,32 +37,21 @@ from model import (
     attend,
     attention_mask,
     cached_key_positions,
+    image_index,
     mask_length,
     record_ring,
     ring_positions,
     rope_cos_sin,
     row_masks,
+    same_image_masks,
 )
+from model import Gemma4RMSNorm as RMSNorm  # shared with the towers
 from quant import attention_dtype
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values (B, n_kv, S, hd): what a layer's attention reads
 # What the loader stacks (model.fuse_projections): gate and up, as in Gemma 3. q, k and v stay apart, since the
 # layers differ in which of them they have (k_eq_v layers no v, KV-shared ones only q).
 GEMMA4_FUSED = {"mlp.gate_up_proj": FUSED["mlp.gate_up_proj"]}
-
-
-class RMSNorm(nn.Module):
-    """Gemma 4's RMSNorm: computed in float32, scaled by weight (no 1 +), or not scaled at all."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        return (x32 if self.weight is None else x32 * self.weight.float()).type_as(x)
 
 
 class Attention(nn.Module):
@@ -205,7 +197,10 @@ class Gemma4(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else OutputHead(config.hidden_size, config.vocab_size)
-        self.vision = None  # text only, for now
+        self.vision = self.embed_vision = None
+        if (vc := config.vision_config) is not None:  # the image tower, and its map into the embedding space
+            self.vision = gemma4_vision.VisionTower(vc)
+            self.embed_vision = gemma4_vision.Embedder(vc.hidden_size, config.hidden_size, vc.rms_norm_eps)
         self.cache_len = self.cache_batch = 0
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
@@ -225,15 +220,24 @@ class Gemma4(nn.Module):
         self.register_buffer("ring_pos", ring_positions(batch_size, ring, c.sliding_window, device), persistent=False)
         self.cache_len, self.cache_batch = max_seq_len, batch_size
 
-    def embed_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_tokens(self, input_ids: torch.Tensor, pixel_values: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D), scaled by sqrt(D); with per-layer embeddings (E2B, E4B), each token's
         L inputs of P (B, T, L * P) follow on the last dim, so that a prompt's chunks slice both as one:
-        (the per-layer table's rows * sqrt(P) + RMSNorm(projection of the embeddings / sqrt(D))) / sqrt(2)."""
-        if pixel_values is not None:
-            raise ValueError("Gemma 4 runs text only here: images are not supported yet")
+        (the per-layer table's rows * sqrt(P) + RMSNorm(projection of the embeddings / sqrt(D))) / sqrt(2).
+        pixel_values: the images (3, H, W) (gemma4_vision.preprocess) whose soft tokens input_ids holds, in reading
+        order; their embeddings take those tokens' places, and the per-layer table reads the pad token there."""
         c = self.config
+        is_image = None
+        if pixel_values is not None:
+            if self.vision is None:
+                raise ValueError("this model has no vision tower: it takes text only")
+            is_image = input_ids == c.vision_config.image_token_id
+            input_ids = input_ids.masked_fill(is_image, PAD_ID)
         x = self.embed.lookup(input_ids)
         x = x * torch.tensor(math.sqrt(c.hidden_size), dtype=x.dtype)  # scale rounded to x's dtype
+        if is_image is not None:
+            features = self.image_features(pixel_values, int(is_image.sum()))
+            x = x.masked_scatter(is_image[..., None], features.to(x.dtype))
         if self.embed_per_layer is None:
             return x
         P = c.hidden_size_per_layer_input
@@ -242,20 +246,33 @@ class Gemma4(nn.Module):
         projected = self.per_layer_projection_norm(projected.unflatten(-1, (c.num_layers, P))).flatten(-2)
         return torch.cat([x, (projected + tokens) * 2**-0.5], dim=-1)
 
+    def image_features(self, pixel_values: list[torch.Tensor], num_soft_tokens: int) -> torch.Tensor:
+        """The images' soft tokens in the embedding space, one image after another: (num_soft_tokens, D)."""
+        features = torch.cat([self.embed_vision(self.vision(pixels)) for pixels in pixel_values])
+        if features.shape[0] != num_soft_tokens:
+            raise ValueError(f"the prompt has {num_soft_tokens} image soft tokens, but its {len(pixel_values)} "
+                             f"image(s) make {features.shape[0]}")  # fmt: skip
+        return features
+
     def forward(
         self,
         input_ids: torch.Tensor,
         pos: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: list[torch.Tensor] | None = None,
         rows: slice = ALL,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> float logits (B, T, vocab_size); pos and rows as Gemma3.forward's."""
-        return self.logits(self.hidden_states(self.embed_tokens(input_ids, pixel_values), pos, None, rows))
+        """input_ids (B, T) -> float logits (B, T, vocab_size); pos and rows as Gemma3.forward's; pixel_values
+        as embed_tokens'."""
+        x = self.embed_tokens(input_ids, pixel_values)
+        images = None if pixel_values is None else image_index(input_ids == self.config.vision_config.image_token_id)
+        return self.logits(self.hidden_states(x, pos, images, rows))
 
     def hidden_states(
         self, x: torch.Tensor, pos: torch.Tensor | None = None, images: torch.Tensor | None = None, rows: slice = ALL
     ) -> torch.Tensor:
-        """embed_tokens' output (B, T, D [+ L * P]) -> final normed hidden states (B, T, D); as Gemma3's."""
+        """embed_tokens' output (B, T, D [+ L * P]) -> final normed hidden states (B, T, D); as Gemma3's, but the
+        tokens of one image (images, from image_index) see each other both ways only on the sliding layers, and
+        only where the config says so (31B, 26B-A4B): the E models read images causally."""
         c = self.config
         per_layer = None  # (B, T, L, P)
         if c.hidden_size_per_layer_input:
@@ -269,7 +286,11 @@ class Gemma4(nn.Module):
             if self.cache_len == 0:
                 raise RuntimeError("call setup_cache(batch_size, max_seq_len) before decoding with positions")
             kv_global, kv_local = cached_key_positions(self.ring_pos[rows], self.cache_len, c.sliding_window, pos)
-        global_mask, local_mask = attention_mask(q_pos, kv_global), attention_mask(q_pos, kv_local, c.sliding_window)
+        same_local = None
+        if images is not None and c.vision_bidirectional:
+            same_local = same_image_masks(images, pos, kv_global, kv_local)[1]
+        global_mask = attention_mask(q_pos, kv_global)
+        local_mask = attention_mask(q_pos, kv_local, c.sliding_window, same_local)
         if pos is not None and T == 1 and B > 1 and not torch.compiler.is_compiling():
             global_mask, local_mask = row_masks(pos, global_mask), row_masks(pos, local_mask)
         global_rope = rope_cos_sin(q_pos, c.global_head_dim, c.rope_theta_global, 1.0, x.dtype, c.partial_rotary_factor)

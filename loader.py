@@ -120,17 +120,18 @@ def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Config, dict[str, torch
     return config, tensors, above_4_bits
 
 
-GEMMA4_TOWERS = (*VISION_MODULES, "audio_tower.", "embed_vision.", "embed_audio.")  # our names of its towers
+GEMMA4_TOWERS = (*VISION_MODULES, "audio_tower.", "embed_audio.")  # our names of its towers
 
 
 def gemma4_text_tensors(config: Gemma4Config, tensors: dict, source: str | Path) -> dict[str, torch.Tensor]:
-    """Gemma 4's language model: the multimodal checkpoints' towers are dropped (text only, for now), and so are
-    the keys and values that Google's files still carry for the KV-shared layers (which read an earlier layer's);
-    each with one warning."""
-    towers = [k for k in tensors if k.startswith(GEMMA4_TOWERS)]
+    """Gemma 4's language model and vision tower: the towers the model does not run are dropped (the audio tower,
+    for now; the vision tower of a config without its vision_config), and so are the keys and values that Google's
+    files still carry for the KV-shared layers (which read an earlier layer's); each with one warning."""
+    kept = VISION_MODULES if config.vision_config is not None else ()
+    towers = [k for k in tensors if k.startswith(GEMMA4_TOWERS) and not k.startswith(kept)]
     if towers:
-        warnings.warn(f"{source}: images and audio are not supported for Gemma 4 yet: loading the language model "
-                      f"only ({len(towers)} tensors of its towers left out)", stacklevel=3)  # fmt: skip
+        warnings.warn(f"{source}: audio (and images without a vision_config) are not supported for Gemma 4 yet: "
+                      f"{len(towers)} tensors of its towers left out", stacklevel=3)  # fmt: skip
     shared = re.compile(r"layers\.(\d+)\.attn\.(k_proj|v_proj|k_norm|v_norm)\.")
     unused = [k for k in tensors if (m := shared.match(k)) and int(m[1]) >= config.first_shared_layer]
     if unused:
