@@ -5,8 +5,8 @@ python generate.py --model gaunernst/gemma-3-4b-it-int4 --image cat.png --prompt
 python generate.py --model gaunernst/gemma-3-4b-it-int4 --image a.png --image b.png \
     --prompt "Compare <start_of_image> with <start_of_image>."
 
-Images (4B, 12B, 27B) go before the prompt text, or where the prompt marks them with <start_of_image>,
-one mark per --image, in order.
+Images (Gemma 3 4B, 12B, 27B; Gemma 4 checkpoints with their vision tower) go before the prompt text, or
+where the prompt marks them with <start_of_image>, one mark per --image, in order.
 
 Several prompts (--prompt repeated, or --prompt-file with one prompt per line) are generated together,
 --max-batch at a time, each at its own position in one batched decode step; each reply is printed as a
@@ -27,7 +27,7 @@ import torch
 import files
 import vision
 from cli import add_model_arguments, add_sampling_arguments, load, one_line_warnings, positive_int, sampling_from
-from generation import Request, compile_decode_step, decode_one_token, generate, generate_batch
+from generation import Request, compile_decode_step, decode_one_token, generate, generate_batch, image_inputs
 from tokenizer import StreamDecoder, check_text, is_instruction_tuned, place_images
 
 
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=positive_int, default=8,
                    help="several prompts: how many decode together, one batch row each (default 8)")  # fmt: skip
     p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="an image for the prompt (repeatable; models with vision: 4B, 12B, 27B)")  # fmt: skip
+                   help="an image for the prompt (repeatable; Gemma 3 4B, 12B, 27B; Gemma 4)")  # fmt: skip
     add_model_arguments(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=256,
                    help="stop after this many new tokens (default 256)")  # fmt: skip
@@ -89,13 +89,10 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         model, tokenizer = load(args)
         if images and model.vision is None:
-            raise ValueError(f"--image: {args.model} is a text-only model (images need Gemma 3 4B, 12B or 27B)")
+            raise ValueError(f"--image: {args.model} is a text-only model (images need Gemma 3 4B, 12B or 27B, "
+                             "or a Gemma 4 checkpoint with its vision tower)")  # fmt: skip
         load_s = time.perf_counter() - t0
-        pixel_values, tokens_per_image = None, 0
-        if images:
-            vc = model.config.vision_config
-            pixel_values = torch.stack([vision.preprocess(image, vc.image_size) for image in images])
-            tokens_per_image = vc.tokens_per_image
+        pixel_values, tokens_per_image = image_inputs(model, images) if images else (None, 0)
         use_chat = args.chat or (is_instruction_tuned(args.model) and not args.raw)
         prompts = []
         for text in args.prompt:

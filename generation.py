@@ -7,7 +7,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
+import gemma4_vision
+import vision
+from config import Gemma4VisionConfig
 from model import ALL, Gemma3, image_index
 
 # The range of temperature (other than 0) and repetition_penalty: together they scale logits by at most 10^4, so
@@ -77,6 +81,19 @@ def sample(
     race = torch.empty_like(probs).exponential_(generator=generator)
     choice = (probs / race).argmax(-1)
     return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def image_inputs(model: Gemma3, images: list[Image.Image]) -> tuple[torch.Tensor | list[torch.Tensor], list[int]]:
+    """Images as the model takes them (pixel_values), and how many soft tokens each becomes in the prompt:
+    Gemma 3's resized to one square (vision.py), stacked (N, 3, S, S); Gemma 4's each at its own size within the
+    soft-token budget (gemma4_vision.py), a list of (3, H, W)."""
+    vc = model.config.vision_config
+    if isinstance(vc, Gemma4VisionConfig):
+        pixels = [gemma4_vision.preprocess(image, vc.max_soft_tokens) for image in images]
+        return pixels, [gemma4_vision.soft_tokens(p, vc) for p in pixels]
+    return torch.stack([vision.preprocess(image, vc.image_size) for image in images]), [vc.tokens_per_image] * len(
+        images
+    )
 
 
 def prefill(

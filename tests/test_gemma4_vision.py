@@ -5,17 +5,20 @@ E-style and a 31B-style text config; each feature of the tower shown to matter."
 import json
 
 import pytest
+import test_gemma4
 import torch
 from PIL import Image
+from test_gemma4 import KINDS, TINY
+from test_vision import odd_images, photos
 
 import checkpoint
 import gemma4_vision
 import loader
 from config import SOFT_TOKEN_BUDGETS
 from generation import Sampling, generate
-from test_gemma4 import KINDS, TINY
-from test_vision import odd_images, photos
+from tokenizer import GEMMA4_IMAGE_IDS
 
+gemma4_tokenizer = test_gemma4.gemma4_tokenizer_dir  # the fixture (pytest knows it by this name)
 TOL = 1e-3
 IMAGE, BOI, EOI = 500, 501, 502  # the tiny vocabulary's image soft token and its bounds
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -83,15 +86,16 @@ def test_resized_sizes():
 # The tower and image prompts against transformers
 
 
-def hf_gemma4_vision(kind: str, seed: int = 0, **vision):
+def hf_gemma4_vision(kind: str, seed: int = 0, ids: tuple = (IMAGE, BOI, EOI), **text):
     """A random transformers Gemma4ForConditionalGeneration (float32, no audio): norms around 1, every weight,
-    position table, clamp bound and standardisation vector random (the clamps bind on part of their inputs)."""
+    position table, clamp bound and standardisation vector random (the clamps bind on part of their inputs).
+    ids: the image soft token and its bounds; text: the text config's changes to TINY."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
 
     torch.manual_seed(seed)
-    text = Gemma4TextConfig(**{**TINY, **KINDS[kind]})
-    config = Gemma4Config(text_config=text, vision_config=Gemma4VisionConfig(**{**VISION, **vision}),
-                          audio_config=None, image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI)  # fmt: skip
+    text = Gemma4TextConfig(**{**TINY, **KINDS[kind], **text})
+    config = Gemma4Config(text_config=text, vision_config=Gemma4VisionConfig(**VISION), audio_config=None,
+                          image_token_id=ids[0], boi_token_id=ids[1], eoi_token_id=ids[2])  # fmt: skip
     config._attn_implementation = "eager"
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = "eager"
@@ -147,7 +151,8 @@ def our_pixels(images: list[Image.Image]) -> list[torch.Tensor]:
 
 def max_diff(ours, hf, ids: list[int], images: list[Image.Image]) -> float:
     with torch.no_grad():
-        return (ours(torch.tensor([ids]), pixel_values=our_pixels(images)) - hf_logits(hf, ids, images)).abs().max().item()
+        got = ours(torch.tensor([ids]), pixel_values=our_pixels(images))
+    return (got - hf_logits(hf, ids, images)).abs().max().item()
 
 
 def test_tower_and_embedder_match_transformers(pair):
@@ -286,3 +291,40 @@ def test_text_only_model_refuses_images(tmp_path):
     ours = loader.from_pretrained(tmp_path, dtype=torch.float32, weights="dense")
     with pytest.raises(ValueError, match="no vision tower"):
         ours(torch.tensor([[2, IMAGE]]), pixel_values=[torch.zeros(3, 48, 48)])
+
+
+def test_generate_with_an_image(tmp_path, gemma4_tokenizer):
+    """generate.py --image on a Gemma 4 checkpoint with its vision tower (at Gemma 4's image token ids, so the
+    vocabulary is the published one): transformers' greedy tokens for the prompt it builds, at the image's mark."""
+    import shutil
+
+    from conftest import run_main
+
+    import generate as generate_script
+    from tokenizer import IMAGE_MARK, Tokenizer
+
+    image_ids = tuple(GEMMA4_IMAGE_IDS[i] for i in (1, 0, 2))  # soft, opening, closing
+    hf = hf_gemma4_vision("31b-style", ids=image_ids, vocab_size=262144, max_position_embeddings=1024)
+    directory = tmp_path / "gemma-4-tiny"
+    hf.save_pretrained(directory)
+    for f in gemma4_tokenizer.iterdir():
+        shutil.copy(f, directory / f.name)
+    cat = photos()["cat"].resize((200, 150))
+    cat.save(tmp_path / "cat.png")
+    text = f"Look: {IMAGE_MARK} What is it?"
+    out = run_main(generate_script, "--model", directory, "--image", tmp_path / "cat.png", "--prompt", text, "--raw",
+                   "--temperature", "0", "--max-new-tokens", "4", "--dtype", "float32", "--weights", "dense",
+                   "--stats-json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    tokenizer = Tokenizer.from_pretrained(directory)
+    n = gemma4_vision.soft_tokens(gemma4_vision.preprocess(cat), gemma4_vision.Gemma4VisionConfig())
+    ids = tokenizer.encode(text, True, 1, [n])
+    assert ids.count(GEMMA4_IMAGE_IDS[1]) == n and ids[ids.index(GEMMA4_IMAGE_IDS[0]) + n + 1] == GEMMA4_IMAGE_IDS[2]
+    assert json.loads(out.stderr.strip().splitlines()[-1])["prompt_tokens"] == len(ids)
+    inputs = hf_processor(280)(images=[cat], return_tensors="pt")
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        expected = hf.generate(input_ids=t, mm_token_type_ids=(t == GEMMA4_IMAGE_IDS[1]).long(),
+                               pixel_values=inputs["pixel_values"], image_position_ids=inputs["image_position_ids"],
+                               max_new_tokens=4, do_sample=False)  # fmt: skip
+    assert out.stdout.strip() == tokenizer.decode(expected[0, len(ids) :].tolist()).strip()
