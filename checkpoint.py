@@ -55,6 +55,8 @@ VISION_PREFIXES = {  # -> ours, first match wins; inside, the tower keeps the ch
     "model.vision_tower.": "vision.",
     "multi_modal_projector.": "projector.",
     "model.multi_modal_projector.": "projector.",
+    "model.audio_tower.": "audio.",  # Gemma 4's audio tower, its module names kept (gemma4_audio.py)
+    "audio_tower.": "audio.",
 }
 VISION_RENAMES = {  # checkpoint -> ours, within the tower: vision.py has no embeddings/encoder containers
     "embeddings.patch_embedding.": "patch_embedding.",
@@ -428,6 +430,8 @@ def hf_name(name: str, multimodal: bool = False) -> str:
             name = name.removesuffix(new) + old
     if name.startswith("projector."):
         return "multi_modal_projector." + name.removeprefix("projector.")
+    if name.startswith("audio."):
+        return "model.audio_tower." + name.removeprefix("audio.")
     if name.startswith("vision."):
         name = name.removeprefix("vision.")
         for old, new in VISION_RENAMES.items():

@@ -370,6 +370,85 @@ class Gemma4VisionConfig:
         }
 
 
+GEMMA4_AUDIO_TOKEN_ID, GEMMA4_START_OF_AUDIO_ID, GEMMA4_END_OF_AUDIO_ID = 258881, 256000, 258883
+AUDIO_MODULES = ("audio.", "embed_audio.")  # our state-dict prefixes of Gemma 4's audio tower and its projection
+
+
+@dataclass(frozen=True)
+class Gemma4AudioConfig:
+    """Gemma 4's audio tower (gemma4_audio.py, E2B and E4B), as published (transformers' defaults)."""
+
+    hidden_size: int = 1024
+    num_layers: int = 12
+    num_heads: int = 8
+    subsampling_conv_channels: tuple[int, int] = (128, 32)
+    conv_kernel_size: int = 5  # the light convolution's, causal
+    residual_weight: float = 0.5  # the feed-forwards' half step
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13  # a frame attends to itself and the attention_context_left - 2 before it
+    attention_logit_cap: float = 50.0
+    use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10
+    output_proj_dims: int = 1536
+    audio_token_id: int = GEMMA4_AUDIO_TOKEN_ID
+
+    def __post_init__(self):
+        whole = ("hidden_size", "num_layers", "num_heads", "conv_kernel_size", "attention_chunk_size",
+                 "attention_context_left", "output_proj_dims", "audio_token_id")  # fmt: skip
+        check_fields(self, whole, ("residual_weight", "attention_logit_cap", "rms_norm_eps", "gradient_clipping"))
+        if self.hidden_size % self.num_heads or len(self.subsampling_conv_channels) != 2:
+            raise ValueError("audio config: heads must divide hidden_size, and the subsampling has two convolutions")
+        if (self.attention_chunk_size + self.attention_context_left - 1) // 2 < self.attention_context_left - 1:
+            raise ValueError("audio config: the chunks' relative positions do not cover the left context")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> Gemma4AudioConfig:
+        """From a multimodal `gemma4` config.json's audio_config; what it omits takes transformers' defaults."""
+        a = hf.get("audio_config")
+        if not isinstance(a, dict):
+            raise ValueError(f"audio_config must be a JSON object, not {type(a).__name__}")
+        if a.get("attention_context_right", 0) != 0 or a.get("hidden_act", "silu") != "silu":
+            raise ValueError("audio config: only Gemma 4's causal attention (no right context) and SiLU are supported")
+        d = cls()
+        return cls(
+            hidden_size=a.get("hidden_size", d.hidden_size),
+            num_layers=a.get("num_hidden_layers", d.num_layers),
+            num_heads=a.get("num_attention_heads", d.num_heads),
+            subsampling_conv_channels=tuple(a.get("subsampling_conv_channels", d.subsampling_conv_channels)),
+            conv_kernel_size=a.get("conv_kernel_size", d.conv_kernel_size),
+            residual_weight=a.get("residual_weight", d.residual_weight),
+            attention_chunk_size=a.get("attention_chunk_size", d.attention_chunk_size),
+            attention_context_left=a.get("attention_context_left", d.attention_context_left),
+            attention_logit_cap=a.get("attention_logit_cap", d.attention_logit_cap),
+            use_clipped_linears=a.get("use_clipped_linears", d.use_clipped_linears),
+            rms_norm_eps=a.get("rms_norm_eps", d.rms_norm_eps),
+            gradient_clipping=a.get("gradient_clipping", d.gradient_clipping),
+            output_proj_dims=a.get("output_proj_dims", d.output_proj_dims),
+            audio_token_id=hf.get("audio_token_id", d.audio_token_id),
+        )
+
+    def to_hf(self) -> dict:
+        return {
+            "model_type": "gemma4_audio",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "subsampling_conv_channels": list(self.subsampling_conv_channels),
+            "conv_kernel_size": self.conv_kernel_size,
+            "residual_weight": self.residual_weight,
+            "attention_chunk_size": self.attention_chunk_size,
+            "attention_context_left": self.attention_context_left,
+            "attention_context_right": 0,
+            "attention_logit_cap": self.attention_logit_cap,
+            "use_clipped_linears": self.use_clipped_linears,
+            "rms_norm_eps": self.rms_norm_eps,
+            "gradient_clipping": self.gradient_clipping,
+            "output_proj_dims": self.output_proj_dims,
+            "hidden_act": "silu",
+        }
+
+
 @dataclass
 class Gemma4Config:
     hidden_size: int
@@ -400,6 +479,7 @@ class Gemma4Config:
     tie_word_embeddings: bool = True
     vision_config: Gemma4VisionConfig | None = None  # the vision tower (gemma4_vision.py), if the checkpoint has it
     vision_bidirectional: bool = False  # tokens of one image see each other both ways on sliding layers (31B, 26B)
+    audio_config: Gemma4AudioConfig | None = None  # the audio tower (gemma4_audio.py: E2B, E4B)
 
     def __post_init__(self):
         whole = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
@@ -459,13 +539,14 @@ class Gemma4Config:
     @classmethod
     def from_hf(cls, hf: dict) -> Gemma4Config:
         """From a transformers config.json: text-only `gemma4_text`, or the multimodal `gemma4`: its text_config and
-        vision_config (its audio tower is not run yet: loader.py warns). Older files give the full layers' head_dim
+        vision_config and audio_config. Older files give the full layers' head_dim
         and kv heads as global_head_dim / num_global_key_value_heads, newer ones as per_layer_config (both read)."""
         model_type = hf.get("model_type")
         untied_at_top = hf.get("tie_word_embeddings") is False
-        vision_config = None
+        vision_config = audio_config = None
         if model_type == "gemma4":
             vision_config = Gemma4VisionConfig.from_hf(hf) if hf.get("vision_config") is not None else None
+            audio_config = Gemma4AudioConfig.from_hf(hf) if hf.get("audio_config") is not None else None
             hf = hf.get("text_config") or {}
             if not isinstance(hf, dict):
                 raise ValueError(f"text_config must be a JSON object, not {type(hf).__name__}")
@@ -531,20 +612,23 @@ class Gemma4Config:
             tie_word_embeddings=False if untied_at_top else hf.get("tie_word_embeddings", True),
             vision_config=vision_config,
             vision_bidirectional=hf.get("use_bidirectional_attention") == "vision",
+            audio_config=audio_config,
         )
 
     def to_hf(self) -> dict:
         """The config.json that transformers reads back to this config: `gemma4_text`, or with a vision tower the
         multimodal `gemma4` that holds it as its text_config."""
-        if self.vision_config is None:
+        if self.vision_config is None and self.audio_config is None:
             return self.text_hf()
+        v, a = self.vision_config, self.audio_config
         return {
             "architectures": ["Gemma4ForConditionalGeneration"],
             "model_type": "gemma4",
             "text_config": {k: v for k, v in self.text_hf().items() if k != "architectures"},
-            "vision_config": self.vision_config.to_hf(),
-            "audio_config": None,
-            "image_token_id": self.vision_config.image_token_id,
+            "vision_config": None if v is None else v.to_hf(),
+            "audio_config": None if a is None else a.to_hf(),
+            **({} if v is None else {"image_token_id": v.image_token_id}),
+            **({} if a is None else {"audio_token_id": a.audio_token_id}),
             "tie_word_embeddings": self.tie_word_embeddings,
         }
 

@@ -10,7 +10,8 @@ caches and masks, a tied int4-ready embedding) and changes what is inside. Read 
 - the block: the GeGLU MLP, beside it in 26B-A4B a mixture of 128 experts; in E2B/E4B a per-layer embedding
   gated into the residual stream after the MLP; a stored scalar on the layer's output;
 - the model: per-layer embeddings computed with the token embeddings, and the final logits soft-capped at 30;
-  with a vision tower (gemma4_vision.py), images' soft tokens in the prompt take the tower's embeddings.
+  with a vision tower (gemma4_vision.py) or an audio tower (gemma4_audio.py), the soft tokens of images and
+  recordings in the prompt take the towers' embeddings.
 Loading is loader.py's, as for Gemma 3; the config is config.Gemma4Config.
 """
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import gemma4_audio
 import gemma4_vision
 from config import PAD_ID, Gemma4Config
 from model import (
@@ -201,6 +203,10 @@ class Gemma4(nn.Module):
         if (vc := config.vision_config) is not None:  # the image tower, and its map into the embedding space
             self.vision = gemma4_vision.VisionTower(vc)
             self.embed_vision = gemma4_vision.Embedder(vc.hidden_size, config.hidden_size, vc.rms_norm_eps)
+        self.audio = self.embed_audio = None
+        if (ac := config.audio_config) is not None:  # the audio tower (E2B, E4B), and its map
+            self.audio = gemma4_audio.AudioTower(ac)
+            self.embed_audio = gemma4_vision.Embedder(ac.output_proj_dims, config.hidden_size, ac.rms_norm_eps)
         self.cache_len = self.cache_batch = 0
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
@@ -224,20 +230,17 @@ class Gemma4(nn.Module):
         """Token embeddings (B, T, D), scaled by sqrt(D); with per-layer embeddings (E2B, E4B), each token's
         L inputs of P (B, T, L * P) follow on the last dim, so that a prompt's chunks slice both as one:
         (the per-layer table's rows * sqrt(P) + RMSNorm(projection of the embeddings / sqrt(D))) / sqrt(2).
-        pixel_values: the images (3, H, W) (gemma4_vision.preprocess) whose soft tokens input_ids holds, in reading
-        order; their embeddings take those tokens' places, and the per-layer table reads the pad token there."""
+        pixel_values: the prompt's media, images (3, H, W) (gemma4_vision.preprocess) and recordings' log-mel
+        features (frames, 128) (gemma4_audio.log_mel), each kind in reading order; their embeddings take their soft
+        tokens' places, and the per-layer table reads the pad token there."""
         c = self.config
-        is_image = None
-        if pixel_values is not None:
-            if self.vision is None:
-                raise ValueError("this model has no vision tower: it takes text only")
-            is_image = input_ids == c.vision_config.image_token_id
-            input_ids = input_ids.masked_fill(is_image, PAD_ID)
+        soft = [] if pixel_values is None else self.media_embeddings(input_ids, pixel_values)
+        for is_soft, _ in soft:
+            input_ids = input_ids.masked_fill(is_soft, PAD_ID)
         x = self.embed.lookup(input_ids)
         x = x * torch.tensor(math.sqrt(c.hidden_size), dtype=x.dtype)  # scale rounded to x's dtype
-        if is_image is not None:
-            features = self.image_features(pixel_values, int(is_image.sum()))
-            x = x.masked_scatter(is_image[..., None], features.to(x.dtype))
+        for is_soft, features in soft:
+            x = x.masked_scatter(is_soft[..., None], features.to(x.dtype))
         if self.embed_per_layer is None:
             return x
         P = c.hidden_size_per_layer_input
@@ -246,13 +249,25 @@ class Gemma4(nn.Module):
         projected = self.per_layer_projection_norm(projected.unflatten(-1, (c.num_layers, P))).flatten(-2)
         return torch.cat([x, (projected + tokens) * 2**-0.5], dim=-1)
 
-    def image_features(self, pixel_values: list[torch.Tensor], num_soft_tokens: int) -> torch.Tensor:
-        """The images' soft tokens in the embedding space, one image after another: (num_soft_tokens, D)."""
-        features = torch.cat([self.embed_vision(self.vision(pixels)) for pixels in pixel_values])
-        if features.shape[0] != num_soft_tokens:
-            raise ValueError(f"the prompt has {num_soft_tokens} image soft tokens, but its {len(pixel_values)} "
-                             f"image(s) make {features.shape[0]}")  # fmt: skip
-        return features
+    def media_embeddings(self, input_ids: torch.Tensor, media: list[torch.Tensor]) -> list[KV]:
+        """For images and then recordings, if the prompt has any: the mask of their soft tokens in input_ids
+        (B, T), and their embeddings one after another (n, D), through the kind's tower and embedder."""
+        vc, ac, out = self.config.vision_config, self.config.audio_config, []
+        kinds = [("image", "vision", 3, self.vision, self.embed_vision, vc and vc.image_token_id),
+                 ("audio", "audio", 2, self.audio, self.embed_audio, ac and ac.audio_token_id)]  # fmt: skip
+        for kind, tower_name, dims, tower, embedder, soft_id in kinds:
+            items = [m for m in media if m.dim() == dims]
+            if not items:
+                continue
+            if tower is None:
+                raise ValueError(f"this model has no {tower_name} tower: it takes no {kind}")
+            is_soft = input_ids == soft_id
+            features = torch.cat([embedder(tower(m)) for m in items])
+            if features.shape[0] != int(is_soft.sum()):
+                raise ValueError(f"the prompt has {int(is_soft.sum())} {kind} soft tokens, but its {len(items)} "
+                                 f"{kind}(s) make {features.shape[0]}")  # fmt: skip
+            out.append((is_soft, features))
+        return out
 
     def forward(
         self,
@@ -264,7 +279,8 @@ class Gemma4(nn.Module):
         """input_ids (B, T) -> float logits (B, T, vocab_size); pos and rows as Gemma3.forward's; pixel_values
         as embed_tokens'."""
         x = self.embed_tokens(input_ids, pixel_values)
-        images = None if pixel_values is None else image_index(input_ids == self.config.vision_config.image_token_id)
+        vc = self.config.vision_config
+        images = None if pixel_values is None or vc is None else image_index(input_ids == vc.image_token_id)
         return self.logits(self.hidden_states(x, pos, images, rows))
 
     def hidden_states(

@@ -109,7 +109,8 @@ def prefill(
     prompts); return the last logits (B, V). pixel_values (N, 3, S, S): the images whose soft tokens the prompt
     holds. A chunk never ends inside an image, whose tokens must see each other."""
     x = model.embed_tokens(ids, pixel_values)  # (B, T, D)
-    images = None if pixel_values is None else image_index(ids == model.config.vision_config.image_token_id)
+    vc = model.config.vision_config
+    images = None if pixel_values is None or vc is None else image_index(ids == vc.image_token_id)
     inside_image = [False] * ids.shape[1]  # [j]: tokens j and j + 1 are the same image's, so no chunk ends at j
     if images is not None:
         inside_image = ((images[:, 1:] >= 0) & (images[:, 1:] == images[:, :-1])).any(0).tolist() + [False]

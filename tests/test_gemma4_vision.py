@@ -93,7 +93,8 @@ def hf_gemma4_vision(kind: str, seed: int = 0, ids: tuple = (IMAGE, BOI, EOI), *
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
 
     torch.manual_seed(seed)
-    text = Gemma4TextConfig(**{**TINY, **KINDS[kind], **text})
+    published = {} if kind == "e-style" else {"use_bidirectional_attention": "vision"}  # as the 31B's config says
+    text = Gemma4TextConfig(**{**TINY, **KINDS[kind], **published, **text})
     config = Gemma4Config(text_config=text, vision_config=Gemma4VisionConfig(**VISION), audio_config=None,
                           image_token_id=ids[0], boi_token_id=ids[1], eoi_token_id=ids[2])  # fmt: skip
     config._attn_implementation = "eager"
