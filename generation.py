@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+import gemma4_audio
 import gemma4_vision
 import vision
 from config import Gemma4VisionConfig
@@ -94,6 +95,15 @@ def image_inputs(model: Gemma3, images: list[Image.Image]) -> tuple[torch.Tensor
     return torch.stack([vision.preprocess(image, vc.image_size) for image in images]), [vc.tokens_per_image] * len(
         images
     )
+
+
+def audio_inputs(recordings: list) -> tuple[list[torch.Tensor], list[int]]:
+    """16 kHz recordings (gemma4_audio.load_audio) -> their log-mel features (frames, 128), and how many soft
+    tokens each becomes in the prompt."""
+    features = [gemma4_audio.log_mel(samples) for samples in recordings]
+    if any(f.shape[0] == 0 for f in features):
+        raise ValueError("a recording shorter than 20 ms holds no audio frame")
+    return features, [gemma4_audio.soft_tokens(f.shape[0]) for f in features]
 
 
 def prefill(

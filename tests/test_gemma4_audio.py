@@ -3,11 +3,13 @@ Gemma4AudioFeatureExtractor, and audio prompts through our Gemma4 against transf
 Gemma4ForConditionalGeneration on a tiny random config (fp32); the local window and the logit cap shown to matter."""
 
 import io
+import json
 import struct
 import wave
 
 import numpy as np
 import pytest
+import test_gemma4
 import torch
 from test_gemma4 import KINDS, TINY
 
@@ -15,6 +17,7 @@ import gemma4_audio
 import loader
 from generation import Sampling, generate
 
+gemma4_tokenizer = test_gemma4.gemma4_tokenizer_dir  # the fixture (pytest knows it by this name)
 TOL = 1e-3
 AUDIO, BOA, EOA = 503, 504, 505  # the tiny vocabulary's audio soft token and its bounds
 AUDIO_CONFIG = dict(
@@ -118,15 +121,16 @@ def test_bad_audio_files_fail_in_one_line(tmp_path):
 # The tower and audio prompts against transformers
 
 
-def hf_gemma4_audio(seed: int = 0):
-    """A random transformers Gemma4ForConditionalGeneration with an audio tower only (E-style text, float32):
-    norms around 1, weights, per-dim scales random, the clamps binding on part of their inputs."""
+def hf_gemma4_audio(seed: int = 0, kind: str = "e-style", ids: tuple = (AUDIO, BOA, EOA), **text):
+    """A random transformers Gemma4ForConditionalGeneration with an audio tower only (float32): norms around 1,
+    weights, per-dim scales random, the clamps binding on part of their inputs. ids: the audio soft token and its
+    bounds; text: the text config's changes to TINY."""
     from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
 
     torch.manual_seed(seed)
-    config = Gemma4Config(text_config=Gemma4TextConfig(**{**TINY, **KINDS["e-style"]}), vision_config=None,
-                          audio_config=Gemma4AudioConfig(**AUDIO_CONFIG), audio_token_id=AUDIO, boa_token_id=BOA,
-                          eoa_token_index=EOA)  # fmt: skip
+    config = Gemma4Config(text_config=Gemma4TextConfig(**{**TINY, **KINDS[kind], **text}), vision_config=None,
+                          audio_config=Gemma4AudioConfig(**AUDIO_CONFIG), audio_token_id=ids[0], boa_token_id=ids[1],
+                          eoa_token_index=ids[2])  # fmt: skip
     for sub in (config, config.text_config, config.audio_config):
         sub._attn_implementation = "eager"
     model = Gemma4ForConditionalGeneration(config).float().eval()
@@ -238,3 +242,41 @@ def test_model_without_audio_tower_refuses_audio(tmp_path):
     ours = loader.from_pretrained(tmp_path, dtype=torch.float32, weights="dense")
     with pytest.raises(ValueError, match="no audio tower"):
         ours(torch.tensor([[2, AUDIO]]), pixel_values=[torch.zeros(4, 128)])
+
+
+def test_generate_with_audio(tmp_path, gemma4_tokenizer):
+    """generate.py --audio on a checkpoint with an audio tower (at Gemma 4's audio token ids, so with the published
+    vocabulary and a text config without per-layer embeddings): transformers' greedy tokens for its prompt."""
+    import shutil
+
+    from conftest import run_main
+
+    import generate as generate_script
+    from tokenizer import AUDIO_MARK, GEMMA4_AUDIO_IDS, Tokenizer
+
+    audio_ids = tuple(GEMMA4_AUDIO_IDS[i] for i in (1, 0, 2))  # soft, opening, closing
+    hf = hf_gemma4_audio(kind="31b-style", ids=audio_ids, vocab_size=262144)
+    directory = tmp_path / "gemma-4-tiny"
+    hf.save_pretrained(directory)
+    for f in gemma4_tokenizer.iterdir():
+        shutil.copy(f, directory / f.name)
+    samples = speech_like(0.9, seed=3)
+    (tmp_path / "a.wav").write_bytes(wav_bytes(samples, 16_000, kind="float32"))
+    text = f"Listen: {AUDIO_MARK} What is it?"
+    out = run_main(generate_script, "--model", directory, "--audio", tmp_path / "a.wav", "--prompt", text, "--raw",
+                   "--temperature", "0", "--max-new-tokens", "4", "--dtype", "float32", "--weights", "dense",
+                   "--stats-json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    tokenizer = Tokenizer.from_pretrained(directory)
+    n = gemma4_audio.soft_tokens(gemma4_audio.log_mel(samples).shape[0])
+    ids = tokenizer.encode(text, True, audio_tokens=[n])
+    assert ids.count(GEMMA4_AUDIO_IDS[1]) == n and ids[ids.index(GEMMA4_AUDIO_IDS[0]) + n + 1] == GEMMA4_AUDIO_IDS[2]
+    assert json.loads(out.stderr.strip().splitlines()[-1])["prompt_tokens"] == len(ids)
+    with torch.no_grad():
+        expected = hf.generate(input_ids=torch.tensor([ids]), **hf_audio_inputs(samples), max_new_tokens=4,
+                               do_sample=False)  # fmt: skip
+    assert out.stdout.strip() == tokenizer.decode(expected[0, len(ids) :].tolist()).strip()
+    # errors, in one line: a container other than WAV, a model without an audio tower
+    (tmp_path / "a.mp3").write_bytes(b"ID3" + bytes(64))
+    out = run_main(generate_script, "--model", directory, "--audio", tmp_path / "a.mp3", "--prompt", "x")
+    assert out.returncode == 1 and "not a WAV file" in out.stderr and len(out.stderr.strip().splitlines()) == 1
