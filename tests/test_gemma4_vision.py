@@ -329,3 +329,19 @@ def test_generate_with_an_image(tmp_path, gemma4_tokenizer):
                                pixel_values=inputs["pixel_values"], image_position_ids=inputs["image_position_ids"],
                                max_new_tokens=4, do_sample=False)  # fmt: skip
     assert out.stdout.strip() == tokenizer.decode(expected[0, len(ids) :].tolist()).strip()
+
+
+def test_dense_export_is_transformers_layout(tmp_path):
+    """convert.py's dense output of a Gemma 4 with its vision tower is transformers' multimodal layout: it loads
+    into Gemma4ForConditionalGeneration with nothing missing, every tensor the source's (bf16)."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    hf = hf_gemma4_vision("e-style")
+    hf.save_pretrained(tmp_path / "src")
+    config, tensors, above = loader.load_checkpoint(tmp_path / "src")
+    checkpoint.save(config, loader.convert_weights(tensors, "dense", above), b"", tmp_path / "dense", layout="dense")
+    back, info = Gemma4ForConditionalGeneration.from_pretrained(tmp_path / "dense", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    theirs = dict(back.float().state_dict())
+    for name, t in hf.state_dict().items():
+        assert torch.equal(theirs[name], t.bfloat16().float()), name
