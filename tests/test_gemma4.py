@@ -50,13 +50,23 @@ def hf_gemma4(kind: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     config = Gemma4TextConfig(**{**TINY, **KINDS[kind], **overrides}, attn_implementation="eager")
-    model = Gemma4ForCausalLM(config).float().eval()
+    return randomize(Gemma4ForCausalLM(config).float().eval())
+
+
+def randomize(model, clamp: float | None = None):
+    """A transformers Gemma 4 with random weights: norms and scales around 1 (Gemma 4 scales by w), the rest
+    small, layer scalars in 0.5..1.5; the towers' clamps at +-clamp (binding on part of their inputs) and
+    standardisation vectors random."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0, 0.3) if "norm" in name or "scale" in name else p.normal_(0.0, 0.1)
         for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
+            if name.endswith("layer_scalar") or name.endswith("std_scale"):
                 b.uniform_(0.5, 1.5)
+            elif name.endswith(("_min", "_max")) and clamp:
+                b.fill_(clamp if name.endswith("_max") else -clamp)
+            elif name.endswith("std_bias"):
+                b.normal_(0.0, 1.0)
     return model
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import test_gemma4
 import torch
-from test_gemma4 import KINDS, TINY
+from test_gemma4 import KINDS, TINY, randomize
 
 import gemma4_audio
 import loader
@@ -133,18 +133,7 @@ def hf_gemma4_audio(seed: int = 0, kind: str = "e-style", ids: tuple = (AUDIO, B
                           eoa_token_index=ids[2])  # fmt: skip
     for sub in (config, config.text_config, config.audio_config):
         sub._attn_implementation = "eager"
-    model = Gemma4ForConditionalGeneration(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0, 0.3) if "norm" in name or "scale" in name else p.normal_(0.0, 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                b.uniform_(0.5, 1.5)
-            elif name.endswith(("input_min", "output_min")):
-                b.fill_(-0.5)
-            elif name.endswith(("input_max", "output_max")):
-                b.fill_(0.5)
-    return model
+    return randomize(Gemma4ForConditionalGeneration(config).float().eval(), clamp=0.5)
 
 
 @pytest.fixture(scope="module")

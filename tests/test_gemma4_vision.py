@@ -8,7 +8,7 @@ import pytest
 import test_gemma4
 import torch
 from PIL import Image
-from test_gemma4 import KINDS, TINY
+from test_gemma4 import KINDS, TINY, randomize
 from test_vision import odd_images, photos
 
 import checkpoint
@@ -100,22 +100,7 @@ def hf_gemma4_vision(kind: str, seed: int = 0, ids: tuple = (IMAGE, BOI, EOI), *
     config._attn_implementation = "eager"
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = "eager"
-    model = Gemma4ForConditionalGeneration(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0, 0.3) if "norm" in name or "scale" in name else p.normal_(0.0, 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                b.uniform_(0.5, 1.5)
-            elif name.endswith(("input_min", "output_min")):
-                b.fill_(-0.3)
-            elif name.endswith(("input_max", "output_max")):
-                b.fill_(0.3)
-            elif name.endswith("std_bias"):
-                b.normal_(0.0, 1.0)
-            elif name.endswith("std_scale"):
-                b.uniform_(0.5, 1.5)
-    return model
+    return randomize(Gemma4ForConditionalGeneration(config).float().eval(), clamp=0.3)
 
 
 def prompt(text: list[list[int]], counts: list[int]) -> list[int]:
