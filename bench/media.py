@@ -59,8 +59,9 @@ def main() -> None:
 
     import gemma4_audio
     import loader
+    from config import BOS_ID
     from generation import audio_inputs, image_inputs
-    from tokenizer import AUDIO_MARK, IMAGE_MARK, Tokenizer
+    from tokenizer import GEMMA4_AUDIO_IDS, GEMMA4_IMAGE_IDS, Tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,13 +81,18 @@ def main() -> None:
     t = np.arange(10 * gemma4_audio.SAMPLE_RATE) / gemma4_audio.SAMPLE_RATE
     recording = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
 
+    def with_media(ids: tuple[int, int, int], count: int, text: str) -> list[int]:
+        """Gemma 4's media tokens put in by id: the checkpoint has the 270M's tokenizer, whose ids are Gemma 3's."""
+        start, soft, end = ids
+        return [BOS_ID, start, *[soft] * count, end, *tokenizer.encode(text)]
+
     def image_prompt():
         pixels, counts = image_inputs(model, [photo])
-        return tokenizer.encode(f"{IMAGE_MARK} What is in this image?", True, 1, counts), pixels
+        return with_media(GEMMA4_IMAGE_IDS, counts[0], " What is in this image?"), pixels
 
     def audio_prompt():
         features, counts = audio_inputs([recording])
-        return tokenizer.encode(f"{AUDIO_MARK} What is said?", True, audio_tokens=counts), features
+        return with_media(GEMMA4_AUDIO_IDS, counts[0], " What is said?"), features
 
     result = {"size": args.size, "device": "cpu", "threads": torch.get_num_threads(), "load_s": round(load_s, 2)}
     for name, make in (("image", image_prompt), ("audio", audio_prompt)):

@@ -269,3 +269,63 @@ def test_generate_with_audio(tmp_path, gemma4_tokenizer):
     (tmp_path / "a.mp3").write_bytes(b"ID3" + bytes(64))
     out = run_main(generate_script, "--model", directory, "--audio", tmp_path / "a.mp3", "--prompt", "x")
     assert out.returncode == 1 and "not a WAV file" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_chat_with_an_image_and_audio(tmp_path, gemma4_tokenizer):
+    """chat.py's /image and /audio on a Gemma 4 with both towers: each reply is generate()'s for the whole
+    transcript's chat prompt with every image and recording (themselves checked against transformers above),
+    the second turn reading the first's media from the cache; the script runs the same commands."""
+    import shutil
+
+    from conftest import run_main
+    from PIL import Image
+    from test_gemma4_vision import VISION
+    from transformers import (
+        Gemma4AudioConfig,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4TextConfig,
+        Gemma4VisionConfig,
+    )
+
+    import chat
+    from generation import audio_inputs, image_inputs
+    from tokenizer import GEMMA4_AUDIO_IDS, Tokenizer
+
+    torch.manual_seed(0)
+    text = Gemma4TextConfig(**{**TINY, **KINDS["31b-style"], "vocab_size": 262144, "max_position_embeddings": 1024})
+    config = Gemma4Config(text_config=text, vision_config=Gemma4VisionConfig(**VISION),
+                          audio_config=Gemma4AudioConfig(**AUDIO_CONFIG))  # fmt: skip
+    directory = tmp_path / "gemma-4-tiny-it"
+    randomize(Gemma4ForConditionalGeneration(config).float().eval(), clamp=0.5).save_pretrained(directory)
+    for f in gemma4_tokenizer.iterdir():
+        shutil.copy(f, directory / f.name)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8))
+    image.save(tmp_path / "a.png")
+    (tmp_path / "a.wav").write_bytes(wav_bytes(speech_like(0.6), 16_000))
+
+    ours = loader.from_pretrained(directory, dtype=torch.float32, weights="dense")
+    tokenizer = Tokenizer.from_pretrained(directory)
+    conversation = chat.Conversation(ours, tokenizer, Sampling(temperature=0.0), 1024, max_new_tokens=3)
+    conversation.attach(tmp_path / "a.png")
+    conversation.attach(tmp_path / "a.wav", "audio")
+    media = [p for _, _, p, _ in conversation.attached]
+    "".join(conversation.ask("What is this?"))
+    transcript = conversation.ids
+    "".join(conversation.ask("And then?"))  # the image and the recording are in the cache by now
+    pixels, image_counts = image_inputs(ours, [image])
+    features, audio_counts = audio_inputs([gemma4_audio.load_audio(tmp_path / "a.wav")])
+    assert torch.equal(media[0], pixels[0]) and torch.equal(media[1], features[0])
+    message = {"role": "user", "content": "What is this?", "images": 1, "audio": audio_counts}
+    first = tokenizer.chat_prompt([message], tokens_per_image=image_counts)
+    assert first.count(GEMMA4_AUDIO_IDS[1]) == audio_counts[0] > 0
+    second = transcript + tokenizer.turn("user", "And then?") + tokenizer.model_turn()
+    for prompt in (first, second):  # each reply: what generate() says to the whole transcript, media and all
+        expected = list(generate(ours, prompt, 3, Sampling(temperature=0.0), tokenizer.stop_ids,
+                                 pixel_values=pixels + features))  # fmt: skip
+        said = [t for t in expected if t not in tokenizer.stop_ids]
+        assert conversation.ids[: len(prompt)] == prompt and conversation.ids[len(prompt) :][: len(said)] == said
+    stdin = f"/image {tmp_path / 'a.png'}\n/audio {tmp_path / 'a.wav'}\nWhat is this?\nAnd then?\n"
+    out = run_main(chat, "--model", directory, "--temperature", "0", "--max-new-tokens", "3", "--dtype", "float32",
+                   "--weights", "dense", stdin=stdin)  # fmt: skip
+    assert out.returncode == 0 and "audio a.wav attached" not in out.stdout, out.stderr
