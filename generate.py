@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.prompt:
         p.error("give a prompt: --prompt TEXT (repeatable) or --prompt-file PATH")
     if len(args.prompt) > 1 and (args.image or args.audio):
-        p.error("--image and --audio go with a single prompt")
+        p.error(f"{'--image' if args.image else '--audio'} goes with a single prompt")
     return args
 
 
