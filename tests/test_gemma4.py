@@ -225,8 +225,8 @@ def test_published_configs_round_trip_through_transformers():
 
 def test_multimodal_layout_loads_text_only_and_unused_shared_kv_is_dropped(tmp_path):
     """Google's multimodal files: model.language_model.*, towers beside it, and k/v tensors still stored for the
-    KV-shared layers. Without a vision_config (and audio, for now), loaded text-only with one warning for each, to
-    transformers' logits (test_gemma4_vision loads the vision tower)."""
+    KV-shared layers. Without a vision_config or audio_config, loaded text-only with one warning for each, to
+    transformers' logits (test_gemma4_vision and test_gemma4_audio load the towers)."""
     hf = hf_gemma4("e-style")
     hf.save_pretrained(tmp_path / "text")
     tensors = load_file(tmp_path / "text" / "model.safetensors")
@@ -246,7 +246,7 @@ def test_multimodal_layout_loads_text_only_and_unused_shared_kv_is_dropped(tmp_p
         warnings.simplefilter("always")
         ours = loader.from_pretrained(tmp_path / "mm", dtype=torch.float32, weights="dense")
     messages = [str(w.message) for w in caught]
-    assert any("are not supported for Gemma 4 yet: 3 tensors of its towers left out" in m for m in messages)
+    assert any("config.json describes no tower for 3 tensors" in m for m in messages)
     assert any("KV-shared layers" in m for m in messages)
     ids = torch.randint(0, TINY["vocab_size"], (1, 20))
     with torch.no_grad():
