@@ -6,7 +6,8 @@ python chat.py --model gaunernst/gemma-3-1b-it-int4 --system "Answer in one sent
 printf 'Hi!\\nWhat did I just say?\\n' | python chat.py --model gaunernst/gemma-3-1b-it-int4
 
 Type a message and press Enter. Commands:
-  /image PATH    attach an image to your next message (repeatable; 4B, 12B, 27B)
+  /image PATH    attach an image to your next message (repeatable; Gemma 3 4B, 12B, 27B; Gemma 4)
+  /audio PATH    attach a WAV recording to your next message (repeatable; Gemma 4 E2B, E4B)
   /system TEXT   set the system prompt and start a new conversation (/system alone shows it)
   /reset         start a new conversation
   /save FILE     save the conversation as JSON (a new file; /save! FILE may replace one)
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 import files
+import gemma4_audio
 import vision
 from cli import (
     REPLY_LIMIT,
@@ -44,8 +46,8 @@ from cli import (
     positive_int,
     sampling_from,
 )
-from config import BOS_ID, IMAGE_TOKEN_ID
-from generation import Sampling, compile_decode_step, decode_one_token, generate
+from config import BOS_ID, GEMMA4_START_OF_AUDIO_ID, START_OF_IMAGE_ID
+from generation import Sampling, audio_inputs, compile_decode_step, decode_one_token, generate, image_inputs
 from model import Gemma3
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -77,8 +79,8 @@ class Conversation:
     ):
         self.model, self.tokenizer, self.sampling, self.generator = model, tokenizer, sampling, generator
         self.system, self.max_new_tokens, self.decode_step = system, max_new_tokens, decode_step
-        self.tokens_per_image = model.config.vision_config.tokens_per_image if model.vision else 0
-        self.attached: list[tuple[str, torch.Tensor]] = []  # (path, pixel values) for the next message
+        # (path, "image" or "audio", pixel values or log-mel features, soft tokens) for the next message
+        self.attached: list[tuple[str, str, torch.Tensor, int]] = []
         self.finish: str | None = None  # how the last reply ended: "stop" (a stop id), "length" or None
         model.setup_cache(1, context)
         self.reset()
@@ -88,43 +90,59 @@ class Conversation:
         return self.model.cache_len
 
     def reset(self) -> None:
-        self.messages: list[dict] = []  # {"role", "content", "images": [paths]}, for /save
+        self.messages: list[dict] = []  # {"role", "content", "images": [paths], "audio": [paths] if any}, for /save
         self.ids: list[int] = []
-        self.pixel_values: list[torch.Tensor] = []  # every image of the transcript, in order
+        self.media: dict[str, list[torch.Tensor]] = {"image": [], "audio": []}  # every one of the transcript
         self.cached = 0  # a new sequence starts at position 0; the cache forgets the old one (model.hidden_states)
 
-    def attach(self, path: str) -> None:
-        """Read and preprocess an image for the next message: a bad file fails here, before anything is sent."""
-        if self.model.vision is None:
-            raise ValueError("this model is text-only: images need Gemma 3 4B, 12B or 27B")
-        self.attached.append((str(path), vision.preprocess(path, self.model.config.vision_config.image_size)))
+    def attach(self, path: str, kind: str = "image") -> None:
+        """Read and preprocess an image (or a recording, kind "audio") for the next message: a bad file fails
+        here, before anything is sent."""
+        if kind == "audio":
+            if getattr(self.model, "audio", None) is None:
+                raise ValueError("this model has no audio tower: audio needs Gemma 4 E2B or E4B")
+            features, counts = audio_inputs([gemma4_audio.load_audio(path)])
+        elif self.model.vision is None:
+            raise ValueError("this model is text-only: images need Gemma 3 4B, 12B or 27B, or Gemma 4's vision tower")
+        else:
+            features, counts = image_inputs(self.model, [vision.load_image(path)])
+        self.attached.append((str(path), kind, features[0], counts[0]))
 
     def ask(self, text: str) -> Iterator[str]:
-        """Send a user message (with the attached images) and stream the reply as text. Raises ContextFull,
-        before changing anything, if the message leaves no room for a reply. If the caller stops early
-        (Ctrl-C), the reply so far is kept and its turn closed."""
-        pixels = [p for _, p in self.attached]
+        """Send a user message (with the attached images and recordings) and stream the reply as text. Raises
+        ContextFull, before changing anything, if the message leaves no room for a reply. If the caller stops
+        early (Ctrl-C), the reply so far is kept and its turn closed."""
+        counts = {kind: [n for _, k, _, n in self.attached if k == kind] for kind in self.media}
         first = not self.ids
-        message = self.tokenizer.turn("user", text, len(pixels), self.system if first else None, self.tokens_per_image)
+        system = self.system if first else None
+        message = self.tokenizer.turn("user", text, len(counts["image"]), system, counts["image"], counts["audio"])
         prompt = self.ids + [BOS_ID] * first + message + self.tokenizer.model_turn()
         if len(prompt) >= self.context:
             raise ContextFull(
                 f"context full: this message would bring the conversation to {len(prompt)} tokens, and the "
                 f"context holds {self.context}. /reset starts a new conversation (/save first to keep this one)."
             )
-        self.pixel_values += pixels
-        self.messages.append({"role": "user", "content": text, "images": [path for path, _ in self.attached]})
+        paths = {kind: [path for path, k, _, _ in self.attached if k == kind] for kind in self.media}
+        for _, kind, media, _ in self.attached:
+            self.media[kind].append(media)
+        self.messages.append({"role": "user", "content": text, "images": paths["image"]})
+        if paths["audio"]:
+            self.messages[-1]["audio"] = paths["audio"]
         self.attached = []
-        start = self.cached
-        images_before = self.ids[:start].count(IMAGE_TOKEN_ID) // max(self.tokens_per_image, 1)
-        new_images = self.pixel_values[images_before:]
+        start = self.cached  # the media of the messages the cache holds are there already
+        new_images = self.media["image"][self.ids[:start].count(START_OF_IMAGE_ID) :]
+        new_audio = self.media["audio"][self.ids[:start].count(GEMMA4_START_OF_AUDIO_ID) :]  # (Gemma 4's)
+        if isinstance(self.model, Gemma3):  # Gemma 3's images stacked; Gemma 4's media a list
+            pixel_values = torch.stack(new_images) if new_images else None
+        else:
+            pixel_values = new_images + new_audio or None
         room = self.context - len(prompt)
         limit = min(room, self.max_new_tokens or room)
         reply, stream = [], StreamDecoder(self.tokenizer)
         try:
             for token in generate(
                 self.model, prompt, limit, self.sampling, self.tokenizer.stop_ids,
-                self.generator, self.decode_step, torch.stack(new_images) if new_images else None, start,
+                self.generator, self.decode_step, pixel_values, start,
             ):  # fmt: skip
                 reply.append(token)
                 if token not in self.tokenizer.stop_ids:
@@ -155,6 +173,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--system", default=None, help="system prompt (Gemma prepends it to the first message)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the first message (repeatable), like /image")  # fmt: skip
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="a WAV recording for the first message (repeatable), like /audio")  # fmt: skip
     p.add_argument("--context", type=positive_int, default=8192,
                    help="tokens the conversation may hold (KV cache; default 8192, at most the model's)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=positive_int, default=REPLY_LIMIT,
@@ -186,8 +206,10 @@ def run(args: argparse.Namespace) -> int:
         context = min(args.context, model.config.max_seq_len)
         chat = Conversation(model, tokenizer, sampling_from(args), context, args.system, args.max_new_tokens,
                             generator, step)  # fmt: skip
-        for path in args.image:  # a bad --image fails now, not at the first message
+        for path in args.image:  # a bad --image or --audio fails now, not at the first message
             chat.attach(path)
+        for path in args.audio:
+            chat.attach(path, "audio")
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -239,16 +261,16 @@ def command(chat: Conversation, line: str) -> str | None:
         chat.system = arg
         chat.reset()
         print("(system prompt set; new conversation)", file=sys.stderr)
-    elif name == "/image":
+    elif name in ("/image", "/audio"):
         if not arg:
-            print("usage: /image PATH", file=sys.stderr)
+            print(f"usage: {name} PATH", file=sys.stderr)
             return None
         try:
-            chat.attach(arg)  # a bad path is reported now, and the chat goes on
+            chat.attach(arg, name[1:])  # a bad path is reported now, and the chat goes on
         except (OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return None
-        print(f"(image {arg} attached to your next message)", file=sys.stderr)
+        print(f"({name[1:]} {arg} attached to your next message)", file=sys.stderr)
     elif name in ("/save", "/save!"):
         if not arg:
             print("usage: /save FILE (or /save! FILE to replace an existing file)", file=sys.stderr)

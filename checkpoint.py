@@ -55,6 +55,8 @@ VISION_PREFIXES = {  # -> ours, first match wins; inside, the tower keeps the ch
     "model.vision_tower.": "vision.",
     "multi_modal_projector.": "projector.",
     "model.multi_modal_projector.": "projector.",
+    "model.audio_tower.": "audio.",  # Gemma 4's audio tower, its module names kept (gemma4_audio.py)
+    "audio_tower.": "audio.",
 }
 VISION_RENAMES = {  # checkpoint -> ours, within the tower: vision.py has no embeddings/encoder containers
     "embeddings.patch_embedding.": "patch_embedding.",
@@ -429,24 +431,31 @@ def companion_files(path_or_hub_id: str | Path) -> list[Path]:
     return [path / name for name in COMPANION_FILES if path.is_dir() and (path / name).is_file()]
 
 
-def hf_name(name: str, multimodal: bool = False) -> str:
+def hf_name(name: str, multimodal: bool = False, gemma4: bool = False) -> str:
     """Ours -> the checkpoint name in gaunernst's layout (text-only: model.*; multimodal: language_model.model.*,
-    vision_tower.vision_model.*, multi_modal_projector.*)."""
+    vision_tower.vision_model.*, multi_modal_projector.*); Gemma 4's multimodal in transformers' (gemma4:
+    model.language_model.*, model.vision_tower.*, model.audio_tower.*, model.embed_vision.*, model.embed_audio.*)."""
     for old, new in QUANTIZED_RENAMES.items():
         if name.endswith(new):
             name = name.removesuffix(new) + old
     if name.startswith("projector."):
         return "multi_modal_projector." + name.removeprefix("projector.")
+    if name.startswith("audio."):
+        return "model.audio_tower." + name.removeprefix("audio.")
     if name.startswith("vision."):
         name = name.removeprefix("vision.")
         for old, new in VISION_RENAMES.items():
             if name.startswith(new):
                 name = old + name[len(new) :]
-        return "vision_tower.vision_model." + name
+        return ("model.vision_tower." if gemma4 else "vision_tower.vision_model.") + name
+    if name.startswith(("embed_vision.", "embed_audio.")):
+        return "model." + name
     for old, new in RENAMES.items():
         name = name.replace(new, old)
     if name.startswith("lm_head."):  # an untied head
-        return ("language_model." if multimodal else "") + name
+        return ("language_model." if multimodal and not gemma4 else "") + name
+    if gemma4:
+        return "model.language_model." + name
     return ("language_model.model." if multimodal else "model.") + name
 
 
@@ -475,10 +484,11 @@ def save(
         return gguf_format.save(config, tensors, tokenizer, dst, chat_template)
     hf_config = config.to_hf()
     with files.atomic_output(dst) as tmp:
-        multimodal = hf_config.get("model_type") == "gemma3"
+        gemma4 = hf_config.get("model_type") == "gemma4"
+        multimodal = gemma4 or hf_config.get("model_type") == "gemma3"
         if layout == "dense":  # Gemma 4's experts in HF's stacked layout
             tensors = stack_experts(tensors)
-        tensors = {hf_name(k, multimodal): v for k, v in tensors.items()}
+        tensors = {hf_name(k, multimodal, gemma4): v for k, v in tensors.items()}
         if layout != "int4":
             tensors, quantization = encode_int4_layout(tensors, layout, multimodal)
             hf_config = {**hf_config, "torch_dtype": "bfloat16"}
@@ -811,7 +821,8 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
         for name, zp in zero_points.items():
             padded = torch.nn.functional.pad(zp.t(), (0, -zp.shape[0] % 8))
             out[name] = pack_nibbles(padded, PACKED_ORDER).t().contiguous()
-    skip = ["vision_tower", "multi_modal_projector"] if multimodal else []
+    towers = ("vision_tower", "multi_modal_projector", "audio_tower", "embed_vision", "embed_audio")  # kept float
+    skip = [m for m in towers if any(k.startswith((m, f"model.{m}")) for k in out)] if multimodal else []
     if layout == "awq":
         config = {"quant_method": "awq", "bits": 4, "group_size": quant.GROUP_SIZE, "zero_point": True,
                   "version": "gemm", "modules_to_not_convert": skip + unquantized or None}  # fmt: skip

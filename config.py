@@ -13,7 +13,8 @@ START_OF_TURN_ID, END_OF_TURN_ID = 105, 106
 STOP_IDS = (EOS_ID, END_OF_TURN_ID)
 START_OF_IMAGE_ID, END_OF_IMAGE_ID = 255999, 256000
 IMAGE_TOKEN_ID = 262144  # the soft token that stands for one image embedding (just past the text vocabulary)
-VISION_MODULES = ("vision.", "projector.")  # our state-dict prefixes of the vision tower and its projector
+# our state-dict prefixes of the vision tower and its projector (Gemma 3's projector, Gemma 4's embed_vision)
+VISION_MODULES = ("vision.", "projector.", "embed_vision.")
 TEXT_VOCAB_SIZE = 262144  # real tokens; multimodal checkpoints pad the embedding to 262208 rows
 
 
@@ -288,6 +289,166 @@ CONFIGS = {
 GEMMA4_MODEL_TYPES = ("gemma4_text", "gemma4")
 
 
+# Gemma 4's multimodal token ids (transformers' Gemma4Config defaults; the same in every size)
+GEMMA4_IMAGE_TOKEN_ID, GEMMA4_START_OF_IMAGE_ID, GEMMA4_END_OF_IMAGE_ID = 258880, 255999, 258882
+SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # how many soft tokens an image may become (280 by default)
+
+
+@dataclass(frozen=True)
+class Gemma4VisionConfig:
+    """Gemma 4's vision tower (gemma4_vision.py), as published for every size (transformers' defaults)."""
+
+    hidden_size: int = 768
+    num_layers: int = 16
+    num_heads: int = 12
+    num_kv_heads: int = 12
+    head_dim: int = 64
+    intermediate_size: int = 3072
+    patch_size: int = 16
+    pooling_kernel_size: int = 3  # k x k patches average into one soft token
+    position_embedding_size: int = 10240  # rows of each of the x and y position tables
+    rope_theta: float = 100.0
+    rms_norm_eps: float = 1e-6
+    use_clipped_linears: bool = False  # the linears clamp their inputs and outputs to stored bounds
+    standardize: bool = False  # the soft tokens are shifted and scaled by stored vectors
+    max_soft_tokens: int = 280
+    image_token_id: int = GEMMA4_IMAGE_TOKEN_ID
+
+    def __post_init__(self):
+        whole = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                 "patch_size", "pooling_kernel_size", "position_embedding_size", "image_token_id")  # fmt: skip
+        check_fields(self, whole, ("rope_theta", "rms_norm_eps"))
+        if self.num_heads % self.num_kv_heads or self.head_dim % 4:
+            raise ValueError("vision config: heads must share the kv heads evenly, and head_dim divide by 4 (2D RoPE)")
+        if self.max_soft_tokens not in SOFT_TOKEN_BUDGETS:
+            raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {self.max_soft_tokens!r}")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> Gemma4VisionConfig:
+        """From a multimodal `gemma4` config.json's vision_config; what it omits takes transformers' defaults."""
+        v = hf.get("vision_config")
+        if not isinstance(v, dict):
+            raise ValueError(f"vision_config must be a JSON object, not {type(v).__name__}")
+        rope = v.get("rope_parameters") or {}
+        if rope.get("rope_type", "axial") != "axial":
+            raise ValueError(f"vision RoPE {rope} is not supported (only Gemma 4's axial)")
+        d = cls()
+        return cls(
+            hidden_size=v.get("hidden_size", d.hidden_size),
+            num_layers=v.get("num_hidden_layers", d.num_layers),
+            num_heads=v.get("num_attention_heads", d.num_heads),
+            num_kv_heads=v.get("num_key_value_heads", d.num_kv_heads),
+            head_dim=v.get("head_dim", d.head_dim),
+            intermediate_size=v.get("intermediate_size", d.intermediate_size),
+            patch_size=v.get("patch_size", d.patch_size),
+            pooling_kernel_size=v.get("pooling_kernel_size", d.pooling_kernel_size),
+            position_embedding_size=v.get("position_embedding_size", d.position_embedding_size),
+            rope_theta=rope.get("rope_theta", d.rope_theta),
+            rms_norm_eps=v.get("rms_norm_eps", d.rms_norm_eps),
+            use_clipped_linears=v.get("use_clipped_linears", d.use_clipped_linears),
+            standardize=v.get("standardize", d.standardize),
+            image_token_id=hf.get("image_token_id", d.image_token_id),
+        )
+
+    def to_hf(self) -> dict:
+        return {
+            "model_type": "gemma4_vision",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "patch_size": self.patch_size,
+            "pooling_kernel_size": self.pooling_kernel_size,
+            "position_embedding_size": self.position_embedding_size,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta},
+            "rms_norm_eps": self.rms_norm_eps,
+            "use_clipped_linears": self.use_clipped_linears,
+            "standardize": self.standardize,
+            "hidden_activation": "gelu_pytorch_tanh",
+        }
+
+
+GEMMA4_AUDIO_TOKEN_ID, GEMMA4_START_OF_AUDIO_ID, GEMMA4_END_OF_AUDIO_ID = 258881, 256000, 258883
+AUDIO_MODULES = ("audio.", "embed_audio.")  # our state-dict prefixes of Gemma 4's audio tower and its projection
+
+
+@dataclass(frozen=True)
+class Gemma4AudioConfig:
+    """Gemma 4's audio tower (gemma4_audio.py, E2B and E4B), as published (transformers' defaults)."""
+
+    hidden_size: int = 1024
+    num_layers: int = 12
+    num_heads: int = 8
+    subsampling_conv_channels: tuple[int, int] = (128, 32)
+    conv_kernel_size: int = 5  # the light convolution's, causal
+    residual_weight: float = 0.5  # the feed-forwards' half step
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13  # a frame attends to itself and the attention_context_left - 2 before it
+    attention_logit_cap: float = 50.0
+    use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10
+    output_proj_dims: int = 1536
+    audio_token_id: int = GEMMA4_AUDIO_TOKEN_ID
+
+    def __post_init__(self):
+        whole = ("hidden_size", "num_layers", "num_heads", "conv_kernel_size", "attention_chunk_size",
+                 "attention_context_left", "output_proj_dims", "audio_token_id")  # fmt: skip
+        check_fields(self, whole, ("residual_weight", "attention_logit_cap", "rms_norm_eps", "gradient_clipping"))
+        if self.hidden_size % self.num_heads or len(self.subsampling_conv_channels) != 2:
+            raise ValueError("audio config: heads must divide hidden_size, and the subsampling has two convolutions")
+        if (self.attention_chunk_size + self.attention_context_left - 1) // 2 < self.attention_context_left - 1:
+            raise ValueError("audio config: the chunks' relative positions do not cover the left context")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> Gemma4AudioConfig:
+        """From a multimodal `gemma4` config.json's audio_config; what it omits takes transformers' defaults."""
+        a = hf.get("audio_config")
+        if not isinstance(a, dict):
+            raise ValueError(f"audio_config must be a JSON object, not {type(a).__name__}")
+        if a.get("attention_context_right", 0) != 0 or a.get("hidden_act", "silu") != "silu":
+            raise ValueError("audio config: only Gemma 4's causal attention (no right context) and SiLU are supported")
+        d = cls()
+        return cls(
+            hidden_size=a.get("hidden_size", d.hidden_size),
+            num_layers=a.get("num_hidden_layers", d.num_layers),
+            num_heads=a.get("num_attention_heads", d.num_heads),
+            subsampling_conv_channels=tuple(a.get("subsampling_conv_channels", d.subsampling_conv_channels)),
+            conv_kernel_size=a.get("conv_kernel_size", d.conv_kernel_size),
+            residual_weight=a.get("residual_weight", d.residual_weight),
+            attention_chunk_size=a.get("attention_chunk_size", d.attention_chunk_size),
+            attention_context_left=a.get("attention_context_left", d.attention_context_left),
+            attention_logit_cap=a.get("attention_logit_cap", d.attention_logit_cap),
+            use_clipped_linears=a.get("use_clipped_linears", d.use_clipped_linears),
+            rms_norm_eps=a.get("rms_norm_eps", d.rms_norm_eps),
+            gradient_clipping=a.get("gradient_clipping", d.gradient_clipping),
+            output_proj_dims=a.get("output_proj_dims", d.output_proj_dims),
+            audio_token_id=hf.get("audio_token_id", d.audio_token_id),
+        )
+
+    def to_hf(self) -> dict:
+        return {
+            "model_type": "gemma4_audio",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "subsampling_conv_channels": list(self.subsampling_conv_channels),
+            "conv_kernel_size": self.conv_kernel_size,
+            "residual_weight": self.residual_weight,
+            "attention_chunk_size": self.attention_chunk_size,
+            "attention_context_left": self.attention_context_left,
+            "attention_context_right": 0,
+            "attention_logit_cap": self.attention_logit_cap,
+            "use_clipped_linears": self.use_clipped_linears,
+            "rms_norm_eps": self.rms_norm_eps,
+            "gradient_clipping": self.gradient_clipping,
+            "output_proj_dims": self.output_proj_dims,
+            "hidden_act": "silu",
+        }
+
+
 @dataclass
 class Gemma4Config:
     hidden_size: int
@@ -316,7 +477,9 @@ class Gemma4Config:
     moe_intermediate_size: int = 0
     final_logit_softcapping: float = 30.0
     tie_word_embeddings: bool = True
-    vision_config: None = None  # text only, for now: generation.py asks every model config for it
+    vision_config: Gemma4VisionConfig | None = None  # the vision tower (gemma4_vision.py), if the checkpoint has it
+    vision_bidirectional: bool = False  # tokens of one image see each other both ways on sliding layers (31B, 26B)
+    audio_config: Gemma4AudioConfig | None = None  # the audio tower (gemma4_audio.py: E2B, E4B)
 
     def __post_init__(self):
         whole = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
@@ -375,12 +538,15 @@ class Gemma4Config:
 
     @classmethod
     def from_hf(cls, hf: dict) -> Gemma4Config:
-        """From a transformers config.json: text-only `gemma4_text`, or the multimodal `gemma4`'s text_config
-        (whose towers we do not run yet: loader.py warns). Older files give the full layers' head_dim and kv heads
-        as global_head_dim / num_global_key_value_heads, newer ones as per_layer_config (both are read)."""
+        """From a transformers config.json: text-only `gemma4_text`, or the multimodal `gemma4`: its text_config and
+        vision_config and audio_config. Older files give the full layers' head_dim
+        and kv heads as global_head_dim / num_global_key_value_heads, newer ones as per_layer_config (both read)."""
         model_type = hf.get("model_type")
         untied_at_top = hf.get("tie_word_embeddings") is False
+        vision_config = audio_config = None
         if model_type == "gemma4":
+            vision_config = Gemma4VisionConfig.from_hf(hf) if hf.get("vision_config") is not None else None
+            audio_config = Gemma4AudioConfig.from_hf(hf) if hf.get("audio_config") is not None else None
             hf = hf.get("text_config") or {}
             if not isinstance(hf, dict):
                 raise ValueError(f"text_config must be a JSON object, not {type(hf).__name__}")
@@ -444,10 +610,29 @@ class Gemma4Config:
             moe_intermediate_size=(hf.get("moe_intermediate_size") or 0) if hf.get("enable_moe_block") else 0,
             final_logit_softcapping=hf.get("final_logit_softcapping") or 30.0,
             tie_word_embeddings=False if untied_at_top else hf.get("tie_word_embeddings", True),
+            vision_config=vision_config,
+            vision_bidirectional=hf.get("use_bidirectional_attention") == "vision",
+            audio_config=audio_config,
         )
 
     def to_hf(self) -> dict:
-        """The `gemma4_text` config.json that transformers reads back to this config."""
+        """The config.json that transformers reads back to this config: `gemma4_text`, or with a vision tower the
+        multimodal `gemma4` that holds it as its text_config."""
+        if self.vision_config is None and self.audio_config is None:
+            return self.text_hf()
+        v, a = self.vision_config, self.audio_config
+        return {
+            "architectures": ["Gemma4ForConditionalGeneration"],
+            "model_type": "gemma4",
+            "text_config": {k: v for k, v in self.text_hf().items() if k != "architectures"},
+            "vision_config": None if v is None else v.to_hf(),
+            "audio_config": None if a is None else a.to_hf(),
+            **({} if v is None else {"image_token_id": v.image_token_id}),
+            **({} if a is None else {"audio_token_id": a.audio_token_id}),
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+
+    def text_hf(self) -> dict:
         return {
             "architectures": ["Gemma4ForCausalLM"],
             "model_type": "gemma4_text",
@@ -484,6 +669,7 @@ class Gemma4Config:
             "final_logit_softcapping": self.final_logit_softcapping,
             "hidden_activation": "gelu_pytorch_tanh",
             "tie_word_embeddings": self.tie_word_embeddings,
+            "use_bidirectional_attention": "vision" if self.vision_bidirectional else None,
             "bos_token_id": BOS_ID,
             "pad_token_id": PAD_ID,
         }

@@ -2,13 +2,16 @@
 
 Gemma 4 keeps Gemma 3's frame (model.py: sandwich-norm blocks, sliding and full attention layers, their KV
 caches and masks, a tied int4-ready embedding) and changes what is inside. Read in order:
-- RMSNorm scales by w, not 1 + w, and has a scale-free variant (on the values, and in the router);
+- RMSNorm (model.Gemma4RMSNorm) scales by w, not 1 + w, and has a scale-free variant (on the values, and in
+  the router);
 - attention: scale 1; full layers have their own head_dim (512) and "proportional" RoPE (a quarter of each
   head rotates); in the 31B/26B full layers K and V are one projection (k_eq_v); in E2B/E4B the last layers own
   no keys or values and attend over an earlier layer's (KV sharing);
 - the block: the GeGLU MLP, beside it in 26B-A4B a mixture of 128 experts; in E2B/E4B a per-layer embedding
   gated into the residual stream after the MLP; a stored scalar on the layer's output;
-- the model: per-layer embeddings computed with the token embeddings, and the final logits soft-capped at 30.
+- the model: per-layer embeddings computed with the token embeddings, and the final logits soft-capped at 30;
+  with a vision tower (gemma4_vision.py) or an audio tower (gemma4_audio.py), the soft tokens of images and
+  recordings in the prompt take the towers' embeddings.
 Loading is loader.py's, as for Gemma 3; the config is config.Gemma4Config.
 """
 
@@ -20,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import Gemma4Config
+import gemma4_audio
+import gemma4_vision
+from config import PAD_ID, Gemma4Config
 from model import (
     ALL,
     FUSED,
@@ -34,32 +39,21 @@ from model import (
     attend,
     attention_mask,
     cached_key_positions,
+    image_index,
     mask_length,
     record_ring,
     ring_positions,
     rope_cos_sin,
     row_masks,
+    same_image_masks,
 )
+from model import Gemma4RMSNorm as RMSNorm  # shared with the towers
 from quant import attention_dtype
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values (B, n_kv, S, hd): what a layer's attention reads
 # What the loader stacks (model.fuse_projections): gate and up, as in Gemma 3. q, k and v stay apart, since the
 # layers differ in which of them they have (k_eq_v layers no v, KV-shared ones only q).
 GEMMA4_FUSED = {"mlp.gate_up_proj": FUSED["mlp.gate_up_proj"]}
-
-
-class RMSNorm(nn.Module):
-    """Gemma 4's RMSNorm: computed in float32, scaled by weight (no 1 +), or not scaled at all."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        return (x32 if self.weight is None else x32 * self.weight.float()).type_as(x)
 
 
 class Attention(nn.Module):
@@ -211,7 +205,14 @@ class Gemma4(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else OutputHead(config.hidden_size, config.vocab_size)
-        self.vision = None  # text only, for now
+        self.vision = self.embed_vision = None
+        if (vc := config.vision_config) is not None:  # the image tower, and its map into the embedding space
+            self.vision = gemma4_vision.VisionTower(vc)
+            self.embed_vision = gemma4_vision.Embedder(vc.hidden_size, config.hidden_size, vc.rms_norm_eps)
+        self.audio = self.embed_audio = None
+        if (ac := config.audio_config) is not None:  # the audio tower (E2B, E4B), and its map
+            self.audio = gemma4_audio.AudioTower(ac)
+            self.embed_audio = gemma4_vision.Embedder(ac.output_proj_dims, config.hidden_size, ac.rms_norm_eps)
         self.cache_len = self.cache_batch = 0
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
@@ -231,15 +232,21 @@ class Gemma4(nn.Module):
         self.register_buffer("ring_pos", ring_positions(batch_size, ring, c.sliding_window, device), persistent=False)
         self.cache_len, self.cache_batch = max_seq_len, batch_size
 
-    def embed_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_tokens(self, input_ids: torch.Tensor, pixel_values: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D), scaled by sqrt(D); with per-layer embeddings (E2B, E4B), each token's
         L inputs of P (B, T, L * P) follow on the last dim, so that a prompt's chunks slice both as one:
-        (the per-layer table's rows * sqrt(P) + RMSNorm(projection of the embeddings / sqrt(D))) / sqrt(2)."""
-        if pixel_values is not None:
-            raise ValueError("Gemma 4 runs text only here: images are not supported yet")
+        (the per-layer table's rows * sqrt(P) + RMSNorm(projection of the embeddings / sqrt(D))) / sqrt(2).
+        pixel_values: the prompt's media, images (3, H, W) (gemma4_vision.preprocess) and recordings' log-mel
+        features (frames, 128) (gemma4_audio.log_mel), each kind in reading order; their embeddings take their soft
+        tokens' places, and the per-layer table reads the pad token there."""
         c = self.config
+        soft = [] if pixel_values is None else self.media_embeddings(input_ids, pixel_values)
+        for is_soft, _ in soft:
+            input_ids = input_ids.masked_fill(is_soft, PAD_ID)
         x = self.embed.lookup(input_ids)
         x = x * torch.tensor(math.sqrt(c.hidden_size), dtype=x.dtype)  # scale rounded to x's dtype
+        for is_soft, features in soft:
+            x = x.masked_scatter(is_soft[..., None], features.to(x.dtype))
         if self.embed_per_layer is None:
             return x
         P = c.hidden_size_per_layer_input
@@ -248,20 +255,46 @@ class Gemma4(nn.Module):
         projected = self.per_layer_projection_norm(projected.unflatten(-1, (c.num_layers, P))).flatten(-2)
         return torch.cat([x, (projected + tokens) * 2**-0.5], dim=-1)
 
+    def media_embeddings(self, input_ids: torch.Tensor, media: list[torch.Tensor]) -> list[KV]:
+        """For images and then recordings, if the prompt has any: the mask of their soft tokens in input_ids
+        (B, T), and their embeddings one after another (n, D), through the kind's tower and embedder."""
+        vc, ac, out = self.config.vision_config, self.config.audio_config, []
+        kinds = [("image", "vision", 3, self.vision, self.embed_vision, vc and vc.image_token_id),
+                 ("audio", "audio", 2, self.audio, self.embed_audio, ac and ac.audio_token_id)]  # fmt: skip
+        for kind, tower_name, dims, tower, embedder, soft_id in kinds:
+            items = [m for m in media if m.dim() == dims]
+            if not items:
+                continue
+            if tower is None:
+                raise ValueError(f"this model has no {tower_name} tower: it takes no {kind}")
+            is_soft = input_ids == soft_id
+            features = torch.cat([embedder(tower(m)) for m in items])
+            if features.shape[0] != int(is_soft.sum()):
+                raise ValueError(f"the prompt has {int(is_soft.sum())} {kind} soft tokens, but its {len(items)} "
+                                 f"{kind}(s) make {features.shape[0]}")  # fmt: skip
+            out.append((is_soft, features))
+        return out
+
     def forward(
         self,
         input_ids: torch.Tensor,
         pos: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: list[torch.Tensor] | None = None,
         rows: slice = ALL,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> float logits (B, T, vocab_size); pos and rows as Gemma3.forward's."""
-        return self.logits(self.hidden_states(self.embed_tokens(input_ids, pixel_values), pos, None, rows))
+        """input_ids (B, T) -> float logits (B, T, vocab_size); pos and rows as Gemma3.forward's; pixel_values
+        as embed_tokens'."""
+        x = self.embed_tokens(input_ids, pixel_values)
+        vc = self.config.vision_config
+        images = None if pixel_values is None or vc is None else image_index(input_ids == vc.image_token_id)
+        return self.logits(self.hidden_states(x, pos, images, rows))
 
     def hidden_states(
         self, x: torch.Tensor, pos: torch.Tensor | None = None, images: torch.Tensor | None = None, rows: slice = ALL
     ) -> torch.Tensor:
-        """embed_tokens' output (B, T, D [+ L * P]) -> final normed hidden states (B, T, D); as Gemma3's."""
+        """embed_tokens' output (B, T, D [+ L * P]) -> final normed hidden states (B, T, D); as Gemma3's, but the
+        tokens of one image (images, from image_index) see each other both ways only on the sliding layers, and
+        only where the config says so (31B, 26B-A4B): the E models read images causally."""
         c = self.config
         per_layer = None  # (B, T, L, P)
         if c.hidden_size_per_layer_input:
@@ -275,7 +308,11 @@ class Gemma4(nn.Module):
             if self.cache_len == 0:
                 raise RuntimeError("call setup_cache(batch_size, max_seq_len) before decoding with positions")
             kv_global, kv_local = cached_key_positions(self.ring_pos[rows], self.cache_len, c.sliding_window, pos)
-        global_mask, local_mask = attention_mask(q_pos, kv_global), attention_mask(q_pos, kv_local, c.sliding_window)
+        same_local = None
+        if images is not None and c.vision_bidirectional:
+            same_local = same_image_masks(images, pos, kv_global, kv_local)[1]
+        global_mask = attention_mask(q_pos, kv_global)
+        local_mask = attention_mask(q_pos, kv_local, c.sliding_window, same_local)
         if pos is not None and T == 1 and B > 1 and not torch.compiler.is_compiling():
             global_mask, local_mask = row_masks(pos, global_mask), row_masks(pos, local_mask)
         global_rope = rope_cos_sin(q_pos, c.global_head_dim, c.rope_theta_global, 1.0, x.dtype, c.partial_rotary_factor)

@@ -5,8 +5,9 @@ python generate.py --model gaunernst/gemma-3-4b-it-int4 --image cat.png --prompt
 python generate.py --model gaunernst/gemma-3-4b-it-int4 --image a.png --image b.png \
     --prompt "Compare <start_of_image> with <start_of_image>."
 
-Images (4B, 12B, 27B) go before the prompt text, or where the prompt marks them with <start_of_image>,
-one mark per --image, in order.
+Images (Gemma 3 4B, 12B, 27B; Gemma 4 checkpoints with their vision tower) go before the prompt text, or
+where the prompt marks them with <start_of_image>, one mark per --image, in order; recordings (--audio, WAV;
+Gemma 4 E2B, E4B) likewise, marked with <start_of_audio>.
 
 Several prompts (--prompt repeated, or --prompt-file with one prompt per line) are generated together,
 --max-batch at a time, each at its own position in one batched decode step; each reply is printed as a
@@ -25,9 +26,18 @@ from pathlib import Path
 import torch
 
 import files
+import gemma4_audio
 import vision
 from cli import add_model_arguments, add_sampling_arguments, load, one_line_warnings, positive_int, sampling_from
-from generation import Request, compile_decode_step, decode_one_token, generate, generate_batch
+from generation import (
+    Request,
+    audio_inputs,
+    compile_decode_step,
+    decode_one_token,
+    generate,
+    generate_batch,
+    image_inputs,
+)
 from tokenizer import StreamDecoder, check_text, is_instruction_tuned, place_images
 
 
@@ -46,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=positive_int, default=8,
                    help="several prompts: how many decode together, one batch row each (default 8)")  # fmt: skip
     p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="an image for the prompt (repeatable; models with vision: 4B, 12B, 27B)")  # fmt: skip
+                   help="an image for the prompt (repeatable; Gemma 3 4B, 12B, 27B; Gemma 4)")  # fmt: skip
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="a WAV recording for the prompt (repeatable; Gemma 4 E2B, E4B)")  # fmt: skip
     add_model_arguments(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=256,
                    help="stop after this many new tokens (default 256)")  # fmt: skip
@@ -63,8 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.prompt += [line for line in lines if line.strip()]
     if not args.prompt:
         p.error("give a prompt: --prompt TEXT (repeatable) or --prompt-file PATH")
-    if len(args.prompt) > 1 and args.image:
-        p.error("--image goes with a single prompt")
+    if len(args.prompt) > 1 and (args.image or args.audio):
+        p.error(f"{'--image' if args.image else '--audio'} goes with a single prompt")
     return args
 
 
@@ -85,26 +97,29 @@ def run(args: argparse.Namespace) -> int:
         sampling = sampling_from(args)
         for text in args.prompt:
             check_text(text)  # before the slow load
-        images = [vision.load_image(path) for path in args.image]  # bad images fail before the slow load
+        images = [vision.load_image(path) for path in args.image]  # bad images and audio fail before the slow load
+        recordings = [gemma4_audio.load_audio(path) for path in args.audio]
         t0 = time.perf_counter()
         model, tokenizer = load(args)
         if images and model.vision is None:
-            raise ValueError(f"--image: {args.model} is a text-only model (images need Gemma 3 4B, 12B or 27B)")
+            raise ValueError(f"--image: {args.model} is a text-only model (images need Gemma 3 4B, 12B or 27B, "
+                             "or a Gemma 4 checkpoint with its vision tower)")  # fmt: skip
         load_s = time.perf_counter() - t0
-        pixel_values, tokens_per_image = None, 0
-        if images:
-            vc = model.config.vision_config
-            pixel_values = torch.stack([vision.preprocess(image, vc.image_size) for image in images])
-            tokens_per_image = vc.tokens_per_image
+        if recordings and model.audio is None:
+            raise ValueError(f"--audio: {args.model} has no audio tower (audio needs Gemma 4 E2B or E4B)")
+        pixel_values, tokens_per_image = image_inputs(model, images) if images else (None, 0)
+        features, audio_tokens = audio_inputs(recordings)
+        if features:  # Gemma 4's media: its images (a list) and recordings, each kind in order
+            pixel_values = [*(pixel_values or []), *features]
         use_chat = args.chat or (is_instruction_tuned(args.model) and not args.raw)
         prompts = []
         for text in args.prompt:
             if use_chat:
-                message = {"role": "user", "content": text, "images": len(images)}
+                message = {"role": "user", "content": text, "images": len(images), "audio": audio_tokens}
                 prompts.append(tokenizer.chat_prompt([message], tokens_per_image=tokens_per_image))
             else:
-                text = place_images(text, len(images))
-                prompts.append(tokenizer.encode(text, True, len(images), tokens_per_image))
+                text = place_images(text, len(images), len(recordings))
+                prompts.append(tokenizer.encode(text, True, len(images), tokens_per_image, audio_tokens))
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -7,7 +7,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
+import gemma4_audio
+import gemma4_vision
+import vision
+from config import Gemma4VisionConfig
 from model import ALL, Gemma3, image_index
 
 # The range of temperature (other than 0) and repetition_penalty: together they scale logits by at most 10^4, so
@@ -79,6 +84,28 @@ def sample(
     return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
 
 
+def image_inputs(model: Gemma3, images: list[Image.Image]) -> tuple[torch.Tensor | list[torch.Tensor], list[int]]:
+    """Images as the model takes them (pixel_values), and how many soft tokens each becomes in the prompt:
+    Gemma 3's resized to one square (vision.py), stacked (N, 3, S, S); Gemma 4's each at its own size within the
+    soft-token budget (gemma4_vision.py), a list of (3, H, W)."""
+    vc = model.config.vision_config
+    if isinstance(vc, Gemma4VisionConfig):
+        pixels = [gemma4_vision.preprocess(image, vc.max_soft_tokens) for image in images]
+        return pixels, [gemma4_vision.soft_tokens(p, vc) for p in pixels]
+    return torch.stack([vision.preprocess(image, vc.image_size) for image in images]), [vc.tokens_per_image] * len(
+        images
+    )
+
+
+def audio_inputs(recordings: list) -> tuple[list[torch.Tensor], list[int]]:
+    """16 kHz recordings (gemma4_audio.load_audio) -> their log-mel features (frames, 128), and how many soft
+    tokens each becomes in the prompt."""
+    features = [gemma4_audio.log_mel(samples) for samples in recordings]
+    if any(f.shape[0] == 0 for f in features):
+        raise ValueError("a recording shorter than 20 ms holds no audio frame")
+    return features, [gemma4_audio.soft_tokens(f.shape[0]) for f in features]
+
+
 def prefill(
     model: Gemma3,
     ids: torch.Tensor,
@@ -92,7 +119,8 @@ def prefill(
     prompts); return the last logits (B, V). pixel_values (N, 3, S, S): the images whose soft tokens the prompt
     holds. A chunk never ends inside an image, whose tokens must see each other."""
     x = model.embed_tokens(ids, pixel_values)  # (B, T, D)
-    images = None if pixel_values is None else image_index(ids == model.config.vision_config.image_token_id)
+    vc = model.config.vision_config
+    images = None if pixel_values is None or vc is None else image_index(ids == vc.image_token_id)
     inside_image = [False] * ids.shape[1]  # [j]: tokens j and j + 1 are the same image's, so no chunk ends at j
     if images is not None:
         inside_image = ((images[:, 1:] >= 0) & (images[:, 1:] == images[:, :-1])).any(0).tolist() + [False]

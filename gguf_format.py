@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import files
 import quant
-from config import VISION_MODULES, Gemma3Config, Gemma4Config
+from config import AUDIO_MODULES, VISION_MODULES, Gemma3Config, Gemma4Config
 
 ARCH, GEMMA4_ARCH = "gemma3", "gemma4"
 NAMES = {  # GGUF -> ours; "blk.{i}." becomes "layers.{i}."
@@ -630,9 +630,12 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer: bytes) -> None:
 
 def add_tensors(w: gguf.GGUFWriter, tensors: dict, norm_shift: float) -> None:
     """Every tensor in its GGUF type (see save); a list (stack_experts) becomes one tensor, (experts, N, K)."""
-    text_tensors = {name: t for name, t in tensors.items() if not name.startswith(VISION_MODULES)}
-    if len(text_tensors) < len(tensors):
-        warnings.warn("the vision tower is not written: llama.cpp keeps it in a separate mmproj GGUF", stacklevel=2)
+    text_tensors = {name: t for name, t in tensors.items() if not name.startswith((*VISION_MODULES, *AUDIO_MODULES))}
+    towers = [kind for kind, prefixes in (("vision", VISION_MODULES), ("audio", AUDIO_MODULES))
+              if any(name.startswith(prefixes) for name in tensors)]  # fmt: skip
+    if towers:
+        warnings.warn(f"the {' and '.join(towers)} tower{'s are' if len(towers) > 1 else ' is'} not written: "
+                      "llama.cpp keeps them in a separate mmproj GGUF", stacklevel=2)  # fmt: skip
     rounded = {}  # module -> the largest relative change of a Q4_1 d or m
     for name, t in text_tensors.items():
         module, _, kind = name.rpartition(".")

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import checkpoint
 import quant
-from config import GEMMA4_MODEL_TYPES, VISION_MODULES, Gemma3Config, Gemma4Config
+from config import AUDIO_MODULES, GEMMA4_MODEL_TYPES, VISION_MODULES, Gemma3Config, Gemma4Config
 from gemma4 import GEMMA4_FUSED, Gemma4
 from model import FUSED, Gemma3, fuse_projections
 
@@ -120,17 +120,18 @@ def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Config, dict[str, torch
     return config, tensors, above_4_bits
 
 
-GEMMA4_TOWERS = (*VISION_MODULES, "audio_tower.", "embed_vision.", "embed_audio.")  # our names of its towers
+GEMMA4_TOWERS = (*VISION_MODULES, *AUDIO_MODULES)  # our names of its towers
 
 
 def gemma4_text_tensors(config: Gemma4Config, tensors: dict, source: str | Path) -> dict[str, torch.Tensor]:
-    """Gemma 4's language model: the multimodal checkpoints' towers are dropped (text only, for now), and so are
-    the keys and values that Google's files still carry for the KV-shared layers (which read an earlier layer's);
-    each with one warning."""
-    towers = [k for k in tensors if k.startswith(GEMMA4_TOWERS)]
+    """Gemma 4's language model and towers: the tensors of a tower its config does not describe are dropped, and
+    so are the keys and values that Google's files still carry for the KV-shared layers (which read an earlier
+    layer's); each with one warning."""
+    kept = (VISION_MODULES if config.vision_config else ()) + (AUDIO_MODULES if config.audio_config else ())
+    towers = [k for k in tensors if k.startswith(GEMMA4_TOWERS) and not k.startswith(kept)]
     if towers:
-        warnings.warn(f"{source}: images and audio are not supported for Gemma 4 yet: loading the language model "
-                      f"only ({len(towers)} tensors of its towers left out)", stacklevel=3)  # fmt: skip
+        warnings.warn(f"{source}: config.json describes no tower for {len(towers)} tensors ({towers[0]}, ...): "
+                      "left out", stacklevel=3)  # fmt: skip
     shared = re.compile(r"layers\.(\d+)\.attn\.(k_proj|v_proj|k_norm|v_norm)\.")
     unused = [k for k in tensors if (m := shared.match(k)) and int(m[1]) >= config.first_shared_layer]
     if unused:
@@ -152,7 +153,8 @@ def convert_weights(
     Gemma 4's MoE router (small, and it decides which experts run). consume: empties `tensors`, each dense
     weight freed once quantized (the caller keeps no other reference to them). integer_zero_points: as
     quant.convert_state_dict."""
-    float_tensors = {k: v for k, v in tensors.items() if k.startswith(VISION_MODULES) or ".router." in k}
+    towers = (*VISION_MODULES, *AUDIO_MODULES)
+    float_tensors = {k: v for k, v in tensors.items() if k.startswith(towers) or ".router." in k}
     text_tensors = {k: v for k, v in tensors.items() if k not in float_tensors}
     if consume:
         tensors.clear()

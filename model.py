@@ -36,6 +36,21 @@ class RMSNorm(nn.Module):
         return (x32 * (1.0 + self.weight.float())).type_as(x)
 
 
+class Gemma4RMSNorm(nn.Module):
+    """Gemma 4's RMSNorm (its decoder's and its towers'): computed in float32, scaled by weight (no 1 +), or not
+    scaled at all."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        return (x32 if self.weight is None else x32 * self.weight.float()).type_as(x)
+
+
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim) each
 
 
@@ -81,6 +96,19 @@ def same_image_mask(q_images: torch.Tensor, kv_images: torch.Tensor) -> torch.Te
     attend both ways."""
     q, kv = q_images[:, :, None], kv_images[:, None, :]
     return (q == kv) & (q >= 0)
+
+
+def same_image_masks(
+    images: torch.Tensor, pos: torch.Tensor | None, kv_global: torch.Tensor, kv_local: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, S) masks of the query/key pairs in one image (images: image_index of this call's tokens), for the
+    global and the local keys (kv_global, kv_local: their positions, cached_key_positions). Only this call's own
+    tokens can share an image with a query: the cached keys count as text."""
+    if pos is None:
+        return same_image_mask(images, images), same_image_mask(images, images)
+    kv_global_images = torch.full_like(kv_global, -1).scatter(1, pos, images)
+    kv_local_images = F.pad(images, (kv_local.shape[1] - images.shape[1], 0), value=-1)  # the ring, the chunk
+    return same_image_mask(images, kv_global_images), same_image_mask(images, kv_local_images)
 
 
 ALL = slice(None)  # every row of the KV cache
@@ -399,7 +427,7 @@ class Gemma3(nn.Module):
         kv_global, kv_local = (q_pos, q_pos) if pos is None else self.cached_key_positions(pos, rows)
         same_global = same_local = None
         if images is not None:
-            same_global, same_local = self.same_image_masks(images, pos, kv_global, kv_local)
+            same_global, same_local = same_image_masks(images, pos, kv_global, kv_local)
         global_mask = attention_mask(q_pos, kv_global, same_image=same_global)
         local_mask = attention_mask(q_pos, kv_local, c.sliding_window, same_local)
         if pos is not None and T == 1 and B > 1 and not torch.compiler.is_compiling():
@@ -419,17 +447,6 @@ class Gemma3(nn.Module):
         if self.cache_len == 0:
             raise RuntimeError("call setup_cache(batch_size, max_seq_len) before decoding with positions")
         return cached_key_positions(self.ring_pos[rows], self.cache_len, self.config.sliding_window, pos)
-
-    def same_image_masks(
-        self, images: torch.Tensor, pos: torch.Tensor | None, kv_global: torch.Tensor, kv_local: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, S) masks of the query/key pairs in one image, for the global and the local keys. Only this
-        call's own tokens can share an image with a query: the cached keys count as text."""
-        if pos is None:
-            return same_image_mask(images, images), same_image_mask(images, images)
-        kv_global_images = torch.full_like(kv_global, -1).scatter(1, pos, images)
-        kv_local_images = F.pad(images, (kv_local.shape[1] - images.shape[1], 0), value=-1)  # the ring, the chunk
-        return same_image_mask(images, kv_global_images), same_image_mask(images, kv_local_images)
 
     @property
     def head(self) -> nn.Module:

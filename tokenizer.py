@@ -9,9 +9,28 @@ from pathlib import Path
 import sentencepiece as spm
 
 import checkpoint
-from config import BOS_ID, END_OF_IMAGE_ID, EOS_ID, IMAGE_TOKEN_ID, START_OF_IMAGE_ID
+from config import (
+    BOS_ID,
+    END_OF_IMAGE_ID,
+    EOS_ID,
+    GEMMA4_AUDIO_TOKEN_ID,
+    GEMMA4_END_OF_AUDIO_ID,
+    GEMMA4_END_OF_IMAGE_ID,
+    GEMMA4_IMAGE_TOKEN_ID,
+    GEMMA4_START_OF_AUDIO_ID,
+    GEMMA4_START_OF_IMAGE_ID,
+    IMAGE_TOKEN_ID,
+    START_OF_IMAGE_ID,
+)
 
-IMAGE_MARK = "<start_of_image>"  # in a prompt, where an image goes (as in transformers' Gemma3Processor)
+IMAGE_MARK = "<start_of_image>"  # in a prompt, where an image goes (as in transformers' Gemma3Processor; Gemma 4 too)
+AUDIO_MARK = "<start_of_audio>"  # where a recording goes (Gemma 4 E2B, E4B)
+MEDIA_MARKS = re.compile(f"({IMAGE_MARK}|{AUDIO_MARK})")
+TokensPerImage = int | list[int]  # soft tokens per image: Gemma 3's one number, Gemma 4's a number for each image
+# an image's opening, soft and closing tokens
+GEMMA3_IMAGE_IDS = (START_OF_IMAGE_ID, IMAGE_TOKEN_ID, END_OF_IMAGE_ID)
+GEMMA4_IMAGE_IDS = (GEMMA4_START_OF_IMAGE_ID, GEMMA4_IMAGE_TOKEN_ID, GEMMA4_END_OF_IMAGE_ID)
+GEMMA4_AUDIO_IDS = (GEMMA4_START_OF_AUDIO_ID, GEMMA4_AUDIO_TOKEN_ID, GEMMA4_END_OF_AUDIO_ID)
 GEMMA3_TURN, GEMMA4_TURN = ("<start_of_turn>", "<end_of_turn>"), ("<|turn>", "<turn|>")  # a turn's bounds
 
 
@@ -53,22 +72,39 @@ class Tokenizer:
         proto, template = checkpoint.tokenizer_proto(path), checkpoint.chat_template(path)
         return cls(proto, str(path_or_hub_id), template, checkpoint.stop_ids(path))
 
-    def encode(self, text: str, bos: bool = False, num_images: int = 0, tokens_per_image: int = 256) -> list[int]:
+    def encode(
+        self,
+        text: str,
+        bos: bool = False,
+        num_images: int = 0,
+        tokens_per_image: TokensPerImage = 256,
+        audio_tokens: list[int] = (),
+    ) -> list[int]:
         """Text -> ids. With num_images, the text marks where each image goes with "<start_of_image>" (see
         place_images); each becomes "\\n\\n<start_of_image>" + tokens_per_image soft tokens + "<end_of_image>\\n\\n",
-        as transformers' Gemma3Processor expands it (the model puts the image's features at the soft tokens)."""
+        as transformers' Gemma3Processor expands it (the model puts the image's features at the soft tokens);
+        Gemma 4's, "<|image>" + its soft tokens "<|image|>" + "<image|>", as its Gemma4Processor does. audio_tokens:
+        each recording's soft-token count; the text marks each with "<start_of_audio>", which becomes "<|audio>"
+        + its soft tokens "<|audio|>" + "<audio|>"."""
         check_text(text)
         ids = [BOS_ID] * bos
-        if not num_images:
+        if not num_images and not audio_tokens:
             return ids + self.plain(text)
-        pieces = text.split(IMAGE_MARK)
-        if len(pieces) - 1 != num_images:
-            raise ValueError(f"the prompt marks {len(pieces) - 1} image place(s) with {IMAGE_MARK} for {num_images}")
-        image = [START_OF_IMAGE_ID, *[IMAGE_TOKEN_ID] * tokens_per_image, END_OF_IMAGE_ID]
+        pieces = MEDIA_MARKS.split(text)  # text, mark, text, mark, ..., text
+        for mark, count in ((IMAGE_MARK, num_images), (AUDIO_MARK, len(audio_tokens))):
+            if pieces[1::2].count(mark) != count:
+                what = "image" if mark == IMAGE_MARK else "audio"
+                raise ValueError(f"the prompt marks {pieces[1::2].count(mark)} {what} place(s) with {mark} for {count}")
+        counts = tokens_per_image if isinstance(tokens_per_image, list) else [tokens_per_image] * num_images
+        image, audio = GEMMA4_IMAGE_IDS if self.gemma4 else GEMMA3_IMAGE_IDS, GEMMA4_AUDIO_IDS
+        counts, audio_counts = iter(counts), iter(audio_tokens)
+        gap = "" if self.gemma4 else "\n\n"
         for i, piece in enumerate(pieces):
-            last = i == num_images
-            ids += self.plain(("\n\n" if i else "") + piece + ("" if last else "\n\n"))
-            ids += [] if last else image
+            if i % 2 == 0:
+                ids += self.plain((gap if i else "") + piece + ("" if i == len(pieces) - 1 else gap))
+                continue
+            start, soft, end = image if piece == IMAGE_MARK else audio
+            ids += [start, *[soft] * next(counts if piece == IMAGE_MARK else audio_counts), end]
         return ids
 
     def plain(self, text: str) -> list[int]:
@@ -83,21 +119,35 @@ class Tokenizer:
         """Ids -> text; ids past the tokenizer's pieces (image soft tokens, vocabulary padding) decode to nothing."""
         return self.sp.decode([i for i in ids if i < self.vocab_size])
 
-    def chat_prompt(self, messages: list[dict], system: str | None = None, tokens_per_image: int = 256) -> list[int]:
+    def chat_prompt(
+        self, messages: list[dict], system: str | None = None, tokens_per_image: TokensPerImage = 256
+    ) -> list[int]:
         """Gemma's chat template, ending with the opened model turn:
         <bos><start_of_turn>user\\n{system}\\n\\n{message}<end_of_turn>\\n<start_of_turn>model\\n ...
         Gemma 4's: <bos><|turn>system\\n{system}<turn|>\\n<|turn>user\\n{message}<turn|>\\n<|turn>model\\n ...
 
-        messages: [{"role": "user" | "model", "content": str, "images": int (optional, default 0)}, ...].
-        Gemma 3 has no system role: the system prompt is prepended to the first user message.
+        messages: [{"role": "user" | "model", "content": str, "images": int (optional, default 0),
+        "audio": [soft tokens of each recording] (optional, Gemma 4)}, ...].
+        Gemma 3 has no system role: the system prompt is prepended to the first user message. tokens_per_image:
+        a list gives each image of the conversation, in order, its own count (Gemma 4).
         """
         ids = [BOS_ID]
+        counts = tokens_per_image if isinstance(tokens_per_image, list) else None
         for i, m in enumerate(messages):
-            ids += self.turn(m["role"], m["content"], m.get("images", 0), system if i == 0 else None, tokens_per_image)
+            n = m.get("images", 0)
+            mine = tokens_per_image if counts is None else counts[:n]
+            counts = None if counts is None else counts[n:]
+            ids += self.turn(m["role"], m["content"], n, system if i == 0 else None, mine, m.get("audio", ()))
         return ids + self.model_turn()
 
     def turn(
-        self, role: str, content: str, num_images: int = 0, system: str | None = None, tokens_per_image: int = 256
+        self,
+        role: str,
+        content: str,
+        num_images: int = 0,
+        system: str | None = None,
+        tokens_per_image: TokensPerImage = 256,
+        audio_tokens: list[int] = (),
     ) -> list[int]:
         """One closed turn, "<start_of_turn>{role}\\n{system}\\n\\n{content}<end_of_turn>\\n". The images go where
         the content marks them, else before it (place_images). Special tokens are inserted by id, so text
@@ -107,10 +157,12 @@ class Tokenizer:
             raise ValueError(f"chat role must be 'user' or 'model', not {role!r}")
         check_text(content)  # here, so that an error counts characters of the content as given
         if self.gemma4:
-            if num_images:
-                raise ValueError("images in a Gemma 4 chat are not supported yet (its vision tower is not loaded)")
             opening = self.turn_tokens("system", system.strip()) if system else []
-            return opening + self.turn_tokens(role, content.strip())
+            if not num_images and not audio_tokens:
+                return opening + self.turn_tokens(role, content.strip())
+            text = place_images(content.strip(), num_images, len(audio_tokens))
+            body = self.encode(f"{role}\n{text}", False, num_images, tokens_per_image, audio_tokens)
+            return opening + [self.start_of_turn, *body, self.end_of_turn, *self.encode("\n")]
         text = place_images(content, num_images)
         text = f"{system}\n\n{text}" if system else text
         body = self.encode(f"{role}\n{text}", num_images=num_images, tokens_per_image=tokens_per_image)
@@ -129,7 +181,10 @@ class Tokenizer:
         return ids
 
 
-IMAGE_CONTROLS = re.compile("(<start_of_image>|<end_of_image>)")  # as split by Tokenizer.plain
+# as split by Tokenizer.plain: Gemma 3's image bounds, Gemma 4's image and audio bounds and soft tokens
+IMAGE_CONTROLS = re.compile(
+    r"(<start_of_image>|<end_of_image>|<\|image>|<\|image\|>|<image\|>|<\|audio>|<\|audio\|>|<audio\|>)"
+)
 SPECIAL_NAME = re.compile(r"(<[^<>\s]+>)")  # how a template writes a special token: <|turn>, <start_of_turn>, ...
 
 
@@ -168,11 +223,13 @@ def check_text(text: str) -> None:
         raise ValueError(f"the text is not valid UTF-8: {what} at character {e.start}") from None
 
 
-def place_images(text: str, num_images: int) -> str:
+def place_images(text: str, num_images: int, num_audio: int = 0) -> str:
     """The text with a "<start_of_image>" mark per image: its own marks if it has any, else all the images
-    before the text (where transformers' chat template puts them)."""
+    before the text (where transformers' chat template puts them); and so for recordings, "<start_of_audio>"."""
+    if num_audio and AUDIO_MARK not in text:
+        text = AUDIO_MARK * num_audio + text
     if num_images and IMAGE_MARK not in text:
-        return IMAGE_MARK * num_images + text
+        text = IMAGE_MARK * num_images + text
     return text
 
 

@@ -70,20 +70,24 @@ ROWS = {
 }
 
 
-def random_int4_checkpoint(size: str, directory: Path) -> None:
+def random_int4_checkpoint(size: str, directory: Path, towers: bool = False) -> None:
     """A checkpoint directory in gaunernst's int4 layout with `size`'s published shapes (text-only, vocabulary
     262144) and random weights: int4 values uniform in -8..7, bf16 scales that fp16 holds exactly (so the
-    Q4_0 export is lossless), small random norms. The real 270M's tokenizer."""
+    Q4_0 export is lossless), small random norms. The real 270M's tokenizer. towers (Gemma 4): with its vision
+    and audio towers in the published shapes, random bf16 (bench/media.py)."""
+    import dataclasses
 
     import torch
 
     from checkpoint import embedded_gguf, save, tokenizer_proto
-    from config import Gemma3Config, Gemma4Config
+    from config import AUDIO_MODULES, VISION_MODULES, Gemma3Config, Gemma4AudioConfig, Gemma4Config, Gemma4VisionConfig
     from gemma4 import Gemma4
     from model import Gemma3, split_projections
 
     if size in GEMMA4_CONFIGS:
         config = Gemma4Config.from_name(size)
+        if towers:
+            config = dataclasses.replace(config, vision_config=Gemma4VisionConfig(), audio_config=Gemma4AudioConfig())
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in split_projections(Gemma4(config).state_dict(), config).items()}
     else:
@@ -93,6 +97,12 @@ def random_int4_checkpoint(size: str, directory: Path) -> None:
     g, tensors = torch.Generator().manual_seed(0), {}
     for name, shape in shapes.items():
         module, _, _ = name.rpartition(".")
+        if name.startswith((*VISION_MODULES, *AUDIO_MODULES)):  # float: norms near 1, clamps wide, weights small
+            big = name.endswith(("_min", "_max"))
+            base = (100.0 if name.endswith("_max") else -100.0) if big else 1.0 if len(shape) == 1 else 0.0
+            scale = 0.0 if big else 0.1 if len(shape) == 1 else 0.02
+            tensors[name] = (base + torch.randn(shape, generator=g) * scale).to(torch.bfloat16)
+            continue
         if len(shape) == 1:  # a norm (Gemma 4's scale by w, so near 1), or a layer scalar
             base = 1.0 if size in GEMMA4_CONFIGS else 0.0
             tensors[name] = (base + torch.randn(shape, generator=g) * 0.1).to(torch.bfloat16)

@@ -196,6 +196,8 @@ LAYERS = [
     {"quant"},
     {"vision", "gguf_format", "flax_format", "torchao_format"},
     {"model", "checkpoint", "hf_tokenizer"},
+    {"gemma4_vision"},  # Gemma 4's towers, built from model.py's pieces
+    {"gemma4_audio"},
     {"gemma4"},  # Gemma 4's decoder, built from model.py's pieces
     {"tokenizer", "loader"},
     {"generation", "ptq"},

@@ -53,13 +53,23 @@ def hf_gemma4(kind: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     config = Gemma4TextConfig(**{**TINY, **KINDS[kind], **overrides}, attn_implementation="eager")
-    model = Gemma4ForCausalLM(config).float().eval()
+    return randomize(Gemma4ForCausalLM(config).float().eval())
+
+
+def randomize(model, clamp: float | None = None):
+    """A transformers Gemma 4 with random weights: norms and scales around 1 (Gemma 4 scales by w), the rest
+    small, layer scalars in 0.5..1.5; the towers' clamps at +-clamp (binding on part of their inputs) and
+    standardisation vectors random."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0, 0.3) if "norm" in name or "scale" in name else p.normal_(0.0, 0.1)
         for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
+            if name.endswith("layer_scalar") or name.endswith("std_scale"):
                 b.uniform_(0.5, 1.5)
+            elif name.endswith(("_min", "_max")) and clamp:
+                b.fill_(clamp if name.endswith("_max") else -clamp)
+            elif name.endswith("std_bias"):
+                b.normal_(0.0, 1.0)
     return model
 
 
@@ -224,7 +234,8 @@ def test_published_configs_round_trip_through_transformers():
 
 def test_multimodal_layout_loads_text_only_and_unused_shared_kv_is_dropped(tmp_path):
     """Google's multimodal files: model.language_model.*, towers beside it, and k/v tensors still stored for the
-    KV-shared layers. Loaded text-only with one warning for each, to transformers' logits."""
+    KV-shared layers. Without a vision_config or audio_config, loaded text-only with one warning for each, to
+    transformers' logits (test_gemma4_vision and test_gemma4_audio load the towers)."""
     hf = hf_gemma4("e-style")
     hf.save_pretrained(tmp_path / "text")
     tensors = load_file(tmp_path / "text" / "model.safetensors")
@@ -238,13 +249,13 @@ def test_multimodal_layout_loads_text_only_and_unused_shared_kv_is_dropped(tmp_p
     save_file(tensors, tmp_path / "mm" / "model.safetensors")
     config = {"model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"],
               "text_config": json.loads((tmp_path / "text" / "config.json").read_text()),
-              "vision_config": {"model_type": "gemma4_vision"}}  # fmt: skip
+              "vision_config": None}  # fmt: skip
     (tmp_path / "mm" / "config.json").write_text(json.dumps(config))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours = loader.from_pretrained(tmp_path / "mm", dtype=torch.float32, weights="dense")
     messages = [str(w.message) for w in caught]
-    assert any("images and audio are not supported" in m for m in messages)
+    assert any("config.json describes no tower for 3 tensors" in m for m in messages)
     assert any("KV-shared layers" in m for m in messages)
     ids = torch.randint(0, TINY["vocab_size"], (1, 20))
     with torch.no_grad():
