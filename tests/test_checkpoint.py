@@ -193,13 +193,13 @@ MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 LAYERS = [
     {"config", "files", "hugepages", "w4a8"},  # import nothing of ours
     {"quant"},
-    {"vision", "gguf_format", "flax_format", "torchao_format"},
+    {"vision", "gguf_format", "flax_format", "torchao_format", "qat"},
     {"model", "checkpoint", "hf_tokenizer"},
     {"gemma4"},  # Gemma 4's decoder, built from model.py's pieces
     {"tokenizer", "loader"},
     {"generation", "ptq"},
     {"cli", "server"},
-    {"generate", "chat", "eval", "convert", "serve"},  # the scripts
+    {"generate", "chat", "eval", "convert", "serve", "finetune"},  # the scripts
 ]
 
 
