@@ -155,8 +155,9 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.5 * (1 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1 - progress)
 
 
-RESUMED_ARGUMENTS = ("model", "data", "full", "lora_rank", "lora_alpha", "lora_targets", "seq_len", "batch_size",
-                     "grad_accum", "steps", "lr", "warmup", "schedule", "weight_decay", "held_out", "seed")  # fmt: skip
+RESUMED_ARGUMENTS = ("model", "data", "full", "freeze_embeddings", "no_qat", "lora_rank", "lora_alpha",
+                     "lora_targets", "seq_len", "batch_size", "grad_accum", "steps", "lr", "warmup", "schedule",
+                     "weight_decay", "held_out", "seed")  # fmt: skip
 
 
 def save_state(path: Path, step: int, model, optimizer, args: argparse.Namespace) -> None:
@@ -227,7 +228,8 @@ def finetune(args: argparse.Namespace) -> None:
     train_set, held_out = split(examples, args.held_out, args.seed)
     model = loader.from_pretrained(args.model, torch.float32, args.device, weights="dense")
     targets = () if args.full else tuple(args.lora_targets.split(","))
-    params = qat.prepare(model, 0 if args.full else args.lora_rank, args.lora_alpha, targets, args.seed)
+    rank = 0 if args.full else args.lora_rank
+    params = qat.prepare(model, rank, args.lora_alpha, targets, args.seed, not args.no_qat, not args.freeze_embeddings)
     model.train()
     state = args.out.with_name(args.out.name + ".state.pt")
     train(model, params, train_set, held_out, args, state)
@@ -250,6 +252,10 @@ def main(argv=None) -> int:
                    "alpha / rank (default 16)")  # fmt: skip
     p.add_argument("--lora-targets", default=LORA_TARGETS,
                    help="the linear layers LoRA adapts, by name (default: every projection)")  # fmt: skip
+    p.add_argument("--freeze-embeddings", action="store_true", help="with --full: leave the embedding (the output "
+                   "head) as it is: most of a small model's weights, and its costliest gradient")  # fmt: skip
+    p.add_argument("--no-qat", action="store_true", help="plain fine-tuning, rounded to int4 only at the end "
+                   "(what QAT is compared with)")  # fmt: skip
     p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="examples per micro-batch (default 4)")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (default 1)")

@@ -39,15 +39,27 @@ def grid(w: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 class FakeQuant(nn.Module):
     """The int4 weight the checkpoint will hold, in the forward; the identity in the backward."""
 
-    def __init__(self, levels: torch.Tensor):
+    def __init__(self, levels: torch.Tensor, enabled: bool = True):
         super().__init__()
         self.register_buffer("levels", levels)  # (N, K/32): each group's largest |q|
+        self.enabled = enabled  # off: plain fine-tuning, rounded to the grid only at the end (QAT's baseline)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            q, scales = grid(w.float(), self.levels)
-            w_q = (q * scales[..., None]).flatten(-2).to(w.dtype)
-        return w + (w_q - w).detach()  # straight-through: the value is w_q, the gradient w's
+        if not self.enabled:
+            return w
+        if isinstance(w, nn.Parameter) and not w.requires_grad:  # frozen (an embedding): quantized when it changes
+            if self.frozen_version != (w.data_ptr(), w._version):
+                self.frozen, self.frozen_version = self.quantized(w), (w.data_ptr(), w._version)
+            return self.frozen
+        return w + (self.quantized(w) - w).detach()  # straight-through: the value is w_q, the gradient w's
+
+    frozen: torch.Tensor | None = None
+    frozen_version: tuple[int, int] | None = None
+
+    @torch.no_grad()
+    def quantized(self, w: torch.Tensor) -> torch.Tensor:
+        q, scales = grid(w.float(), self.levels)
+        return (q * scales[..., None]).flatten(-2).to(w.dtype)
 
 
 class RoundToBF16(nn.Module):
@@ -92,12 +104,20 @@ def source_levels(w: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(
-    model: nn.Module, lora_rank: int = 0, lora_alpha: float = 16.0, targets: tuple[str, ...] = (), seed: int = 0
+    model: nn.Module,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    targets: tuple[str, ...] = (),
+    seed: int = 0,
+    fake_quant: bool = True,
+    train_embeddings: bool = True,
 ) -> list[nn.Parameter]:
     """Make a float32 model (loader.from_pretrained, weights="dense") trainable for int4, in place, and return the
     parameters to train. lora_rank 0: full fine-tuning, every parameter of the language model (norms included);
     else LoRA on the linear layers named one of `targets` (the last part of the name), nothing else trained.
-    Every other float parameter of the language model is seen rounded to bf16, as the checkpoint stores it."""
+    Every other float parameter of the language model is seen rounded to bf16, as the checkpoint stores it.
+    fake_quant=False: plain fine-tuning (float weights in the forward), for comparison. train_embeddings=False:
+    full fine-tuning leaves the embedding tables as they are (most of a small model's weights: the 270M's 63%)."""
     model.requires_grad_(False)
     modules = int4_modules(model)
     generator = torch.Generator().manual_seed(seed)
@@ -108,7 +128,7 @@ def prepare(
             parametrize.register_parametrization(m, "weight", lora)
             trained += [lora.A, lora.B]
         levels = source_levels(m.weight.detach()).to(m.weight.device)
-        parametrize.register_parametrization(m, "weight", FakeQuant(levels))
+        parametrize.register_parametrization(m, "weight", FakeQuant(levels, fake_quant))
     for name, m in list(model.named_modules()):
         if name in modules or name.startswith(VISION_MODULES) or "parametrizations" in name.split("."):
             continue
@@ -122,7 +142,10 @@ def prepare(
         raise ValueError(f"LoRA targets {', '.join(targets)}: none is a linear layer of this model "
                          f"({', '.join(names)})")  # fmt: skip
     if not lora_rank:
+        embeddings = [m for m in modules.values() if isinstance(m, nn.Embedding)]
+        frozen = [] if train_embeddings else [m.parametrizations.weight.original for m in embeddings]
         trained = [p for name, p in model.named_parameters() if not name.startswith(VISION_MODULES)]
+        trained = [p for p in trained if all(p is not f for f in frozen)]
     for p in trained:
         p.requires_grad_(True)
     return trained

@@ -34,7 +34,8 @@ def dense_dir(tmp_path, tokenizer_file, gemma4: bool = False):
 def test_int4_checkpoint_runs_the_training_forward(tmp_path, tokenizer_file, gemma4, lora_rank):
     source = dense_dir(tmp_path, tokenizer_file, gemma4)
     model = loader.from_pretrained(source, torch.float32, weights="dense")
-    params = qat.prepare(model, lora_rank, 8.0, ("qkv_proj", "q_proj", "o_proj", "down_proj"), seed=0)
+    targets = ("qkv_proj", "q_proj", "o_proj", "down_proj")
+    params = qat.prepare(model, lora_rank, 8.0, targets, train_embeddings=not gemma4)  # Gemma 4: embeddings frozen
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     ids = torch.randint(0, 512, (2, 24))
