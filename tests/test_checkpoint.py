@@ -198,7 +198,7 @@ LAYERS = [
     {"gemma4"},  # Gemma 4's decoder, built from model.py's pieces
     {"tokenizer", "loader"},
     {"generation", "ptq"},
-    {"cli", "server"},
+    {"cli", "server", "harness"},
     {"generate", "chat", "eval", "convert", "serve", "finetune"},  # the scripts
 ]
 
