@@ -6,7 +6,7 @@ GPTQ and plain fine-tuning rounded to int4 afterwards.
 Training text: ptq.calibration_text() (the standard library's docstrings, on which GPTQ calibrates too), as
 {"text": ...} lines of finetune.py, with the same arguments for both fine-tunings; evaluation text: pydoc's topics
 (quality.text_ids), another text, scored as ptq-270m.json scores it (4096 tokens, context 1024, stride 512,
-float32), whose GPTQ row this reuses (--gptq recomputes it: minutes more).
+float32), whose symmetric round-to-nearest and GPTQ rows this reuses (--gptq recomputes GPTQ: minutes more).
 """
 
 import argparse
@@ -51,7 +51,8 @@ def main() -> None:
     tok = Tokenizer.from_pretrained(DEFAULT_MODEL)
     ids = text_ids(tok, args.tokens)
     rows = [{"name": "float (dense float32)", "perplexity": int4_perplexity(DEFAULT_MODEL, ids, "dense")},
-            {"name": "int4, round to nearest", "perplexity": int4_perplexity(DEFAULT_MODEL, ids, "int4")}]  # fmt: skip
+            {"name": "int4, --weights int4 (the GGUF's Q4_K kept, with zero points; the rest round to nearest)",
+             "perplexity": int4_perplexity(DEFAULT_MODEL, ids, "int4")}]  # fmt: skip
     print(rows, flush=True)
     if args.gptq:
         with tempfile.TemporaryDirectory() as tmp:
@@ -59,9 +60,9 @@ def main() -> None:
 
             convert.convert(DEFAULT_MODEL, Path(tmp) / "gptq", "int4", quantizer="gptq")
             rows.append({"name": "int4, GPTQ", "perplexity": int4_perplexity(Path(tmp) / "gptq", ids, "auto")})
-    else:
-        gptq = json.loads((RESULTS / "ptq-270m.json").read_text())["rows"][2]
-        rows.append({**gptq, "name": gptq["name"] + " (ptq-270m.json)"})
+    else:  # symmetric round to nearest of the float weights (QAT's grid before training), and GPTQ
+        for row in json.loads((RESULTS / "ptq-270m.json").read_text())["rows"][1:3]:
+            rows.append({**row, "name": row["name"] + ", symmetric (ptq-270m.json)"})
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
         data.write_text(json.dumps({"text": ptq.calibration_text()}) + "\n")
