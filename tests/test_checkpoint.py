@@ -228,7 +228,7 @@ def test_every_module_imports_first(module):
 
 
 @pytest.mark.parametrize(
-    "script", ["generate.py", "chat.py", "eval.py", "convert.py", "bench/speed.py", "bench/crossover.py"]
+    "script", ["generate.py", "chat.py", "eval.py", "convert.py", "finetune.py", "bench/speed.py", "bench/crossover.py"]
 )
 def test_scripts_turn_on_huge_pages_before_torch_loads(script):
     """PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: a script imports hugepages before torch
