@@ -1,12 +1,14 @@
-"""Perplexity of a model on a text file, with a sliding window.
+"""Perplexity of a model on a text file, with a sliding window; or lm-evaluation-harness tasks (--tasks).
 
     python eval.py --text README.md --context 1024 --stride 512     # the default model, gemma-3-270m
     python eval.py --model ./gemma-3-1b-it-int4 --text wiki.txt --dtype float32
+    python eval.py --model ./gemma-3-1b-it-int4 --tasks mmlu --num-fewshot 5 --output mmlu.json   # pip install .[eval]
 
 Each window starts with <bos> and holds up to --context tokens of the text; consecutive windows
 start --stride tokens apart, and each scores only the tokens the previous one did not, so every
 token after the first is scored once, with up to context - stride tokens of history.
-The result is one JSON object on stdout.
+The result is one JSON object on stdout. With --tasks, the harness (harness.py) scores the model on its tasks:
+stdout gets each task's metrics, --output the harness's whole results.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import files
+import harness
 import loader
 import quant
 from checkpoint import DEFAULT_MODEL
@@ -91,7 +94,13 @@ def read_text(path: Path) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"as in generate.py (default {DEFAULT_MODEL})")
-    p.add_argument("--text", required=True, type=Path, help="a UTF-8 text file")
+    p.add_argument("--text", type=Path, help="a UTF-8 text file")
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (mmlu, hellaswag, ...)")
+    p.add_argument("--limit", type=float, default=None, help="with --tasks: examples per task (below 1: a share)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="with --tasks: examples in each prompt")
+    p.add_argument("--include-path", help="with --tasks: a directory of task YAML files of one's own")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="with --tasks: sequences per forward")
+    p.add_argument("--output", type=Path, help="with --tasks: write the harness's whole results here (JSON)")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="use only the first N tokens of the text")
     p.add_argument("--context", type=positive_int, default=1024,
                    help="tokens per window, <bos> included (default 1024; at most the model's context)")  # fmt: skip
@@ -106,9 +115,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default cuda if there is a GPU)")  # fmt: skip
     args = p.parse_args(argv)
+    if (args.text is None) == (args.tasks is None):
+        p.error("give --text (perplexity) or --tasks (lm-evaluation-harness)")
     files.handle_signals()  # SIGTERM, SIGHUP: like Ctrl-C, so that a first run's conversion cleans up
     one_line_warnings()
     try:
+        if args.tasks:
+            return harness_tasks(args)
         windows(args.context, args.context, args.stride)  # a bad --stride fails before the slow load
         text = read_text(args.text)
         model = loader.from_pretrained(args.model, getattr(torch, args.dtype), args.device, args.weights, args.act)
@@ -121,7 +134,7 @@ def main(argv=None) -> int:
         result = perplexity(chunked_logits(model), ids, args.context, args.stride)
         if not math.isfinite(result["perplexity"]):
             raise ValueError(f"the perplexity is {result['perplexity']}: the model's logits are not finite")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, files.Terminated) as e:
@@ -130,6 +143,22 @@ def main(argv=None) -> int:
     result.update(model=str(args.model), text=str(args.text), weights=args.weights, dtype=args.dtype, act=args.act,
                   context=args.context, stride=args.stride, seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
     print(json.dumps(result, allow_nan=False))
+    return 0
+
+
+def harness_tasks(args: argparse.Namespace) -> int:
+    """--tasks: each task's metrics as one JSON object on stdout, the whole results in --output."""
+    if args.output is not None:
+        files.check_destination(args.output)  # before the slow part
+    model = loader.from_pretrained(args.model, getattr(torch, args.dtype), args.device, args.weights, args.act)
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    tasks = args.tasks.split(",")
+    results = harness.evaluate(model, tokenizer, tasks, limit, args.num_fewshot, args.batch_size, args.include_path)
+    if args.output is not None:
+        with files.atomic_output(args.output) as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results["results"]))
     return 0
 
 

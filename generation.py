@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -139,6 +140,34 @@ def decode_one_token(model: Gemma3, tokens: torch.Tensor, pos: torch.Tensor, row
     """tokens (B, 1) at positions pos (B, 1), one per row of the cache rows `rows` -> logits (B, V). The
     fixed-shape step that --compile compiles."""
     return model(tokens, pos, rows=rows)[:, -1]
+
+
+class Scores(NamedTuple):
+    """A sequence's tokens from some start on, each scored given the tokens before it (float32, on the CPU)."""
+
+    logprobs: torch.Tensor  # (n,): each token's log-probability
+    top_logprobs: torch.Tensor  # (n, k): the k most likely tokens' log-probabilities at each position, largest first
+    top_ids: torch.Tensor  # (n, k): those tokens
+
+
+@torch.no_grad()
+def score(model: Gemma3, sequences: list[list[int]], starts: list[int], top: int = 1, chunk: int = 256) -> list[Scores]:
+    """Score the tokens sequence[start:] (start >= 1) of each sequence: one plain forward of the batch, padded at
+    the end (no cache), and the vocabulary's log-softmax `chunk` positions at a time (a position's is 1 MB at
+    Gemma's 262k tokens). For lm-evaluation-harness (harness.py) and /v1/completions' logprobs."""
+    T = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in sequences], device=model.norm.weight.device)
+    h = model.hidden_states(model.embed_tokens(ids))  # (B, T, D)
+    out = []
+    for row, (s, start) in enumerate(zip(sequences, starts, strict=True)):
+        pieces = []
+        for i in range(start, len(s), chunk):  # position j - 1 predicts token j
+            targets = ids[row, i : min(i + chunk, len(s))]
+            lp = torch.log_softmax(model.logits(h[row, i - 1 : i - 1 + len(targets)]).float(), dim=-1)  # (n, V)
+            best = lp.topk(top, dim=-1)
+            pieces.append((lp.gather(-1, targets[:, None])[:, 0], best.values, best.indices))
+        out.append(Scores(*(torch.cat(parts).cpu() for parts in zip(*pieces, strict=True))))
+    return out
 
 
 def compile_decode_step(device: torch.device, model: torch.nn.Module | None = None) -> Callable:

@@ -55,7 +55,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import vision
 from config import BOS_ID
-from generation import GEMMA_SAMPLING, Batch, Request, Sampling, decode_one_token
+from generation import GEMMA_SAMPLING, Batch, Request, Sampling, decode_one_token, score
 from model import Gemma3
 from tokenizer import IMAGE_MARK, StreamDecoder, Tokenizer
 
@@ -295,6 +295,7 @@ class StreamOptions(Strict):
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 MAX_STOP_CHARS = 4096
+MAX_LOGPROBS = 20
 
 
 class Completion(Strict):
@@ -312,7 +313,10 @@ class Completion(Strict):
     n: int = Field(1, ge=1, le=1)  # one choice per request
     stream: bool = False
     stream_options: StreamOptions | None = None
-    prompt: str | list[int] = ""
+    prompt: str | list[int] | list[str] | list[list[int]] = ""  # several (/v1/completions): a choice each
+    # /v1/completions, whole (not streamed): each token's log-probability and the `logprobs` most likely tokens'
+    # (0 to 20; echo: the prompt's tokens' too, and the text), as OpenAI's legacy completions API answers them
+    echo: bool = False
     # What this server cannot do: refused (unsupported) rather than silently ignored, as OpenAI does.
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
@@ -321,8 +325,12 @@ class Completion(Strict):
 
     def unsupported(self) -> None:
         """A 400 naming the first field that asks for what this server cannot do."""
+        scored = not isinstance(self, ChatCompletion) and not self.stream
+        several = isinstance(self.prompt, list) and any(isinstance(p, (str, list)) for p in self.prompt)
         asked = {
-            "logprobs": self.logprobs not in (None, False),
+            "logprobs": self.logprobs not in (None, False) and not (scored and 0 <= self.logprobs <= MAX_LOGPROBS),
+            "echo": self.echo and not scored,
+            "prompt": several and not scored,  # several prompts: whole only
             "top_logprobs": bool(self.top_logprobs),
             "tools": bool(self.tools),
             "response_format": (self.response_format or {}).get("type", "text") != "text",
@@ -643,8 +651,15 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
     @app.post("/v1/completions")
     async def completions(body: Completion, http: HTTPRequest):
         sampling, stops = body.settings()
-        prompt = await run_in_threadpool(completion_prompt, body.prompt, tokenizer, model.config.vocab_size)
-        return await respond(body, sampling, stops, prompt, [], http, chat=False)
+        several = isinstance(body.prompt, list) and any(isinstance(p, (str, list)) for p in body.prompt)
+        prompts = body.prompt if several else [body.prompt]
+        ids = [await run_in_threadpool(completion_prompt, p, tokenizer, model.config.vocab_size) for p in prompts]
+        if not several:
+            return await respond(body, sampling, stops, ids[0], [], http, chat=False)
+        answers = await asyncio.gather(*[respond(body, sampling, stops, p, [], http, chat=False) for p in ids])
+        usage = {k: sum(a["usage"][k] for a in answers) for k in answers[0]["usage"]}
+        choices = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
+        return {**answers[0], "choices": choices, "usage": usage}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletion, http: HTTPRequest):
@@ -669,7 +684,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name}  # fmt: skip
-        result = {"finish_reason": None, "completion_tokens": 0, "prompt_tokens": len(prompt)}
+        result = {"finish_reason": None, "completion_tokens": 0, "prompt_tokens": len(prompt), "ids": []}
         pieces = texts(job, stops, result)
         usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": result["completion_tokens"],
                          "total_tokens": len(prompt) + result["completion_tokens"]}  # fmt: skip
@@ -677,6 +692,10 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         if not body.stream:
             text = "".join([piece async for piece in watched(pieces, http.receive)])
             choice = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": None}
+            if body.logprobs not in (None, False):  # (a completion's: chats refuse logprobs)
+                choice["logprobs"] = await run_in_threadpool(logprobs, prompt, result["ids"], body.echo,
+                                                             int(body.logprobs))  # fmt: skip
+            text = tokenizer.decode(prompt) + text if body.echo else text
             choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             return {**head, "choices": [choice], "usage": usage()}
 
@@ -715,6 +734,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         try:
             while (token := await job.tokens.get()) is not None:
                 result["completion_tokens"] += 1
+                result["ids"].append(token)
                 if token in tokenizer.stop_ids:
                     continue
                 text, hit = stop.push(decoder.push(token))
@@ -731,7 +751,33 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         finally:
             engine.cancel(job)
 
+    def logprobs(prompt: list[int], generated: list[int], echo: bool, top: int) -> dict:
+        """OpenAI's logprobs object of a completion: the tokens (the prompt's too with echo; its first has none),
+        each one's log-probability, the `top` most likely at each position (at least the best: what tells whether
+        the token was the greedy choice), and where each token's text starts. Scored by a plain forward of the
+        whole sequence, in this thread, beside the engine's."""
+        ids = prompt + generated
+        first = 1 if echo else len(prompt)
+        scores = score(model, [ids], [first], max(top, 1))[0] if first < len(ids) else None
+        n = len(ids) - first
+        token_logprobs = ([None] if echo else []) + (scores.logprobs.tolist() if n else [])
+        top_logprobs = [None] if echo else []
+        for i in range(n):
+            pairs = zip(scores.top_ids[i].tolist(), scores.top_logprobs[i].tolist(), strict=True)
+            top_logprobs.append({token_text(tokenizer, t): lp for t, lp in pairs})
+        tokens = [token_text(tokenizer, t) for t in (ids if echo else generated)]
+        offsets = [0 if echo else len(tokenizer.decode(prompt))]
+        for t in tokens[:-1]:
+            offsets.append(offsets[-1] + len(t))
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": offsets[: len(tokens)]}  # fmt: skip
+
     return app
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token as text: its piece, spaces as spaces (a byte piece stays <0x..>, a control token its name)."""
+    return tokenizer.sp.id_to_piece(token).replace("\u2581", " ") if token < tokenizer.vocab_size else ""
 
 
 def completion_prompt(prompt: str | list[int], tokenizer: Tokenizer, vocab_size: int) -> list[int]:

@@ -194,15 +194,15 @@ LAYERS = [
     {"config", "files", "hugepages"},  # import nothing of ours
     {"w4a8"},
     {"quant"},
-    {"vision", "gguf_format", "flax_format", "torchao_format"},
+    {"vision", "gguf_format", "flax_format", "torchao_format", "qat"},
     {"model", "checkpoint", "hf_tokenizer"},
     {"gemma4_vision"},  # Gemma 4's towers, built from model.py's pieces
     {"gemma4_audio"},
     {"gemma4"},  # Gemma 4's decoder, built from model.py's pieces
     {"tokenizer", "loader"},
     {"generation", "ptq"},
-    {"cli", "server"},
-    {"generate", "chat", "eval", "convert", "serve"},  # the scripts
+    {"cli", "server", "harness"},
+    {"generate", "chat", "eval", "convert", "serve", "finetune"},  # the scripts
 ]
 
 
@@ -231,7 +231,7 @@ def test_every_module_imports_first(module):
 
 
 @pytest.mark.parametrize(
-    "script", ["generate.py", "chat.py", "eval.py", "convert.py", "bench/speed.py", "bench/crossover.py"]
+    "script", ["generate.py", "chat.py", "eval.py", "convert.py", "finetune.py", "bench/speed.py", "bench/crossover.py"]
 )
 def test_scripts_turn_on_huge_pages_before_torch_loads(script):
     """PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: a script imports hugepages before torch
