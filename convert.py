@@ -75,8 +75,8 @@ def convert(
         raise ValueError(
             f"the tokenizer has {sentencepiece.vocab_size} tokens, more than the model's {config.vocab_size}"
         )
+    text = calibration.read_text() if calibration else None  # for GPTQ or the refit below (None: ptq's default)
     if quantizer == "gptq":  # every linear int4, from the dense (dequantized) weights
-        text = calibration.read_text() if calibration else None
         ids = ptq.calibration_ids(sentencepiece, text)
         tensors = ptq.gptq(config, convert_weights(tensors, "dense", above_4_bits), ids)
     else:  # awq and compressed-tensors: integer zero points (the encoder refits float ones, writes int8 bf16)
@@ -84,9 +84,8 @@ def convert(
         tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits, True, integer)
     column_weights = None
     refit = checkpoint.float_zero_points(tensors) if to in ("awq", "compressed-tensors") else []
-    if refit and isinstance(config, Gemma3Config):  # weigh each refit by the inputs its layer sees
-        text = calibration.read_text() if calibration else None
-        ids = ptq.calibration_ids(sentencepiece, text, REFIT_CALIBRATION[0], REFIT_CALIBRATION[1])
+    if refit and isinstance(config, Gemma3Config):  # each refit weighed by its inputs (Gemma 4: not)
+        ids = ptq.calibration_ids(sentencepiece, text, *REFIT_CALIBRATION)
         print(f"calibrating the refit of {len(refit)} weight(s) with integer zero points on {ids.shape[0]} x "
               f"{ids.shape[1]} tokens", file=sys.stderr)  # fmt: skip
         column_weights = ptq.input_mean_squares(config, tensors, ids)
