@@ -469,6 +469,7 @@ def save(
     extras: dict[str, dict[str, torch.Tensor]] | None = None,
     text_files: dict[str, str] | None = None,
     chat_template: str | None = None,
+    column_weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a checkpoint (our names and tensors in) in any output layout (convert.TARGETS), atomically
     (files.atomic_output: an existing `dst` is an error, and an interrupted write leaves nothing); load_weights
@@ -479,7 +480,9 @@ def save(
     int4 embedding), with the quantization_config vLLM reads;   "dense": every weight bf16, as Google's.
     `text_files` (name -> text: hf_tokenizer.tokenizer_files) are written beside tokenizer.model, and then
     `companions` (see companion_files) copied as they are, the source's own files taking precedence; `extras` maps
-    file names to more tensors, each written as a safetensors file of its own (the default model's RANKER)."""
+    file names to more tensors, each written as a safetensors file of its own (the default model's RANKER).
+    `column_weights` (module -> (K,), our names: ptq.input_mean_squares) weigh the refit of the weights that
+    "awq" and "compressed-tensors" cannot hold as they are (float_zero_points)."""
     if layout == "gguf":
         return gguf_format.save(config, tensors, tokenizer, dst, chat_template)
     hf_config = config.to_hf()
@@ -490,7 +493,8 @@ def save(
             tensors = stack_experts(tensors)
         tensors = {hf_name(k, multimodal, gemma4): v for k, v in tensors.items()}
         if layout != "int4":
-            tensors, quantization = encode_int4_layout(tensors, layout, multimodal)
+            weights = {hf_name(f"{m}.weight", multimodal, gemma4): w for m, w in (column_weights or {}).items()}
+            tensors, quantization = encode_int4_layout(tensors, layout, multimodal, weights)
             hf_config = {**hf_config, "torch_dtype": "bfloat16"}
             if quantization is not None:
                 hf_config["quantization_config"] = quantization
@@ -719,6 +723,14 @@ def integer_zero_points(scales: torch.Tensor, zeros: torch.Tensor | None) -> tor
     return zp.long() if exact else None
 
 
+def float_zero_points(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The int4 linears (our module names) whose zeros no integer zero point gives: the ones that "awq" and
+    "compressed-tensors" refit (encode_int4_layout; the embedding and head are written dense)."""
+    modules = [k.removesuffix(".zeros") for k in tensors if k.endswith(".zeros") and f"{k[:-6]}.int4_data" in tensors]
+    return [m for m in modules if not m.startswith(("embed", "lm_head"))
+            and integer_zero_points(tensors[f"{m}.scales"], tensors[f"{m}.zeros"]) is None]  # fmt: skip
+
+
 def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | None) -> dict[str, torch.Tensor]:
     """AWQ ("<m>.qweight/qzeros/scales") and compressed-tensors ("<m>.weight_packed/weight_scale/weight_shape
     [/weight_zero_point][/weight_g_idx]") weights -> "<m>.weight.int4_data/.scales" (or "<m>.weight"); other
@@ -771,11 +783,18 @@ def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | N
     return out
 
 
-def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal: bool) -> tuple[dict, dict | None]:
+def encode_int4_layout(
+    tensors: dict[str, torch.Tensor],
+    layout: str,
+    multimodal: bool,
+    column_weights: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict, dict | None]:
     """Checkpoint tensors in gaunernst's layout -> `layout` ("awq", "compressed-tensors" or "dense") and the
     quantization_config that describes it (None for dense). The embedding and, for "dense", every int4 weight
     are dequantized to bf16; so are int8 weights (a GGUF's above 4 bits: 4 bits would lose much of what the
-    source kept), which the config lists as not quantized."""
+    source kept), which the config lists as not quantized. Int4 weights with float zeros are refitted with
+    integer ones, each by its column_weights (its "<module>.weight" name: quant.quantize_int4_asymmetric's) if
+    given."""
     out, zero_points, refitted = {}, {}, {}  # refitted: module -> (squared error, squared norm) of its weight
     unquantized = []  # the int8 linears, written bf16
     for name, t in tensors.items():
@@ -794,7 +813,7 @@ def encode_int4_layout(tensors: dict[str, torch.Tensor], layout: str, multimodal
         zp = integer_zero_points(scales, tensors.get(f"{module}.zeros"))
         if zp is None:  # zeros that no integer zero point gives (a GGUF's Q4_K minimums)
             w = quant.dequantize(tensors, module)
-            t, scales, zeros = quant.quantize_int4_asymmetric(w, integer_zero_points=True)
+            t, scales, zeros = quant.quantize_int4_asymmetric(w, True, (column_weights or {}).get(module))
             zp = integer_zero_points(scales, zeros)
             error = quant.dequantize_int4(t, scales.float(), zeros) - w
             refitted[module] = (error.square().sum().item(), w.square().sum().item())

@@ -30,6 +30,7 @@ import files
 import hf_tokenizer
 import ptq
 from cli import one_line_warnings
+from config import Gemma3Config
 from loader import convert_weights, load_checkpoint
 from tokenizer import Tokenizer
 
@@ -42,6 +43,9 @@ TARGETS = {
     "awq), int8 ones and the embedding bf16",
     "dense": "bf16 safetensors as Google's checkpoints (int4 weights dequantized), for transformers or fine-tuning",
 }
+# Int4 with float zero points (a GGUF's Q4_K) goes to awq and compressed-tensors refitted with integer ones, each
+# input column's error weighted by its inputs' mean square over these (sequences, tokens) of calibration text.
+REFIT_CALIBRATION = (8, 512)
 
 
 def convert(
@@ -71,18 +75,26 @@ def convert(
         raise ValueError(
             f"the tokenizer has {sentencepiece.vocab_size} tokens, more than the model's {config.vocab_size}"
         )
+    text = calibration.read_text() if calibration else None  # for GPTQ or the refit below (None: ptq's default)
     if quantizer == "gptq":  # every linear int4, from the dense (dequantized) weights
-        text = calibration.read_text() if calibration else None
         ids = ptq.calibration_ids(sentencepiece, text)
         tensors = ptq.gptq(config, convert_weights(tensors, "dense", above_4_bits), ids)
     else:  # awq and compressed-tensors: integer zero points (the encoder refits float ones, writes int8 bf16)
         integer = to in ("awq", "compressed-tensors")
         tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits, True, integer)
+    column_weights = None
+    refit = checkpoint.float_zero_points(tensors) if to in ("awq", "compressed-tensors") else []
+    if refit and isinstance(config, Gemma3Config):  # each refit weighed by its inputs (Gemma 4: not)
+        ids = ptq.calibration_ids(sentencepiece, text, *REFIT_CALIBRATION)
+        print(f"calibrating the refit of {len(refit)} weight(s) with integer zero points on {ids.shape[0]} x "
+              f"{ids.shape[1]} tokens", file=sys.stderr)  # fmt: skip
+        column_weights = ptq.input_mean_squares(config, tensors, ids)
     tokenizer_files = None
     if to != "gguf":  # what transformers, vLLM and SGLang read beside tokenizer.model, where the source has none
         tokenizer_files = hf_tokenizer.tokenizer_files(proto, template, checkpoint.adds_bos(src),
                                                        list(sentencepiece.stop_ids), config.max_seq_len)  # fmt: skip
-    checkpoint.save(config, tensors, proto, dst, to, companions, text_files=tokenizer_files, chat_template=template)
+    checkpoint.save(config, tensors, proto, dst, to, companions, text_files=tokenizer_files, chat_template=template,
+                    column_weights=column_weights)  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -103,8 +115,9 @@ def main(argv=None) -> int:
                         "--calibration, every linear int4 (minutes; far better on models not trained for int4). "
                         "Weights already on an int4 grid (QAT) stay exact either way (default rtn)")  # fmt: skip
     p.add_argument("--calibration", type=Path,
-                   help="a text file to calibrate GPTQ on (default: docstrings of Python's standard library); "
-                        "at least 64 x 511 tokens")  # fmt: skip
+                   help="a text file to calibrate GPTQ on, or the awq / compressed-tensors refit of float zero "
+                        "points (default: docstrings of Python's standard library); at least 64 x 511 tokens "
+                        "(8 x 511 for the refit)")  # fmt: skip
     p.add_argument("--tokenizer", type=Path,
                    help="tokenizer.model to write (default: the source's own, or for an Orbax checkpoint the one "
                         "beside it)")  # fmt: skip

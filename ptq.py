@@ -29,7 +29,7 @@ from tqdm import tqdm
 import quant
 from config import BOS_ID, VISION_MODULES, Gemma3Config
 from loader import from_tensors
-from model import Gemma3, attention_mask, fuse_projections, rope_cos_sin, split_projections
+from model import FUSED, Gemma3, attention_mask, fuse_projections, rope_cos_sin, split_projections
 from tokenizer import Tokenizer
 
 G = quant.GROUP_SIZE
@@ -158,17 +158,19 @@ def dense_model(config: Gemma3Config, tensors: dict[str, torch.Tensor]) -> Gemma
 
 
 class HessianHooks:
-    """Forward hooks on every nn.Linear under a module, accumulating each one's X^T X (float32)."""
+    """Forward hooks on every nn.Linear under a module, accumulating each one's X^T X (float32), or with
+    diagonal=True only its diagonal (K,): each input column's sum of squares."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, diagonal: bool = False):
         self.hessians: dict[str, torch.Tensor] = {}
+        self.diagonal = diagonal
         self.handles = [m.register_forward_hook(self.hook(name)) for name, m in module.named_modules()
                         if isinstance(m, nn.Linear)]  # fmt: skip
 
     def hook(self, name: str):
         def accumulate(module, inputs, output):
             x = inputs[0].reshape(-1, module.in_features).float()
-            self.hessians[name] = self.hessians.get(name, 0) + x.T @ x
+            self.hessians[name] = self.hessians.get(name, 0) + (x.square().sum(0) if self.diagonal else x.T @ x)
 
         return accumulate
 
@@ -231,3 +233,23 @@ def gptq(
     if model.lm_head is not None:  # an untied embedding is only looked up, never multiplied: round to nearest
         store("embed", *quant.quantize_int4(model.embed.weight))
     return split_projections(out, config)
+
+
+@torch.no_grad()
+def input_mean_squares(
+    config: Gemma3Config, tensors: dict[str, torch.Tensor], calibration: torch.Tensor, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
+    """The mean square of each language-model linear's inputs, per input column (K,): the diagonal of its
+    Hessian over the calibration tokens, from one pass of the model as `tensors` hold it (any kinds: they are
+    dequantized). Keyed by the checkpoint's module names ("layers.0.attn.o_proj"; q, k and v share theirs, as
+    gate and up do). quant.quantize_int4_asymmetric's column_weights."""
+    model = dense_model(config, quant.convert_state_dict(tensors, "dense"))
+    hooks = HessianHooks(model.layers, diagonal=True)
+    for i in tqdm(range(0, len(calibration), batch_size), desc="calibration", unit="batch", disable=None):
+        model.hidden_states(model.embed_tokens(calibration[i : i + batch_size]))
+    out = {}
+    for name, sums in hooks.remove().items():  # "0.attn.qkv_proj": the model's names, under model.layers
+        layer, _, linear = name.partition(".")
+        for part in FUSED.get(linear, (linear,)):
+            out[f"layers.{layer}.{part}"] = sums / calibration.numel()
+    return out

@@ -112,48 +112,59 @@ QAT_SAMPLE = 4096  # groups
 
 
 def quantize_int4_asymmetric(
-    w: torch.Tensor, integer_zero_points: bool = False
+    w: torch.Tensor, integer_zero_points: bool = False, column_weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric round to nearest with a zero point per group: float (N, K) -> (int4_data, scales (N, K/32) bf16,
     zeros (N, K/32) float32), w = q * s + z for q = -8..7. Each group's range [min, max] maps onto the 16 levels,
     narrowed about its middle by one of CLIP_RATIOS (a group's outliers cost the rest their resolution), or that
     grid's scale (and zero) refitted by least squares (least_squares_grid): whichever gives the group the least
     squared error. integer_zero_points: z = (8 - zp) * s for an integer zp in 0..15,
-    AWQ's and compressed-tensors' form (exact in float32); else z is any bf16 value."""
+    AWQ's and compressed-tensors' form (exact in float32); else z is any bf16 value.
+    column_weights (K,): each input column's weight in that squared error, activation-aware (the mean square of
+    the layer's inputs: an error where the inputs are large moves the output most); None weighs all alike."""
     if w.dim() != 2 or w.shape[1] % GROUP_SIZE:
         raise ValueError(f"int4 needs a 2-D weight with K a multiple of {GROUP_SIZE}, got shape {tuple(w.shape)}")
     if w.shape[0] > ROW_BLOCK:
         rows = range(0, w.shape[0], ROW_BLOCK)
-        blocks = [quantize_int4_asymmetric(w[i : i + ROW_BLOCK], integer_zero_points) for i in rows]
+        blocks = [quantize_int4_asymmetric(w[i : i + ROW_BLOCK], integer_zero_points, column_weights) for i in rows]
         return tuple(torch.cat(parts) for parts in zip(*blocks, strict=True))
     groups = w.float().unflatten(-1, (-1, GROUP_SIZE))  # (N, K/32, 32)
+    weights = 1.0  # groups are fitted one by one: only the weights within a group matter, so each group's mean 1
+    if column_weights is not None:
+        weights = column_weights.float().unflatten(-1, (-1, GROUP_SIZE))  # (K/32, 32), the same for every row
+        weights = weights / weights.mean(-1, keepdim=True).clamp_min(1e-30)
     low, high = groups.amin(-1), groups.amax(-1)
     scales, zeros, error = torch.ones_like(low), torch.zeros_like(low), torch.full_like(low, torch.inf)
     for ratio in CLIP_RATIOS:
         grid = asymmetric_grid(low, high, ratio, integer_zero_points)
-        for s, z in (grid, least_squares_grid(groups, *grid, integer_zero_points)):
-            e = grid_error(groups, s, z)
+        for s, z in (grid, least_squares_grid(groups, *grid, integer_zero_points, weights)):
+            e = grid_error(groups, s, z, weights)
             better = e < error
             scales, zeros, error = torch.where(better, s, scales), torch.where(better, z, zeros), error.minimum(e)
     return pack_int4(on_grid(groups, scales, zeros).flatten(-2)), scales.to(torch.bfloat16), zeros
 
 
 def least_squares_grid(
-    groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, integer_zero_points: bool
+    groups: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    integer_zero_points: bool,
+    weights: torch.Tensor | float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scale (and, unless integer, the zero) that fit each group's weights best by least squares, for the q
-    that the grid (scales, zeros) rounds them to: w ~ s * (q + 8 - zp) with the integer zp kept, or w ~ s * q + z."""
+    that the grid (scales, zeros) rounds them to: w ~ s * (q + 8 - zp) with the integer zp kept, or w ~ s * q + z.
+    weights: each column's weight in the squares, (G, 32) with each group's mean 1 (or 1 for all)."""
     q = on_grid(groups, scales, zeros)  # (N, G, 32)
     dot = torch.linalg.vecdot  # (sums of products without their (N, G, 32) temporary)
     if integer_zero_points:
         shift = torch.round(zeros / scales)  # 8 - zp
         u = q.add_(shift[..., None])
-        fit = dot(groups, u) / dot(u, u).clamp_min(1e-12)
+        fit = dot(groups * weights, u) / dot(u * weights, u).clamp_min(1e-12)
         fit = torch.where(fit > 0, fit, scales).to(torch.bfloat16).float()
         return fit, shift * fit
-    q_mean, w_mean = q.mean(-1), groups.mean(-1)
+    q_mean, w_mean = (q * weights).mean(-1), (groups * weights).mean(-1)  # weighted means (the weights' mean is 1)
     dq = q.sub_(q_mean[..., None])
-    fit = dot(dq, groups - w_mean[..., None]) / dot(dq, dq).clamp_min(1e-12)
+    fit = dot(dq * weights, groups - w_mean[..., None]) / dot(dq * weights, dq).clamp_min(1e-12)
     fit = torch.where(fit > 0, fit, scales).to(torch.bfloat16).float()
     return fit, (w_mean - fit * q_mean).to(torch.bfloat16).float()
 
@@ -176,9 +187,12 @@ def on_grid(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> 
     return (groups - zeros[..., None]).div_(scales[..., None]).round_().clamp_(-8, 7)  # (in place: one copy)
 
 
-def grid_error(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """Each group's squared error on its grid, (N, G)."""
-    return on_grid(groups, scales, zeros).mul_(scales[..., None]).add_(zeros[..., None]).sub_(groups).square_().sum(-1)
+def grid_error(
+    groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, weights: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """Each group's squared error on its grid, (N, G), each column's square times its weight (least_squares_grid's)."""
+    error = on_grid(groups, scales, zeros).mul_(scales[..., None]).add_(zeros[..., None]).sub_(groups).square_()
+    return error.mul_(weights).sum(-1)
 
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)  # of a group's range (quantize_int4_asymmetric)

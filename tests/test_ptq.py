@@ -160,3 +160,27 @@ def test_convert_py_gptq(tmp_path, tokenizer_file):
     assert err["gptq"] < 0.95 * err["rtn"]
     with pytest.raises(ValueError, match="gptq only for a quantized target"):
         convert.convert(str(tmp_path / "dense"), tmp_path / "x", "dense", quantizer="gptq")
+
+
+def test_input_mean_squares_match_transformers(tmp_path):
+    """Each linear's inputs' mean square per column (the refit's column weights) over the calibration tokens: as
+    forward hooks on transformers' model with the same weights see them, q/k/v and gate/up each their own."""
+    import checkpoint
+
+    hf = hf_text_model()
+    hf.save_pretrained(tmp_path)
+    config, tensors, _ = loader.load_checkpoint(tmp_path)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(3))
+    ids[:, 0] = BOS_ID
+    got = ptq.input_mean_squares(config, tensors, ids, batch_size=2)
+    expected, handles = {}, []
+    for name, linear in hf.model.layers.named_modules():
+        if isinstance(linear, torch.nn.Linear):
+            hook = lambda m, inputs, out, name=name: expected.__setitem__(name, inputs[0].square().mean((0, 1)))
+            handles.append(linear.register_forward_hook(hook))
+    with torch.no_grad():
+        hf(ids)
+    assert len(expected) == len(got) == 7 * TINY["num_hidden_layers"]
+    for name, mean_square in expected.items():
+        ours = got[checkpoint.our_name(f"model.layers.{name}.weight").removesuffix(".weight")]
+        torch.testing.assert_close(ours, mean_square, rtol=1e-4, atol=1e-6)

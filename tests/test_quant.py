@@ -106,7 +106,7 @@ def test_asymmetric_quantization():
     assert error(w) < symmetric(w) and error(shifted) < symmetric(shifted) / 2
     assert error(shifted, integer=True) < symmetric(shifted) / 2
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(quant, "least_squares_grid", lambda groups, scales, zeros, integer: (scales, zeros))
+        m.setattr(quant, "least_squares_grid", lambda groups, scales, zeros, integer, weights: (scales, zeros))
         clipped = error(w), error(shifted, integer=True)  # the narrowed ranges alone, no least-squares refit
         m.setattr(quant, "CLIP_RATIOS", (1.0,))  # the whole range: plain asymmetric rounding
         whole_range = error(w)
@@ -408,3 +408,23 @@ def test_convert_state_dict_can_consume_its_input():
         consumed = quant.convert_state_dict(given, policy, consume=True)
         assert kept.keys() == consumed.keys() and all(torch.equal(kept[k], consumed[k]) for k in kept)
         assert sorted(given) == ["b.int4_data", "b.scales"]  # the dense weights went; the int4 parts are small
+
+
+def test_activation_aware_asymmetric_quantization():
+    """column_weights: each input column's squared error weighted (by its inputs' mean square); the weighted
+    refit's weighted error is below the unweighted one's, and weights all alike (ones, or any constant) give
+    exactly the unweighted result."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) / 20 + torch.rand(64, 1, generator=g) / 10
+    column_weights = torch.rand(256, generator=g) ** 4 * 100  # a few columns matter far more
+
+    def weighted_error(parts):
+        return ((quant.dequantize_int4(parts[0], parts[1].float(), parts[2]) - w).square() * column_weights).sum()
+
+    for integer in (False, True):
+        plain = quant.quantize_int4_asymmetric(w, integer)
+        weighted = quant.quantize_int4_asymmetric(w, integer, column_weights)
+        assert weighted_error(weighted) < 0.95 * weighted_error(plain)
+        for constant in (torch.ones(256), torch.full((256,), 3.0)):
+            alike = quant.quantize_int4_asymmetric(w, integer, constant)
+            assert all(torch.equal(a, b) for a, b in zip(alike, plain, strict=True))

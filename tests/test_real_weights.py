@@ -216,17 +216,21 @@ def test_gguf_export_runs_in_llama_cpp(real_gguf, tmp_path, tok):
             assert t.tensor_type == gguf.GGMLQuantizationType.Q4_K and np.array_equal(t.data, raw[t.name].data)
 
 
-def test_serving_exports_round_trip_on_the_real_model(real_gguf, tmp_path):
+def test_serving_exports_round_trip_on_the_real_model(real_gguf, tmp_path, tok):
     """The real 270M, every linear int4, through AWQ and compressed-tensors and back: bit-exact, the bf16
     embedding included (its int4 grid is recovered from the bf16 values); the Q4_K weights, whose float zeros
-    neither holds, come back refitted with integer zero points (exactly quant.quantize_int4_asymmetric's)."""
+    neither holds, come back refitted with integer zero points (exactly quant.quantize_int4_asymmetric's,
+    weighted by the inputs' mean squares on the calibration text)."""
     import convert
+    import ptq
     from loader import load_checkpoint
 
     convert.convert(str(real_gguf), tmp_path / "int4", "int4", weights="int4")
-    _, original, _ = load_checkpoint(tmp_path / "int4")
+    config, original, _ = load_checkpoint(tmp_path / "int4")
     with_zeros = {name.removesuffix(".zeros") for name in original if name.endswith(".zeros")}
     assert with_zeros  # attn_output and half the ffn_down
+    calibration = ptq.calibration_ids(tok, None, *convert.REFIT_CALIBRATION)
+    column_weights = ptq.input_mean_squares(config, original, calibration)
     for to in ("awq", "compressed-tensors"):
         with pytest.warns(UserWarning, match=f"{len(with_zeros)} weight.s. .* refitted with integer zero points"):
             convert.convert(str(tmp_path / "int4"), tmp_path / to, to)
@@ -234,7 +238,7 @@ def test_serving_exports_round_trip_on_the_real_model(real_gguf, tmp_path):
         _, back = load_checkpoint(tmp_path / f"{to}-back")[:2]
         assert back.keys() == original.keys()
         for module in with_zeros:
-            refit = quant.quantize_int4_asymmetric(quant.dequantize(original, module), integer_zero_points=True)
+            refit = quant.quantize_int4_asymmetric(quant.dequantize(original, module), True, column_weights[module])
             for part, x in zip(("int4_data", "scales", "zeros"), refit, strict=True):
                 assert torch.equal(back[f"{module}.{part}"].float(), x.float()), f"{to}: {module}.{part}"
         for name, t in back.items():
