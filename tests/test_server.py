@@ -25,11 +25,15 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import test_gemma4
 import torch
 from conftest import hf_multimodal_model, int4_checkpoint
 from PIL import Image
+from test_gemma4_audio import gemma4_with_media, noise_image, speech_like, wav_bytes
 
+import gemma4_audio
 import generation
 import loader
 import server
@@ -38,12 +42,13 @@ from checkpoint import DEFAULT_MODEL
 from config import BOS_ID, STOP_IDS
 from generation import Request, Sampling, compile_decode_step, generate
 from server import LOCAL_NAMES, Engine, Job, StopStrings, build_app, listen, uvicorn_config
-from tokenizer import Tokenizer
+from tokenizer import AUDIO_MARK, IMAGE_MARK, Tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 ROOT = Path(__file__).resolve().parents[1]
+gemma4_tokenizer = test_gemma4.gemma4_tokenizer_dir  # the fixture (pytest knows it by this name)
 GREEDY = Sampling(temperature=0)
 
 
@@ -432,6 +437,84 @@ def test_concurrent_requests_decode_their_images_in_turn(tiny_vision, monkeypatc
         for thread in threads:
             thread.join()
     assert codes == [200] * 4 and most == [1] * 4
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma4(tmp_path_factory, gemma4_tokenizer) -> tuple:
+    """A tiny random Gemma 4 with a vision and an audio tower (float32), and its tokenizer. Its (tied) embedding
+    rows past the tokenizer's 512 pieces are zeroed, so that replies are made of pieces whose text tells them apart
+    (the ids past them, most of a random model's, decode to nothing)."""
+    directory = tmp_path_factory.mktemp("gemma4") / "gemma-4-tiny-it"
+    gemma4_with_media(directory, gemma4_tokenizer)
+    model, tokenizer = (
+        loader.from_pretrained(directory, dtype=torch.float32, weights="dense"),
+        Tokenizer.from_pretrained(directory),
+    )
+    model.embed.weight.data[tokenizer.vocab_size :] = 0
+    return model, tokenizer
+
+
+def audio_message(data: bytes | str, format: str = "wav", text: str = "What is it?") -> dict:
+    data = data if isinstance(data, str) else base64.b64encode(data).decode()
+    part = {"type": "input_audio", "input_audio": {"data": data, "format": format}}
+    return {"messages": [{"role": "user", "content": [part, {"type": "text", "text": text}]}]}
+
+
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_gemma4_images_and_audio(tiny_gemma4, kind):
+    """On Gemma 4, an image_url part and an input_audio part are what generate() sees, in their places in the
+    text (each with its own count of soft tokens)."""
+    model, tokenizer = tiny_gemma4
+    wav = wav_bytes(speech_like(0.6), 16_000)
+    if kind == "image":
+        media, counts = generation.image_inputs(model, [noise_image()])
+        message = {"role": "user", "content": f"Look: {IMAGE_MARK} what is it?", "images": 1}
+        prompt = tokenizer.chat_prompt([message], tokens_per_image=counts)
+        part = {"type": "image_url", "image_url": {"url": data_url(noise_png())}}
+    else:
+        media, counts = generation.audio_inputs([gemma4_audio.load_audio(io.BytesIO(wav))])
+        message = {"role": "user", "content": f"Look: {AUDIO_MARK} what is it?", "audio": counts}
+        prompt = tokenizer.chat_prompt([message])
+        part = audio_message(wav)["messages"][0]["content"][0]
+    tokens = list(generate(model, prompt, 8, GREEDY, tokenizer.stop_ids, pixel_values=media))
+    expected = tokenizer.decode([t for t in tokens if t not in tokenizer.stop_ids])
+    assert expected  # (a reply in the pieces: see tiny_gemma4)
+    content = [{"type": "text", "text": "Look: "}, part, {"type": "text", "text": " what is it?"}]
+    with serving(model, tokenizer, context=512, name="tiny4") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="tiny4", messages=[{"role": "user", "content": content}],
+                                               max_tokens=8, temperature=0)  # fmt: skip
+        assert health(url)["vision"] is True and health(url)["audio"] is True
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == len(tokens)
+    assert reply.choices[0].message.content == expected.rstrip("\ufffd")  # (a last character cut short is held back)
+
+
+def test_bad_audio_and_too_many_soft_tokens(tiny_gemma4, real):
+    """Each refused with a one-line 400 naming the problem; audio to a model without an audio tower too."""
+    model, tokenizer = tiny_gemma4
+    wav = wav_bytes(speech_like(0.6), 16_000)
+    long = wav_bytes(np.zeros(31_000, np.float32), 1_000)  # 31 s (at 1 kHz: a small body)
+    with serving(model, tokenizer, context=256, name="tiny4") as url:
+        for body, words in [
+            (audio_message(wav, format="mp3"), "input_audio: format 'mp3' is not read; send WAV"),
+            (audio_message("not base64!"), "input_audio: not base64"),
+            (audio_message(b"ID3" + bytes(64)), "input_audio: not a WAV file"),
+            (audio_message(long), "input_audio: 31.0 s of audio, more than the 30 s allowed"),
+            (audio_message(wav_bytes(np.zeros(100, np.float32), 16_000)), "holds no audio frame"),
+            (image_message(data_url(noise_png())), "260 of them the soft tokens of 1 image(s) and 0 recording(s), "
+                                                   "but the context is 256 tokens"),
+        ]:  # fmt: skip
+            code, answer = post(url, "/v1/chat/completions", {**body, "max_tokens": 1})
+            message = answer["error"]["message"]
+            assert code == 400 and words in message and "\n" not in message, answer
+    code, answer = post(real.url, "/v1/chat/completions", audio_message(wav))
+    assert code == 400 and answer["error"]["message"] == "this model has no audio tower: audio needs Gemma 4 E2B or E4B"
+
+
+def noise_png() -> bytes:
+    png = io.BytesIO()
+    noise_image().save(png, "PNG")
+    return png.getvalue()
 
 
 @pytest.fixture(scope="module")
