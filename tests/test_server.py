@@ -221,8 +221,8 @@ BAD = [
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs: not supported"),
     ({"prompt": "hi", "logprobs": 2, "stream": True}, 400, "logprobs: not supported"),
     ({"prompt": "hi", "echo": True, "stream": True}, 400, "echo: not supported"),
-    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": ""}}]}]}, 400,
-     "part 0 has type 'input_audio'"),
+    ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]}, 400,
+     "part 0 has type 'file'"),
     ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
                    {"role": "user", "content": "hi"}]}, 400, "system messages are text only"),
 ]  # fmt: skip
