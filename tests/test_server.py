@@ -1,6 +1,7 @@
 """serve.py's server on loopback, driven by the official openai client: chat and completions (streamed and
 whole) against generate() on the same prompt, stop strings, concurrent streams each as it is alone, every kind
-of bad request, a dropped stream, a full queue, the API key, images, shutdown, and the chat page in a browser."""
+of bad request, a dropped stream, a full queue, the API key, images and audio, shutdown, and the chat page in a
+browser."""
 
 import asyncio
 import base64
@@ -900,26 +901,47 @@ def test_the_chat_page_streams_a_reply_in_a_browser(real, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt install chromium)")
 def test_the_chat_page_sends_an_image(tiny_vision, tmp_path):
     """A vision model's page offers an image: attached, it shows in the message and goes as a data: URL."""
-    playwright = pytest.importorskip("playwright.sync_api")
     model, tokenizer = loader.from_pretrained(tiny_vision), Tokenizer.from_file(tiny_vision / "tokenizer.model")
     (tmp_path / "cat.png").write_bytes(image_file())
-    with serving(model, tokenizer, context=128, name="tiny") as url, playwright.sync_playwright() as p:
+    with serving(model, tokenizer, context=128, name="tiny") as url:
+        content = sent_from_the_page(url, [tmp_path / "cat.png"])
+    assert content[0]["image_url"]["url"].startswith("data:image/png;base64,") and content[1]["text"] == "What is this?"
+
+
+def test_the_chat_page_sends_audio_and_an_image(tiny_gemma4, tmp_path):
+    """Gemma 4's page takes a WAV recording too: attached with an image, both go, in the order chosen, the
+    recording as an input_audio part (its base64 WAV)."""
+    wav = wav_bytes(speech_like(0.6), 16_000)
+    (tmp_path / "a.wav").write_bytes(wav)
+    (tmp_path / "cat.png").write_bytes(image_file())
+    with serving(*tiny_gemma4, context=512, name="tiny4") as url:
+        content = sent_from_the_page(url, [tmp_path / "a.wav", tmp_path / "cat.png"], "audio")
+    audio = {"data": base64.b64encode(wav).decode(), "format": "wav"}
+    assert content[0] == {"type": "input_audio", "input_audio": audio}
+    assert content[1]["image_url"]["url"].startswith("data:image/png;base64,") and content[2]["text"] == "What is this?"
+
+
+def sent_from_the_page(url: str, files: list[Path], shown: str = "img") -> list[dict]:
+    """The content parts the chat page sends for "What is this?" with the files attached (the reply streamed
+    without an error, the attachment shown in the message as an `shown` element)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.getuid() == 0 else [])
         try:
             page = browser.new_page()
             sent = []
             page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/chat/completions") else None)
             page.goto(url + "/")
-            page.wait_for_selector("#image-label:not([hidden])")
-            page.set_input_files("#image", str(tmp_path / "cat.png"))
-            page.wait_for_function("document.getElementById('attached').textContent === 'cat.png'")
+            page.wait_for_selector("#attach-label:not([hidden])")
+            page.set_input_files("#attach", [str(f) for f in files])
+            names = ", ".join(f.name for f in files)
+            page.wait_for_function(f"document.getElementById('attached').textContent === {names!r}")
             page.fill("#max-tokens", "8")
             page.fill("#input", "What is this?")
             page.press("#input", "Enter")
-            page.wait_for_selector(".msg.user img")
+            page.wait_for_selector(f".msg.user {shown}")
             page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
-            assert page.locator(".msg.error").count() == 0
+            assert page.locator(".msg.error").count() == 0, page.locator(".msg.error").text_content()
         finally:
             browser.close()
-    content = json.loads(sent[0])["messages"][0]["content"]
-    assert content[0]["image_url"]["url"].startswith("data:image/png;base64,") and content[1]["text"] == "What is this?"
+    return json.loads(sent[0])["messages"][0]["content"]
