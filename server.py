@@ -427,9 +427,15 @@ def chat_prompt(messages: list[Message], tokenizer: Tokenizer, model: Gemma3, co
         size = model.config.vision_config.image_size if model.vision else 0
         media = [decode_image(url, functools.partial(vision.resize, size=size)) for url in urls]
         image_counts, audio_counts = [tokens_per_image] * len(urls), []
-    else:
-        prepared = [decode_image(url, lambda image: image_inputs(model, [image])) for url in urls]  # ([pixels], [n])
-        pixels, image_counts = [p for (p,), _ in prepared], [n for _, (n,) in prepared]
+    else:  # Gemma 4's soft tokens are counted as each image is decoded: decoding stops once they overflow
+        pixels, image_counts = [], []
+        for i, url in enumerate(urls):
+            (image,), (n,) = decode_image(url, lambda image: image_inputs(model, [image]))
+            pixels.append(image)
+            image_counts.append(n)
+            if sum(image_counts) >= context:
+                raise APIError(400, f"{i + 1} of the {len(urls)} images take {sum(image_counts)} soft tokens, but the "
+                               f"context is {context} tokens (serve.py --context)", param="messages")  # fmt: skip
         try:
             features, audio_counts = audio_inputs([decode_audio(audio) for audio in recordings])
         except ValueError as e:  # (a recording too short for a frame)

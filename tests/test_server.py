@@ -495,7 +495,7 @@ def test_bad_audio_and_too_many_soft_tokens(tiny_gemma4, real):
     model, tokenizer = tiny_gemma4
     wav = wav_bytes(speech_like(0.6), 16_000)
     long = wav_bytes(np.zeros(31_000, np.float32), 1_000)  # 31 s (at 1 kHz: a small body)
-    with serving(model, tokenizer, context=256, name="tiny4") as url:
+    with serving(model, tokenizer, context=270, name="tiny4") as url:
         for body, words in [
             (audio_message(wav, format="mp3"), "input_audio: format 'mp3' is not read; send WAV"),
             (audio_message("not base64!"), "input_audio: not base64"),
@@ -503,7 +503,9 @@ def test_bad_audio_and_too_many_soft_tokens(tiny_gemma4, real):
             (audio_message(long), "input_audio: 31.0 s of audio, more than the 30 s allowed"),
             (audio_message(wav_bytes(np.zeros(100, np.float32), 16_000)), "holds no audio frame"),
             (image_message(data_url(noise_png())), "260 of them the soft tokens of 1 image(s) and 0 recording(s), "
-                                                   "but the context is 256 tokens"),
+                                                   "but the context is 270 tokens"),
+            (image_message(*[data_url(noise_png())] * 3), "2 of the 3 images take 520 soft tokens, but the context is "
+                                                         "270 tokens"),
         ]:  # fmt: skip
             code, answer = post(url, "/v1/chat/completions", {**body, "max_tokens": 1})
             message = answer["error"]["message"]
