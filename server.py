@@ -430,7 +430,7 @@ def chat_prompt(messages: list[Message], tokenizer: Tokenizer, model: Gemma3, co
     else:  # Gemma 4's soft tokens are counted as each image is decoded: decoding stops once they overflow
         pixels, image_counts = [], []
         for i, url in enumerate(urls):
-            (image,), (n,) = decode_image(url, lambda image: image_inputs(model, [image]))
+            (image,), (n,) = decode_image(url, lambda full: image_inputs(model, [full]))
             pixels.append(image)
             image_counts.append(n)
             if sum(image_counts) >= context:
