@@ -3,13 +3,14 @@
 Read in order: the engine (the one thread that runs the model: requests wait in a bounded queue, join free rows of
 generation.Batch between decode steps and leave the moment they finish or their client goes away), the request
 bodies (pydantic models of OpenAI's chat and completions APIs), turning a chat into a prompt (Gemma's template;
-images only as data: URLs), stop strings, the gate every request passes (Host, API key, body size), and the
-FastAPI app: /v1/models, /v1/chat/completions and /v1/completions (streamed as server-sent events, or whole),
-/health, and the chat page at /; last, the connections uvicorn keeps (how many, how long idle) and serve.
+images only as data: URLs, recordings as base64 WAV), stop strings, the gate every request passes (Host, API key,
+body size), and the FastAPI app: /v1/models, /v1/chat/completions and /v1/completions (streamed as server-sent
+events, or whole), /health, and the chat page at /; last, the connections uvicorn keeps (how many, how long idle)
+and serve.
 
-No request can stop the others: its failure fails only itself; its CPU work (tokenizing, decoding images) runs
-off the event loop, its images are checked by size before they are decoded, its stop strings are matched in
-time linear in their length; a client that hangs up frees its row at once.
+No request can stop the others: its failure fails only itself; its CPU work (tokenizing, decoding images and
+recordings) runs off the event loop, its images are checked by size before they are decoded (recordings by length
+after), its stop strings are matched in time linear in their length; a client that hangs up frees its row at once.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI
@@ -53,11 +55,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+import gemma4_audio
 import vision
 from config import BOS_ID
-from generation import GEMMA_SAMPLING, Batch, Request, Sampling, decode_one_token, score
+from generation import GEMMA_SAMPLING, Batch, Request, Sampling, audio_inputs, decode_one_token, image_inputs, score
 from model import Gemma3
-from tokenizer import IMAGE_MARK, StreamDecoder, Tokenizer
+from tokenizer import AUDIO_MARK, IMAGE_MARK, StreamDecoder, Tokenizer
 
 PAGE = Path(__file__).with_name("chat.html")
 
@@ -81,10 +84,12 @@ class APIError(Exception):
 class Job:
     """A request on its way through the engine. Its tokens come back through an asyncio queue on the event
     loop of the HTTP request that made it; None ends them (request.finish_reason then says why, or error).
-    images: the prompt's, preprocessed into request.pixel_values by the engine (PyTorch's work on its thread)."""
+    media: the prompt's (chat_prompt): Gemma 3's images, preprocessed into request.pixel_values by the engine
+    (PyTorch's work on its thread); Gemma 4's images and recordings, preprocessed already (their soft-token
+    counts make the prompt)."""
 
-    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop, images: list[Image.Image] = ()):
-        self.request, self.loop, self.images = request, loop, list(images)
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop, media: list = ()):
+        self.request, self.loop, self.media = request, loop, list(media)
         self.tokens: asyncio.Queue[int | None] = asyncio.Queue()
         self.cancelled = False  # set by the HTTP side: the client went away, or a stop string ended the text
         self.error: APIError | None = None  # why the tokens ended early, for the client
@@ -214,9 +219,11 @@ class Engine:
         if job.cancelled:
             return self.finish(job)
         try:
-            if job.images:
+            if job.media and isinstance(self.model, Gemma3):
                 size = self.model.config.vision_config.image_size
-                job.request.pixel_values = torch.stack([vision.preprocess(image, size) for image in job.images])
+                job.request.pixel_values = torch.stack([vision.preprocess(image, size) for image in job.media])
+            elif job.media:
+                job.request.pixel_values = job.media
             self.batch.add(job.request)
         except Exception as e:  # checked before queueing; a failure here is the model's (or a bug): this job's
             return self.fail([job], APIError(500, f"prefill failed: {e!r}", "server_error"))
@@ -274,9 +281,22 @@ class ImagePart(Strict):
     image_url: ImageURL
 
 
+class InputAudio(Strict):
+    data: str  # base64
+    format: str
+
+
+class AudioPart(Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+PART_TYPES = ("text", "image_url", "input_audio")
+
+
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    content: str | list[Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]] | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -284,8 +304,9 @@ class Message(Strict):
         """An unknown part's type, named (else pydantic reports the union's first member: 'not a string')."""
         for i, part in enumerate(content if isinstance(content, list) else []):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "image_url"):
-                raise ValueError(f"part {i} has type {kind!r}: the parts this server reads are 'text' and 'image_url'")
+            if kind not in PART_TYPES:
+                known = ", ".join(map(repr, PART_TYPES))
+                raise ValueError(f"part {i} has type {kind!r}: the parts this server reads are {known}")
         return content
 
 
@@ -364,66 +385,99 @@ class ChatCompletion(Completion):
 
 
 # ---------------------------------------------------------------------------------------------------
-# A chat as a prompt: Gemma's template (tokenizer.chat_prompt) with the images in their places.
+# A chat as a prompt: Gemma's template (tokenizer.chat_prompt) with the images and recordings in their places.
 
 
-def chat_prompt(messages: list[Message], tokenizer: Tokenizer, model: Gemma3,
-                context: int) -> tuple[list[int], list[Image.Image]]:  # fmt: skip
-    """The prompt's ids, and its images in order (at the model's size). System (and developer) messages come
-    first and become Gemma's system prompt, which has no role of its own. Images are decoded last, once the
-    model is known to see them and the context to hold them."""
+def chat_prompt(messages: list[Message], tokenizer: Tokenizer, model: Gemma3, context: int) -> tuple[list[int], list]:
+    """The prompt's ids, and its media (Job.media): Gemma 3's images in order, at the model's size; Gemma 4's images
+    and then its recordings, each kind in order, preprocessed (generation.image_inputs, audio_inputs: how many soft
+    tokens each becomes makes the prompt). System (and developer) messages come first and become Gemma's system
+    prompt. Media are decoded last, once the model is known to take them (and Gemma 3's context to hold them)."""
     system = []
     while messages and messages[0].role in ("system", "developer"):
-        text, urls = parts_of(messages[0])
-        if urls:
+        text, media = parts_of(messages[0])
+        if media:
             raise APIError(400, "messages[0]: system messages are text only", param="messages")
         system.append(text)
         messages = messages[1:]
     if not messages:
         raise APIError(400, "messages: a chat needs a user message after the system messages", param="messages")
-    turns, urls = [], []
+    turns, urls, recordings = [], [], []
     for i, m in enumerate(messages):
         if m.role in ("system", "developer"):
             raise APIError(400, f"messages[{i}]: system messages go before the chat", param="messages")
-        text, images = parts_of(m)
-        turns.append({"role": "user" if m.role == "user" else "model", "content": text, "images": len(images)})
+        text, media = parts_of(m)
+        images = [p.image_url.url for p in media if p.type == "image_url"]
+        audio = [p.input_audio for p in media if p.type == "input_audio"]
+        role = "user" if m.role == "user" else "model"  # "audio": the recordings' soft-token counts, once decoded
+        turns.append({"role": role, "content": text, "images": len(images), "audio": len(audio)})
         urls += images
+        recordings += audio
     if urls and model.vision is None:
-        raise APIError(400, "this model is text-only: images need Gemma 3 4B, 12B or 27B", param="messages")
-    tokens_per_image = model.config.vision_config.tokens_per_image if model.vision else 0
-    if len(urls) * tokens_per_image >= context:
-        raise APIError(400, f"{len(urls)} images take {len(urls) * tokens_per_image} tokens, but the context is "
-                       f"{context} tokens (serve.py --context)", param="messages")  # fmt: skip
+        what = "is text-only" if getattr(model, "audio", None) is None else "has no vision tower"
+        raise APIError(400, f"this model {what}: images need Gemma 3 4B, 12B or 27B, or Gemma 4's vision tower",
+                       param="messages")  # fmt: skip
+    if recordings and getattr(model, "audio", None) is None:
+        raise APIError(400, "this model has no audio tower: audio needs Gemma 4 E2B or E4B", param="messages")
+    if isinstance(model, Gemma3):  # 256 soft tokens an image: checked before any is decoded
+        tokens_per_image = model.config.vision_config.tokens_per_image if model.vision else 0
+        if len(urls) * tokens_per_image >= context:
+            raise APIError(400, f"{len(urls)} images take {len(urls) * tokens_per_image} tokens, but the context is "
+                           f"{context} tokens (serve.py --context)", param="messages")  # fmt: skip
+        size = model.config.vision_config.image_size if model.vision else 0
+        media = [decode_image(url, functools.partial(vision.resize, size=size)) for url in urls]
+        image_counts, audio_counts = [tokens_per_image] * len(urls), []
+    else:  # Gemma 4's soft tokens are counted as each image is decoded: decoding stops once they overflow
+        pixels, image_counts = [], []
+        for i, url in enumerate(urls):
+            (image,), (n,) = decode_image(url, lambda full: image_inputs(model, [full]))
+            pixels.append(image)
+            image_counts.append(n)
+            if sum(image_counts) >= context:
+                raise APIError(400, f"{i + 1} of the {len(urls)} images take {sum(image_counts)} soft tokens, but the "
+                               f"context is {context} tokens (serve.py --context)", param="messages")  # fmt: skip
+        try:
+            features, audio_counts = audio_inputs([decode_audio(audio) for audio in recordings])
+        except ValueError as e:  # (a recording too short for a frame)
+            raise APIError(400, f"input_audio: {e}", param="messages") from None
+        media, heard = pixels + features, iter(audio_counts)
+        for turn in turns:
+            turn["audio"] = [next(heard) for _ in range(turn["audio"])]
     try:
-        ids = tokenizer.chat_prompt(turns, "\n\n".join(system) or None, tokens_per_image)
+        ids = tokenizer.chat_prompt(turns, "\n\n".join(system) or None, image_counts)
     except ValueError as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
-    return ids, [decode_image(url, model.config.vision_config.image_size) for url in urls]
+    if media and len(ids) >= context:
+        raise APIError(400, f"the prompt has {len(ids)} tokens, {sum(image_counts) + sum(audio_counts)} of them the "
+                       f"soft tokens of {len(urls)} image(s) and {len(recordings)} recording(s), but the context is "
+                       f"{context} tokens (serve.py --context)", param="messages")  # fmt: skip
+    return ids, media
 
 
-def parts_of(message: Message) -> tuple[str, list[str]]:
-    """A message's text, with an image mark where each image part is, and the images' URLs."""
+def parts_of(message: Message) -> tuple[str, list[ImagePart | AudioPart]]:
+    """A message's text, with a mark where each image part (or audio part) is, and those parts."""
     if message.content is None or isinstance(message.content, str):
         return message.content or "", []
-    text, urls = "", []
+    text, media = "", []
     for part in message.content:
         if part.type == "text":
             text += part.text
         else:
-            urls.append(part.image_url.url)
-            text += IMAGE_MARK
-    return text, urls
+            media.append(part)
+            text += IMAGE_MARK if part.type == "image_url" else AUDIO_MARK
+    return text, media
 
 
-FULL_SIZE = threading.Lock()  # held while an image is in memory at full size (decode_image)
+FULL_SIZE = threading.Lock()  # held while an image (or a recording) is in memory at full size (decode_image)
 WEB_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what browsers show (Pillow reads more: EPS through Ghostscript)
 
 
-def decode_image(url: str, size: int) -> Image.Image:
-    """An image from a data: URL (base64), at the model's size. Nothing is fetched from the network. Its size
-    is checked before it is decoded (Pillow's MAX_IMAGE_PIXELS, about 89 megapixels, an error here), and it is
-    shrunk at once; requests take turns, so that the server holds one image at full size at a time (up to a
-    few hundred MB: a PNG of 300 kB can decode to 89 megapixels). Only the formats browsers show are read."""
+def decode_image(url: str, prepare: Callable[[Image.Image], Any]) -> Any:
+    """An image from a data: URL (base64), prepared for the model (`prepare`: resized, or preprocessed). Nothing is
+    fetched from the network. Its size is checked before it is decoded (Pillow's MAX_IMAGE_PIXELS, about 89
+    megapixels, an error here), and it is prepared at once; requests take turns, so that the server holds one
+    image at full size at a time (up to a few hundred MB: a PNG of 300 kB can decode to 89 megapixels). Only the
+    formats browsers show are read."""
     header, comma, data = url.partition(",")
     if not (url.startswith("data:") and comma and header.endswith(";base64")):
         raise APIError(400, "image_url: only data: URLs with base64 data are accepted (the server fetches nothing)",
@@ -432,12 +486,34 @@ def decode_image(url: str, size: int) -> Image.Image:
         raw = base64.b64decode(data, validate=True)
         with FULL_SIZE:
             image = vision.load_image(io.BytesIO(raw), "image_url", Image.MAX_IMAGE_PIXELS, WEB_FORMATS)
-            image = vision.resize(image, size)  # (which frees the full-size one before the next is decoded)
+            image = prepare(image)  # (which frees the full-size one before the next is decoded)
     except binascii.Error as e:
         raise APIError(400, f"image_url: not base64 ({e})", param="messages") from None
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     return image
+
+
+def decode_audio(audio: InputAudio) -> np.ndarray:
+    """A recording from an input_audio part: base64 WAV (gemma4_audio.load_audio) -> 16 kHz samples, at most
+    gemma4_audio.MAX_SECONDS long (what the tower hears; the body's size bounds the decoding). Decoded in turns
+    with images (FULL_SIZE): a WAV of 8-bit samples becomes 8 times its size in float64 while it is read."""
+    if audio.format != "wav":
+        raise APIError(400, f"input_audio: format {audio.format!r} is not read; send WAV (format 'wav')",
+                       param="messages")  # fmt: skip
+    try:
+        raw = base64.b64decode(audio.data, validate=True)
+        with FULL_SIZE:
+            samples = gemma4_audio.load_audio(io.BytesIO(raw), "input_audio")
+    except binascii.Error as e:
+        raise APIError(400, f"input_audio: not base64 ({e})", param="messages") from None
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    seconds = len(samples) / gemma4_audio.SAMPLE_RATE
+    if seconds > gemma4_audio.MAX_SECONDS:
+        raise APIError(400, f"input_audio: {seconds:.1f} s of audio, more than the {gemma4_audio.MAX_SECONDS} s "
+                       "allowed", param="messages")  # fmt: skip
+    return samples
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -639,7 +715,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         if engine.failure is not None:
             return JSONResponse({"status": "error", "error": f"the engine failed: {engine.failure!r}"}, 503)
         return JSONResponse({"status": "ok", "model": model_name, "vision": model.vision is not None,
-                             **engine.status()})  # fmt: skip
+                             "audio": getattr(model, "audio", None) is not None, **engine.status()})  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -664,11 +740,11 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletion, http: HTTPRequest):
         sampling, stops = body.settings()
-        ids, images = await run_in_threadpool(chat_prompt, body.messages, tokenizer, model, engine.context)
+        ids, media = await run_in_threadpool(chat_prompt, body.messages, tokenizer, model, engine.context)
         body.max_tokens = body.max_tokens or body.max_completion_tokens
-        return await respond(body, sampling, stops, ids, images, http, chat=True)
+        return await respond(body, sampling, stops, ids, media, http, chat=True)
 
-    async def respond(body: Completion, sampling: Sampling, stops: list[str], prompt: list[int], images: list,
+    async def respond(body: Completion, sampling: Sampling, stops: list[str], prompt: list[int], media: list,
                       http: HTTPRequest, chat: bool):  # fmt: skip
         if not prompt:
             raise APIError(400, "prompt: empty", param="prompt")
@@ -679,7 +755,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         room = engine.context - len(prompt)
         limit = min(body.max_tokens or max_tokens or room, room)
         request = Request(prompt, limit, sampling, tokenizer.stop_ids, generator)
-        job = Job(request, asyncio.get_running_loop(), images)
+        job = Job(request, asyncio.get_running_loop(), media)
         engine.submit(job)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),

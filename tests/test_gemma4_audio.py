@@ -271,14 +271,11 @@ def test_generate_with_audio(tmp_path, gemma4_tokenizer):
     assert out.returncode == 1 and "not a WAV file" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_chat_with_an_image_and_audio(tmp_path, gemma4_tokenizer):
-    """chat.py's /image and /audio on a Gemma 4 with both towers: each reply is generate()'s for the whole
-    transcript's chat prompt with every image and recording (themselves checked against transformers above),
-    the second turn reading the first's media from the cache; the script runs the same commands."""
+def gemma4_with_media(directory, tokenizer_dir) -> None:
+    """Save in `directory` a random Gemma 4 (float32, 31B-style text, the published vocabulary, so at Gemma 4's
+    media token ids) with a vision and an audio tower, and the tokenizer of tokenizer_dir."""
     import shutil
 
-    from conftest import run_main
-    from PIL import Image
     from test_gemma4_vision import VISION
     from transformers import (
         Gemma4AudioConfig,
@@ -288,19 +285,35 @@ def test_chat_with_an_image_and_audio(tmp_path, gemma4_tokenizer):
         Gemma4VisionConfig,
     )
 
-    import chat
-    from generation import audio_inputs, image_inputs
-    from tokenizer import GEMMA4_AUDIO_IDS, Tokenizer
-
     torch.manual_seed(0)
     text = Gemma4TextConfig(**{**TINY, **KINDS["31b-style"], "vocab_size": 262144, "max_position_embeddings": 1024})
     config = Gemma4Config(text_config=text, vision_config=Gemma4VisionConfig(**VISION),
                           audio_config=Gemma4AudioConfig(**AUDIO_CONFIG))  # fmt: skip
-    directory = tmp_path / "gemma-4-tiny-it"
     randomize(Gemma4ForConditionalGeneration(config).float().eval(), clamp=0.5).save_pretrained(directory)
-    for f in gemma4_tokenizer.iterdir():
+    for f in tokenizer_dir.iterdir():
         shutil.copy(f, directory / f.name)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8))
+
+
+def noise_image():
+    """A 150x100 image of noise (260 soft tokens at the default budget)."""
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8))
+
+
+def test_chat_with_an_image_and_audio(tmp_path, gemma4_tokenizer):
+    """chat.py's /image and /audio on a Gemma 4 with both towers: each reply is generate()'s for the whole
+    transcript's chat prompt with every image and recording (themselves checked against transformers above),
+    the second turn reading the first's media from the cache; the script runs the same commands."""
+    from conftest import run_main
+
+    import chat
+    from generation import audio_inputs, image_inputs
+    from tokenizer import GEMMA4_AUDIO_IDS, Tokenizer
+
+    directory = tmp_path / "gemma-4-tiny-it"
+    gemma4_with_media(directory, gemma4_tokenizer)
+    image = noise_image()
     image.save(tmp_path / "a.png")
     (tmp_path / "a.wav").write_bytes(wav_bytes(speech_like(0.6), 16_000))
 

@@ -1,6 +1,7 @@
 """serve.py's server on loopback, driven by the official openai client: chat and completions (streamed and
 whole) against generate() on the same prompt, stop strings, concurrent streams each as it is alone, every kind
-of bad request, a dropped stream, a full queue, the API key, images, shutdown, and the chat page in a browser."""
+of bad request, a dropped stream, a full queue, the API key, images and audio, shutdown, and the chat page in a
+browser."""
 
 import asyncio
 import base64
@@ -25,11 +26,15 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import test_gemma4
 import torch
 from conftest import hf_multimodal_model, int4_checkpoint
 from PIL import Image
+from test_gemma4_audio import gemma4_with_media, noise_image, speech_like, wav_bytes
 
+import gemma4_audio
 import generation
 import loader
 import server
@@ -38,12 +43,13 @@ from checkpoint import DEFAULT_MODEL
 from config import BOS_ID, STOP_IDS
 from generation import Request, Sampling, compile_decode_step, generate
 from server import LOCAL_NAMES, Engine, Job, StopStrings, build_app, listen, uvicorn_config
-from tokenizer import Tokenizer
+from tokenizer import AUDIO_MARK, IMAGE_MARK, Tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 ROOT = Path(__file__).resolve().parents[1]
+gemma4_tokenizer = test_gemma4.gemma4_tokenizer_dir  # the fixture (pytest knows it by this name)
 GREEDY = Sampling(temperature=0)
 
 
@@ -216,8 +222,8 @@ BAD = [
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs: not supported"),
     ({"prompt": "hi", "logprobs": 2, "stream": True}, 400, "logprobs: not supported"),
     ({"prompt": "hi", "echo": True, "stream": True}, 400, "echo: not supported"),
-    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": ""}}]}]}, 400,
-     "part 0 has type 'input_audio'"),
+    ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]}, 400,
+     "part 0 has type 'file'"),
     ({"messages": [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
                    {"role": "user", "content": "hi"}]}, 400, "system messages are text only"),
 ]  # fmt: skip
@@ -432,6 +438,86 @@ def test_concurrent_requests_decode_their_images_in_turn(tiny_vision, monkeypatc
         for thread in threads:
             thread.join()
     assert codes == [200] * 4 and most == [1] * 4
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma4(tmp_path_factory, gemma4_tokenizer) -> tuple:
+    """A tiny random Gemma 4 with a vision and an audio tower (float32), and its tokenizer. Its (tied) embedding
+    rows past the tokenizer's 512 pieces are zeroed, so that replies are made of pieces whose text tells them apart
+    (the ids past them, most of a random model's, decode to nothing)."""
+    directory = tmp_path_factory.mktemp("gemma4") / "gemma-4-tiny-it"
+    gemma4_with_media(directory, gemma4_tokenizer)
+    model, tokenizer = (
+        loader.from_pretrained(directory, dtype=torch.float32, weights="dense"),
+        Tokenizer.from_pretrained(directory),
+    )
+    model.embed.weight.data[tokenizer.vocab_size :] = 0
+    return model, tokenizer
+
+
+def audio_message(data: bytes | str, format: str = "wav", text: str = "What is it?") -> dict:
+    data = data if isinstance(data, str) else base64.b64encode(data).decode()
+    part = {"type": "input_audio", "input_audio": {"data": data, "format": format}}
+    return {"messages": [{"role": "user", "content": [part, {"type": "text", "text": text}]}]}
+
+
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_gemma4_images_and_audio(tiny_gemma4, kind):
+    """On Gemma 4, an image_url part and an input_audio part are what generate() sees, in their places in the
+    text (each with its own count of soft tokens)."""
+    model, tokenizer = tiny_gemma4
+    wav = wav_bytes(speech_like(0.6), 16_000)
+    if kind == "image":
+        media, counts = generation.image_inputs(model, [noise_image()])
+        message = {"role": "user", "content": f"Look: {IMAGE_MARK} what is it?", "images": 1}
+        prompt = tokenizer.chat_prompt([message], tokens_per_image=counts)
+        part = {"type": "image_url", "image_url": {"url": data_url(noise_png())}}
+    else:
+        media, counts = generation.audio_inputs([gemma4_audio.load_audio(io.BytesIO(wav))])
+        message = {"role": "user", "content": f"Look: {AUDIO_MARK} what is it?", "audio": counts}
+        prompt = tokenizer.chat_prompt([message])
+        part = audio_message(wav)["messages"][0]["content"][0]
+    tokens = list(generate(model, prompt, 8, GREEDY, tokenizer.stop_ids, pixel_values=media))
+    expected = tokenizer.decode([t for t in tokens if t not in tokenizer.stop_ids])
+    assert expected  # (a reply in the pieces: see tiny_gemma4)
+    content = [{"type": "text", "text": "Look: "}, part, {"type": "text", "text": " what is it?"}]
+    with serving(model, tokenizer, context=512, name="tiny4") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="tiny4", messages=[{"role": "user", "content": content}],
+                                               max_tokens=8, temperature=0)  # fmt: skip
+        assert health(url)["vision"] is True and health(url)["audio"] is True
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == len(tokens)
+    assert reply.choices[0].message.content == expected.rstrip("\ufffd")  # (a last character cut short is held back)
+
+
+def test_bad_audio_and_too_many_soft_tokens(tiny_gemma4, real):
+    """Each refused with a one-line 400 naming the problem; audio to a model without an audio tower too."""
+    model, tokenizer = tiny_gemma4
+    wav = wav_bytes(speech_like(0.6), 16_000)
+    long = wav_bytes(np.zeros(31_000, np.float32), 1_000)  # 31 s (at 1 kHz: a small body)
+    with serving(model, tokenizer, context=270, name="tiny4") as url:
+        for body, words in [
+            (audio_message(wav, format="mp3"), "input_audio: format 'mp3' is not read; send WAV"),
+            (audio_message("not base64!"), "input_audio: not base64"),
+            (audio_message(b"ID3" + bytes(64)), "input_audio: not a WAV file"),
+            (audio_message(long), "input_audio: 31.0 s of audio, more than the 30 s allowed"),
+            (audio_message(wav_bytes(np.zeros(100, np.float32), 16_000)), "holds no audio frame"),
+            (image_message(data_url(noise_png())), "260 of them the soft tokens of 1 image(s) and 0 recording(s), "
+                                                   "but the context is 270 tokens"),
+            (image_message(*[data_url(noise_png())] * 3), "2 of the 3 images take 520 soft tokens, but the context is "
+                                                         "270 tokens"),
+        ]:  # fmt: skip
+            code, answer = post(url, "/v1/chat/completions", {**body, "max_tokens": 1})
+            message = answer["error"]["message"]
+            assert code == 400 and words in message and "\n" not in message, answer
+    code, answer = post(real.url, "/v1/chat/completions", audio_message(wav))
+    assert code == 400 and answer["error"]["message"] == "this model has no audio tower: audio needs Gemma 4 E2B or E4B"
+
+
+def noise_png() -> bytes:
+    png = io.BytesIO()
+    noise_image().save(png, "PNG")
+    return png.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -817,26 +903,47 @@ def test_the_chat_page_streams_a_reply_in_a_browser(real, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt install chromium)")
 def test_the_chat_page_sends_an_image(tiny_vision, tmp_path):
     """A vision model's page offers an image: attached, it shows in the message and goes as a data: URL."""
-    playwright = pytest.importorskip("playwright.sync_api")
     model, tokenizer = loader.from_pretrained(tiny_vision), Tokenizer.from_file(tiny_vision / "tokenizer.model")
     (tmp_path / "cat.png").write_bytes(image_file())
-    with serving(model, tokenizer, context=128, name="tiny") as url, playwright.sync_playwright() as p:
+    with serving(model, tokenizer, context=128, name="tiny") as url:
+        content = sent_from_the_page(url, [tmp_path / "cat.png"])
+    assert content[0]["image_url"]["url"].startswith("data:image/png;base64,") and content[1]["text"] == "What is this?"
+
+
+def test_the_chat_page_sends_audio_and_an_image(tiny_gemma4, tmp_path):
+    """Gemma 4's page takes a WAV recording too: attached with an image, both go, in the order chosen, the
+    recording as an input_audio part (its base64 WAV)."""
+    wav = wav_bytes(speech_like(0.6), 16_000)
+    (tmp_path / "a.wav").write_bytes(wav)
+    (tmp_path / "cat.png").write_bytes(image_file())
+    with serving(*tiny_gemma4, context=512, name="tiny4") as url:
+        content = sent_from_the_page(url, [tmp_path / "a.wav", tmp_path / "cat.png"], "audio")
+    audio = {"data": base64.b64encode(wav).decode(), "format": "wav"}
+    assert content[0] == {"type": "input_audio", "input_audio": audio}
+    assert content[1]["image_url"]["url"].startswith("data:image/png;base64,") and content[2]["text"] == "What is this?"
+
+
+def sent_from_the_page(url: str, files: list[Path], shown: str = "img") -> list[dict]:
+    """The content parts the chat page sends for "What is this?" with the files attached (the reply streamed
+    without an error, the attachment shown in the message as an `shown` element)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.getuid() == 0 else [])
         try:
             page = browser.new_page()
             sent = []
             page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/chat/completions") else None)
             page.goto(url + "/")
-            page.wait_for_selector("#image-label:not([hidden])")
-            page.set_input_files("#image", str(tmp_path / "cat.png"))
-            page.wait_for_function("document.getElementById('attached').textContent === 'cat.png'")
+            page.wait_for_selector("#attach-label:not([hidden])")
+            page.set_input_files("#attach", [str(f) for f in files])
+            names = ", ".join(f.name for f in files)
+            page.wait_for_function(f"document.getElementById('attached').textContent === {names!r}")
             page.fill("#max-tokens", "8")
             page.fill("#input", "What is this?")
             page.press("#input", "Enter")
-            page.wait_for_selector(".msg.user img")
+            page.wait_for_selector(f".msg.user {shown}")
             page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
-            assert page.locator(".msg.error").count() == 0
+            assert page.locator(".msg.error").count() == 0, page.locator(".msg.error").text_content()
         finally:
             browser.close()
-    content = json.loads(sent[0])["messages"][0]["content"]
-    assert content[0]["image_url"]["url"].startswith("data:image/png;base64,") and content[1]["text"] == "What is this?"
+    return json.loads(sent[0])["messages"][0]["content"]
