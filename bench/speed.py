@@ -13,7 +13,8 @@ that checkpoint and its GGUF for the next run (default: a temporary directory).
 
 Every row is measured in its own subprocess (so peak memory is its own) on the same weights, the same
 prompt tokens (real English text: Python's pydoc topics) and the same machine, greedy:
-  load s          building the model from files already in the page cache (a warm load)
+  load s          building the model from files already in the page cache (a warm load; from the GGUF file:
+                  from its conversion, cached before the row runs)
   prefill tok/s   prompt tokens / time to the first new token (TTFT), at each prompt length
   decode tok/s    the next new tokens / their time, at that context
   peak MB         the subprocess's peak resident memory (Python and the libraries included)
@@ -60,6 +61,7 @@ ROWS = {
     "ours int4, compiled": ["ours", "--weights", "int4", "--compile"],
     "ours auto, eager": ["ours", "--weights", "auto"],
     "ours int4, eager": ["ours", "--weights", "int4"],
+    "ours, the GGUF file, eager": ["ours", "--weights", "auto", "--from-gguf"],  # llama.cpp's file, via our cache
     "ours auto, eager, --act bf16": ["ours", "--weights", "auto", "--act", "bf16"],
     "ours int4, eager, --act bf16": ["ours", "--weights", "int4", "--act", "bf16"],
     "ours int4, eager, portable dequant-matmul": ["ours", "--weights", "int4", "--no-cpu-kernels"],
@@ -170,7 +172,8 @@ def ours_tokens(args):  # as generate.py runs it
     torch.set_num_threads(args.threads)
     if args.no_cpu_kernels:
         quant.CPU_KERNEL_MAX_ROWS = quant.W4A8_MAX_ROWS = 0
-    model = loader.from_pretrained(args.ours, dtype=torch.bfloat16, weights=args.weights, activations=args.act)
+    path = args.gguf if args.from_gguf else args.ours
+    model = loader.from_pretrained(path, dtype=torch.bfloat16, weights=args.weights, activations=args.act)
     step = compile_decode_step(torch.device("cpu"), model) if args.compile else decode_one_token
     return lambda ids, n: generate(model, ids, n, Sampling(temperature=0), decode_step=step)
 
@@ -310,6 +313,7 @@ def main() -> None:
     p.add_argument("--4k-pages", action="store_true", help=argparse.SUPPRESS)  # the parent sets the environment
     p.add_argument("--ids-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--ours", help=argparse.SUPPRESS)
+    p.add_argument("--from-gguf", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--gguf", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -330,6 +334,10 @@ def main() -> None:
         ids_file = Path(tmp) / "ids.json"
         ids_file.write_text(json.dumps(prompt_ids(max(args.contexts))))
         common += ["--threads", str(args.threads), "--ids-file", str(ids_file), "--ours", ours, "--gguf", gguf]
+        if any("--from-gguf" in ROWS[name] for name in args.rows):  # its conversion made now: its load is warm
+            import loader
+
+            loader.cached_gguf(Path(gguf))
         for name in args.rows:
             print(f"== {name}", file=sys.stderr, flush=True)
             python = args.llama_python if ROWS[name][0] == "llama.cpp" else sys.executable
