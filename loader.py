@@ -40,7 +40,8 @@ def from_pretrained(
                      GGUF tensors stored at more than 4 bits become int8 (see gguf_format.py), and
                      an int8 head ranks the vocabulary with an int4 copy first (Int8Linear.unembed);
     weights="int4":  every linear weight int4;  weights="dense": every weight a float tensor of `dtype`.
-    The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype`. Gemma 4 (its config.json's
+    The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype` (float32 for a bf16 `dtype`
+    on a CPU without native bf16 matmuls; Gemma 4's vision and audio towers too). Gemma 4 (its config.json's
     model_type gemma4_text or gemma4) loads as gemma4.Gemma4, its per-layer embeddings int8 under "auto", its
     router float. activations: the CPU int4 matmuls' ("int8" or "bf16"; default quant.ACTIVATIONS).
     """
@@ -55,6 +56,12 @@ def from_pretrained(
     tensors = convert_weights(tensors, weights, above_4_bits, consume=True)
     tensors = fuse_projections(tensors, config.num_layers, fused(config), consume=True)
     model = from_tensors(config, tensors, dtype, device)
+    if dtype == torch.bfloat16 and torch.device(device or "cpu").type == "cpu" and not quant.CPU_HAS_BF16:
+        # bf16 matmuls are several times slower than float32's on CPUs without native bf16 (AVX2): the towers,
+        # which read a prompt's images and recordings hundreds of patches or frames at a time, compute in float32
+        for name in ("vision", "projector", "embed_vision", "audio", "embed_audio"):
+            if getattr(model, name, None) is not None:
+                getattr(model, name).float()
     if weights == "auto" and isinstance(model.head, quant.Int8Linear):  # an int8 head: rank with int4 first
         head = model.head  # its ranker is cached by the default model's conversion
         head.add_ranker(checkpoint.read_ranker(path, head.out_features, head.in_features))

@@ -13,6 +13,7 @@ from PIL import Image
 
 import generate as generate_script
 import loader
+import quant
 import vision
 from config import IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES
 from generation import prefill
@@ -93,6 +94,24 @@ def test_image_prompt_logits_match_transformers(multimodal, layout):
     with torch.no_grad():
         got = ours(torch.tensor([ids]), pixel_values=px)
     assert max_diff(got, expected) < 1e-3
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_tower_computes_in_float32_where_bf16_matmuls_are_slow(multimodal, native_bf16, monkeypatch):
+    """A bf16 model on a CPU without native bf16 matmuls (AVX2): its vision tower and projector in float32, the
+    language model in bf16; its image prompt's logits then match transformers' float32 as closely as bf16 allows."""
+    hf, _, directory = multimodal
+    monkeypatch.setattr(quant, "CPU_HAS_BF16", native_bf16)
+    ours = loader.from_pretrained(directory, dtype=torch.bfloat16)
+    tower = torch.bfloat16 if native_bf16 else torch.float32
+    assert {p.dtype for m in (ours.vision, ours.projector) for p in m.parameters()} == {tower}
+    assert ours.norm.weight.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    ids = image_prompt([[2, *torch.randint(0, 500, (3,), generator=g).tolist()], [5, 6, 7]], 4)
+    px = random_pixels(1, seed=2)
+    with torch.no_grad():
+        got = ours(torch.tensor([ids]), pixel_values=px)
+    assert max_diff(got.float(), hf_logits(hf, ids, px)) < 0.2
 
 
 def test_image_longer_than_the_sliding_window(tmp_path):
