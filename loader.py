@@ -56,7 +56,7 @@ def from_pretrained(
     tensors = convert_weights(tensors, weights, above_4_bits, consume=True)
     tensors = fuse_projections(tensors, config.num_layers, fused(config), consume=True)
     model = from_tensors(config, tensors, dtype, device)
-    if dtype == torch.bfloat16 and torch.device(device or "cpu").type == "cpu" and not quant.CPU_HAS_BF16:
+    if dtype == torch.bfloat16 and quant.bf16_matmuls_are_slow(torch.device(device or "cpu")):
         # bf16 matmuls are several times slower than float32's on CPUs without native bf16 (AVX2): the towers,
         # which read a prompt's images and recordings hundreds of patches or frames at a time, compute in float32
         for name in ("vision", "projector", "embed_vision", "audio", "embed_audio"):

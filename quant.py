@@ -269,9 +269,12 @@ def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 CPU_HAS_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def bf16_matmuls_are_slow(device: torch.device) -> bool:
+    return device.type == "cpu" and not CPU_HAS_BF16
+
+
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    slow_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16 and not CPU_HAS_BF16
-    return torch.float32 if slow_bf16 else x.dtype
+    return torch.float32 if x.dtype == torch.bfloat16 and bf16_matmuls_are_slow(x.device) else x.dtype
 
 
 # The activations of the CPU's int4 matmuls: "int8", rounded per group of 32 and multiplied in integers (w4a8.py,
