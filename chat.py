@@ -22,7 +22,7 @@ With stdin piped, each line is one message (commands too) and each reply is one 
 
 from __future__ import annotations
 
-import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
+from gemma3_int4 import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
 
 # isort: split
 import argparse
@@ -33,10 +33,8 @@ from pathlib import Path
 
 import torch
 
-import files
-import gemma4_audio
-import vision
-from cli import (
+from gemma3_int4 import files, gemma4_audio, vision
+from gemma3_int4.cli import (
     REPLY_LIMIT,
     add_model_arguments,
     add_sampling_arguments,
@@ -46,10 +44,10 @@ from cli import (
     positive_int,
     sampling_from,
 )
-from config import BOS_ID, GEMMA4_START_OF_AUDIO_ID, START_OF_IMAGE_ID
-from generation import Sampling, audio_inputs, compile_decode_step, decode_one_token, generate, image_inputs
-from model import Gemma3
-from tokenizer import StreamDecoder, Tokenizer
+from gemma3_int4.config import BOS_ID, GEMMA4_START_OF_AUDIO_ID, START_OF_IMAGE_ID
+from gemma3_int4.generation import Sampling, audio_inputs, compile_decode_step, decode_one_token, generate, image_inputs
+from gemma3_int4.model import Gemma3
+from gemma3_int4.tokenizer import StreamDecoder, Tokenizer
 
 HELP = __doc__[__doc__.index("Commands:") : __doc__.index("Ctrl-C")].rstrip()
 

@@ -18,21 +18,18 @@ the end without replacing anything (files.atomic_output), so a failed or interru
 SIGTERM, a full disk) leaves neither a half-written DST nor its temporary.
 """
 
-import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
+from gemma3_int4 import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
 
 # isort: split
 import argparse
 import sys
 from pathlib import Path
 
-import checkpoint
-import files
-import hf_tokenizer
-import ptq
-from cli import one_line_warnings
-from config import Gemma3Config
-from loader import convert_weights, load_checkpoint
-from tokenizer import Tokenizer
+from gemma3_int4 import checkpoint, files, hf_tokenizer, ptq
+from gemma3_int4.cli import one_line_warnings
+from gemma3_int4.config import Gemma3Config
+from gemma3_int4.loader import convert_weights, load_checkpoint
+from gemma3_int4.tokenizer import Tokenizer
 
 TARGETS = {
     "int4": "our int4 (gaunernst's safetensors layout; GGUF tensors above 4 bits stay 8-bit with --weights auto)",

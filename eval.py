@@ -13,7 +13,7 @@ stdout gets each task's metrics, --output the harness's whole results.
 
 from __future__ import annotations
 
-import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
+from gemma3_int4 import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
 
 # isort: split
 import argparse
@@ -26,14 +26,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import files
-import harness
-import loader
-import quant
-from checkpoint import DEFAULT_MODEL
-from cli import device_arg, one_line_warnings, positive_int
-from config import BOS_ID
-from tokenizer import Tokenizer
+from gemma3_int4 import files, harness, loader, quant
+from gemma3_int4.checkpoint import DEFAULT_MODEL
+from gemma3_int4.cli import device_arg, one_line_warnings, positive_int
+from gemma3_int4.config import BOS_ID
+from gemma3_int4.tokenizer import Tokenizer
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:

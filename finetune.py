@@ -16,7 +16,7 @@ run started again with the same arguments resumes from it, and continues to the 
 
 from __future__ import annotations
 
-import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
+from gemma3_int4 import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
 
 # isort: split
 import argparse
@@ -31,15 +31,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint
-import files
-import loader
-import qat
-from checkpoint import DEFAULT_MODEL
-from cli import device_arg, one_line_warnings, positive_float, positive_int
-from config import BOS_ID
-from model import split_projections
-from tokenizer import Tokenizer
+from gemma3_int4 import checkpoint, files, loader, qat
+from gemma3_int4.checkpoint import DEFAULT_MODEL
+from gemma3_int4.cli import device_arg, one_line_warnings, positive_float, positive_int
+from gemma3_int4.config import BOS_ID
+from gemma3_int4.model import split_projections
+from gemma3_int4.tokenizer import Tokenizer
 
 LORA_TARGETS = "qkv_proj,q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"  # every projection of a block
 

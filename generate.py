@@ -14,7 +14,7 @@ Several prompts (--prompt repeated, or --prompt-file with one prompt per line) a
 JSON line {"index", "prompt", "text", "finish_reason", "new_tokens"} when it finishes.
 """
 
-import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
+from gemma3_int4 import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
 
 # isort: split
 import argparse
@@ -25,11 +25,16 @@ from pathlib import Path
 
 import torch
 
-import files
-import gemma4_audio
-import vision
-from cli import add_model_arguments, add_sampling_arguments, load, one_line_warnings, positive_int, sampling_from
-from generation import (
+from gemma3_int4 import files, gemma4_audio, vision
+from gemma3_int4.cli import (
+    add_model_arguments,
+    add_sampling_arguments,
+    load,
+    one_line_warnings,
+    positive_int,
+    sampling_from,
+)
+from gemma3_int4.generation import (
     Request,
     audio_inputs,
     compile_decode_step,
@@ -38,7 +43,7 @@ from generation import (
     generate_batch,
     image_inputs,
 )
-from tokenizer import StreamDecoder, check_text, is_instruction_tuned, place_images
+from gemma3_int4.tokenizer import StreamDecoder, check_text, is_instruction_tuned, place_images
 
 
 def peak_memory_mb(device: torch.device) -> float:

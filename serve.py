@@ -16,7 +16,7 @@ that web pages cannot reach it through DNS rebinding. Ctrl-C or SIGTERM: in-flig
 restart it.
 """
 
-import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
+from gemma3_int4 import hugepages  # noqa: F401  (first: it configures torch's allocator, see hugepages.py)
 
 # isort: split
 import argparse
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from cli import REPLY_LIMIT, add_model_arguments, load, note_if_base_model, positive_float, positive_int
-from generation import compile_decode_step, decode_one_token
+from gemma3_int4.cli import REPLY_LIMIT, add_model_arguments, load, note_if_base_model, positive_float, positive_int
+from gemma3_int4.generation import compile_decode_step, decode_one_token
 
 if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
     sys.exit("error: serve.py needs FastAPI and uvicorn: pip install -e '.[serve]'")
-from server import LOCAL_NAMES, Engine, build_app, listen, serve
+from gemma3_int4.server import LOCAL_NAMES, Engine, build_app, listen, serve
 
 
 def parse_args(argv=None) -> argparse.Namespace:

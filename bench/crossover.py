@@ -21,15 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
+from gemma3_int4 import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
 
 # isort: split
 import torch  # noqa: E402
 
-import quant  # noqa: E402
-import w4a8  # noqa: E402
-from config import CONFIGS, Gemma3Config  # noqa: E402
-from model import Gemma3  # noqa: E402
+from gemma3_int4 import quant, w4a8  # noqa: E402
+from gemma3_int4.config import CONFIGS, Gemma3Config  # noqa: E402
+from gemma3_int4.model import Gemma3  # noqa: E402
 
 
 def shapes(size: str) -> dict[str, tuple[int, int]]:

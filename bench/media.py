@@ -28,14 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
+from gemma3_int4 import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
 
 # isort: split
 from speed import peak_rss_mb, random_int4_checkpoint  # noqa: E402
 
 
 def first_token_s(model, prompt: list[int], media: list) -> float:
-    from generation import Sampling, generate
+    from gemma3_int4.generation import Sampling, generate
 
     t0 = time.perf_counter()
     next(iter(generate(model, prompt, 1, Sampling(temperature=0), pixel_values=media)))
@@ -57,11 +57,10 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    import gemma4_audio
-    import loader
-    from config import BOS_ID
-    from generation import audio_inputs, image_inputs
-    from tokenizer import GEMMA4_AUDIO_IDS, GEMMA4_IMAGE_IDS, Tokenizer
+    from gemma3_int4 import gemma4_audio, loader
+    from gemma3_int4.config import BOS_ID
+    from gemma3_int4.generation import audio_inputs, image_inputs
+    from gemma3_int4.tokenizer import GEMMA4_AUDIO_IDS, GEMMA4_IMAGE_IDS, Tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

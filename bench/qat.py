@@ -23,11 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quality import text_ids
 
 import finetune
-import loader
-import ptq
-from checkpoint import DEFAULT_MODEL
 from eval import chunked_logits, perplexity
-from tokenizer import Tokenizer
+from gemma3_int4 import loader, ptq
+from gemma3_int4.checkpoint import DEFAULT_MODEL
+from gemma3_int4.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -22,12 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import loader
-import quant
-from checkpoint import embedded_gguf
 from eval import chunked_logits, perplexity
-from generation import Sampling, generate
-from tokenizer import Tokenizer
+from gemma3_int4 import loader, quant
+from gemma3_int4.checkpoint import embedded_gguf
+from gemma3_int4.generation import Sampling, generate
+from gemma3_int4.tokenizer import Tokenizer
 
 
 def text_ids(tok: Tokenizer, n: int) -> list[int]:

@@ -19,12 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quality import text_ids
 
-import loader
-import ptq
-import quant
-from checkpoint import embedded_gguf
 from eval import chunked_logits, perplexity
-from tokenizer import Tokenizer
+from gemma3_int4 import loader, ptq, quant
+from gemma3_int4.checkpoint import embedded_gguf
+from gemma3_int4.tokenizer import Tokenizer
 
 
 def main() -> None:

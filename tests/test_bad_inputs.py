@@ -16,15 +16,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import chat
-import checkpoint
 import convert
 import eval as eval_script
-import files
 import generate
-import gguf_format
-import vision
-from config import START_OF_IMAGE_ID
-from tokenizer import Tokenizer
+from gemma3_int4 import checkpoint, files, gguf_format, vision
+from gemma3_int4.config import START_OF_IMAGE_ID
+from gemma3_int4.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -341,7 +338,8 @@ def test_files_are_published_by_a_link_that_cannot_replace(tmp_path, monkeypatch
 CONVERT_AND_SIGNAL = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import checkpoint, convert
+import convert
+from gemma3_int4 import checkpoint
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal has it (a background job inherits it ignored)
 write = checkpoint.write_shards
 def write_then_signal(*args, **kwargs):

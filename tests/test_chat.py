@@ -10,13 +10,11 @@ from conftest import run_main
 from PIL import Image
 
 import chat as chat_script
-import checkpoint
-import generation
-import loader
 from chat import ContextFull, Conversation
-from config import BOS_ID, END_OF_TURN_ID
-from generation import Sampling, prefill
-from tokenizer import Tokenizer
+from gemma3_int4 import checkpoint, generation, loader
+from gemma3_int4.config import BOS_ID, END_OF_TURN_ID
+from gemma3_int4.generation import Sampling, prefill
+from gemma3_int4.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = Sampling(temperature=0)

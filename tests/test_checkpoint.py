@@ -13,10 +13,8 @@ import torch
 from conftest import TINY, hf_text_model, int4_checkpoint
 from safetensors.torch import load_file, save_file
 
-import checkpoint
-import config as config_module
-import loader
-import quant
+from gemma3_int4 import checkpoint, loader, quant
+from gemma3_int4 import config as config_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,7 +159,7 @@ def test_hub_id_loads_from_the_hub_cache_layout(int4_dir, tmp_path_factory):
     for f in int4_dir.iterdir():
         (snapshot / f.name).write_bytes(f.read_bytes())
     code = (
-        "import torch, loader; "
+        "import torch; from gemma3_int4 import loader; "
         "m = loader.from_pretrained('someone/gemma-3-tiny-it-int4', dtype=torch.float32); "
         "print(type(m.embed).__name__, m.config.num_layers)"
     )
@@ -169,7 +167,7 @@ def test_hub_id_loads_from_the_hub_cache_layout(int4_dir, tmp_path_factory):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Int4Linear", "7"]
-    code = "import loader; loader.from_pretrained('someone/not-cached')"
+    code = "from gemma3_int4 import loader; loader.from_pretrained('someone/not-cached')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "downloading it from the hub failed" in out.stderr
 
@@ -185,7 +183,25 @@ def test_an_unreachable_hub_fails_in_one_line(tmp_path):
     assert out.stderr.startswith("error: 'someone/not-cached' is not a local path, and downloading it from the hub")
 
 
-MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
+SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py"))
+LIBRARY = sorted(p.stem for p in (ROOT / "gemma3_int4").glob("*.py") if p.stem != "__init__")
+MODULES = LIBRARY + SCRIPTS
+
+
+def module_path(module: str) -> Path:
+    return ROOT / (f"{module}.py" if module in SCRIPTS else f"gemma3_int4/{module}.py")
+
+
+def imported_modules(node: ast.AST) -> list[str]:
+    """Which of our modules an import statement names: `import convert`, `from gemma3_int4 import quant`,
+    `from gemma3_int4.quant import X`, and inside the package `from . import quant`, `from .quant import X`."""
+    if isinstance(node, ast.Import):
+        return [a.name.removeprefix("gemma3_int4.") for a in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.module in (None, "gemma3_int4"):  # from . import x / from gemma3_int4 import x
+        return [a.name for a in node.names]
+    return [node.module.removeprefix("gemma3_int4.")]
 
 
 # Imports go one way, down this list: each module imports ours only from the layers below its own, at the top
@@ -210,23 +226,22 @@ def test_imports_go_one_way():
     assert set().union(*LAYERS) == set(MODULES), "a new module needs a place in LAYERS"
     layer = {m: i for i, group in enumerate(LAYERS) for m in group}
     for module in MODULES:
-        for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text())):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
-                for name in (n for n in names if n in layer):
-                    assert layer[name] < layer[module], f"{module} imports {name}, which is not below it"
-                    assert node.col_offset == 0, f"{module} imports {name} inside a function"
+        for node in ast.walk(ast.parse(module_path(module).read_text())):
+            for name in (n for n in imported_modules(node) if n in layer):
+                assert layer[name] < layer[module], f"{module} imports {name}, which is not below it"
+                assert node.col_offset == 0, f"{module} imports {name} inside a function"
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_every_module_imports_first(module):
     """Whichever of our modules a script or a user imports first, it imports (with what it needs)."""
-    saved = {m: sys.modules.pop(m) for m in MODULES if m in sys.modules}
+    ours = lambda name: name == "gemma3_int4" or name.startswith("gemma3_int4.") or name in SCRIPTS
+    saved = {m: sys.modules.pop(m) for m in list(sys.modules) if ours(m)}
     try:
-        importlib.import_module(module)
+        importlib.import_module(module if module in SCRIPTS else f"gemma3_int4.{module}")
     finally:
-        for m in MODULES:
-            sys.modules.pop(m, None)
+        for m in [m for m in sys.modules if ours(m)]:
+            sys.modules.pop(m)
         sys.modules.update(saved)
 
 
@@ -238,15 +253,15 @@ def test_scripts_turn_on_huge_pages_before_torch_loads(script):
     and before any of our modules (which import torch)."""
     tree = ast.parse((ROOT / script).read_text())
     imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and n.col_offset == 0]
-    names = [n.module if isinstance(n, ast.ImportFrom) else n.names[0].name for n in imports]
+    names = [name for node in imports for name in (imported_modules(node) or [node.module])]
     assert next(n for n in names if n in {"torch", *MODULES}) == "hugepages", names
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    probe = "import os, hugepages; assert os.environ['THP_MEM_ALLOC_ENABLE'] == '1'"
+    probe = "import os; from gemma3_int4 import hugepages; assert os.environ['THP_MEM_ALLOC_ENABLE'] == '1'"
     assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env).returncode == 0
 
 
 def test_a_cached_ranker_that_does_not_fit_the_head_is_a_clear_error(tmp_path):
-    from checkpoint import RANKER, read_ranker
+    from gemma3_int4.checkpoint import RANKER, read_ranker
 
     assert read_ranker(tmp_path, 64, 96) is None  # none cached: the head's ranker is quantized on load
     fits = {"int4_data": torch.zeros(64, 48, dtype=torch.int8), "scales": torch.ones(64, 3, dtype=torch.bfloat16)}

@@ -12,14 +12,11 @@ import torch
 from conftest import TINY, hf_multimodal_model, hf_text_model, int4_checkpoint, run_main
 from safetensors.torch import load_file, save_file
 
-import checkpoint
 import convert
-import loader
-import ptq
-import quant
-from config import TEXT_VOCAB_SIZE
-from loader import load_checkpoint
-from tokenizer import Tokenizer
+from gemma3_int4 import checkpoint, loader, ptq, quant
+from gemma3_int4.config import TEXT_VOCAB_SIZE
+from gemma3_int4.loader import load_checkpoint
+from gemma3_int4.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(0, TINY["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(0))
@@ -241,7 +238,7 @@ def test_float_zero_points_are_refitted_as_integers(tiny_int4_dir, tokenizer_fil
     symmetric rounding is, and activation-aware: each column's error weighted by its inputs' mean square on the
     calibration text, which the refit lowers below the unweighted refit's; one warning names the error, printed as
     one line by the scripts."""
-    import cli
+    from gemma3_int4 import cli
 
     src = tmp_path / "src"
     tensors = stored(tiny_int4_dir)
@@ -382,8 +379,8 @@ def test_transformers_tokenizes_and_generates_from_the_export_as_we_do(to, tiny_
     generation_config.json; every file readable by all, as any checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from generation import Sampling, generate
-    from tokenizer import Tokenizer
+    from gemma3_int4.generation import Sampling, generate
+    from gemma3_int4.tokenizer import Tokenizer
 
     src = tmp_path / "src"
     shutil.copytree(tiny_int4_dir, src)
@@ -412,7 +409,7 @@ def test_transformers_tokenizes_and_generates_from_the_export_as_we_do(to, tiny_
 
 def test_a_gguf_export_carries_the_chat_template(tiny_int4_dir, tmp_path):
     """llama.cpp applies the chat template of a GGUF's metadata: the source's travels into it."""
-    from checkpoint import chat_template
+    from gemma3_int4.checkpoint import chat_template
 
     src = tmp_path / "src"
     shutil.copytree(tiny_int4_dir, src)
@@ -428,7 +425,7 @@ def test_the_tokenizer_of_an_export_loads_without_protobuf_or_tokenizer_model(ti
     """transformers reads tokenizer.model through protobuf (and fails without it); tokenizer.json needs neither."""
     from transformers import AutoTokenizer
 
-    from tokenizer import Tokenizer
+    from gemma3_int4.tokenizer import Tokenizer
 
     exported = tmp_path / "dense"
     shutil.copytree(export(tiny_int4_dir, "dense"), exported)

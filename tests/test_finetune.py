@@ -11,14 +11,11 @@ import torch.nn.functional as F
 from conftest import hf_text_model, run_main
 from test_gemma4 import hf_gemma4
 
-import checkpoint
 import finetune
-import loader
-import qat
-import quant
-from config import BOS_ID
-from model import split_projections
-from tokenizer import Tokenizer
+from gemma3_int4 import checkpoint, loader, qat, quant
+from gemma3_int4.config import BOS_ID
+from gemma3_int4.model import split_projections
+from gemma3_int4.tokenizer import Tokenizer
 
 
 def dense_dir(tmp_path, tokenizer_file, gemma4: bool = False):

@@ -10,12 +10,10 @@ import torch
 from conftest import TINY, VISION_TINY, randomize, run_main
 
 import convert
-import flax_format
-import loader
-import quant
-from checkpoint import our_name
-from config import CONFIGS, IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES, Gemma3Config
-from loader import convert_weights, load_checkpoint
+from gemma3_int4 import flax_format, loader, quant
+from gemma3_int4.checkpoint import our_name
+from gemma3_int4.config import CONFIGS, IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES, Gemma3Config
+from gemma3_int4.loader import convert_weights, load_checkpoint
 
 ocp = pytest.importorskip("orbax.checkpoint")
 bfloat16 = pytest.importorskip("ml_dtypes").bfloat16

@@ -12,12 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint
-import loader
-import quant
-from config import GEMMA4_CONFIGS, Gemma4Config
-from gemma4 import Gemma4
-from generation import Sampling, generate, prefill
+from gemma3_int4 import checkpoint, loader, quant
+from gemma3_int4.config import GEMMA4_CONFIGS, Gemma4Config
+from gemma3_int4.gemma4 import Gemma4
+from gemma3_int4.generation import Sampling, generate, prefill
 
 TOL = 1e-3
 S, F = "sliding_attention", "full_attention"
@@ -151,7 +149,7 @@ def test_rows_at_their_own_positions(tmp_path, kind):
 
 def test_compiled_decoding_of_experts(tmp_path):
     """torch.compile around the MoE: its expert dispatch runs eagerly between the graphs; the same tokens."""
-    from generation import compile_decode_step
+    from gemma3_int4.generation import compile_decode_step
 
     ours = ours_from(hf_gemma4("moe"), tmp_path)
     prompt = torch.randint(0, TINY["vocab_size"], (20,)).tolist()
@@ -164,7 +162,7 @@ def test_compiled_decoding_of_experts(tmp_path):
 
 def test_the_model_code_does_not_import_the_compiler():
     """Importing torch._dynamo costs a second or two of every start: only torch.compile should pay for it."""
-    code = "import sys, loader, generation, cli; sys.exit('torch._dynamo' in sys.modules)"
+    code = "import sys; from gemma3_int4 import loader, generation, cli; sys.exit('torch._dynamo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
 
@@ -181,7 +179,7 @@ def test_greedy_continuation_is_transformers(tmp_path, kind):
 
 def dequantized(ours: Gemma4) -> dict[str, torch.Tensor]:
     """Our model's weights as float tensors in transformers' names (for the reference)."""
-    from model import split_projections
+    from gemma3_int4.model import split_projections
 
     stored = split_projections(ours.state_dict(), ours.config)
     modules = {name.rpartition(".")[0] for name in stored if name.rpartition(".")[2] in quant.FORMATS}
@@ -474,7 +472,7 @@ def test_tokenizer_json_is_transformers_tokenizer(gemma4_tokenizer_dir):
     text are transformers'. Special tokens typed in text stay text (transformers would read them)."""
     from transformers import AutoTokenizer
 
-    from tokenizer import Tokenizer
+    from gemma3_int4.tokenizer import Tokenizer
 
     hf = AutoTokenizer.from_pretrained(gemma4_tokenizer_dir)
     ours = Tokenizer.from_pretrained(gemma4_tokenizer_dir)
@@ -492,7 +490,7 @@ def test_gguf_with_llama_cpps_gemma4_tokenizer(gemma4_tokenizer_dir, tmp_path):
     import gguf
     from transformers import AutoTokenizer
 
-    from tokenizer import Tokenizer
+    from gemma3_int4.tokenizer import Tokenizer
 
     data = json.loads((gemma4_tokenizer_dir / "tokenizer.json").read_text())
     special = {t["id"] for t in data["added_tokens"] if t["special"]}
@@ -523,7 +521,7 @@ def test_chat_prompt_is_the_checkpoints_template(gemma4_tokenizer_dir, tmp_path,
 
     from transformers import AutoTokenizer
 
-    from tokenizer import Tokenizer
+    from gemma3_int4.tokenizer import Tokenizer
 
     directory = tmp_path / "tokenizer"
     shutil.copytree(gemma4_tokenizer_dir, directory)
@@ -587,7 +585,7 @@ def test_server_on_gemma4(gemma4_tokenizer_dir, tmp_path):
     pytest.importorskip("uvicorn")
     from test_server import serving
 
-    from tokenizer import StreamDecoder, Tokenizer
+    from gemma3_int4.tokenizer import StreamDecoder, Tokenizer
 
     directory, _ = gemma4_chat_checkpoint(tmp_path, gemma4_tokenizer_dir)
     model = loader.from_pretrained(directory, dtype=torch.float32, weights="dense")
@@ -617,8 +615,8 @@ def test_eval_script_on_gemma4(gemma4_tokenizer_dir, tmp_path):
     from conftest import run_main
 
     import eval as eval_script
-    from config import BOS_ID
-    from tokenizer import Tokenizer
+    from gemma3_int4.config import BOS_ID
+    from gemma3_int4.tokenizer import Tokenizer
 
     directory, hf = gemma4_chat_checkpoint(tmp_path, gemma4_tokenizer_dir)
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog.")
@@ -638,7 +636,7 @@ def test_bad_tokenizer_files(gemma4_tokenizer_dir, tmp_path):
     file. A chat template that does not render: a warning, and replies open the model's turn plainly."""
     import shutil
 
-    from tokenizer import Tokenizer
+    from gemma3_int4.tokenizer import Tokenizer
 
     directory = tmp_path / "tok"
     shutil.copytree(gemma4_tokenizer_dir, directory)

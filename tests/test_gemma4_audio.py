@@ -13,9 +13,8 @@ import test_gemma4
 import torch
 from test_gemma4 import KINDS, TINY, randomize
 
-import gemma4_audio
-import loader
-from generation import Sampling, generate
+from gemma3_int4 import gemma4_audio, loader
+from gemma3_int4.generation import Sampling, generate
 
 gemma4_tokenizer = test_gemma4.gemma4_tokenizer_dir  # the fixture (pytest knows it by this name)
 TOL = 1e-3
@@ -241,7 +240,7 @@ def test_generate_with_audio(tmp_path, gemma4_tokenizer):
     from conftest import run_main
 
     import generate as generate_script
-    from tokenizer import AUDIO_MARK, GEMMA4_AUDIO_IDS, Tokenizer
+    from gemma3_int4.tokenizer import AUDIO_MARK, GEMMA4_AUDIO_IDS, Tokenizer
 
     audio_ids = tuple(GEMMA4_AUDIO_IDS[i] for i in (1, 0, 2))  # soft, opening, closing
     hf = hf_gemma4_audio(kind="31b-style", ids=audio_ids, vocab_size=262144)
@@ -308,8 +307,8 @@ def test_chat_with_an_image_and_audio(tmp_path, gemma4_tokenizer):
     from conftest import run_main
 
     import chat
-    from generation import audio_inputs, image_inputs
-    from tokenizer import GEMMA4_AUDIO_IDS, Tokenizer
+    from gemma3_int4.generation import audio_inputs, image_inputs
+    from gemma3_int4.tokenizer import GEMMA4_AUDIO_IDS, Tokenizer
 
     directory = tmp_path / "gemma-4-tiny-it"
     gemma4_with_media(directory, gemma4_tokenizer)

@@ -11,12 +11,10 @@ from PIL import Image
 from test_gemma4 import KINDS, TINY, randomize
 from test_vision import odd_images, photos
 
-import checkpoint
-import gemma4_vision
-import loader
-from config import SOFT_TOKEN_BUDGETS
-from generation import Sampling, generate
-from tokenizer import GEMMA4_IMAGE_IDS
+from gemma3_int4 import checkpoint, gemma4_vision, loader
+from gemma3_int4.config import SOFT_TOKEN_BUDGETS
+from gemma3_int4.generation import Sampling, generate
+from gemma3_int4.tokenizer import GEMMA4_IMAGE_IDS
 
 gemma4_tokenizer = test_gemma4.gemma4_tokenizer_dir  # the fixture (pytest knows it by this name)
 TOL = 1e-3
@@ -231,7 +229,7 @@ def test_bidirectional_image_mask_matters(tmp_path):
 def test_cached_chunked_prefill_keeps_images_whole(pair):
     """Prefill in chunks smaller than an image (never split, generation.prefill), then decode: transformers'
     greedy tokens."""
-    from generation import prefill
+    from gemma3_int4.generation import prefill
 
     hf, ours = pair
     ids = prompt([[2, 30, 31], [32], [33, 34]], [63, 66])
@@ -287,7 +285,7 @@ def test_generate_with_an_image(tmp_path, gemma4_tokenizer):
     from conftest import run_main
 
     import generate as generate_script
-    from tokenizer import IMAGE_MARK, Tokenizer
+    from gemma3_int4.tokenizer import IMAGE_MARK, Tokenizer
 
     image_ids = tuple(GEMMA4_IMAGE_IDS[i] for i in (1, 0, 2))  # soft, opening, closing
     hf = hf_gemma4_vision("31b-style", ids=image_ids, vocab_size=262144, max_position_embeddings=1024)

@@ -8,8 +8,8 @@ import torch
 from conftest import hf_text_model, run_main
 
 import generate as generate_script
-import loader
-from generation import (
+from gemma3_int4 import loader
+from gemma3_int4.generation import (
     Batch,
     Request,
     Sampling,
@@ -20,7 +20,7 @@ from generation import (
     prefill,
     sample,
 )
-from tokenizer import Tokenizer
+from gemma3_int4.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_repetition_penalty_matches_transformers():
     seen = torch.zeros(1, 50, dtype=torch.bool)
     seen[0, seen_ids[0]] = True
     expected = RepetitionPenaltyLogitsProcessor(1.3)(seen_ids, logits.clone())
-    from generation import apply_repetition_penalty
+    from gemma3_int4.generation import apply_repetition_penalty
 
     torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.3), expected)
 

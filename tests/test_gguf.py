@@ -10,13 +10,10 @@ import pytest
 import torch
 from conftest import run_main
 
-import checkpoint
 import convert
-import gguf_format
-import loader
-import quant
-from loader import load_checkpoint
-from tokenizer import Tokenizer
+from gemma3_int4 import checkpoint, gguf_format, loader, quant
+from gemma3_int4.loader import load_checkpoint
+from gemma3_int4.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,11 +10,10 @@ from conftest import hf_text_model, run_main
 from test_server import post, serving
 
 import eval as eval_script
-import hf_tokenizer
-import loader
-from config import BOS_ID
-from generation import Sampling, generate
-from tokenizer import Tokenizer
+from gemma3_int4 import hf_tokenizer, loader
+from gemma3_int4.config import BOS_ID
+from gemma3_int4.generation import Sampling, generate
+from gemma3_int4.tokenizer import Tokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")  # the served model's tokenizer, on the harness's side
@@ -107,7 +106,7 @@ def test_served_loglikelihoods_are_in_process_ones(tiny_dir, ours, tasks):
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from lm_eval.tasks import TaskManager
 
-    import harness
+    from gemma3_int4 import harness
 
     model, tok = ours
     requests = [Instance("loglikelihood", {}, (q, " " + c), i) for i, (q, cs, _) in enumerate(QUESTIONS) for c in cs]

@@ -6,10 +6,9 @@ import pytest
 import torch
 from conftest import TINY, hf_text_model
 
-import checkpoint
-import loader
-from config import CONFIGS, TEXT_VOCAB_SIZE, Gemma3Config
-from model import Gemma3, split_projections
+from gemma3_int4 import checkpoint, loader
+from gemma3_int4.config import CONFIGS, TEXT_VOCAB_SIZE, Gemma3Config
+from gemma3_int4.model import Gemma3, split_projections
 
 TOL = 1e-3
 
@@ -43,7 +42,7 @@ def test_logits_match_transformers(tmp_path, overrides):
 def test_an_untied_head_is_its_own_linear(tmp_path, weights):
     """tie_word_embeddings false: lm_head.weight is the head (quantized like any linear with int4), the embedding
     only looks up; transformers on the same (dequantized) weights agrees, and a tied config drops a stored head."""
-    import quant
+    from gemma3_int4 import quant
 
     hf = hf_text_model(tie_word_embeddings=False)
     with torch.no_grad():
@@ -151,7 +150,7 @@ def test_rows_must_match_the_cache(tmp_path):
 def test_eager_decoding_reads_only_the_filled_cache(tmp_path, monkeypatch):
     """A 64-slot cache holding 6 positions: eager attention reads 6 keys (global) and at most the window's 8
     (local ring), not all 64, and the logits are unchanged (test_cached_decoding_matches_full_forward)."""
-    import model as model_module
+    from gemma3_int4 import model as model_module
 
     ours = ours_from(hf_text_model(), tmp_path)
     read, sdpa = [], model_module.F.scaled_dot_product_attention
@@ -274,7 +273,7 @@ def test_config_json_roundtrip(tmp_path):
 
 def small_state_dict(kinds: dict[str, str]) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:
     """A one-layer config and its q/k/v and gate/up weights in the checkpoints' names, each of the given kind."""
-    import quant
+    from gemma3_int4 import quant
 
     config = Gemma3Config(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32,
                           intermediate_size=96, sliding_window=8, vocab_size=64)  # fmt: skip
@@ -291,7 +290,7 @@ def small_state_dict(kinds: dict[str, str]) -> tuple[Gemma3Config, dict[str, tor
 
 
 def test_projections_are_stacked_by_rows_and_split_back():
-    from model import fuse_projections, split_projections
+    from gemma3_int4.model import fuse_projections, split_projections
 
     config, tensors = small_state_dict({"mlp.up_proj": "int4_data"})
     fused = fuse_projections(tensors, config.num_layers)
@@ -306,8 +305,8 @@ def test_projections_are_stacked_by_rows_and_split_back():
 
 
 def test_a_group_of_mixed_kinds_is_stacked_in_its_widest():
-    import quant
-    from model import fuse_projections
+    from gemma3_int4 import quant
+    from gemma3_int4.model import fuse_projections
 
     config, tensors = small_state_dict({"attn.v_proj": "int8_data", "mlp.gate_proj": "weight"})
     fused = fuse_projections(tensors, config.num_layers)
@@ -327,7 +326,7 @@ def test_a_group_of_mixed_kinds_is_stacked_in_its_widest():
 
 
 def test_a_missing_part_of_a_group_is_named():
-    from model import fuse_projections
+    from gemma3_int4.model import fuse_projections
 
     config, tensors = small_state_dict({})
     del tensors["layers.0.attn.k_proj.int4_data"], tensors["layers.0.attn.k_proj.scales"]
@@ -336,8 +335,8 @@ def test_a_missing_part_of_a_group_is_named():
 
 
 def test_zero_points_beside_symmetric_int4_are_stacked_with_zeros_of_0():
-    import quant
-    from model import fuse_projections
+    from gemma3_int4 import quant
+    from gemma3_int4.model import fuse_projections
 
     config, tensors = small_state_dict({})
     tensors["layers.0.attn.k_proj.zeros"] = torch.randn(32, 2).to(torch.bfloat16)  # k asymmetric, q and v not

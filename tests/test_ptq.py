@@ -7,11 +7,9 @@ import torch
 from conftest import TINY, hf_text_model, randomize
 
 import convert
-import loader
-import ptq
-import quant
-from config import BOS_ID, Gemma3Config
-from model import FUSED, Gemma3, split_projections
+from gemma3_int4 import loader, ptq, quant
+from gemma3_int4.config import BOS_ID, Gemma3Config
+from gemma3_int4.model import FUSED, Gemma3, split_projections
 
 CONFIG = Gemma3Config(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=96,
                       sliding_window=8, vocab_size=512, query_pre_attn_scalar=24)  # fmt: skip
@@ -135,7 +133,7 @@ def test_calibration_text():
 
 
 def test_calibration_ids(tokenizer_file):
-    from tokenizer import Tokenizer
+    from gemma3_int4.tokenizer import Tokenizer
 
     ids = ptq.calibration_ids(Tokenizer.from_file(tokenizer_file), num_seqs=4, seq_len=32)
     assert ids.shape == (4, 32) and (ids[:, 0] == BOS_ID).all() and (ids[:, 1:] != BOS_ID).all()
@@ -165,7 +163,7 @@ def test_convert_py_gptq(tmp_path, tokenizer_file):
 def test_input_mean_squares_match_transformers(tmp_path):
     """Each linear's inputs' mean square per column (the refit's column weights) over the calibration tokens: as
     forward hooks on transformers' model with the same weights see them, q/k/v and gate/up each their own."""
-    import checkpoint
+    from gemma3_int4 import checkpoint
 
     hf = hf_text_model()
     hf.save_pretrained(tmp_path)

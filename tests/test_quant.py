@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import quant
-from quant import GROUP_SIZE, Int4Linear, Int8Linear
+from gemma3_int4 import quant
+from gemma3_int4.quant import GROUP_SIZE, Int4Linear, Int8Linear
 
 
 def reference_unpack(packed: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,11 @@ import torch
 from conftest import llama_logits, text_sample
 from safetensors.torch import save_file
 
-import loader
-import quant
-from checkpoint import DEFAULT_MODEL_CACHE, RANKER, read_ranker
 from eval import chunked_logits, perplexity
-from generation import Sampling, generate
-from tokenizer import Tokenizer
+from gemma3_int4 import loader, quant
+from gemma3_int4.checkpoint import DEFAULT_MODEL_CACHE, RANKER, read_ranker
+from gemma3_int4.generation import Sampling, generate
+from gemma3_int4.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,9 +152,9 @@ def test_gguf_import_keeps_each_tensors_precision(real_gguf):
     (the Q8_0 embedding, Q5_0 attn_q) at 8 bits, as Int8Linear, and the Q4_K attn_output as int4 with zeros."""
     import gguf
 
-    from gguf_format import open_gguf
-    from loader import load_checkpoint
-    from quant import Int4Linear, Int8Linear, dequantize
+    from gemma3_int4.gguf_format import open_gguf
+    from gemma3_int4.loader import load_checkpoint
+    from gemma3_int4.quant import Int4Linear, Int8Linear, dequantize
 
     _, tensors, above_4_bits = load_checkpoint(real_gguf)
     raw = {t.name: t for t in open_gguf(real_gguf).tensors}
@@ -185,9 +184,9 @@ def test_gguf_export_runs_in_llama_cpp(real_gguf, tmp_path, tok):
     import numpy as np
     from llama_cpp import Llama
 
-    from gguf_format import open_gguf
-    from loader import load_checkpoint
-    from quant import convert_state_dict
+    from gemma3_int4.gguf_format import open_gguf
+    from gemma3_int4.loader import load_checkpoint
+    from gemma3_int4.quant import convert_state_dict
 
     ids = tok.encode(text_sample(2000, offset=50_000), bos=True)[:300]
     for weights in ("auto", "int4"):
@@ -222,8 +221,8 @@ def test_serving_exports_round_trip_on_the_real_model(real_gguf, tmp_path, tok):
     neither holds, come back refitted with integer zero points (exactly quant.quantize_int4_asymmetric's,
     weighted by the inputs' mean squares on the calibration text)."""
     import convert
-    import ptq
-    from loader import load_checkpoint
+    from gemma3_int4 import ptq
+    from gemma3_int4.loader import load_checkpoint
 
     convert.convert(str(real_gguf), tmp_path / "int4", "int4", weights="int4")
     config, original, _ = load_checkpoint(tmp_path / "int4")

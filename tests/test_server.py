@@ -34,16 +34,12 @@ from conftest import hf_multimodal_model, int4_checkpoint
 from PIL import Image
 from test_gemma4_audio import gemma4_with_media, noise_image, speech_like, wav_bytes
 
-import gemma4_audio
-import generation
-import loader
-import server
-import vision
-from checkpoint import DEFAULT_MODEL
-from config import BOS_ID, STOP_IDS
-from generation import Request, Sampling, compile_decode_step, generate
-from server import LOCAL_NAMES, Engine, Job, StopStrings, build_app, listen, uvicorn_config
-from tokenizer import AUDIO_MARK, IMAGE_MARK, Tokenizer
+from gemma3_int4 import gemma4_audio, generation, loader, server, vision
+from gemma3_int4.checkpoint import DEFAULT_MODEL
+from gemma3_int4.config import BOS_ID, STOP_IDS
+from gemma3_int4.generation import Request, Sampling, compile_decode_step, generate
+from gemma3_int4.server import LOCAL_NAMES, Engine, Job, StopStrings, build_app, listen, uvicorn_config
+from gemma3_int4.tokenizer import AUDIO_MARK, IMAGE_MARK, Tokenizer
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -832,7 +828,8 @@ def test_sigterm_ends_in_flight_streams_and_exits(tmp_path):
 ENGINE_FAILS = """
 import sys
 sys.path.insert(0, {root!r})
-import serve, server
+import serve
+from gemma3_int4 import server
 server.Engine.join = lambda self, job: 1 / 0  # a bug in the engine's loop
 sys.exit(serve.main(sys.argv[1:]))
 """

@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-import tokenizer as tk
-from tokenizer import StreamDecoder, Tokenizer
+from gemma3_int4 import tokenizer as tk
+from gemma3_int4.tokenizer import StreamDecoder, Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,9 @@ import pytest
 import torch
 from conftest import hf_text_model
 
-import checkpoint
 import convert
-import loader
-import quant
-from loader import load_checkpoint
+from gemma3_int4 import checkpoint, loader, quant
+from gemma3_int4.loader import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 torchao = pytest.importorskip("torchao")
@@ -136,7 +134,7 @@ def reference(dense: dict[str, torch.Tensor]):
 WITHOUT_TORCHAO = """
 import sys, torch
 sys.modules["torchao"] = None  # importing torchao now fails
-import loader, quant
+from gemma3_int4 import loader, quant
 model = loader.from_pretrained(sys.argv[1], dtype=torch.float32)
 assert "torchao" not in sys.modules or sys.modules["torchao"] is None
 ids = torch.tensor([[2, 17, 99, 4, 250, 31, 7, 400]])
@@ -182,7 +180,7 @@ def test_loads_exactly_without_torchao(recipe, serialization, tmp_path, monkeypa
 
 
 def test_greedy_output_matches_transformers(recipe, tmp_path, monkeypatch):
-    from generation import Sampling, generate
+    from gemma3_int4.generation import Sampling, generate
 
     dense = torchao_checkpoint(recipe, "safetensors", tmp_path / "ckpt", monkeypatch)
     model = loader.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
@@ -302,7 +300,7 @@ def test_a_quantized_vision_tower_is_dequantized():
 
 
 def stand_in(kind: str, **attributes) -> torch.Tensor:
-    import torchao_format
+    from gemma3_int4 import torchao_format
 
     weight = torch.Tensor._make_wrapper_subclass(torchao_format.CLASSES[kind], attributes["qdata"].shape)
     weight.__dict__.update(attributes)
@@ -311,7 +309,7 @@ def stand_in(kind: str, **attributes) -> torch.Tensor:
 
 def test_weights_our_formats_cannot_hold_exactly_come_in_dense():
     """A partial last group (K = 80 in groups of 32) or zero points on a per-row int8 weight: dense, the formula's."""
-    import torchao_format
+    from gemma3_int4 import torchao_format
 
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-8, 8, (16, 80), generator=g, dtype=torch.int8)
@@ -338,7 +336,7 @@ def test_a_multimodal_checkpoint_with_its_vision_tower_quantized(tmp_path):
     from test_vision import hf_logits, image_prompt
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
 
-    from config import TEXT_VOCAB_SIZE
+    from gemma3_int4.config import TEXT_VOCAB_SIZE
 
     def untied():
         hf = hf_multimodal_model()

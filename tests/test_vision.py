@@ -12,13 +12,11 @@ from conftest import hf_multimodal_model, int4_checkpoint, run_main
 from PIL import Image
 
 import generate as generate_script
-import loader
-import quant
-import vision
-from config import IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES
-from generation import prefill
-from model import attention_mask, image_index, same_image_mask
-from tokenizer import IMAGE_MARK, Tokenizer, place_images
+from gemma3_int4 import loader, quant, vision
+from gemma3_int4.config import IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES
+from gemma3_int4.generation import prefill
+from gemma3_int4.model import attention_mask, image_index, same_image_mask
+from gemma3_int4.tokenizer import IMAGE_MARK, Tokenizer, place_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SOI, EOI = 255999, 256000  # <start_of_image>, <end_of_image> (inside the tiny multimodal vocabulary of 262208)
@@ -135,7 +133,7 @@ def test_cached_prefill_then_greedy_decoding_match_transformers(multimodal):
     hf, ours, _ = multimodal
     ids = image_prompt([[2, 40, 41], [42, 43, 44], [45]], 4)
     px = random_pixels(2, seed=5)
-    from generation import Sampling, generate
+    from gemma3_int4.generation import Sampling, generate
 
     ours.setup_cache(1, 64)
     got = list(generate(ours, ids, 8, Sampling(temperature=0), pixel_values=px))
@@ -335,8 +333,8 @@ def test_transformers_4_layout_loads_the_same(multimodal, tmp_path):
 
 def test_gguf_export_leaves_out_the_vision_tower(multimodal, tokenizer_file, tmp_path):
     """llama.cpp keeps the vision tower in a separate mmproj file: the GGUF holds the language model only."""
-    import gguf_format
-    from loader import load_checkpoint
+    from gemma3_int4 import gguf_format
+    from gemma3_int4.loader import load_checkpoint
 
     _, _, directory = multimodal
     config, tensors, _ = load_checkpoint(directory)

@@ -7,11 +7,8 @@ import sys
 import pytest
 import torch
 
-import files
-import loader
-import quant
-import w4a8
-from generation import prefill
+from gemma3_int4 import files, loader, quant, w4a8
+from gemma3_int4.generation import prefill
 
 needs_op = pytest.mark.skipif(not w4a8.load(), reason="the W4A8 op cannot be built on this machine")
 
@@ -128,7 +125,14 @@ def test_activation_quantization_is_llama_cpps():
 def test_int8_activations_in_the_model(tiny_int4_dir):
     """--act int8: every int4 linear runs the op (no packed copy); one-token logits close to the exact path's;
     greedy batches decode as each request alone; a compiled step runs the op too."""
-    from generation import Request, Sampling, compile_decode_step, decode_one_token, generate, generate_batch
+    from gemma3_int4.generation import (
+        Request,
+        Sampling,
+        compile_decode_step,
+        decode_one_token,
+        generate,
+        generate_batch,
+    )
 
     exact = loader.from_pretrained(tiny_int4_dir, activations="bf16")
     model = loader.from_pretrained(tiny_int4_dir, activations="int8")

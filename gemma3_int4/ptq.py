@@ -26,11 +26,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-import quant
-from config import BOS_ID, VISION_MODULES, Gemma3Config
-from loader import from_tensors
-from model import FUSED, Gemma3, attention_mask, fuse_projections, rope_cos_sin, split_projections
-from tokenizer import Tokenizer
+from . import quant
+from .config import BOS_ID, VISION_MODULES, Gemma3Config
+from .loader import from_tensors
+from .model import FUSED, Gemma3, attention_mask, fuse_projections, rope_cos_sin, split_projections
+from .tokenizer import Tokenizer
 
 G = quant.GROUP_SIZE
 

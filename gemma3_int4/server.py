@@ -55,12 +55,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-import gemma4_audio
-import vision
-from config import BOS_ID
-from generation import GEMMA_SAMPLING, Batch, Request, Sampling, audio_inputs, decode_one_token, image_inputs, score
-from model import Gemma3
-from tokenizer import AUDIO_MARK, IMAGE_MARK, StreamDecoder, Tokenizer
+from . import gemma4_audio, vision
+from .config import BOS_ID
+from .generation import GEMMA_SAMPLING, Batch, Request, Sampling, audio_inputs, decode_one_token, image_inputs, score
+from .model import Gemma3
+from .tokenizer import AUDIO_MARK, IMAGE_MARK, StreamDecoder, Tokenizer
 
 PAGE = Path(__file__).with_name("chat.html")
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import w4a8
+from . import w4a8
 
 GROUP_SIZE = 32
 

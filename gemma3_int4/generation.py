@@ -10,11 +10,9 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-import gemma4_audio
-import gemma4_vision
-import vision
-from config import Gemma4VisionConfig
-from model import ALL, Gemma3, image_index
+from . import gemma4_audio, gemma4_vision, vision
+from .config import Gemma4VisionConfig
+from .model import ALL, Gemma3, image_index
 
 # The range of temperature (other than 0) and repetition_penalty: together they scale logits by at most 10^4, so
 # finite logits stay finite (an overflow to infinity would make NaN, and sampling from NaN fails).

@@ -27,12 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import files
-import flax_format
-import gguf_format
-import quant
-import torchao_format
-from config import Gemma3Config, Gemma4Config
+from . import files, flax_format, gguf_format, quant, torchao_format
+from .config import Gemma3Config, Gemma4Config
 
 HUB_FILES = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
 PICKLED = "pytorch_model*.bin"  # torchao's pickled releases: read by torchao_format, never by a free unpickler

@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import Gemma4AudioConfig
-from gemma4_vision import ClippableLinear
-from model import Gemma4RMSNorm
+from .config import Gemma4AudioConfig
+from .gemma4_vision import ClippableLinear
+from .model import Gemma4RMSNorm
 
 SAMPLE_RATE = 16_000
 MAX_SECONDS = 30  # transformers' extractor keeps the first 30 s (480,000 samples): 750 soft tokens at most

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-import quant
-from config import VISION_MODULES
+from . import quant
+from .config import VISION_MODULES
 
 G = quant.GROUP_SIZE
 

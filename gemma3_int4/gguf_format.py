@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import files
-import quant
-from config import AUDIO_MODULES, VISION_MODULES, Gemma3Config, Gemma4Config
+from . import files, quant
+from .config import AUDIO_MODULES, VISION_MODULES, Gemma3Config, Gemma4Config
 
 ARCH, GEMMA4_ARCH = "gemma3", "gemma4"
 NAMES = {  # GGUF -> ours; "blk.{i}." becomes "layers.{i}."

@@ -16,10 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import quant
-import vision
-from config import TEXT_VOCAB_SIZE, Gemma3Config, VisionConfig
-from quant import attention_dtype
+from . import quant, vision
+from .config import TEXT_VOCAB_SIZE, Gemma3Config, VisionConfig
+from .quant import attention_dtype
 
 
 class RMSNorm(nn.Module):

@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from config import SOFT_TOKEN_BUDGETS, Gemma4VisionConfig
-from model import Gemma4RMSNorm, apply_rope, rope_cos_sin
-from quant import attention_dtype
-from vision import load_image, to_rgb
+from .config import SOFT_TOKEN_BUDGETS, Gemma4VisionConfig
+from .model import Gemma4RMSNorm, apply_rope, rope_cos_sin
+from .quant import attention_dtype
+from .vision import load_image, to_rgb
 
 # ---------------------------------------------------------------------------------------------------
 # Preprocessing: any image file -> (3, H, W) float32 in [0, 1], as transformers' Gemma4ImageProcessorPil does it.

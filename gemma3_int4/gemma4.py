@@ -23,10 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import gemma4_audio
-import gemma4_vision
-from config import PAD_ID, Gemma4Config
-from model import (
+from . import gemma4_audio, gemma4_vision
+from .config import PAD_ID, Gemma4Config
+from .model import (
     ALL,
     FUSED,
     MLP,
@@ -47,8 +46,8 @@ from model import (
     row_masks,
     same_image_masks,
 )
-from model import Gemma4RMSNorm as RMSNorm  # shared with the towers
-from quant import attention_dtype
+from .model import Gemma4RMSNorm as RMSNorm  # shared with the towers
+from .quant import attention_dtype
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values (B, n_kv, S, hd): what a layer's attention reads
 # What the loader stacks (model.fuse_projections): gate and up, as in Gemma 3. q, k and v stay apart, since the

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 
-from config import BOS_ID, EOS_ID
-from generation import Request, Sampling, generate_batch, score
-from tokenizer import Tokenizer
+from .config import BOS_ID, EOS_ID
+from .generation import Request, Sampling, generate_batch, score
+from .tokenizer import Tokenizer
 
 try:  # the optional `eval` extra: without it this module imports, and evaluate() says what to install
     import lm_eval

@@ -10,11 +10,10 @@ import warnings
 
 import torch
 
-import loader
-import quant
-from checkpoint import DEFAULT_MODEL
-from generation import GEMMA_SAMPLING, Sampling
-from tokenizer import Tokenizer, is_base_model
+from . import loader, quant
+from .checkpoint import DEFAULT_MODEL
+from .generation import GEMMA_SAMPLING, Sampling
+from .tokenizer import Tokenizer, is_base_model
 
 REPLY_LIMIT = 1024  # tokens: a long answer, while a base model that never ends its turn stops in seconds
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-import checkpoint
-from config import (
+from . import checkpoint
+from .config import (
     BOS_ID,
     END_OF_IMAGE_ID,
     EOS_ID,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-import files
+from . import files
 
 GROUP_SIZE = 32
 SOURCE = Path(__file__).with_name("w4a8.cpp")

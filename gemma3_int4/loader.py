@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import checkpoint
-import quant
-from config import AUDIO_MODULES, GEMMA4_MODEL_TYPES, VISION_MODULES, Gemma3Config, Gemma4Config
-from gemma4 import GEMMA4_FUSED, Gemma4
-from model import FUSED, Gemma3, fuse_projections
+from . import checkpoint, quant
+from .config import AUDIO_MODULES, GEMMA4_MODEL_TYPES, VISION_MODULES, Gemma3Config, Gemma4Config
+from .gemma4 import GEMMA4_FUSED, Gemma4
+from .model import FUSED, Gemma3, fuse_projections
 
 Config = Gemma3Config | Gemma4Config
 Model = Gemma3 | Gemma4

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 
-import gguf_format
-from config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from . import gguf_format
+from .config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # SentencePiece's piece types (also 2 unknown, 5 unused, 6 byte)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from config import CONFIGS, Gemma3Config, VisionConfig
+from .config import CONFIGS, Gemma3Config, VisionConfig
 
 SIGLIP = "SigLiPFromPatches_0/siglip_encoder"
 MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")  # what orbax writes beside the arrays
