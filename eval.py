@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gemma3_int4 import files, harness, loader, quant
+from gemma3_int4 import cpu_kernels, files, harness, loader
 from gemma3_int4.checkpoint import DEFAULT_MODEL
 from gemma3_int4.cli import device_arg, one_line_warnings, positive_int
 from gemma3_int4.config import BOS_ID
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--weights", choices=["auto", "int4", "dense"], default="auto", help="as in generate.py (default auto)"
     )
-    p.add_argument("--act", choices=["int8", "bf16"], default=quant.ACTIVATIONS,
+    p.add_argument("--act", choices=["int8", "bf16"], default=cpu_kernels.ACTIVATIONS,
                    help="with --dtype bfloat16 on CPU, as in generate.py (default %(default)s)")  # fmt: skip
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default cuda if there is a GPU)")  # fmt: skip

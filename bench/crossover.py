@@ -6,7 +6,7 @@
 For each weight (N, K) of a size (qkv_proj, o_proj, gate_up_proj, down_proj) and each batch of M rows, the time
 of QuantLinear's two CPU paths on random int4 weights: the kernel (_weight_int4pack_mm_for_cpu) and the tiled
 dequant-matmul, and the W4A8 op (w4a8.py, int8 activations). Each crossover is the first measured M at which the
-dequant-matmul wins; quant.CPU_KERNEL_MAX_ROWS and quant.W4A8_MAX_ROWS are chosen from them. Writes
+dequant-matmul wins; cpu_kernels.CPU_KERNEL_MAX_ROWS and cpu_kernels.W4A8_MAX_ROWS are chosen from them. Writes
 crossover-<name>.json under --out.
 """
 
@@ -26,7 +26,7 @@ from gemma3_int4 import hugepages  # noqa: E402, F401  (before torch: see hugepa
 # isort: split
 import torch  # noqa: E402
 
-from gemma3_int4 import quant, w4a8  # noqa: E402
+from gemma3_int4 import cpu_kernels, quant, w4a8  # noqa: E402
 from gemma3_int4.config import CONFIGS, Gemma3Config  # noqa: E402
 from gemma3_int4.model import Gemma3  # noqa: E402
 
@@ -53,11 +53,11 @@ def best_of(fn, repeats: int = 5) -> float:
 def measure(n: int, k: int, rows: list[int]) -> dict:
     layer = quant.Int4Linear(k, n)
     layer.int4_data, layer.scales = quant.quantize_int4(torch.randn(n, k))
-    quant.use_cpu_kernels(layer, activations="bf16")
+    cpu_kernels.use_cpu_kernels(layer, activations="bf16")
     kernel, dequant, op = {}, {}, {}
     for m in rows:
         x = torch.randn(m, k, dtype=torch.bfloat16)
-        kernel[m] = round(best_of(lambda: layer.cpu_matmul(x)), 3)  # noqa: B023
+        kernel[m] = round(best_of(lambda: cpu_kernels.cpu_matmul(layer, x)), 3)  # noqa: B023
         saved, layer.cpu_kernel = layer.cpu_kernel, None  # the same layer through its dequant-matmul
         dequant[m] = round(best_of(lambda: layer(x)), 3)  # noqa: B023
         layer.cpu_kernel = saved

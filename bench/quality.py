@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval import chunked_logits, perplexity
-from gemma3_int4 import loader, quant
+from gemma3_int4 import cpu_kernels, loader
 from gemma3_int4.checkpoint import embedded_gguf
 from gemma3_int4.generation import Sampling, generate
 from gemma3_int4.tokenizer import Tokenizer
@@ -43,7 +43,7 @@ def decode_speed(step_fn, prompt: list[int], n: int = 128) -> float:
 
 
 def activation_rows(path: Path, ids: list[int], args) -> list[dict]:
-    """The default weights in bf16 with each activation option of the CPU's int4 matmuls (quant.ACTIVATIONS):
+    """The default weights in bf16 with each activation option of the CPU's int4 matmuls (cpu_kernels.ACTIVATIONS):
     perplexity, and the mean KL divergence of the next-token distributions (every position of every window) from
     the exact (bf16) path's.
     Every row of every window runs the option's matmuls (the int8-activation ops take any number of rows), so
@@ -53,12 +53,12 @@ def activation_rows(path: Path, ids: list[int], args) -> list[dict]:
     kl = []
 
     def int8(x: torch.Tensor) -> torch.Tensor:  # every row through the int8-activation ops
-        saved = quant.W4A8_MAX_ROWS, quant.CPU_KERNEL_MAX_ROWS
-        quant.W4A8_MAX_ROWS = quant.CPU_KERNEL_MAX_ROWS = 1 << 30
+        saved = cpu_kernels.W4A8_MAX_ROWS, cpu_kernels.CPU_KERNEL_MAX_ROWS
+        cpu_kernels.W4A8_MAX_ROWS = cpu_kernels.CPU_KERNEL_MAX_ROWS = 1 << 30
         try:
             return chunked_logits(int8_model)(x)
         finally:
-            quant.W4A8_MAX_ROWS, quant.CPU_KERNEL_MAX_ROWS = saved
+            cpu_kernels.W4A8_MAX_ROWS, cpu_kernels.CPU_KERNEL_MAX_ROWS = saved
 
     def int8_beside_exact(x: torch.Tensor) -> torch.Tensor:  # KL(exact || int8) at every position, kept
         p, q = (torch.log_softmax(fn(x)[0].float(), dim=-1) for fn in (exact, int8))

@@ -55,7 +55,7 @@ LARGE_ROWS = ["ours int4, compiled", "ours int4, eager", "ours int4, eager, --ac
 # Gemma 4's random checkpoints keep the per-layer embeddings int8, as weights="auto" does (int4 would dequantize
 # them into a float table: 20 GB at E4B)
 GEMMA4_ROWS = ["ours auto, compiled", "ours auto, eager", "ours auto, eager, --act bf16", LLAMA]
-# Our rows run the default int8 activations (quant.ACTIVATIONS) unless named --act bf16
+# Our rows run the default int8 activations (cpu_kernels.ACTIVATIONS) unless named --act bf16
 ROWS = {
     "ours auto, compiled": ["ours", "--weights", "auto", "--compile"],
     "ours int4, compiled": ["ours", "--weights", "int4", "--compile"],
@@ -172,12 +172,12 @@ def timed(tokens, n_new: int) -> tuple[float, float]:
 def ours_tokens(args):  # as generate.py runs it
     import torch
 
-    from gemma3_int4 import loader, quant
+    from gemma3_int4 import cpu_kernels, loader
     from gemma3_int4.generation import Sampling, compile_decode_step, decode_one_token, generate
 
     torch.set_num_threads(args.threads)
     if args.no_cpu_kernels:
-        quant.CPU_KERNEL_MAX_ROWS = quant.W4A8_MAX_ROWS = 0
+        cpu_kernels.CPU_KERNEL_MAX_ROWS = cpu_kernels.W4A8_MAX_ROWS = 0
     path = args.gguf if args.from_gguf else args.ours
     model = loader.from_pretrained(path, dtype=torch.bfloat16, weights=args.weights, activations=args.act)
     step = compile_decode_step(torch.device("cpu"), model) if args.compile else decode_one_token

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from . import loader, quant
+from . import cpu_kernels, loader
 from .checkpoint import DEFAULT_MODEL
 from .generation import GEMMA_SAMPLING, Sampling
 from .tokenizer import Tokenizer, is_base_model
@@ -73,7 +73,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=["auto", "int4", "dense"], default="auto",
                    help="auto: int4, or int8 where a GGUF stores more than 4 bits; int4: all int4; "
                         "dense: float weights (default auto)")  # fmt: skip
-    p.add_argument("--act", choices=["int8", "bf16"], default=quant.ACTIVATIONS,
+    p.add_argument("--act", choices=["int8", "bf16"], default=cpu_kernels.ACTIVATIONS,
                    help="the CPU int4 matmuls' activations: int8, rounded per group of 32 as llama.cpp does "
                         "(faster), or bf16 (exact) (default %(default)s)")  # fmt: skip
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import checkpoint, quant
+from . import checkpoint, cpu_kernels, quant
 from .config import AUDIO_MODULES, GEMMA4_MODEL_TYPES, VISION_MODULES, Gemma3Config, Gemma4Config
 from .gemma4 import GEMMA4_FUSED, Gemma4
 from .model import FUSED, Gemma3, fuse_projections
@@ -42,7 +42,7 @@ def from_pretrained(
     The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype` (float32 for a bf16 `dtype`
     on a CPU without native bf16 matmuls; Gemma 4's vision and audio towers too). Gemma 4 (its config.json's
     model_type gemma4_text or gemma4) loads as gemma4.Gemma4, its per-layer embeddings int8 under "auto", its
-    router float. activations: the CPU int4 matmuls' ("int8" or "bf16"; default quant.ACTIVATIONS).
+    router float. activations: the CPU int4 matmuls' ("int8" or "bf16"; default cpu_kernels.ACTIVATIONS).
     """
     path = checkpoint.resolve(path_or_hub_id)  # once: a hub id is looked up (downloaded) here
     if path.suffix == ".gguf" and weights == "auto":
@@ -55,7 +55,7 @@ def from_pretrained(
     tensors = convert_weights(tensors, weights, above_4_bits, consume=True)
     tensors = fuse_projections(tensors, config.num_layers, fused(config), consume=True)
     model = from_tensors(config, tensors, dtype, device)
-    if dtype == torch.bfloat16 and quant.bf16_matmuls_are_slow(torch.device(device or "cpu")):
+    if dtype == torch.bfloat16 and cpu_kernels.bf16_matmuls_are_slow(torch.device(device or "cpu")):
         # bf16 matmuls are several times slower than float32's on CPUs without native bf16 (AVX2): the towers,
         # which read a prompt's images and recordings hundreds of patches or frames at a time, compute in float32
         for name in ("vision", "projector", "embed_vision", "audio", "embed_audio"):
@@ -66,7 +66,7 @@ def from_pretrained(
         head.add_ranker(checkpoint.read_ranker(path, head.out_features, head.in_features))
     lookups_only = [model.embed] if model.lm_head is not None else []  # embeddings never used as a matmul
     lookups_only += [model.embed_per_layer] if isinstance(model, Gemma4) and model.embed_per_layer else []
-    return quant.use_cpu_kernels(model, lookups_only=tuple(lookups_only), activations=activations)
+    return cpu_kernels.use_cpu_kernels(model, lookups_only=tuple(lookups_only), activations=activations)
 
 
 def cached_gguf(path: Path) -> Path:

@@ -6,12 +6,14 @@ The storage layout is gaunernst's (the Gemma 3 QAT int4 checkpoints): a weight W
 and, for asymmetric sources only (GGUF Q4_1/Q4_K, AWQ zero points, torchao's Int4Tensor), a third tensor
   zeros:     (N, K/32), W[n, k] = q[n, k] * scales[n, k // 32] + zeros[n, k // 32]
 Int4Linear holds exactly these tensors. Its portable path dequantizes on the fly: a few elementwise
-ops followed by a matmul, which torch.compile fuses; on CPU it runs PyTorch's int4 kernel instead
-(Int8Linear: its int8 kernel, or the int4 one as two int4 digits, whichever the CPU runs faster).
-Int8Linear (per-row scales) is for weights that lose quality at 4 bits, like llama.cpp's Q8_0/Q6_K.
-Either serves as a tied embedding/head. With int8 activations (ACTIVATIONS) an Int4Linear's CPU matmul is
-w4a8.py's op instead: llama.cpp's integer arithmetic, on the tensors as stored. This module imports only w4a8 of
-ours: replace_linears swaps any model's nn.Linear/nn.Embedding for the quantized module its state dict asks for.
+ops followed by a matmul, which torch.compile fuses. Int8Linear (per-row scales) is for weights that lose quality
+at 4 bits, like llama.cpp's Q8_0/Q6_K. Either serves as a tied embedding/head. replace_linears swaps any model's
+nn.Linear/nn.Embedding for the quantized module its state dict asks for.
+Reading order: packing, the quantizers (symmetric, asymmetric with zero points, int8), dequantize, the modules,
+replace_linears and convert_state_dict.
+
+On CPU the same numbers run faster through kernels (PyTorch's int4 and int8 kernels, w4a8.py's op): which one, and
+when, is cpu_kernels.py's to decide. That module sits below this one, which imports only it of ours.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import w4a8
+from . import cpu_kernels
 
 GROUP_SIZE = 32
+QAT_SAMPLE = 4096  # groups sampled to judge whether a weight is on a QAT grid (on_qat_grid)
+ROW_BLOCK = 1024  # rows quantized at a time: the float copies quantizing makes stay small (in cache) at any size
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -108,7 +112,7 @@ def on_qat_grid(w: torch.Tensor) -> bool:
     return grid_scales(sample, sample.abs().amax(-1), 7, neighbours=(0,))[1].float().mean().item() >= 0.02
 
 
-QAT_SAMPLE = 4096  # groups
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)  # of a group's range (quantize_int4_asymmetric)
 
 
 def quantize_int4_asymmetric(
@@ -195,9 +199,6 @@ def grid_error(
     return error.mul_(weights).sum(-1)
 
 
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)  # of a group's range (quantize_int4_asymmetric)
-
-
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest int8, one scale per output row: float (N, K) -> (int8 (N, K), float32 scales (N,))."""
     if w.dim() != 2:
@@ -207,9 +208,6 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = w.float().abs().amax(-1) / 127
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
     return torch.round(w.float() / scales[:, None]).to(torch.int8), scales
-
-
-ROW_BLOCK = 1024  # rows quantized at a time: the float copies quantizing makes stay small (in cache) at any size
 
 
 def in_row_blocks(quantize: Callable, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,78 +230,10 @@ def dequantize(tensors: dict[str, torch.Tensor], module: str, rows: slice = slic
     return dequantize_int4(tensors[f"{module}.int4_data"][rows], scales, None if zeros is None else zeros[rows])
 
 
-# When each kernel runs (policy, measured; bench/crossover.py, bench/speed.py)
-
-CPU_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
-def cpu_vendor() -> str:
-    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD, ...); "" where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
-# PyTorch's CPU int4 kernel costs about the same per row at any batch, bandwidth-bound for one row and
-# compute-bound from a few; the dequant-matmul costs a dequantization per call, then a fast bf16 matmul. So
-# the kernel is the faster up to some batch size, the crossover. bench/crossover.py measures it for each shape:
-# with AVX-512 on AMD Zen 5 it lies between 96 and 192 rows for the 1B and 4B shapes (at 128 neither path loses
-# more than a fifth); on an Intel Xeon at 64 (crossover-cpu-avx512-xeon.json: at 128 rows the kernel takes
-# 1.7x the dequant-matmul's time). Without AVX-512 the kernel is compute-bound already at one row, and a few
-# rows are its limit (8, as measured before). Only bf16 (the kernel's dtype) uses it.
-CPU_KERNEL_MAX_ROWS = (64 if cpu_vendor() == "GenuineIntel" else 128) if CPU_AVX512 else 8
-CPU_TILE_WEIGHTS = 2**21  # weights dequantized at a time by the dequant-matmul on CPU (4 MB in bf16)
-
-
 def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype attention computes and caches in: PyTorch's CPU attention is several times faster in float32
     than in bf16, so float32 there; elsewhere the activations' own."""
     return torch.float32 if device.type == "cpu" else dtype
-
-
-# A CPU computes bf16 matmuls natively only with AVX-512 BF16 or AMX; elsewhere (AVX2) PyTorch's bf16
-# matmul is several times slower than float32's (16 against 114 GFLOP/s measured on 2 AVX2 cores), so
-# there the dequant-matmul (prefill's path) computes in float32 and rounds its result back to bf16.
-CPU_HAS_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def bf16_matmuls_are_slow(device: torch.device) -> bool:
-    return device.type == "cpu" and not CPU_HAS_BF16
-
-
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float32 if x.dtype == torch.bfloat16 and bf16_matmuls_are_slow(x.device) else x.dtype
-
-
-# The activations of the CPU's int4 matmuls: "int8", rounded per group of 32 and multiplied in integers (w4a8.py,
-# llama.cpp's arithmetic: faster, and within a fraction of a percent in perplexity, bench/quality.py), or "bf16",
-# exact (the dequant reference's result, bit for bit). use_cpu_kernels takes this default unless told.
-ACTIVATIONS = "int8"
-# Up to this many rows the W4A8 op runs, larger batches take the dequant-matmul (bench/crossover.py). Without native
-# bf16 the dequant-matmul computes in float32, and the op is the faster up to a whole 512-token prefill chunk;
-# with AVX-512 BF16 we take the int4 kernel's crossover until the op's own is measured there.
-W4A8_MAX_ROWS = CPU_KERNEL_MAX_ROWS if CPU_HAS_BF16 else 512
-
-
-def use_cpu_kernel(x: torch.Tensor, in_features: int, max_rows: int) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() <= max_rows * in_features
-
-
-# Which CPU kernel is faster for int8 weights depends on the CPU. With AVX-512, PyTorch's int8 kernel
-# (_weight_int8pack_mm) is the slower: the 270M's int8 head takes 19 ms on 2 cores, where the int4 kernel
-# streams the same bytes in 11. So there each weight goes to the int4 kernel as two int4 digits, w = 16 * hi + lo
-# with lo in 0..15 and hi in -8..7, side by side along K: one int4 matmul of [x, x] accumulates
-# x.lo * s + x.hi * 16s = x.w * s in float32 (8s and 16s are exact in bf16). With AVX2 only, the int4 kernel is
-# compute-bound (7.4 GB/s on 2 cores) and the int8 kernel the faster: 17 ms for the head against 28 as digits,
-# and the default 270M import decodes at 28 tok/s against 23. There the int8 weight goes to the int8 kernel.
-INT8_AS_INT4_DIGITS = CPU_AVX512
-
-
-# Perplexity of the 270M on 4096 tokens of real text, int8 head 11.70; ranked and rescoring the top
-# 64 tokens: 12.02, 256: 11.84, 1024: 11.73, 4096: 11.71. Choosing the top (top_indices) costs about 0.4 ms a token.
-RESCORE_TOP = 1024
 
 
 class QuantLinear(nn.Module):
@@ -312,46 +242,28 @@ class QuantLinear(nn.Module):
     It also serves as a tied embedding of N rows: `lookup` dequantizes only the rows it reads, and
     `unembed` (the output head) is the linear layer itself.
 
-    On CPU, `pack_for_cpu` (see use_cpu_kernels) chooses a CPU kernel for the layer, once: with int8 activations
-    an Int4Linear's is "w4a8" (w4a8.py) and an Int8Linear's "w8a8", which read the tensors as they are; otherwise
-    one of PyTorch's:
-    "int4", _weight_int4pack_mm_for_cpu, which computes x @ ((q - 8) * scale + zero).T for q in 0..15 with a
-    scale and a zero per group of 32 along K, from a repacked copy (pack_for_int4_kernel); or for int8
-    weights "int8", _weight_int8pack_mm, which reads the weight as it is. The quantized tensors stay as they
-    are: the embedding's lookups and large batches (prefill) use them.
+    On CPU, cpu_kernels.use_cpu_kernels chooses a kernel for the layer once, and keeps its choice (and the
+    repacked copy that PyTorch's int4 kernel reads) here. The quantized tensors stay as they are: the embedding's
+    lookups and large batches (prefill) use them.
     """
 
     cpu_kernel: str | None = None  # "w4a8", "w8a8", "int4" or "int8" once prepared for that kernel, else None
     cpu_packed: torch.Tensor | None = None  # the weight repacked for the int4 kernel
     cpu_scales_and_zeros: torch.Tensor | None = None  # (groups, N, 2)
-    cpu_digits_per_weight = 1  # the int4 kernel's K is cpu_digits_per_weight * in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the int8-weight op is a plain GEMV (no prefill tiling): it takes the kernels' crossover
-        max_rows = W4A8_MAX_ROWS if self.cpu_kernel == "w4a8" else CPU_KERNEL_MAX_ROWS
-        if self.cpu_kernel is not None and use_cpu_kernel(x, self.in_features, max_rows):
-            y = self.cpu_matmul(x.reshape(-1, self.in_features))  # (M, N)
-            return y.view(*x.shape[:-1], self.out_features)
-        dtype = matmul_dtype(x)
+        if cpu_kernels.takes(self, x):  # on CPU, the kernels module decides
+            return cpu_kernels.matmul(self, x)
+        dtype = cpu_kernels.matmul_dtype(x)  # float32 for bf16 where bf16 matmuls are slow
         x_mm = x.to(dtype)
         # On CPU a few MB of weights at a time: each tile is used while it is still in cache, and no weight-sized
-        # temporary is allocated (a fresh one costs its page faults: more than the arithmetic, measured)
-        rows = max(16, CPU_TILE_WEIGHTS // self.in_features) if x.device.type == "cpu" else self.out_features
+        # temporary is allocated (a fresh one costs its page faults)
+        tile = max(16, cpu_kernels.CPU_TILE_WEIGHTS // self.in_features)
+        rows = tile if x.device.type == "cpu" else self.out_features
         tiles = [
             F.linear(x_mm, self.dequantize(slice(i, i + rows)).to(dtype)) for i in range(0, self.out_features, rows)
         ]
         return torch.cat(tiles, dim=-1).to(x.dtype)
-
-    def cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """(M, K) bf16 -> (M, N) through the CPU kernel chosen at packing."""
-        if self.cpu_kernel == "w4a8":  # an Int4Linear's tensors, as they are
-            return w4a8.linear(x2, self.int4_data, self.scales, self.zeros)
-        if self.cpu_kernel == "w8a8":  # an Int8Linear's
-            return w4a8.linear_int8(x2, self.int8_data, self.scales)
-        if self.cpu_kernel == "int8":  # an Int8Linear's weight and row scales, as they are
-            return torch.ops.aten._weight_int8pack_mm(x2, self.int8_data, self.scales)
-        x2 = torch.cat([x2] * self.cpu_digits_per_weight, dim=1)  # (M, digits * K)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.cpu_packed, GROUP_SIZE, self.cpu_scales_and_zeros)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.dequantize(ids)  # (..., K)
@@ -360,28 +272,6 @@ class QuantLinear(nn.Module):
         return self(x)
 
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
-        raise NotImplementedError
-
-    def pack_for_cpu(self, activations: str) -> None:
-        raise NotImplementedError
-
-    def fits_torch_kernels(self) -> bool:
-        return self.out_features % 16 == 0 and self.in_features % GROUP_SIZE == 0
-
-    def pack_for_int4_kernel(self) -> None:
-        """Repack for the int4 kernel, a slice of rows at a time (its packer takes int32: 4 bytes per weight)."""
-        pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
-        packed = [pack(self.cpu_digits(slice(i, i + 1024)), 1) for i in range(0, self.out_features, 1024)]
-        scales, zeros = self.cpu_scales_zeros()  # (N, groups) each
-        self.cpu_packed = torch.cat(packed)
-        self.cpu_scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
-        self.cpu_kernel = "int4"
-
-    def cpu_digits(self, rows: slice) -> torch.Tensor:
-        """The kernel's q in 0..15 (int32) for these rows: (rows, cpu_digits_per_weight * K)."""
-        raise NotImplementedError
-
-    def cpu_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -413,21 +303,6 @@ class Int4Linear(QuantLinear):
         zeros = None if self.zeros is None else self.zeros[rows]
         return dequantize_int4(self.int4_data[rows], self.scales[rows], zeros)
 
-    def pack_for_cpu(self, activations: str) -> None:
-        """int8 activations: the W4A8 op reads these tensors as they are (no second copy); bf16: the int4 kernel."""
-        if activations == "int8" and w4a8.load():
-            self.cpu_kernel = "w4a8"
-        elif self.fits_torch_kernels():
-            self.pack_for_int4_kernel()
-
-    # our grid is the kernel's with q shifted by 8, and our zero (0 when symmetric) its zero
-    def cpu_digits(self, rows: slice) -> torch.Tensor:
-        u = self.int4_data[rows].view(torch.uint8) ^ 0x88  # q + 8 in each nibble: its sign bit flipped
-        return torch.stack([u & 15, u >> 4], dim=-1).flatten(-2).to(torch.int32)
-
-    def cpu_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scales, torch.zeros_like(self.scales) if self.zeros is None else self.zeros
-
 
 class Int8Linear(QuantLinear):
     """int8 weights with one scale per output row: int8_data (N, K), scales (N,)."""
@@ -437,39 +312,11 @@ class Int8Linear(QuantLinear):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("int8_data", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
-        self.ranker: Int4Linear | None = None  # see unembed
+        self.ranker: Int4Linear | None = None  # an int4 copy that ranks the vocabulary (cpu_kernels.ranked_unembed)
 
     def dequantize(self, rows=slice(None)) -> torch.Tensor:
         return dequantize_int8(self.int8_data[rows], self.scales[rows])
 
-    cpu_digits_per_weight = 2  # on the int4 kernel (INT8_AS_INT4_DIGITS): w = 16 * hi + lo
-
-    def pack_for_cpu(self, activations: str) -> None:
-        """The int4 kernel as two int4 digits, or the int8 kernel: whichever this CPU runs faster."""
-        if self.ranker is not None:  # a ranked head: its int4 copy runs the matmul, this weight only rescores rows
-            self.ranker.pack_for_cpu(activations)
-        elif activations == "int8" and w4a8.load():
-            self.cpu_kernel = "w8a8"  # the int8 twin of the W4A8 op, on these tensors as they are
-        elif not self.fits_torch_kernels():
-            return
-        elif INT8_AS_INT4_DIGITS:
-            self.pack_for_int4_kernel()
-        else:
-            self.cpu_kernel = "int8"
-
-    def cpu_digits(self, rows: slice) -> torch.Tensor:
-        w = self.int8_data[rows].to(torch.int32)
-        return torch.cat([w & 15, (w >> 4) + 8], dim=1)  # lo, and hi shifted to 0..15; >> sign-extends
-
-    def cpu_scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.scales.float()[:, None].expand(-1, self.in_features // GROUP_SIZE)  # (N, K/32)
-        return torch.cat([s, 16 * s], dim=1), torch.cat([8 * s, 0 * s], dim=1)
-
-    # As the output head, an int8 weight costs twice the bytes of int4 per token, and the head is most of a
-    # small model (the 270M's: 168M of its 268M weights). Yet what sampling and the loss need exact are the
-    # best-scoring tokens' logits: so an int4 copy ranks the whole vocabulary, and the int8 weight rescores
-    # its top RESCORE_TOP tokens exactly. The rest keep their int4 logits: they are never sampled, and only
-    # their total mass matters, which int4 noise inflates a little (exp of the noise's variance / 2).
     def add_ranker(self, cached: dict[str, torch.Tensor] | None = None) -> None:
         """Give this head an int4 copy of itself (round to nearest, g32) to rank the vocabulary in unembed: the
         `cached` one ({"int4_data", "scales"} from int4_ranker, kept with the checkpoint), or quantized now."""
@@ -483,52 +330,13 @@ class Int8Linear(QuantLinear):
         self.__dict__["ranker"] = ranker
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ranker is None:
-            return self(x)
-        logits = self.ranker(x)  # (..., N)
-        top = top_indices(logits, min(RESCORE_TOP, self.out_features))  # (..., k)
-        exact = (self.dequantize(top).to(x.dtype) @ x[..., :, None]).squeeze(-1)  # (..., k, K) @ (..., K, 1)
-        return logits.scatter(-1, top, exact.to(logits.dtype))
-
-
-def top_indices(logits: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
-    """The indices (..., k) of the k largest logits along the last dim, as logits.topk(k).indices finds them
-    (the same values; a tie at the k-th may take another index). Eager, each row takes an exact shortcut, twice
-    as fast over a 262144-token vocabulary: the k-th largest of the blocks' maxima is a lower bound t on the k-th
-    largest logit (k blocks each hold a logit >= t), so only logits >= t can be among the top k, and topk runs
-    over those few (about k of them). Row by row, a row's choice is the same in any batch."""
-    n = logits.shape[-1]
-    if torch.compiler.is_compiling() or n % block or n // block < k:
-        return logits.topk(k, dim=-1).indices
-    if logits.numel() != n:  # row by row: each row's choice as it would be alone (ties included)
-        return torch.stack([top_indices(row, k, block) for row in logits.reshape(-1, n)]).view(*logits.shape[:-1], k)
-    row = logits.reshape(n)
-    t = row.view(-1, block).amax(-1).topk(k).values[-1]
-    candidates = (row >= t).nonzero().squeeze(1)
-    return candidates[row[candidates].topk(k).indices].view(*logits.shape[:-1], k)
+        return self(x) if self.ranker is None else cpu_kernels.ranked_unembed(self, x)
 
 
 def int4_ranker(int8_data: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
     """The int4 copy of an int8 head that ranks its vocabulary (Int8Linear.unembed): round to nearest, g32."""
     data, int4_scales = quantize_int4(dequantize_int8(int8_data, scales))
     return {"int4_data": data, "scales": int4_scales}
-
-
-def use_cpu_kernels(
-    model: nn.Module, lookups_only: tuple[nn.Module, ...] = (), activations: str | None = None
-) -> nn.Module:
-    """Prepare every bf16 QuantLinear on the CPU for the CPU kernels (QuantLinear.pack_for_cpu). PyTorch's want
-    N % 16 == 0 and whole groups of 32 along K: layers of other shapes stay on the portable path (the W4A8 op
-    takes any). `lookups_only`: embeddings that are never a matmul (untied ones), which a packed copy would only
-    cost memory. `activations`: "int8" (int4 weights through the W4A8 op) or "bf16"; default ACTIVATIONS."""
-    activations = activations or ACTIVATIONS
-    if activations not in ("int8", "bf16"):
-        raise ValueError(f"activations must be 'int8' or 'bf16', not {activations!r}")
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module.scales.device.type == "cpu" and module not in lookups_only:
-            if module.scales.dtype == torch.bfloat16:
-                module.pack_for_cpu(activations)
-    return model
 
 
 class Format(NamedTuple):

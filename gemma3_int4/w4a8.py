@@ -7,7 +7,8 @@ minute, once; cached under ~/.cache/torch_extensions) for CPUs with AVX2. `refer
 compute the same numbers from the same integers, bit for bit (tests/test_w4a8.py), so the C++ is checked against
 something a reader can follow. Where the op cannot be built (no compiler, no AVX2), `load()` says so in one line
 and returns False: PyTorch's kernels (the bf16 path) run instead.
-Of ours it imports only files (where the build is recorded).
+cpu_kernels.py, above it, decides which layers run it and when. Of ours it imports only files (where the build is
+recorded).
 """
 
 from __future__ import annotations

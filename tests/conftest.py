@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gemma3_int4 import quant
+from gemma3_int4 import cpu_kernels, quant
 from gemma3_int4.checkpoint import write_shards
 
 
@@ -17,7 +17,7 @@ from gemma3_int4.checkpoint import write_shards
 def exact_activations(monkeypatch):
     """Every test runs the exact path, bf16 activations (the parity tests' reference), unless it asks for int8
     (tests/test_w4a8.py)."""
-    monkeypatch.setattr(quant, "ACTIVATIONS", "bf16")
+    monkeypatch.setattr(cpu_kernels, "ACTIVATIONS", "bf16")
 
 
 # Small but covering every feature: 7 layers (global at 5, local after it), GQA 4/2, a window of 8 tokens,

@@ -209,6 +209,7 @@ def imported_modules(node: ast.AST) -> list[str]:
 LAYERS = [
     {"config", "files", "hugepages"},  # import nothing of ours
     {"w4a8"},
+    {"cpu_kernels"},  # the CPU kernels of quant's layers, and when each runs
     {"quant"},
     {"vision", "gguf_format", "flax_format", "torchao_format", "qat"},
     {"model", "checkpoint", "hf_tokenizer"},

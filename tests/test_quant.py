@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gemma3_int4 import quant
+from gemma3_int4 import cpu_kernels, quant
 from gemma3_int4.quant import GROUP_SIZE, Int4Linear, Int8Linear
 
 
@@ -144,7 +144,7 @@ def test_int4_linear_is_the_matmul_of_its_grid(dtype):
     layer = Int4Linear(128, 48, dtype=dtype)
     layer.load_state_dict({"int4_data": quant.pack_int4(q), "scales": scales})
     x = torch.randn(3, 5, 128, dtype=dtype)
-    dt = quant.matmul_dtype(x)  # float32 on CPUs without native bf16 matmuls, rounded back to x's dtype
+    dt = cpu_kernels.matmul_dtype(x)  # float32 on CPUs without native bf16 matmuls, rounded back to x's dtype
     w = w.to(dtype)  # the grid's weights in the layer's dtype, as it dequantizes them
     assert torch.equal(layer(x), torch.nn.functional.linear(x.to(dt), w.to(dt)).to(dtype))
 
@@ -180,24 +180,24 @@ def test_cpu_kernels_against_the_dequant_reference(cls, int8_kernel, monkeypatch
     """The CPU kernels (bf16, few rows) read exactly our weights (bit-exact: identity rows return rows of
     W.T itself) and compute x @ W.T up to accumulation order; larger batches take the portable path.
     Int8Linear both ways: as two int4 digits through the int4 kernel, and through the int8 kernel."""
-    monkeypatch.setattr(quant, "INT8_AS_INT4_DIGITS", not int8_kernel)
+    monkeypatch.setattr(cpu_kernels, "INT8_AS_INT4_DIGITS", not int8_kernel)
     layer = quantized(cls, 96, 128, torch.bfloat16)
     reference = layer.dequantize()
-    quant.use_cpu_kernels(layer)
+    cpu_kernels.use_cpu_kernels(layer)
     assert layer.cpu_kernel == ("int8" if int8_kernel else "int4")
     eye = torch.eye(128, dtype=torch.bfloat16)
-    for rows in range(0, 128, quant.CPU_KERNEL_MAX_ROWS):
-        assert quant.use_cpu_kernel(eye[rows : rows + 8], 128, quant.CPU_KERNEL_MAX_ROWS)
+    for rows in range(0, 128, cpu_kernels.CPU_KERNEL_MAX_ROWS):
+        assert cpu_kernels.use_cpu_kernel(eye[rows : rows + 8], 128, cpu_kernels.CPU_KERNEL_MAX_ROWS)
         assert torch.equal(layer(eye[rows : rows + 8]), reference.t()[rows : rows + 8])
     x = torch.randn(1, 3, 128, dtype=torch.bfloat16)
     expected = torch.nn.functional.linear(x.float(), reference.float())
     torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
-    big = torch.randn(2, quant.CPU_KERNEL_MAX_ROWS, 128, dtype=torch.bfloat16)
-    assert not quant.use_cpu_kernel(big, 128, quant.CPU_KERNEL_MAX_ROWS)
-    dtype = quant.matmul_dtype(big)  # float32 on CPUs without native bf16
+    big = torch.randn(2, cpu_kernels.CPU_KERNEL_MAX_ROWS, 128, dtype=torch.bfloat16)
+    assert not cpu_kernels.use_cpu_kernel(big, 128, cpu_kernels.CPU_KERNEL_MAX_ROWS)
+    dtype = cpu_kernels.matmul_dtype(big)  # float32 on CPUs without native bf16
     expected = torch.nn.functional.linear(big.to(dtype), reference.to(dtype)).to(big.dtype)
     assert torch.equal(layer(big), expected)
-    monkeypatch.setattr(quant, "CPU_TILE_WEIGHTS", 16 * 128)  # the dequant-matmul in six tiles of 16 rows
+    monkeypatch.setattr(cpu_kernels, "CPU_TILE_WEIGHTS", 16 * 128)  # the dequant-matmul in six tiles of 16 rows
     assert torch.equal(layer(big), expected)
 
 
@@ -205,9 +205,9 @@ def test_cpu_kernels_against_the_dequant_reference(cls, int8_kernel, monkeypatch
 @pytest.mark.parametrize("cls, n, k", [(Int4Linear, 24, 128), (Int8Linear, 24, 128), (Int8Linear, 32, 100)])
 def test_shapes_the_cpu_kernel_cannot_take_stay_portable(cls, n, k, int8_kernel, monkeypatch):
     """The kernel wants N % 16 == 0 and whole groups of 32 along K: other shapes keep the dequant-matmul."""
-    monkeypatch.setattr(quant, "INT8_AS_INT4_DIGITS", not int8_kernel)
+    monkeypatch.setattr(cpu_kernels, "INT8_AS_INT4_DIGITS", not int8_kernel)
     layer = quantized(cls, n, k, torch.bfloat16)
-    quant.use_cpu_kernels(layer)
+    cpu_kernels.use_cpu_kernels(layer)
     assert layer.cpu_kernel is None
     x = torch.randn(1, k, dtype=torch.bfloat16)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantize()))
@@ -265,10 +265,10 @@ def test_int8_head_ranked_by_an_int4_copy(dtype):
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     int8_logits = reference(x, head.dequantize().to(dtype)).float()
     head.add_ranker()
-    head = quant.use_cpu_kernels(head)  # bf16: the int4 copy goes through the CPU kernel
+    head = cpu_kernels.use_cpu_kernels(head)  # bf16: the int4 copy goes through the CPU kernel
     int4_logits = head.ranker(x).float()
     got = head.unembed(x).float()
-    top = int4_logits.topk(quant.RESCORE_TOP, dim=-1).indices
+    top = int4_logits.topk(cpu_kernels.RESCORE_TOP, dim=-1).indices
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
     torch.testing.assert_close(got.gather(-1, top), int8_logits.gather(-1, top), **tol)
     rest = torch.ones_like(got, dtype=torch.bool).scatter(-1, top, False)
@@ -285,16 +285,16 @@ def test_top_indices_finds_what_topk_finds(dtype):
     for logits in (torch.randn(1, 1, 262144, generator=g) * 4, torch.randn(65536, generator=g).exp()):
         logits = logits.to(dtype)
         expected = logits.topk(1024, dim=-1)
-        got = quant.top_indices(logits, 1024)
+        got = cpu_kernels.top_indices(logits, 1024)
         assert got.shape == expected.indices.shape
         assert torch.equal(logits.gather(-1, got).sort(-1).values, expected.values.sort(-1).values)
         if dtype == torch.float32:
             assert torch.equal(got.sort(-1).values, expected.indices.sort(-1).values)
     flat = torch.zeros(4096, dtype=dtype)  # every logit tied: the shortcut keeps them all as candidates
-    assert quant.top_indices(flat, 64).unique().numel() == 64
+    assert cpu_kernels.top_indices(flat, 64).unique().numel() == 64
     batch = torch.randn(3, 5, 4096, generator=g).to(dtype)  # several rows: each as it would be alone
-    got = quant.top_indices(batch, 64)
-    assert all(torch.equal(got[i, j], quant.top_indices(batch[i, j], 64)) for i in range(3) for j in range(5))
+    got = cpu_kernels.top_indices(batch, 64)
+    assert all(torch.equal(got[i, j], cpu_kernels.top_indices(batch[i, j], 64)) for i in range(3) for j in range(5))
     assert torch.equal(batch.gather(-1, got).sort(-1).values, batch.topk(64, dim=-1).values.sort(-1).values)
 
 
@@ -308,7 +308,7 @@ def test_a_cached_ranker_is_used_as_it_is():
     assert torch.equal(head.ranker.int4_data, cached["int4_data"]) and torch.equal(head.ranker.scales, cached["scales"])
     head.add_ranker()
     assert torch.equal(head.ranker.int4_data, fresh["int4_data"]) and torch.equal(head.ranker.scales, fresh["scales"])
-    quant.use_cpu_kernels(head)
+    cpu_kernels.use_cpu_kernels(head)
     assert head.cpu_kernel is None and head.ranker.cpu_kernel == "int4"
     assert set(head.state_dict()) == {"int8_data", "scales"}  # derived, not saved: a state dict loads back as is
 
@@ -353,7 +353,7 @@ def test_cpu_kernel_takes_the_zero_points(monkeypatch):
     """The int4 CPU kernel's zeros are ours: identity rows give W.T bit for bit, and the portable path agrees."""
     layer, w = int4_with_zeros()
     reference = layer.dequantize()
-    quant.use_cpu_kernels(layer)
+    cpu_kernels.use_cpu_kernels(layer)
     assert layer.cpu_kernel == "int4"
     eye = torch.eye(128, dtype=torch.bfloat16)
     assert torch.equal(layer(eye[:8]), reference.t()[:8])

@@ -12,7 +12,7 @@ from conftest import hf_multimodal_model, int4_checkpoint, run_main
 from PIL import Image
 
 import generate as generate_script
-from gemma3_int4 import loader, quant, vision
+from gemma3_int4 import cpu_kernels, loader, vision
 from gemma3_int4.config import IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES
 from gemma3_int4.generation import prefill
 from gemma3_int4.model import attention_mask, image_index, same_image_mask
@@ -99,7 +99,7 @@ def test_the_tower_computes_in_float32_where_bf16_matmuls_are_slow(multimodal, n
     """A bf16 model on a CPU without native bf16 matmuls (AVX2): its vision tower and projector in float32, the
     language model in bf16; its image prompt's logits then match transformers' float32 as closely as bf16 allows."""
     hf, _, directory = multimodal
-    monkeypatch.setattr(quant, "CPU_HAS_BF16", native_bf16)
+    monkeypatch.setattr(cpu_kernels, "CPU_HAS_BF16", native_bf16)
     ours = loader.from_pretrained(directory, dtype=torch.bfloat16)
     tower = torch.bfloat16 if native_bf16 else torch.float32
     assert {p.dtype for m in (ours.vision, ours.projector) for p in m.parameters()} == {tower}

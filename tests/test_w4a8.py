@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from gemma3_int4 import files, loader, quant, w4a8
+from gemma3_int4 import cpu_kernels, files, loader, quant, w4a8
 from gemma3_int4.generation import prefill
 
 needs_op = pytest.mark.skipif(not w4a8.load(), reason="the W4A8 op cannot be built on this machine")
@@ -164,18 +164,18 @@ def test_int8_linear_runs_the_int8_op(monkeypatch):
     layer = quant.Int8Linear(128, 40)
     layer.int8_data, scales = quant.quantize_int8(torch.randn(40, 128))
     layer.scales = scales.to(torch.bfloat16)
-    quant.use_cpu_kernels(layer, activations="int8")
+    cpu_kernels.use_cpu_kernels(layer, activations="int8")
     assert layer.cpu_kernel == "w8a8"
     x = random_activations(3, 128)
     assert torch.equal(layer(x), w4a8.reference_int8(x, layer.int8_data, layer.scales))
-    monkeypatch.setattr(quant, "CPU_KERNEL_MAX_ROWS", 2)
-    dt = quant.matmul_dtype(x)
+    monkeypatch.setattr(cpu_kernels, "CPU_KERNEL_MAX_ROWS", 2)
+    dt = cpu_kernels.matmul_dtype(x)
     assert torch.equal(layer(x), torch.nn.functional.linear(x.to(dt), layer.dequantize().to(dt)).to(x.dtype))
     head = quant.Int8Linear(128, 64)
     head.int8_data, scales = quant.quantize_int8(torch.randn(64, 128))
     head.scales = scales.to(torch.bfloat16)
     head.add_ranker()
-    quant.use_cpu_kernels(head, activations="int8")
+    cpu_kernels.use_cpu_kernels(head, activations="int8")
     assert head.cpu_kernel is None and head.ranker.cpu_kernel == "w4a8"
 
 
@@ -185,7 +185,7 @@ def test_without_the_op_the_int4_kernel_runs(tiny_int4_dir, monkeypatch):
     model = loader.from_pretrained(tiny_int4_dir, activations="int8")
     assert all(m.cpu_kernel == "int4" for m in model.modules() if isinstance(m, quant.Int4Linear))
     with pytest.raises(ValueError, match="activations must be 'int8' or 'bf16'"):
-        quant.use_cpu_kernels(model, activations="int16")
+        cpu_kernels.use_cpu_kernels(model, activations="int16")
 
 
 def test_a_recorded_build_is_loaded_without_asking_ninja(tmp_path, monkeypatch):
