@@ -300,6 +300,34 @@ def noise_image():
     return Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8))
 
 
+def test_batched_rows_with_and_without_media_decode_as_each_alone(tmp_path, gemma4_tokenizer):
+    """Continuous batching on Gemma 4: a row with an image, one with a recording and one of text only share a
+    Batch of two rows (the third joining as the first finishes, while the second decodes); each gets the tokens it
+    gets alone. Media or masks leaking between rows would change them."""
+    from gemma3_int4.generation import Request, audio_inputs, generate_batch, image_inputs
+    from gemma3_int4.tokenizer import Tokenizer
+
+    directory = tmp_path / "gemma-4-tiny-it"
+    gemma4_with_media(directory, gemma4_tokenizer)
+    ours = loader.from_pretrained(directory, dtype=torch.float32, weights="dense")
+    tokenizer = Tokenizer.from_pretrained(directory)
+    pixels, image_counts = image_inputs(ours, [noise_image()])
+    features, audio_counts = audio_inputs([speech_like(0.6)])
+    greedy = Sampling(temperature=0.0)
+    asks = [  # (message, media, new tokens)
+        ({"role": "user", "content": "What is this?", "images": 1}, pixels, 3),
+        ({"role": "user", "content": "What do you hear?", "audio": audio_counts}, features, 9),
+        ({"role": "user", "content": "Say something."}, None, 5),
+    ]
+    requests = [Request(tokenizer.chat_prompt([message], tokens_per_image=image_counts), n, greedy,
+                        pixel_values=media) for message, media, n in asks]  # fmt: skip
+    done = list(generate_batch(ours, requests, rows=2, context=512))
+    assert [r.prompt for r in done] == [requests[0].prompt, requests[2].prompt, requests[1].prompt]
+    for request in requests:
+        alone = generate(ours, request.prompt, request.max_new_tokens, greedy, pixel_values=request.pixel_values)
+        assert request.tokens == list(alone)
+
+
 def test_chat_with_an_image_and_audio(tmp_path, gemma4_tokenizer):
     """chat.py's /image and /audio on a Gemma 4 with both towers: each reply is generate()'s for the whole
     transcript's chat prompt with every image and recording (themselves checked against transformers above),
