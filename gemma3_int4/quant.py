@@ -257,12 +257,6 @@ CPU_KERNEL_MAX_ROWS = (64 if cpu_vendor() == "GenuineIntel" else 128) if CPU_AVX
 CPU_TILE_WEIGHTS = 2**21  # weights dequantized at a time by the dequant-matmul on CPU (4 MB in bf16)
 
 
-def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype attention computes and caches in: PyTorch's CPU attention is several times faster in float32
-    than in bf16, so float32 there; elsewhere the activations' own."""
-    return torch.float32 if device.type == "cpu" else dtype
-
-
 # A CPU computes bf16 matmuls natively only with AVX-512 BF16 or AMX; elsewhere (AVX2) PyTorch's bf16
 # matmul is several times slower than float32's (16 against 114 GFLOP/s measured on 2 AVX2 cores), so
 # there the dequant-matmul (prefill's path) computes in float32 and rounds its result back to bf16.

@@ -210,6 +210,7 @@ LAYERS = [
     {"config", "files", "hugepages"},  # import nothing of ours
     {"w4a8"},
     {"quant"},
+    {"attention"},  # masks, the KV cache, attend: imports nothing of ours
     {"vision", "gguf_format", "flax_format", "torchao_format", "qat"},
     {"model", "checkpoint", "hf_tokenizer"},
     {"gemma4_vision"},  # Gemma 4's towers, built from model.py's pieces
