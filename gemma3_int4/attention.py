@@ -4,7 +4,7 @@ static KV cache and its ring buffers, and attend.
 Read in order: the dtype attention computes in; the masks (causal, sliding window, the tokens of one image seen
 both ways); one layer's KV cache, a ring buffer on the sliding layers; which positions the cache slots hold; the
 two calls a decoder makes, allocate_caches (once) and attention_masks (each forward: the masks and key positions
-for its positions `pos` in the cache rows `rows`); and attend, which reads them.
+for its positions `pos` in the cache rows `rows`, and the rings' bookkeeping); and attend, which reads them.
 """
 
 from __future__ import annotations
@@ -88,13 +88,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, write: CacheWrite, k: torch.Tensor, v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, write: CacheWrite, k: torch.Tensor, v: torch.Tensor, mask: Mask
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv, T, hd) of positions write.pos (B, T) in the cache rows write.rows; return the n
-        keys and values to attend over (the mask's length, see filled_slots): the cache's first n slots (global,
+        keys and values the mask covers (n: its length, see filled_slots): the cache's first n slots (global,
         and a local one for a single token: the slot it takes holds the key a whole window back, which it no
         longer sees), or the ring's first n - T slots as they were followed by the T new entries (local; a chunk
         longer than one token would otherwise overwrite keys its own first queries still need)."""
-        pos, rows = write
+        (pos, rows), n = write, mask_length(mask)
         k_cache, v_cache = self.k[rows], self.v[rows]  # views: (B, n_kv, length, hd)
         length, T = k_cache.shape[2], k.shape[2]
         if not self.ring or T == 1:
@@ -173,7 +175,8 @@ def row_masks(pos: torch.Tensor, mask: torch.Tensor) -> Mask:
     return [mask[r : r + 1, ..., :n] for r, n in enumerate(lengths)]
 
 
-# The two calls a decoder makes: allocate_caches once, attention_masks on every forward.
+# The two calls a decoder makes: allocate_caches once, attention_masks on every forward (which also keeps the
+# rings' positions: the decoders never touch them).
 
 
 def allocate_caches(model: nn.Module, batch_size: int, max_seq_len: int, owners: Iterable[nn.Module]) -> None:
@@ -209,7 +212,9 @@ def attention_masks(
     (0..T-1, no cache), in the cache rows `rows` -> the queries' positions (B, T) (RoPE's), the global and the
     local layers' masks over the keys each attends to (cached_key_positions), and where the keys and values go
     (None without pos). images (B, T), from image_index: the tokens of one image see each other both ways on
-    the local layers, and on the global ones too if global_images. model: the decoder (allocate_caches')."""
+    the local layers, and on the global ones too if global_images. model: the decoder (allocate_caches').
+    With pos, model.ring_pos records what the rings hold once the layers have written this call's keys: it is
+    read only here, before that."""
     B, T, _ = x.shape
     window = model.config.sliding_window
     if pos is not None and pos.dim() == 1:  # (T,): the same positions in every row
@@ -227,6 +232,8 @@ def attention_masks(
     local_mask = attention_mask(q_pos, kv_local, window, same_local)
     if pos is not None and T == 1 and B > 1 and not torch.compiler.is_compiling():
         global_mask, local_mask = row_masks(pos, global_mask), row_masks(pos, local_mask)
+    if pos is not None:
+        record_ring(model.ring_pos[rows], pos)
     return q_pos, global_mask, local_mask, None if pos is None else CacheWrite(pos, rows)
 
 

@@ -24,19 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import gemma4_audio, gemma4_vision
-from .attention import (
-    ALL,
-    CacheWrite,
-    KVCache,
-    Mask,
-    allocate_caches,
-    attend,
-    attention_dtype,
-    attention_masks,
-    image_index,
-    mask_length,
-    record_ring,
-)
+from .attention import ALL, CacheWrite, Mask, allocate_caches, attend, attention_dtype, attention_masks, image_index
 from .config import PAD_ID, Gemma4Config
 from .model import MLP, OutputHead, Rope, TiedEmbedding, apply_rope, rope_cos_sin
 from .model import Gemma4RMSNorm as RMSNorm  # shared with the towers
@@ -61,7 +49,7 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.v_norm = RMSNorm(self.head_dim, config.rms_norm_eps, with_scale=False)
-        self.kv_cache: KVCache | None = None
+        self.kv_cache = None  # a KVCache, from setup_cache
 
     def forward(
         self, x: torch.Tensor, rope: Rope, mask: Mask, write: CacheWrite | None, shared: KV | None
@@ -79,7 +67,7 @@ class Attention(nn.Module):
             k = apply_rope(self.k_norm(k).transpose(1, 2), *rope).to(dtype)  # (B, n_kv, T, hd)
             v = self.v_norm(v).transpose(1, 2).to(dtype)
             if write is not None:
-                k, v = self.kv_cache.update(write, k, v, mask_length(mask))
+                k, v = self.kv_cache.update(write, k, v, mask)
         y = attend(q, k, v, mask, 1.0).type_as(x)  # (B, nh, T, hd): no scaling, the q/k norms set the scale
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
@@ -285,8 +273,6 @@ class Gemma4(nn.Module):
             x, kv = layer(x, rope, mask, write, shared.get(layer.is_global), ple)
             if not layer.attn.shares_kv:
                 shared[layer.is_global] = kv
-        if write is not None:  # what the rings hold now
-            record_ring(self.ring_pos[write.rows], write.pos)
         return self.norm(x)
 
     @property

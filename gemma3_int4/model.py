@@ -17,19 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import vision
-from .attention import (
-    ALL,
-    CacheWrite,
-    KVCache,
-    Mask,
-    allocate_caches,
-    attend,
-    attention_dtype,
-    attention_masks,
-    image_index,
-    mask_length,
-    record_ring,
-)
+from .attention import ALL, CacheWrite, Mask, allocate_caches, attend, attention_dtype, attention_masks, image_index
 from .config import TEXT_VOCAB_SIZE, Gemma3Config, VisionConfig
 
 
@@ -94,7 +82,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)  # QK-norm, per head
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-        self.kv_cache: KVCache | None = None
+        self.kv_cache = None  # a KVCache, from setup_cache
 
     def forward(self, x: torch.Tensor, rope: Rope, mask: Mask, write: CacheWrite | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -106,7 +94,7 @@ class Attention(nn.Module):
         dtype = attention_dtype(x.dtype, x.device)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if write is not None:  # (B, n_kv, S, hd): the keys the masks cover
-            k, v = self.kv_cache.update(write, k, v, mask_length(mask))
+            k, v = self.kv_cache.update(write, k, v, mask)
         y = attend(q, k, v, mask, self.scale).type_as(x)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -261,8 +249,6 @@ class Gemma3(nn.Module):
                 x = layer(x, global_rope, global_mask, write)
             else:
                 x = layer(x, local_rope, local_mask, write)
-        if write is not None:  # what the rings hold now
-            record_ring(self.ring_pos[write.rows], write.pos)
         return self.norm(x)
 
     @property
