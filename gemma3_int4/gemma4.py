@@ -49,7 +49,7 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.v_norm = RMSNorm(self.head_dim, config.rms_norm_eps, with_scale=False)
-        self.kv_cache = None  # a KVCache, from setup_cache
+        self.kv_cache = None  # a KVCache, from Gemma4.setup_cache (not on a KV-shared layer)
 
     def forward(
         self, x: torch.Tensor, rope: Rope, mask: Mask, write: CacheWrite | None, shared: KV | None

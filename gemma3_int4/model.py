@@ -82,9 +82,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)  # QK-norm, per head
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-        self.kv_cache = None  # a KVCache, from setup_cache
+        self.kv_cache = None  # a KVCache, from Gemma3.setup_cache
 
     def forward(self, x: torch.Tensor, rope: Rope, mask: Mask, write: CacheWrite | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). write: where its keys and values go in the KV cache (None: no cache)."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = self.q_norm(q.view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)
