@@ -35,7 +35,7 @@ from gemma3_int4 import checkpoint, files, loader, qat
 from gemma3_int4.checkpoint import DEFAULT_MODEL
 from gemma3_int4.cli import device_arg, one_line_warnings, positive_float, positive_int
 from gemma3_int4.config import BOS_ID
-from gemma3_int4.model import split_projections
+from gemma3_int4.loader import split_projections
 from gemma3_int4.tokenizer import Tokenizer
 
 LORA_TARGETS = "qkv_proj,q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"  # every projection of a block

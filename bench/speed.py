@@ -91,7 +91,8 @@ def random_int4_checkpoint(size: str, directory: Path, towers: bool = False) -> 
         Gemma4VisionConfig,
     )
     from gemma3_int4.gemma4 import Gemma4
-    from gemma3_int4.model import Gemma3, split_projections
+    from gemma3_int4.loader import split_projections
+    from gemma3_int4.model import Gemma3
 
     if size in GEMMA4_CONFIGS:
         config = Gemma4Config.from_name(size)

@@ -1,7 +1,7 @@
 """The Gemma 4 text decoder (E2B, E4B, 31B, 26B-A4B), top to bottom.
 
-Gemma 4 keeps Gemma 3's frame (model.py: sandwich-norm blocks, sliding and full attention layers, their KV
-caches and masks, a tied int4-ready embedding) and changes what is inside. Read in order:
+Gemma 4 keeps Gemma 3's frame (model.py: sandwich-norm blocks, sliding and full attention layers, a tied
+int4-ready embedding; attention.py: their KV caches and masks) and changes what is inside. Read in order:
 - RMSNorm (model.Gemma4RMSNorm) scales by w, not 1 + w, and has a scale-free variant (on the values, and in
   the router);
 - attention: scale 1; full layers have their own head_dim (512) and "proportional" RoPE (a quarter of each
@@ -24,35 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import gemma4_audio, gemma4_vision
+from .attention import ALL, CacheWrite, Mask, allocate_caches, attend, attention_dtype, attention_masks, image_index
 from .config import PAD_ID, Gemma4Config
-from .model import (
-    ALL,
-    FUSED,
-    MLP,
-    KVCache,
-    Mask,
-    OutputHead,
-    Rope,
-    TiedEmbedding,
-    apply_rope,
-    attend,
-    attention_mask,
-    cached_key_positions,
-    image_index,
-    mask_length,
-    record_ring,
-    ring_positions,
-    rope_cos_sin,
-    row_masks,
-    same_image_masks,
-)
+from .model import MLP, OutputHead, Rope, TiedEmbedding, apply_rope, rope_cos_sin
 from .model import Gemma4RMSNorm as RMSNorm  # shared with the towers
-from .quant import attention_dtype
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values (B, n_kv, S, hd): what a layer's attention reads
-# What the loader stacks (model.fuse_projections): gate and up, as in Gemma 3. q, k and v stay apart, since the
-# layers differ in which of them they have (k_eq_v layers no v, KV-shared ones only q).
-GEMMA4_FUSED = {"mlp.gate_up_proj": FUSED["mlp.gate_up_proj"]}
 
 
 class Attention(nn.Module):
@@ -72,10 +49,10 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.v_norm = RMSNorm(self.head_dim, config.rms_norm_eps, with_scale=False)
-        self.kv_cache: KVCache | None = None
+        self.kv_cache = None  # a KVCache, from Gemma4.setup_cache (not on a KV-shared layer)
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, mask: Mask, pos: torch.Tensor | None, rows: slice, shared: KV | None
+        self, x: torch.Tensor, rope: Rope, mask: Mask, write: CacheWrite | None, shared: KV | None
     ) -> tuple[torch.Tensor, KV]:
         """-> the output (B, T, D), and the keys and values it attended over (for the layers that share them)."""
         B, T, _ = x.shape
@@ -89,8 +66,8 @@ class Attention(nn.Module):
             v = k if self.v_proj is None else self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
             k = apply_rope(self.k_norm(k).transpose(1, 2), *rope).to(dtype)  # (B, n_kv, T, hd)
             v = self.v_norm(v).transpose(1, 2).to(dtype)
-            if pos is not None:
-                k, v = self.kv_cache.update(pos, k, v, mask_length(mask), rows)
+            if write is not None:
+                k, v = self.kv_cache.update(write, k, v, mask)
         y = attend(q, k, v, mask, 1.0).type_as(x)  # (B, nh, T, hd): no scaling, the q/k norms set the scale
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
@@ -169,12 +146,11 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: Rope,
         mask: Mask,
-        pos: torch.Tensor | None,
-        rows: slice,
+        write: CacheWrite | None,
         shared: KV | None,
         per_layer_input: torch.Tensor | None,
     ) -> tuple[torch.Tensor, KV]:
-        y, kv = self.attn(self.input_norm(x), rope, mask, pos, rows, shared)
+        y, kv = self.attn(self.input_norm(x), rope, mask, write, shared)
         h = x + self.post_attn_norm(y)
         h = h + self.post_ffw_norm(self.feed_forward(h))
         if self.per_layer_input_gate is not None:  # this layer's slice of the per-layer embeddings (B, T, P)
@@ -217,19 +193,7 @@ class Gemma4(nn.Module):
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Allocate the static KV caches of the layers that own keys and values (the KV-shared ones read
         theirs); afterwards forward(ids, pos) decodes incrementally."""
-        c = self.config
-        if max_seq_len > c.max_seq_len:
-            raise ValueError(f"a cache of {max_seq_len} tokens exceeds the model's context of {c.max_seq_len}")
-        device = self.norm.weight.device
-        dtype = attention_dtype(self.norm.weight.dtype, device)
-        ring = min(c.sliding_window, max_seq_len)
-        for layer in self.layers:
-            attn, length = layer.attn, max_seq_len if layer.is_global else ring
-            attn.kv_cache = None if attn.shares_kv else KVCache(
-                batch_size, length, attn.num_kv_heads, attn.head_dim, dtype, device, ring=not layer.is_global
-            )  # fmt: skip
-        self.register_buffer("ring_pos", ring_positions(batch_size, ring, c.sliding_window, device), persistent=False)
-        self.cache_len, self.cache_batch = max_seq_len, batch_size
+        allocate_caches(self, batch_size, max_seq_len, [layer for layer in self.layers if not layer.attn.shares_kv])
 
     def embed_tokens(self, input_ids: torch.Tensor, pixel_values: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D), scaled by sqrt(D); with per-layer embeddings (E2B, E4B), each token's
@@ -298,33 +262,17 @@ class Gemma4(nn.Module):
         per_layer = None  # (B, T, L, P)
         if c.hidden_size_per_layer_input:
             x, per_layer = x[..., : c.hidden_size], x[..., c.hidden_size :].unflatten(-1, (c.num_layers, -1))
-        B, T, _ = x.shape
-        if pos is not None and pos.dim() == 1:  # (T,): the same positions in every row
-            pos = pos.expand(B, T)
-        q_pos = torch.arange(T, device=x.device).expand(B, T) if pos is None else pos
-        kv_global = kv_local = q_pos
-        if pos is not None:
-            if self.cache_len == 0:
-                raise RuntimeError("call setup_cache(batch_size, max_seq_len) before decoding with positions")
-            kv_global, kv_local = cached_key_positions(self.ring_pos[rows], self.cache_len, c.sliding_window, pos)
-        same_local = None
-        if images is not None and c.vision_bidirectional:
-            same_local = same_image_masks(images, pos, kv_global, kv_local)[1]
-        global_mask = attention_mask(q_pos, kv_global)
-        local_mask = attention_mask(q_pos, kv_local, c.sliding_window, same_local)
-        if pos is not None and T == 1 and B > 1 and not torch.compiler.is_compiling():
-            global_mask, local_mask = row_masks(pos, global_mask), row_masks(pos, local_mask)
+        images = images if c.vision_bidirectional else None
+        q_pos, global_mask, local_mask, write = attention_masks(self, x, pos, rows, images, global_images=False)
         global_rope = rope_cos_sin(q_pos, c.global_head_dim, c.rope_theta_global, 1.0, x.dtype, c.partial_rotary_factor)
         local_rope = rope_cos_sin(q_pos, c.head_dim, c.rope_theta_local, 1.0, x.dtype)
         shared: dict[bool, KV] = {}  # is_global -> the keys and values of the last layer of that type that owns them
         for i, layer in enumerate(self.layers):
             rope, mask = (global_rope, global_mask) if layer.is_global else (local_rope, local_mask)
             ple = None if per_layer is None else per_layer[:, :, i]
-            x, kv = layer(x, rope, mask, pos, rows, shared.get(layer.is_global), ple)
+            x, kv = layer(x, rope, mask, write, shared.get(layer.is_global), ple)
             if not layer.attn.shares_kv:
                 shared[layer.is_global] = kv
-        if pos is not None:
-            record_ring(self.ring_pos[rows], pos)
         return self.norm(x)
 
     @property

@@ -30,9 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from .attention import attention_dtype
 from .config import SOFT_TOKEN_BUDGETS, Gemma4VisionConfig
 from .model import Gemma4RMSNorm, apply_rope, rope_cos_sin
-from .quant import attention_dtype
 from .vision import load_image, to_rgb
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from . import gemma4_audio, gemma4_vision, vision
+from .attention import ALL, image_index
 from .config import Gemma4VisionConfig
-from .model import ALL, Gemma3, image_index
+from .model import Gemma3
 
 # The range of temperature (other than 0) and repetition_penalty: together they scale logits by at most 10^4, so
 # finite logits stay finite (an overflow to infinity would make NaN, and sampling from NaN fails).

@@ -1,7 +1,8 @@
 """Loading a checkpoint into the model, in one place (gpt-fast's _load_model):
 
 from_pretrained: the files (checkpoint.load_weights: any format, any layout) -> config and tensors
-in our names -> the weights policy (int4 / int8 / dense) -> q/k/v and gate/up stacked -> from_tensors:
+in our names -> the weights policy (int4 / int8 / dense) -> q/k/v and gate/up stacked (fuse_projections, at
+the end with its inverse, split_projections, which exports use) -> from_tensors:
 the model built on the meta device, its linears swapped for the quantized ones the tensors ask for
 (quant.replace_linears), every tensor checked against it, assigned -> an int8 head's ranker -> the CPU
 kernels' packing.
@@ -18,8 +19,8 @@ import torch.nn as nn
 
 from . import checkpoint, cpu_kernels, quant
 from .config import AUDIO_MODULES, GEMMA4_MODEL_TYPES, VISION_MODULES, Gemma3Config, Gemma4Config
-from .gemma4 import GEMMA4_FUSED, Gemma4
-from .model import FUSED, Gemma3, fuse_projections
+from .gemma4 import Gemma4
+from .model import Gemma3
 
 Config = Gemma3Config | Gemma4Config
 Model = Gemma3 | Gemma4
@@ -53,7 +54,7 @@ def from_pretrained(
     config, tensors, above_4_bits = load_checkpoint(path)
     # stacked here, so that the unstacked copies are freed before the model is built and packed
     tensors = convert_weights(tensors, weights, above_4_bits, consume=True)
-    tensors = fuse_projections(tensors, config.num_layers, fused(config), consume=True)
+    tensors = fuse_projections(tensors, config.num_layers, stacked_groups(config), consume=True)
     model = from_tensors(config, tensors, dtype, device)
     if dtype == torch.bfloat16 and cpu_kernels.bf16_matmuls_are_slow(torch.device(device or "cpu")):
         # bf16 matmuls are several times slower than float32's on CPUs without native bf16 (AVX2): the towers,
@@ -84,11 +85,6 @@ def cached_gguf(path: Path) -> Path:
     return checkpoint.cached_conversion(directory, path.name, convert, {checkpoint.SOURCE: source})
 
 
-def fused(config: Config) -> dict[str, tuple[str, ...]]:
-    """The projections the model holds stacked (model.fuse_projections)."""
-    return GEMMA4_FUSED if isinstance(config, Gemma4Config) else FUSED
-
-
 def from_tensors(
     config: Config,
     tensors: dict[str, torch.Tensor],
@@ -97,7 +93,7 @@ def from_tensors(
 ) -> Model:
     """The model holding a state dict in our names as it is: dense weights, or int4/int8 pairs (the layers
     become Int4Linear / Int8Linear); float tensors cast to `dtype`."""
-    tensors = fuse_projections(tensors, config.num_layers, fused(config))
+    tensors = fuse_projections(tensors, config.num_layers, stacked_groups(config))
     with torch.device("meta"):
         model = Gemma4(config) if isinstance(config, Gemma4Config) else Gemma3(config)
     quant.replace_linears(model, tensors)
@@ -189,3 +185,80 @@ def check_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
         if t.is_floating_point() and t.numel() and not all(bool(end.isfinite()) for end in torch.aminmax(t)):
             # (NaN and infinities reach the minimum or maximum: several times faster than isfinite(t).all())
             raise ValueError(f"tensor {name} holds NaN or infinite values")
+
+
+# Checkpoints store q, k, v (and gate, up) as separate weights; the model holds each group stacked by rows, so
+# that one matmul reads them all. Every format stacks row by row: int4/int8 data and their per-row scales alike.
+FUSED = {
+    "attn.qkv_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+# Gemma 4 stacks gate and up only: q, k and v stay apart, since its layers differ in which of them they have
+# (k_eq_v layers no v, KV-shared ones only q).
+GEMMA4_FUSED = {"mlp.gate_up_proj": FUSED["mlp.gate_up_proj"]}
+KINDS = (*quant.FORMATS, "weight")  # int4_data, int8_data, weight: from the narrowest to the widest
+
+
+def stacked_groups(config: Config) -> dict[str, tuple[str, ...]]:
+    """The projections the model holds stacked."""
+    return GEMMA4_FUSED if isinstance(config, Gemma4Config) else FUSED
+
+
+def fuse_projections(
+    tensors: dict[str, torch.Tensor],
+    num_layers: int,
+    groups: dict[str, tuple[str, ...]] = FUSED,
+    consume: bool = False,
+) -> dict[str, torch.Tensor]:
+    """A state dict in the checkpoints' names -> the model's: each layer's q/k/v and gate/up weights stacked into
+    qkv_proj and gate_up_proj (already stacked ones pass; `groups`: which, Gemma 4's only gate/up). A group
+    mixing kinds is stacked in its widest: a GGUF's int8 v_proj beside int4 q and k makes all three int8 (per-row,
+    finer than int4's steps). consume: stacks within `tensors` itself, so each layer's parts are freed as soon as
+    they are stacked (the caller keeps no other reference to them) and the peak is one layer above the weights."""
+    out = tensors if consume else dict(tensors)
+    for i, fused in ((i, f) for i in range(num_layers) for f in groups):
+        parts = [f"layers.{i}.{p}" for p in groups[fused]]
+        kinds = [next((k for k in KINDS if f"{p}.{k}" in tensors), None) for p in parts]
+        if all(k is None for k in kinds):
+            continue  # already stacked, or not there at all (check_state_dict names what is missing)
+        if None in kinds:
+            missing = [f"{p}.weight" for p, k in zip(parts, kinds, strict=True) if k is None]
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing)}")
+        kind = max(kinds, key=KINDS.index)
+        stacked = [as_kind(out, p, k, kind) for p, k in zip(parts, kinds, strict=True)]
+        if any("zeros" in pieces for pieces in stacked):  # int4 with zero points beside symmetric int4: zeros of 0
+            for pieces in stacked:
+                pieces.setdefault("zeros", torch.zeros_like(pieces["scales"]))
+        for name in stacked[0]:
+            out[f"layers.{i}.{fused}.{name}"] = torch.cat([pieces[name] for pieces in stacked])
+    return out
+
+
+def as_kind(tensors: dict[str, torch.Tensor], module: str, kind: str, target: str) -> dict[str, torch.Tensor]:
+    """Pop module's weight (kind: "int4_data", "int8_data" or "weight") from tensors, converted to target's kind:
+    {"weight": w} or {target: data, "scales": scales} (and "zeros": an int4 weight's zero points, if it has them)."""
+    parts = [part for part in (kind, "scales", "zeros") if f"{module}.{part}" in tensors]
+    if kind == target:
+        return {part: tensors.pop(f"{module}.{part}") for part in parts}
+    w = tensors[f"{module}.weight"] if kind == "weight" else quant.dequantize(tensors, module)  # float32
+    for part in parts:
+        del tensors[f"{module}.{part}"]
+    if target == "weight":
+        return {"weight": w}
+    return dict(zip((target, "scales"), quant.FORMATS[target].quantize(w), strict=True))
+
+
+def split_projections(tensors: dict[str, torch.Tensor], config: Gemma3Config) -> dict[str, torch.Tensor]:
+    """The inverse of fuse_projections: stacked qkv_proj / gate_up_proj tensors back to the checkpoints' names
+    (gate and up are halves; q, k and v config.qkv_sizes)."""
+    out = {}
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        layer, _, fused = module.partition(".")[2].partition(".")
+        if not (name.startswith("layers.") and fused in FUSED):
+            out[name] = t
+            continue
+        pieces = t.split(config.qkv_sizes) if fused == "attn.qkv_proj" else t.chunk(2)
+        for part, piece in zip(FUSED[fused], pieces, strict=True):
+            out[f"layers.{layer}.{part}.{kind}"] = piece
+    return out

@@ -27,9 +27,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import quant
+from .attention import attention_mask
 from .config import BOS_ID, VISION_MODULES, Gemma3Config
-from .loader import from_tensors
-from .model import FUSED, Gemma3, attention_mask, fuse_projections, rope_cos_sin, split_projections
+from .loader import FUSED, from_tensors, fuse_projections, split_projections
+from .model import Gemma3, rope_cos_sin
 from .tokenizer import Tokenizer
 
 G = quant.GROUP_SIZE

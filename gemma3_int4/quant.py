@@ -230,12 +230,6 @@ def dequantize(tensors: dict[str, torch.Tensor], module: str, rows: slice = slic
     return dequantize_int4(tensors[f"{module}.int4_data"][rows], scales, None if zeros is None else zeros[rows])
 
 
-def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype attention computes and caches in: PyTorch's CPU attention is several times faster in float32
-    than in bf16, so float32 there; elsewhere the activations' own."""
-    return torch.float32 if device.type == "cpu" else dtype
-
-
 class QuantLinear(nn.Module):
     """A bias-free linear layer y = x @ W.T whose W (N, K) is dequantized on the fly by the subclass.
 

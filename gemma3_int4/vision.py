@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .attention import attention_dtype
 from .config import VisionConfig
-from .quant import attention_dtype
 
 # ---------------------------------------------------------------------------------------------------
 # Preprocessing: any image file -> (3, S, S) float32, as transformers' Gemma3ImageProcessor does it

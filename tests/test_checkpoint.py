@@ -211,6 +211,7 @@ LAYERS = [
     {"w4a8"},
     {"cpu_kernels"},  # the CPU kernels of quant's layers, and when each runs
     {"quant"},
+    {"attention"},  # masks, the KV cache, attend: imports nothing of ours
     {"vision", "gguf_format", "flax_format", "torchao_format", "qat"},
     {"model", "checkpoint", "hf_tokenizer"},
     {"gemma4_vision"},  # Gemma 4's towers, built from model.py's pieces

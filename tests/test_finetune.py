@@ -14,7 +14,7 @@ from test_gemma4 import hf_gemma4
 import finetune
 from gemma3_int4 import checkpoint, loader, qat, quant
 from gemma3_int4.config import BOS_ID
-from gemma3_int4.model import split_projections
+from gemma3_int4.loader import split_projections
 from gemma3_int4.tokenizer import Tokenizer
 
 

@@ -179,7 +179,7 @@ def test_greedy_continuation_is_transformers(tmp_path, kind):
 
 def dequantized(ours: Gemma4) -> dict[str, torch.Tensor]:
     """Our model's weights as float tensors in transformers' names (for the reference)."""
-    from gemma3_int4.model import split_projections
+    from gemma3_int4.loader import split_projections
 
     stored = split_projections(ours.state_dict(), ours.config)
     modules = {name.rpartition(".")[0] for name in stored if name.rpartition(".")[2] in quant.FORMATS}

@@ -8,7 +8,8 @@ from conftest import TINY, hf_text_model
 
 from gemma3_int4 import checkpoint, loader
 from gemma3_int4.config import CONFIGS, TEXT_VOCAB_SIZE, Gemma3Config
-from gemma3_int4.model import Gemma3, split_projections
+from gemma3_int4.loader import split_projections
+from gemma3_int4.model import Gemma3
 
 TOL = 1e-3
 
@@ -290,7 +291,7 @@ def small_state_dict(kinds: dict[str, str]) -> tuple[Gemma3Config, dict[str, tor
 
 
 def test_projections_are_stacked_by_rows_and_split_back():
-    from gemma3_int4.model import fuse_projections, split_projections
+    from gemma3_int4.loader import fuse_projections, split_projections
 
     config, tensors = small_state_dict({"mlp.up_proj": "int4_data"})
     fused = fuse_projections(tensors, config.num_layers)
@@ -306,7 +307,7 @@ def test_projections_are_stacked_by_rows_and_split_back():
 
 def test_a_group_of_mixed_kinds_is_stacked_in_its_widest():
     from gemma3_int4 import quant
-    from gemma3_int4.model import fuse_projections
+    from gemma3_int4.loader import fuse_projections
 
     config, tensors = small_state_dict({"attn.v_proj": "int8_data", "mlp.gate_proj": "weight"})
     fused = fuse_projections(tensors, config.num_layers)
@@ -326,7 +327,7 @@ def test_a_group_of_mixed_kinds_is_stacked_in_its_widest():
 
 
 def test_a_missing_part_of_a_group_is_named():
-    from gemma3_int4.model import fuse_projections
+    from gemma3_int4.loader import fuse_projections
 
     config, tensors = small_state_dict({})
     del tensors["layers.0.attn.k_proj.int4_data"], tensors["layers.0.attn.k_proj.scales"]
@@ -336,7 +337,7 @@ def test_a_missing_part_of_a_group_is_named():
 
 def test_zero_points_beside_symmetric_int4_are_stacked_with_zeros_of_0():
     from gemma3_int4 import quant
-    from gemma3_int4.model import fuse_projections
+    from gemma3_int4.loader import fuse_projections
 
     config, tensors = small_state_dict({})
     tensors["layers.0.attn.k_proj.zeros"] = torch.randn(32, 2).to(torch.bfloat16)  # k asymmetric, q and v not

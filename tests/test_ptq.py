@@ -9,7 +9,8 @@ from conftest import TINY, hf_text_model, randomize
 import convert
 from gemma3_int4 import loader, ptq, quant
 from gemma3_int4.config import BOS_ID, Gemma3Config
-from gemma3_int4.model import FUSED, Gemma3, split_projections
+from gemma3_int4.loader import FUSED, split_projections
+from gemma3_int4.model import Gemma3
 
 CONFIG = Gemma3Config(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=96,
                       sliding_window=8, vocab_size=512, query_pre_attn_scalar=24)  # fmt: skip

@@ -13,9 +13,9 @@ from PIL import Image
 
 import generate as generate_script
 from gemma3_int4 import cpu_kernels, loader, vision
+from gemma3_int4.attention import attention_mask, image_index, same_image_mask
 from gemma3_int4.config import IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES
 from gemma3_int4.generation import prefill
-from gemma3_int4.model import attention_mask, image_index, same_image_mask
 from gemma3_int4.tokenizer import IMAGE_MARK, Tokenizer, place_images
 
 ROOT = Path(__file__).resolve().parents[1]
