@@ -1,7 +1,7 @@
 """Checkpoints in the Hugging Face layout: dense HF (google/gemma-3-*), gaunernst int4, the int4 layouts serving
 engines load: AWQ (AutoAWQ's "gemm") and compressed-tensors ("pack-quantized"), and torchao's (PyTorch's own
-releases, through torchao_format.py). GGUF files are handed to gguf_format.py, Google's Flax/Orbax checkpoints
-to flax_format.py.
+releases, through torchao.py). GGUF files are handed to gguf.py, Google's Flax/Orbax checkpoints
+to orbax.py.
 
 Finds the files (a directory, one weights file or a hub repo id), reads the tensors and maps the checkpoint's
 names onto ours in one place (`our_name`). An int4 weight "<module>.weight.int4_data" / "<module>.weight.scales"
@@ -27,11 +27,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import files, flax_format, gguf_format, quant, torchao_format
+from . import files, quant, sentencepiece_model
 from .config import Gemma3Config, Gemma4Config
+from .formats import gguf, orbax, torchao
 
 HUB_FILES = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
-PICKLED = "pytorch_model*.bin"  # torchao's pickled releases: read by torchao_format, never by a free unpickler
+PICKLED = "pytorch_model*.bin"  # torchao's pickled releases: read by formats/torchao.py, never by a free unpickler
 # Files a conversion carries over verbatim, so that transformers, vLLM and SGLang find the tokenizer, chat
 # template, generation defaults and image processor of the source checkpoint beside the converted weights.
 COMPANION_FILES = [
@@ -184,16 +185,16 @@ def read_safetensors_with_metadata(shards: list[Path]) -> tuple[dict[str, torch.
 
 def read_tensors(path: Path, shards: list[Path]) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors in its own names; torchao's weights (pickled or in safetensors with their
-    metadata) already decoded into int4 / int8 pairs (torchao_format.decode)."""
+    metadata) already decoded into int4 / int8 pairs (torchao.decode)."""
     if all(f.suffix == ".bin" for f in shards):
         state = {}
         for f in tqdm(shards, desc="loading weights", unit="shard", disable=None, leave=False):
-            state |= torchao_format.read_pickle(f)
-        return torchao_format.decode(state, path)
+            state |= torchao.read_pickle(f)
+        return torchao.decode(state, path)
     tensors, metadata = read_safetensors_with_metadata(shards)
-    if not torchao_format.is_torchao_metadata(metadata):
+    if not torchao.is_torchao_metadata(metadata):
         return tensors
-    return torchao_format.decode(torchao_format.from_safetensors(tensors, metadata, path), path)
+    return torchao.decode(torchao.from_safetensors(tensors, metadata, path), path)
 
 
 def our_name(name: str) -> str:
@@ -234,9 +235,9 @@ def load_weights(path_or_hub_id: str | Path) -> tuple[dict | None, dict[str, tor
 
 def read_weights(path: Path) -> tuple[dict | None, dict[str, torch.Tensor], set[str]]:
     if path.suffix == ".gguf":
-        return gguf_format.load(path)
-    if flax_format.is_orbax(path):
-        return flax_format.load(path)
+        return gguf.read(path)
+    if orbax.is_orbax(path):
+        return orbax.read(path)
     hf_config = read_config(path if path.is_dir() else path.parent)
     quantization = (hf_config or {}).get("quantization_config")
     tensors = {}
@@ -323,58 +324,15 @@ def tokenizer_proto(path_or_hub_id: str | Path) -> bytes:
     (for an Orbax checkpoint, Google ships it beside the checkpoint directory)."""
     path = resolve(path_or_hub_id)
     if path.suffix == ".gguf":
-        return gguf_format.tokenizer_proto(path)
+        return gguf.tokenizer_proto(path)
     directory = path if path.is_dir() else path.parent
-    candidates = [directory / "tokenizer.model"] + ([directory.parent / "tokenizer.model"] * flax_format.is_orbax(path))
+    candidates = [directory / "tokenizer.model"] + ([directory.parent / "tokenizer.model"] * orbax.is_orbax(path))
     for model_file in candidates:
         if model_file.is_file():
             return model_file.read_bytes()
     if (directory / "tokenizer.json").is_file():  # Gemma 4's checkpoints ship only this
-        return tokenizer_json_proto(directory / "tokenizer.json")
+        return sentencepiece_model.tokenizer_json_proto(directory / "tokenizer.json")
     raise FileNotFoundError(f"tokenizer not found: {' or '.join(map(str, candidates))} (convert.py takes --tokenizer)")
-
-
-BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
-
-
-def tokenizer_json_proto(path: Path) -> bytes:
-    """A tokenizer.json (Hugging Face tokenizers' file: Gemma's is a BPE over text with spaces as U+2581, with byte
-    fallback) as the same SentencePiece BPE model, scored by its merges (gguf_format.merge_scores). Its special
-    tokens become control pieces, as in Gemma 3's tokenizer.model: inserted by id, never read from text
-    (tokenizers would match "<|turn>" typed in a message); its other added tokens user-defined pieces."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        model, added = data["model"], data.get("added_tokens") or []
-        if model.get("type") != "BPE" or not model.get("byte_fallback"):
-            raise ValueError(f"{path}: not Gemma's tokenizer (a BPE with byte fallback), but {model.get('type')!r}")
-        by_id = {}
-        for piece, i in model["vocab"].items():
-            by_id.setdefault(i, piece)  # transformers' converter may add "\t" as a second name of <0x09>
-        by_id |= {t["id"]: t["content"] for t in added}
-        merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges") or []]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a readable tokenizer.json ({type(e).__name__}: {e})") from None
-    special = {t["content"]: bool(t.get("special")) for t in added}
-    pieces, types, seen = [], [], set()
-    for i in range(max(by_id) + 1):
-        piece = by_id.get(i)
-        if piece is None or piece in seen:  # a gap, or a second id of one string: never produced by encoding
-            pieces.append(f"<unused id {i}>")
-            types.append(5)  # SentencePiece's piece types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused
-            continue
-        seen.add(piece)
-        pieces.append(piece)
-        if piece == model.get("unk_token"):
-            types.append(2)
-        elif piece in special:
-            types.append(3 if special[piece] else 4)
-        else:
-            types.append(6 if BYTE_PIECE.fullmatch(piece) else 1)  # 6: byte
-    vocab = {piece: i for i, piece in enumerate(pieces)}
-    ids = {key: vocab.get(name) for key, name in
-           (("unknown", model.get("unk_token")), ("bos", "<bos>"), ("eos", "<eos>"), ("padding", "<pad>"))}  # fmt: skip
-    scores = gguf_format.merge_scores(pieces, merges)
-    return gguf_format.sentencepiece_proto([piece.encode() for piece in pieces], scores, types, ids)
 
 
 def chat_template(path_or_hub_id: str | Path) -> str | None:
@@ -382,7 +340,7 @@ def chat_template(path_or_hub_id: str | Path) -> str | None:
     has one."""
     path = resolve(path_or_hub_id)
     if path.suffix == ".gguf":
-        return gguf_format.field(gguf_format.open_gguf(path), "tokenizer.chat_template")
+        return gguf.field(gguf.open_gguf(path), "tokenizer.chat_template")
     directory = path if path.is_dir() else path.parent
     if (directory / "chat_template.jinja").is_file():
         return (directory / "chat_template.jinja").read_text(encoding="utf-8")
@@ -407,7 +365,7 @@ def adds_bos(path_or_hub_id: str | Path) -> bool:
     path = resolve(path_or_hub_id)
     if path.suffix != ".gguf":
         return True
-    return bool(gguf_format.field(gguf_format.open_gguf(path), "tokenizer.ggml.add_bos_token", True))
+    return bool(gguf.field(gguf.open_gguf(path), "tokenizer.ggml.add_bos_token", True))
 
 
 def read_json(path: Path) -> dict:
@@ -469,7 +427,7 @@ def save(
 ) -> None:
     """Write a checkpoint (our names and tensors in) in any output layout (convert.TARGETS), atomically
     (files.atomic_output: an existing `dst` is an error, and an interrupted write leaves nothing); load_weights
-    reads it back. "gguf": a GGUF file (gguf_format.save) with `chat_template` in its metadata. The rest are
+    reads it back. "gguf": a GGUF file (gguf.write) with `chat_template` in its metadata. The rest are
     safetensors directories:
     "int4": gaunernst's (int4 and int8 pairs as they are, the rest bf16);
     "awq", "compressed-tensors": every int4 linear in that layout, the embedding dense bf16 (neither has an
@@ -480,7 +438,7 @@ def save(
     `column_weights` (module -> (K,), our names: ptq.input_mean_squares) weigh the refit of the weights that
     "awq" and "compressed-tensors" cannot hold as they are (float_zero_points)."""
     if layout == "gguf":
-        return gguf_format.save(config, tensors, tokenizer, dst, chat_template)
+        return gguf.write(config, tensors, tokenizer, dst, chat_template)
     hf_config = config.to_hf()
     with files.atomic_output(dst) as tmp:
         gemma4 = hf_config.get("model_type") == "gemma4"
@@ -544,9 +502,9 @@ def default_model() -> Path:
 
     def convert() -> tuple[Gemma3Config, dict[str, torch.Tensor], bytes]:
         gguf_path = embedded_gguf()
-        hf_config, tensors, above_4_bits = gguf_format.load(gguf_path)
+        hf_config, tensors, above_4_bits = gguf.read(gguf_path)
         tensors = quant.convert_state_dict(tensors, "auto", above_4_bits)
-        return Gemma3Config.from_hf(hf_config), tensors, gguf_format.tokenizer_proto(gguf_path)
+        return Gemma3Config.from_hf(hf_config), tensors, gguf.tokenizer_proto(gguf_path)
 
     return cached_conversion(files.cache_dir() / DEFAULT_MODEL_CACHE, DEFAULT_MODEL, convert)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 
-from . import gguf_format
 from .config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from .sentencepiece_model import parse_sentencepiece_proto
 
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # SentencePiece's piece types (also 2 unknown, 5 unused, 6 byte)
 
@@ -23,7 +23,7 @@ def tokenizer_files(
     proto: bytes, chat_template: str | None, add_bos: bool, stop_ids: list[int], max_length: int
 ) -> dict[str, str]:
     """File name -> content of the four files for a SentencePiece model (a serialized tokenizer.model)."""
-    entries = [(piece.decode(), score, kind) for piece, score, kind in gguf_format.parse_sentencepiece_proto(proto)]
+    entries = [(piece.decode(), score, kind) for piece, score, kind in parse_sentencepiece_proto(proto)]
     special = {"bos_token": entries[BOS_ID][0], "eos_token": entries[EOS_ID][0], "unk_token": entries[UNK_ID][0],
                "pad_token": entries[PAD_ID][0]}  # fmt: skip
     config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": add_bos, "add_eos_token": False, **special,

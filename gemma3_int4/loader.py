@@ -36,7 +36,7 @@ def from_pretrained(
 
     weights="auto":  int4 stays int4, dense weights are quantized to int4 (group 32: QAT weights exactly on their
                      grid, others asymmetric, with zero points),
-                     GGUF tensors stored at more than 4 bits become int8 (see gguf_format.py), and
+                     GGUF tensors stored at more than 4 bits become int8 (see formats/gguf.py), and
                      an int8 head ranks the vocabulary with an int4 copy first (Int8Linear.unembed);
     weights="int4":  every linear weight int4;  weights="dense": every weight a float tensor of `dtype`.
     The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype` (float32 for a bf16 `dtype`

@@ -19,8 +19,9 @@ import chat
 import convert
 import eval as eval_script
 import generate
-from gemma3_int4 import checkpoint, files, gguf_format, vision
+from gemma3_int4 import checkpoint, files, vision
 from gemma3_int4.config import START_OF_IMAGE_ID
+from gemma3_int4.formats import gguf as gguf_format
 from gemma3_int4.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -478,7 +479,7 @@ def test_a_gguf_without_a_tokenizer_says_so(tiny_int4_dir, tmp_path, monkeypatch
         monkeypatch.setattr(gguf.GGUFWriter, method, lambda *args: None)
     assert run(convert, [tiny_int4_dir, tmp_path / "bare.gguf", "--to", "gguf"])[0] == 0
     monkeypatch.undo()
-    config, _, _ = gguf_format.load(tmp_path / "bare.gguf")
+    config, _, _ = gguf_format.read(tmp_path / "bare.gguf")
     assert config["vocab_size"] == json.loads((tiny_int4_dir / "config.json").read_text())["vocab_size"]
     code, _, err = run(generate, ["--model", tmp_path / "bare.gguf", "--prompt", "Hi"])
     progress = "converting bare.gguf into "  # the GGUF cache's line, printed before the conversion reads the file

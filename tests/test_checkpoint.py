@@ -184,33 +184,45 @@ def test_an_unreachable_hub_fails_in_one_line(tmp_path):
 
 
 SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py"))
-LIBRARY = sorted(p.stem for p in (ROOT / "gemma3_int4").glob("*.py") if p.stem != "__init__")
+PACKAGE = ROOT / "gemma3_int4"
+# dotted below the package: "quant", "formats.gguf"
+LIBRARY = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py")
+                 if p.stem != "__init__")  # fmt: skip
 MODULES = LIBRARY + SCRIPTS
 
 
 def module_path(module: str) -> Path:
-    return ROOT / (f"{module}.py" if module in SCRIPTS else f"gemma3_int4/{module}.py")
+    return ROOT / (f"{module}.py" if module in SCRIPTS else f"gemma3_int4/{module.replace('.', '/')}.py")
 
 
-def imported_modules(node: ast.AST) -> list[str]:
-    """Which of our modules an import statement names: `import convert`, `from gemma3_int4 import quant`,
-    `from gemma3_int4.quant import X`, and inside the package `from . import quant`, `from .quant import X`."""
+def imported_modules(node: ast.AST, importer: str = "") -> list[str]:
+    """Which of our modules an import statement in `importer` names: `import convert`, `from gemma3_int4 import
+    quant`, `from gemma3_int4.formats.gguf import X`, and inside the package `from . import quant`, `from .quant
+    import X`, in formats/ `from .. import quant`, `from ..config import X`, `from .hf import X`."""
     if isinstance(node, ast.Import):
         return [a.name.removeprefix("gemma3_int4.") for a in node.names]
     if not isinstance(node, ast.ImportFrom):
         return []
-    if node.module in (None, "gemma3_int4"):  # from . import x / from gemma3_int4 import x
-        return [a.name for a in node.names]
-    return [node.module.removeprefix("gemma3_int4.")]
+    if node.level:  # relative: from the importer's package, one level up per dot after the first
+        package = importer.split(".")[:-1]
+        base = package[: len(package) - node.level + 1]
+    else:
+        base = [] if node.module == "gemma3_int4" else node.module.removeprefix("gemma3_int4.").split(".")
+    if node.level and node.module:
+        base = base + node.module.split(".")
+    names = [".".join([*base, a.name]) for a in node.names]
+    if node.module in (None, "gemma3_int4") or all(n in LIBRARY for n in names):  # modules imported by name
+        return names
+    return [".".join(base)]
 
 
 # Imports go one way, down this list: each module imports ours only from the layers below its own, at the top
 # of the file (no import deferred into a function to dodge a cycle), and no module imports a script.
 LAYERS = [
-    {"config", "files", "hugepages"},  # import nothing of ours
+    {"config", "files", "hugepages", "sentencepiece_model"},  # import nothing of ours
     {"w4a8"},
     {"quant"},
-    {"vision", "gguf_format", "flax_format", "torchao_format", "qat"},
+    {"vision", "formats.gguf", "formats.orbax", "formats.torchao", "qat"},
     {"model", "checkpoint", "hf_tokenizer"},
     {"gemma4_vision"},  # Gemma 4's towers, built from model.py's pieces
     {"gemma4_audio"},
@@ -227,7 +239,7 @@ def test_imports_go_one_way():
     layer = {m: i for i, group in enumerate(LAYERS) for m in group}
     for module in MODULES:
         for node in ast.walk(ast.parse(module_path(module).read_text())):
-            for name in (n for n in imported_modules(node) if n in layer):
+            for name in (n for n in imported_modules(node, module) if n in layer):
                 assert layer[name] < layer[module], f"{module} imports {name}, which is not below it"
                 assert node.col_offset == 0, f"{module} imports {name} inside a function"
 

@@ -11,7 +11,8 @@ import torch
 from conftest import run_main
 
 import convert
-from gemma3_int4 import checkpoint, gguf_format, loader, quant
+from gemma3_int4 import checkpoint, loader, quant, sentencepiece_model
+from gemma3_int4.formats import gguf as gguf_format
 from gemma3_int4.loader import load_checkpoint
 from gemma3_int4.tokenizer import Tokenizer
 
@@ -53,8 +54,8 @@ def test_gguf_tokenizer_round_trip(tiny_int4_dir, tmp_path, tokenizer_file):
     for text in ["Hello  world", "naïve café 日本語 🦀", "def f(x):\n    return x"]:
         assert theirs.encode(text) == ours.encode(text)
     proto = tokenizer_file.read_bytes()
-    assert gguf_format.parse_sentencepiece_proto(gguf_format.tokenizer_proto(tmp_path / "tiny.gguf")) == [
-        (p, pytest.approx(s), t) for p, s, t in gguf_format.parse_sentencepiece_proto(proto)
+    assert sentencepiece_model.parse_sentencepiece_proto(gguf_format.tokenizer_proto(tmp_path / "tiny.gguf")) == [
+        (p, pytest.approx(s), t) for p, s, t in sentencepiece_model.parse_sentencepiece_proto(proto)
     ]
 
 
@@ -87,7 +88,7 @@ def test_inexact_scales_fall_back_to_f32(tiny_int4_dir, tmp_path):
     tensors["layers.0.mlp.up_proj.scales"][0, 0] = 1.0078125 * 2**-20
     tokenizer = (tiny_int4_dir / "tokenizer.model").read_bytes()
     with pytest.warns(UserWarning, match="layers.0.mlp.up_proj: scales are not exact in fp16"):
-        gguf_format.save(config, tensors, tokenizer, tmp_path / "x.gguf")
+        gguf_format.write(config, tensors, tokenizer, tmp_path / "x.gguf")
     _, back, _ = load_checkpoint(tmp_path / "x.gguf")
     up = "layers.0.mlp.up_proj"
     expected = quant.dequantize_int4(tensors[f"{up}.int4_data"], tensors[f"{up}.scales"].float())
@@ -169,14 +170,14 @@ def test_zero_points_go_out_as_q4_1(tmp_path, tiny_int4_dir):
     assert np.array_equal(theirs, quant.dequantize(tensors, up).numpy())  # llama.cpp's reading of our bytes
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        gguf_format.save(config, tensors, tokenizer, tmp_path / "x.gguf")
+        gguf_format.write(config, tensors, tokenizer, tmp_path / "x.gguf")
     back_config, back, _ = load_checkpoint(tmp_path / "x.gguf")
     assert not back_config.tie_word_embeddings and torch.equal(back["lm_head.int4_data"], tensors["lm_head.int4_data"])
     assert torch.equal(back[f"{up}.int4_data"], tensors[f"{up}.int4_data"])
     assert torch.equal(quant.dequantize(back, up), quant.dequantize(tensors, up))
     tensors[f"{up}.scales"] = tensors[f"{up}.scales"].float() * (1 + 2**-12)  # 17 bits: not an fp16
     with pytest.warns(UserWarning, match=r"1 int4 weight\(s\) with zero points written as Q4_1 .* rounded"):
-        gguf_format.save(config, tensors, tokenizer, tmp_path / "y.gguf")
+        gguf_format.write(config, tensors, tokenizer, tmp_path / "y.gguf")
 
 
 def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tiny_int4_dir, tmp_path, monkeypatch, capsys):
@@ -186,8 +187,8 @@ def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tiny_int4_dir, tmp_
     path = tmp_path / "tiny.gguf"
     assert run_convert(tiny_int4_dir, path, "--to", "gguf").returncode == 0
     reads = []
-    real_load = gguf_format.load
-    monkeypatch.setattr(gguf_format, "load", lambda p: reads.append(p) or real_load(p))
+    real_read = gguf_format.read
+    monkeypatch.setattr(gguf_format, "read", lambda p: reads.append(p) or real_read(p))
     first = loader.from_pretrained(path, dtype=torch.float32).state_dict()
     second = loader.from_pretrained(path, dtype=torch.float32).state_dict()
     assert len(reads) == 1 and capsys.readouterr().err.count("converting tiny.gguf") == 1

@@ -300,7 +300,7 @@ def test_a_quantized_vision_tower_is_dequantized():
 
 
 def stand_in(kind: str, **attributes) -> torch.Tensor:
-    from gemma3_int4 import torchao_format
+    from gemma3_int4.formats import torchao as torchao_format
 
     weight = torch.Tensor._make_wrapper_subclass(torchao_format.CLASSES[kind], attributes["qdata"].shape)
     weight.__dict__.update(attributes)
@@ -309,7 +309,7 @@ def stand_in(kind: str, **attributes) -> torch.Tensor:
 
 def test_weights_our_formats_cannot_hold_exactly_come_in_dense():
     """A partial last group (K = 80 in groups of 32) or zero points on a per-row int8 weight: dense, the formula's."""
-    from gemma3_int4 import torchao_format
+    from gemma3_int4.formats import torchao as torchao_format
 
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-8, 8, (16, 80), generator=g, dtype=torch.int8)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import CONFIGS, Gemma3Config, VisionConfig
+from ..config import CONFIGS, Gemma3Config, VisionConfig
 
 SIGLIP = "SigLiPFromPatches_0/siglip_encoder"
 MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")  # what orbax writes beside the arrays
@@ -34,7 +34,7 @@ def is_orbax(path: Path) -> bool:
     return path.is_dir() and any((path / marker).is_file() for marker in MARKERS)
 
 
-def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
+def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
     """The config (transformers' config.json, inferred from the shapes), the tensors (our names, dense float32,
     the vision tower included) and the names of weights to keep above 4 bits (none: see checkpoint.load_weights)."""
     try:

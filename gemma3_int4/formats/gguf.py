@@ -13,7 +13,6 @@ with more than 4 bits are kept at 8 bits by weights="auto" (int8, one scale per 
 from __future__ import annotations
 
 import functools
-import struct
 import sys
 import warnings
 from pathlib import Path
@@ -23,8 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import files, quant
-from .config import AUDIO_MODULES, VISION_MODULES, Gemma3Config, Gemma4Config
+from .. import files, quant
+from ..config import AUDIO_MODULES, VISION_MODULES, Gemma3Config, Gemma4Config
+from ..sentencepiece_model import merge_scores, parse_sentencepiece_proto, sentencepiece_proto
 
 ARCH, GEMMA4_ARCH = "gemma3", "gemma4"
 NAMES = {  # GGUF -> ours; "blk.{i}." becomes "layers.{i}."
@@ -254,7 +254,7 @@ def k_quant_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([p[..., :4] & 63, high_scales], -1).float(), torch.cat([p[..., 4:8] & 63, high_mins], -1).float()
 
 
-def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
+def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
     """The config and tensors (our names) of a Gemma 3 GGUF: Q4_0 as our int4 and Q4_1 / Q4_K as int4 with zero
     points (exact), every other type as float32 from gguf's own dequantizers (norms shifted back to
     transformers' w). The third item names the weights the file stores above 4 bits (Q5_0, Q8_0, Q6_K...),
@@ -321,89 +321,6 @@ def tokenizer_proto(path: Path) -> bytes:
         scores = field(reader, "tokenizer.ggml.scores")
     ids = {k: field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("unknown", "bos", "eos", "padding")}
     return sentencepiece_proto(pieces, scores, types, ids)
-
-
-# A SentencePiece ModelProto is small enough to write by hand (sentencepiece_model.proto field numbers),
-# which spares a protobuf dependency.
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, value) -> bytes:
-    if isinstance(value, bytes):  # length-delimited
-        return _varint(number << 3 | 2) + _varint(len(value)) + value
-    if isinstance(value, float):  # fixed32
-        return _varint(number << 3 | 5) + struct.pack("<f", value)
-    return _varint(number << 3) + _varint(value & 0xFFFFFFFFFFFFFFFF)  # varint (bool, int, enum)
-
-
-def merge_scores(pieces: list[str], merges: list[list[str]]) -> list[float]:
-    """SentencePiece scores for a BPE given as ranked merges (tokenizers', llama.cpp's gemma4): tokenizers merges
-    the pair of lowest rank first, SentencePiece the pair whose piece scores highest, so a piece scores minus the
-    rank of the first merge that makes it."""
-    rank = {}
-    for r, (left, right) in enumerate(merges):
-        rank.setdefault(left + right, r)
-    return [-float(rank.get(piece, 0)) for piece in pieces]
-
-
-def sentencepiece_proto(pieces: list[bytes], scores, types, ids: dict[str, int | None]) -> bytes:
-    """Gemma's settings: BPE with byte fallback, no normalization, no dummy prefix, spaces as U+2581."""
-    proto = b"".join(
-        _field(1, _field(1, p) + _field(2, float(s)) + _field(3, int(t)))
-        for p, s, t in zip(pieces, scores, types, strict=True)
-    )
-    trainer = _field(3, 2) + _field(4, len(pieces)) + _field(35, True)  # model_type BPE, vocab_size, byte_fallback
-    for number, key in ((40, "unknown"), (41, "bos"), (42, "eos"), (43, "padding")):
-        trainer += _field(number, -1 if ids[key] is None else ids[key])
-    normalizer = _field(1, b"identity") + _field(3, False) + _field(4, False) + _field(5, True)
-    return proto + _field(2, trainer) + _field(3, normalizer)
-
-
-def parse_sentencepiece_proto(proto: bytes) -> list[tuple[bytes, float, int]]:
-    """(piece, score, type) of every piece of a serialized SentencePiece ModelProto (field 1 of it)."""
-
-    def fields(buf: bytes):
-        i = 0
-        while i < len(buf):
-            key, i = _read_varint(buf, i)
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                value, i = _read_varint(buf, i)
-            elif wire == 5:
-                value, i = struct.unpack_from("<f", buf, i)[0], i + 4
-            elif wire == 1:
-                value, i = buf[i : i + 8], i + 8
-            elif wire == 2:
-                n, i = _read_varint(buf, i)
-                value, i = buf[i : i + n], i + n
-            else:
-                raise ValueError(f"tokenizer: unsupported protobuf wire type {wire}")
-            yield number, value
-
-    pieces = []
-    for number, value in fields(proto):
-        if number == 1:
-            p = {1: b"", 2: 0.0, 3: 1} | dict(fields(value))
-            pieces.append((p[1], p[2], p[3]))
-    return pieces
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        value |= (byte & 0x7F) << shift
-        i, shift = i + 1, shift + 7
-        if byte < 0x80:
-            return value, i
 
 
 def gguf_name(name: str) -> str:
@@ -508,7 +425,7 @@ def q8_0_blocks(int8_data: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     return blocks.reshape(n, -1).numpy()
 
 
-def save(config: Gemma3Config | Gemma4Config, tensors: dict[str, torch.Tensor], tokenizer: bytes, path: Path,
+def write(config: Gemma3Config | Gemma4Config, tensors: dict[str, torch.Tensor], tokenizer: bytes, path: Path,
          chat_template: str | None = None) -> None:  # fmt: skip
     """Write a Gemma 3 (or Gemma 4) GGUF that llama.cpp runs: int4 -> Q4_0 (exact when the bf16 scales fit fp16
     exactly, as QAT scales do); int4 with zero points -> Q4_K where each 256 weights are a Q4_K block (a Q4_K
@@ -628,7 +545,7 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer: bytes) -> None:
 
 
 def add_tensors(w: gguf.GGUFWriter, tensors: dict, norm_shift: float) -> None:
-    """Every tensor in its GGUF type (see save); a list (stack_experts) becomes one tensor, (experts, N, K)."""
+    """Every tensor in its GGUF type (see write); a list (stack_experts) becomes one tensor, (experts, N, K)."""
     text_tensors = {name: t for name, t in tensors.items() if not name.startswith((*VISION_MODULES, *AUDIO_MODULES))}
     towers = [kind for kind, prefixes in (("vision", VISION_MODULES), ("audio", AUDIO_MODULES))
               if any(name.startswith(prefixes) for name in tensors)]  # fmt: skip
