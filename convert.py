@@ -28,6 +28,7 @@ from pathlib import Path
 from gemma3_int4 import checkpoint, files, hf_tokenizer, ptq
 from gemma3_int4.cli import one_line_warnings
 from gemma3_int4.config import Gemma3Config
+from gemma3_int4.formats import packed_int4
 from gemma3_int4.loader import convert_weights, load_checkpoint
 from gemma3_int4.tokenizer import Tokenizer
 
@@ -80,7 +81,7 @@ def convert(
         integer = to in ("awq", "compressed-tensors")
         tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits, True, integer)
     column_weights = None
-    refit = checkpoint.float_zero_points(tensors) if to in ("awq", "compressed-tensors") else []
+    refit = packed_int4.float_zero_points(tensors) if to in ("awq", "compressed-tensors") else []
     if refit and isinstance(config, Gemma3Config):  # each refit weighed by its inputs (Gemma 4: not)
         ids = ptq.calibration_ids(sentencepiece, text, *REFIT_CALIBRATION)
         print(f"calibrating the refit of {len(refit)} weight(s) with integer zero points on {ids.shape[0]} x "

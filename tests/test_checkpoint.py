@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from gemma3_int4 import checkpoint, loader, quant
 from gemma3_int4 import config as config_module
+from gemma3_int4.formats.hf import PICKLED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,7 +223,9 @@ LAYERS = [
     {"config", "files", "hugepages", "sentencepiece_model"},  # import nothing of ours
     {"w4a8"},
     {"quant"},
-    {"vision", "formats.gguf", "formats.orbax", "formats.torchao", "qat"},
+    {"vision", "formats.gguf", "formats.orbax", "formats.torchao", "formats.packed_int4", "qat"},
+    {"formats.awq", "formats.compressed_tensors"},
+    {"formats.hf"},
     {"model", "checkpoint", "hf_tokenizer"},
     {"gemma4_vision"},  # Gemma 4's towers, built from model.py's pieces
     {"gemma4_audio"},
@@ -297,5 +300,5 @@ def test_hub_downloads_pickles_only_from_a_repo_without_safetensors(monkeypatch)
     info = lambda repo: SimpleNamespace(siblings=[SimpleNamespace(rfilename=name) for name in listings[repo]])
     monkeypatch.setattr(huggingface_hub, "model_info", info)
     assert checkpoint.hub_patterns("a/safe") == checkpoint.HUB_FILES
-    assert checkpoint.hub_patterns("a/pickled") == [*checkpoint.HUB_FILES, checkpoint.PICKLED]
-    assert checkpoint.hub_patterns("a/unknown") == [*checkpoint.HUB_FILES, checkpoint.PICKLED]  # lookup failed
+    assert checkpoint.hub_patterns("a/pickled") == [*checkpoint.HUB_FILES, PICKLED]
+    assert checkpoint.hub_patterns("a/unknown") == [*checkpoint.HUB_FILES, PICKLED]  # lookup failed

@@ -11,9 +11,9 @@ from conftest import TINY, VISION_TINY, randomize, run_main
 
 import convert
 from gemma3_int4 import loader, quant
-from gemma3_int4.checkpoint import our_name
 from gemma3_int4.config import CONFIGS, IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES, Gemma3Config
 from gemma3_int4.formats import orbax
+from gemma3_int4.formats.hf import our_name
 from gemma3_int4.loader import convert_weights, load_checkpoint
 
 ocp = pytest.importorskip("orbax.checkpoint")

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import TINY, hf_text_model
 
-from gemma3_int4 import checkpoint, loader
+from gemma3_int4 import loader
 from gemma3_int4.config import CONFIGS, TEXT_VOCAB_SIZE, Gemma3Config
+from gemma3_int4.formats.hf import hf_name
 from gemma3_int4.model import Gemma3, split_projections
 
 TOL = 1e-3
@@ -56,7 +57,7 @@ def test_an_untied_head_is_its_own_linear(tmp_path, weights):
         modules = {name.rpartition(".")[0] for name in stored if name.endswith(".int4_data")}
         dense = {f"{m}.weight": quant.dequantize(stored, m) for m in modules}
         dense |= {k: v for k, v in stored.items() if k.endswith("norm.weight")}
-        hf.load_state_dict({checkpoint.hf_name(k): v for k, v in dense.items()})
+        hf.load_state_dict({hf_name(k): v for k, v in dense.items()})
     ids = torch.randint(0, TINY["vocab_size"], (2, 20))
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= TOL
