@@ -19,7 +19,7 @@ import torch
 
 from . import files, quant, sentencepiece_model
 from .config import Gemma3Config, Gemma4Config
-from .formats import gguf, hf, orbax
+from .formats import config_json, gguf, hf, orbax
 from .formats.hf import PICKLED, read_safetensors
 
 HUB_FILES = ["*.json", "*.jinja", "*.safetensors", "tokenizer.model"]
@@ -220,7 +220,7 @@ def default_model() -> Path:
         gguf_path = embedded_gguf()
         hf_config, tensors, above_4_bits = gguf.read(gguf_path)
         tensors = quant.convert_state_dict(tensors, "auto", above_4_bits)
-        return Gemma3Config.from_hf(hf_config), tensors, gguf.tokenizer_proto(gguf_path)
+        return config_json.from_hf(hf_config), tensors, gguf.tokenizer_proto(gguf_path)
 
     return cached_conversion(files.cache_dir() / DEFAULT_MODEL_CACHE, DEFAULT_MODEL, convert)
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from . import checkpoint, quant
 from .config import AUDIO_MODULES, GEMMA4_MODEL_TYPES, VISION_MODULES, Gemma3Config, Gemma4Config
+from .formats import config_json
 from .gemma4 import GEMMA4_FUSED, Gemma4
 from .model import FUSED, Gemma3, fuse_projections
 
@@ -114,7 +115,7 @@ def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Config, dict[str, torch
         return Gemma3Config.from_shapes({k: tuple(t.shape) for k, t in tensors.items()}), tensors, above_4_bits
     gemma4 = hf_config.get("model_type") in GEMMA4_MODEL_TYPES
     try:
-        config = (Gemma4Config if gemma4 else Gemma3Config).from_hf(hf_config)
+        config = config_json.from_hf(hf_config)
     except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
         where = "GGUF metadata" if str(path_or_hub_id).endswith(".gguf") else "config.json"
         raise ValueError(f"{path_or_hub_id}: {where}: {e}") from None

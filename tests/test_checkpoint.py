@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from gemma3_int4 import checkpoint, loader, quant
 from gemma3_int4 import config as config_module
+from gemma3_int4.formats.config_json import from_hf
 from gemma3_int4.formats.hf import PICKLED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_single_safetensors_file_without_config(tmp_path, monkeypatch):
     hf = hf_text_model()
     hf.save_pretrained(tmp_path)
     (tmp_path / "config.json").unlink()
-    cfg = config_module.Gemma3Config.from_hf({**hf.config.to_dict(), "model_type": "gemma3_text"})
+    cfg = from_hf({**hf.config.to_dict(), "model_type": "gemma3_text"})
     sizes = {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                                           "intermediate_size", "sliding_window", "query_pre_attn_scalar",
                                           "rope_scale_global", "max_seq_len")}  # fmt: skip
@@ -223,7 +224,8 @@ LAYERS = [
     {"config", "files", "hugepages", "sentencepiece_model"},  # import nothing of ours
     {"w4a8"},
     {"quant"},
-    {"vision", "formats.gguf", "formats.orbax", "formats.torchao", "formats.packed_int4", "qat"},
+    {"vision", "formats.config_json", "formats.packed_int4", "qat"},
+    {"formats.gguf", "formats.orbax", "formats.torchao"},
     {"formats.awq", "formats.compressed_tensors"},
     {"formats.hf"},
     {"model", "checkpoint", "hf_tokenizer"},

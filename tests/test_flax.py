@@ -13,6 +13,7 @@ import convert
 from gemma3_int4 import loader, quant
 from gemma3_int4.config import CONFIGS, IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES, Gemma3Config
 from gemma3_int4.formats import orbax
+from gemma3_int4.formats.config_json import from_hf
 from gemma3_int4.formats.hf import our_name
 from gemma3_int4.loader import convert_weights, load_checkpoint
 
@@ -180,12 +181,12 @@ def test_qat_grid_is_recovered_bit_exactly(loaded):
 
 def test_config_is_inferred_from_the_shapes(loaded):
     hf, _, (hf_config, _, _) = loaded
-    assert Gemma3Config.from_hf(hf_config) == Gemma3Config.from_hf(hf.config.to_dict())
+    assert from_hf(hf_config) == from_hf(hf.config.to_dict())
 
 
 def test_logits_match_transformers(loaded):
     hf, grids, (hf_config, tensors, _) = loaded
-    ours = loader.from_tensors(Gemma3Config.from_hf(hf_config), int4(tensors, grids), torch.float32)
+    ours = loader.from_tensors(from_hf(hf_config), int4(tensors, grids), torch.float32)
     g = torch.Generator().manual_seed(2)
     words = lambda n: torch.randint(0, 500, (n,), generator=g).tolist()
     if ours.vision is None:

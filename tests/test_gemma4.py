@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from gemma3_int4 import loader, quant
 from gemma3_int4.config import GEMMA4_CONFIGS, Gemma4Config
+from gemma3_int4.formats.config_json import from_hf, to_hf
 from gemma3_int4.formats.hf import hf_name, our_name, stack_experts
 from gemma3_int4.gemma4 import Gemma4
 from gemma3_int4.generation import Sampling, generate, prefill
@@ -221,9 +222,9 @@ def test_published_configs_round_trip_through_transformers():
 
     for name in GEMMA4_CONFIGS:
         ours = Gemma4Config.from_name(name)
-        hf = Gemma4TextConfig(**{k: v for k, v in ours.to_hf().items() if k not in ("architectures", "model_type")})
-        assert Gemma4Config.from_hf(hf.to_dict()) == ours, name  # per_layer_config
-        assert Gemma4Config.from_hf(ours.to_hf()) == ours, name  # global_head_dim
+        hf = Gemma4TextConfig(**{k: v for k, v in to_hf(ours).items() if k not in ("architectures", "model_type")})
+        assert from_hf(hf.to_dict()) == ours, name  # per_layer_config
+        assert from_hf(to_hf(ours)) == ours, name  # global_head_dim
         modes = hf.kv_sharing_modes
         assert [m == "reuse" for m in modes] == [ours.kv_source(i) != i for i in range(ours.num_layers)]
     e4b = Gemma4Config.from_name("e4b")

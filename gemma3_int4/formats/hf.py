@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .. import files, quant
 from ..config import Gemma3Config, Gemma4Config
-from . import awq, compressed_tensors, torchao
+from . import awq, compressed_tensors, config_json, torchao
 from .packed_int4 import int4_pair, integer_zero_points
 
 INDEX = "model.safetensors.index.json"
@@ -285,7 +285,7 @@ def write(
     `extras` maps file names to more tensors, each written as a safetensors file of its own (the default
     model's RANKER). `column_weights` (module -> (K,), our names: ptq.input_mean_squares) weigh the refit of the
     weights that "awq" and "compressed-tensors" cannot hold as they are (packed_int4.float_zero_points)."""
-    hf_config = config.to_hf()
+    hf_config = config_json.to_hf(config)
     with files.atomic_output(dst) as tmp:
         gemma4 = hf_config.get("model_type") == "gemma4"
         multimodal = gemma4 or hf_config.get("model_type") == "gemma3"

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import CONFIGS, Gemma3Config, VisionConfig
+from . import config_json
 
 SIGLIP = "SigLiPFromPatches_0/siglip_encoder"
 MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")  # what orbax writes beside the arrays
@@ -63,7 +64,7 @@ def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
     for name, (key, _, to_ours) in tqdm(expected.items(), desc="converting", unit="tensor", disable=None, leave=False):
         w = to_ours(np.asarray(arrays[key], dtype=np.float32))  # bf16 (ml_dtypes) too
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
-    return config.to_hf(), tensors, set()
+    return config_json.to_hf(config), tensors, set()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
