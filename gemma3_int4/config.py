@@ -116,19 +116,49 @@ class Gemma3Config:
         return cls(**CONFIGS[name])
 
     @classmethod
-    def from_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> Gemma3Config:
-        """Identify a published size from a state dict's shapes (our names), for checkpoints without config.json."""
+    def from_shapes(
+        cls, shapes: dict[str, tuple[int, ...]], vision_config: VisionConfig | None = None, any_size: bool = False
+    ) -> Gemma3Config:
+        """The config of a checkpoint that has none, from its tensors' shapes (our names; an Orbax checkpoint's
+        translated by formats/orbax.py): a published size if the shapes are one's. Else, with any_size (Orbax's
+        tiny test models), what the shapes say and Gemma 3's defaults for the rest, as the published models of its
+        kind have them (text-only like 1B, multimodal like 4B; query_pre_attn_scalar = head_dim). A vision tower
+        has the published config unless one is given."""
+
+        def rows(module: str) -> int:  # of a weight, dense or quantized
+            return next((s[0] for k in ("weight", "int4_data", "int8_data") if (s := shapes.get(f"{module}.{k}"))), 0)
+
         n_layers = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("layers.")), default=-1)
-        embed = shapes.get("embed.weight") or shapes.get("embed.int4_data") or shapes.get("embed.int8_data")
-        has_vision = "vision.patch_embedding.weight" in shapes
-        untied = any(k.startswith("lm_head.") for k in shapes)
-        for c in CONFIGS.values():
-            if c["num_layers"] == n_layers and shapes.get("norm.weight") == (c["hidden_size"],) and embed:
-                found = {"vocab_size": embed[0], "tie_word_embeddings": not untied}
-                return cls(**{**c, **found, "vision_config": VisionConfig() if has_vision else None})
-        raise ValueError(
-            f"no config.json, and the tensor shapes ({n_layers} layers, norm {shapes.get('norm.weight')}) "
-            f"match no published Gemma 3 size ({', '.join(CONFIGS)})"
+        embed, norm = rows("embed"), shapes.get("norm.weight")
+        head_dim = (shapes.get("layers.0.attn.q_norm.weight") or (0,))[0]
+        sizes = dict(
+            hidden_size=norm[0] if norm else 0,
+            num_layers=n_layers,
+            num_heads=rows("layers.0.attn.q_proj") // max(head_dim, 1),
+            num_kv_heads=rows("layers.0.attn.k_proj") // max(head_dim, 1),
+            head_dim=head_dim,
+            intermediate_size=rows("layers.0.mlp.gate_proj"),
+        )
+        if vision_config is None and "vision.patch_embedding.weight" in shapes:
+            vision_config = VisionConfig()
+        found = dict(vocab_size=embed, tie_word_embeddings=not any(k.startswith("lm_head.") for k in shapes),
+                     vision_config=vision_config)  # fmt: skip
+        for published in CONFIGS.values():
+            if embed and all(published[k] == v for k, v in sizes.items()):
+                return cls(**{**published, **found})
+        if not any_size:
+            raise ValueError(
+                f"no config.json, and the tensor shapes ({n_layers} layers, norm {norm}) "
+                f"match no published Gemma 3 size ({', '.join(CONFIGS)})"
+            )
+        like = CONFIGS["4b" if vision_config else "1b"]
+        return cls(
+            **sizes,
+            **found,
+            sliding_window=like["sliding_window"],
+            query_pre_attn_scalar=head_dim,
+            rope_scale_global=like.get("rope_scale_global", 1.0),
+            max_seq_len=like["max_seq_len"],
         )
 
 

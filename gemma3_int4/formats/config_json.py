@@ -104,9 +104,7 @@ def gemma3_to_hf(c: Gemma3Config) -> dict:
         "query_pre_attn_scalar": c.query_pre_attn_scalar,
         "rope_local_base_freq": c.rope_theta_local,
         "rope_theta": c.rope_theta_global,
-        "rope_scaling": None
-        if c.rope_scale_global == 1.0
-        else {"rope_type": "linear", "factor": c.rope_scale_global},
+        "rope_scaling": None if c.rope_scale_global == 1.0 else {"rope_type": "linear", "factor": c.rope_scale_global},
         "max_position_embeddings": c.max_seq_len,
         "rms_norm_eps": c.rms_norm_eps,
         "layer_types": ["full_attention" if g else "sliding_attention" for g in c.global_layers],
