@@ -28,7 +28,7 @@ from pathlib import Path
 from gemma3_int4 import checkpoint, files, hf_tokenizer, ptq
 from gemma3_int4.cli import one_line_warnings
 from gemma3_int4.config import Gemma3Config
-from gemma3_int4.formats import packed_int4
+from gemma3_int4.formats import gguf, hf, packed_int4
 from gemma3_int4.loader import convert_weights, load_checkpoint
 from gemma3_int4.tokenizer import Tokenizer
 
@@ -87,12 +87,12 @@ def convert(
         print(f"calibrating the refit of {len(refit)} weight(s) with integer zero points on {ids.shape[0]} x "
               f"{ids.shape[1]} tokens", file=sys.stderr)  # fmt: skip
         column_weights = ptq.input_mean_squares(config, tensors, ids)
-    tokenizer_files = None
-    if to != "gguf":  # what transformers, vLLM and SGLang read beside tokenizer.model, where the source has none
+    if to == "gguf":  # the writer: a GGUF file, the tokenizer and chat template in its metadata
+        gguf.write(config, tensors, proto, dst, template)
+    else:  # a safetensors directory, with what transformers, vLLM and SGLang read beside tokenizer.model
         tokenizer_files = hf_tokenizer.tokenizer_files(proto, template, checkpoint.adds_bos(src),
                                                        list(sentencepiece.stop_ids), config.max_seq_len)  # fmt: skip
-    checkpoint.save(config, tensors, proto, dst, to, companions, text_files=tokenizer_files, chat_template=template,
-                    column_weights=column_weights)  # fmt: skip
+        hf.write(config, tensors, proto, dst, to, companions, text_files=tokenizer_files, column_weights=column_weights)
 
 
 def main(argv=None) -> int:

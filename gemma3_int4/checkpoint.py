@@ -1,7 +1,7 @@
 """Any checkpoint, found and read: a local path (a directory, a .safetensors or .gguf file), a hub repo id
 (downloaded, only the files we need), or DEFAULT_MODEL, the embedded Gemma 3 270M (converted once into the cache,
 as are other GGUF files: `cached_conversion`). Each format is read and written by its module in formats/ (the
-HF layouts by hf.py, GGUF by gguf.py, Orbax by orbax.py): `load_weights` and `save` choose it. Beside the
+HF layouts by hf.py, GGUF by gguf.py, Orbax by orbax.py): `load_weights` chooses the reader. Beside the
 weights: the tokenizer (a SentencePiece model, whatever the checkpoint holds), the chat template, the stop ids
 and the files that a conversion carries over.
 """
@@ -157,28 +157,6 @@ def companion_files(path_or_hub_id: str | Path) -> list[Path]:
     return [path / name for name in COMPANION_FILES if path.is_dir() and (path / name).is_file()]
 
 
-def save(
-    config: Gemma3Config | Gemma4Config,
-    tensors: dict[str, torch.Tensor],
-    tokenizer: bytes,
-    dst: Path,
-    layout: str = "int4",
-    companions: list[Path] = (),
-    extras: dict[str, dict[str, torch.Tensor]] | None = None,
-    text_files: dict[str, str] | None = None,
-    chat_template: str | None = None,
-    column_weights: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Write a checkpoint (our names and tensors in) in any output layout (convert.TARGETS), atomically; load_weights
-    reads it back. "gguf": a GGUF file (gguf.write) with `chat_template` in its metadata; the rest safetensors
-    directories (hf.write): "int4" gaunernst's, "awq", "compressed-tensors", "dense" bf16 as Google's, with
-    `text_files` (hf_tokenizer.tokenizer_files), the source's `companions` (companion_files), `extras` (more
-    safetensors files: the default model's RANKER) and `column_weights` to weigh the refit of float zero points."""
-    if layout == "gguf":
-        return gguf.write(config, tensors, tokenizer, dst, chat_template)
-    return hf.write(config, tensors, tokenizer, dst, layout, companions, extras, text_files, column_weights)
-
-
 EMBEDDED_GGUF = (
     "gemma-3-270m-q4_k_m.gguf"  # in files.cache_dir(): the default model's file, as embedded_gguf assembles it
 )
@@ -247,7 +225,7 @@ def cached_conversion(
         extras[RANKER] = quant.int4_ranker(tensors["embed.int8_data"], tensors["embed.scales"])
     directory.parent.mkdir(parents=True, exist_ok=True)
     try:
-        save(config, tensors, tokenizer, directory, extras=extras, text_files=text_files)
+        hf.write(config, tensors, tokenizer, directory, extras=extras, text_files=text_files)
     except OSError:  # the rename onto another process's conversion failed: use theirs
         if not (directory / "config.json").exists():
             raise

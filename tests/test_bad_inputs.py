@@ -460,13 +460,13 @@ def test_a_concurrent_first_run_uses_the_others_cache(tiny_int4_dir, tmp_path, m
     assert checkpoint.embedded_gguf() == gguf and gguf.stat().st_size == size
     assert run(convert, [tiny_int4_dir, tmp_path / "tiny.gguf", "--to", "gguf"])[0] == 0
     monkeypatch.setattr(checkpoint, "embedded_gguf", lambda: tmp_path / "tiny.gguf")
-    save = checkpoint.save
+    save = hf.write
 
     def save_after_the_other(*args, **kwargs):
         shutil.copytree(tiny_int4_dir, directory)  # the other process published its conversion meanwhile
         save(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save", save_after_the_other)
+    monkeypatch.setattr(hf, "write", save_after_the_other)
     assert checkpoint.default_model() == directory
     assert snapshot(directory) == snapshot(tiny_int4_dir)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
