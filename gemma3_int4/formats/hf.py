@@ -32,13 +32,9 @@ from .packed_int4 import int4_pair, integer_zero_points
 INDEX = "model.safetensors.index.json"
 PICKLED_INDEX = "pytorch_model.bin.index.json"
 PICKLED = "pytorch_model*.bin"  # torchao's pickled releases: read by torchao.py, never by a free unpickler
-
-
 # Where each part lives in each layout: gaunernst's / older transformers' multimodal, newer transformers'
 # multimodal (model.language_model.*), text-only (model.*).
 TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.")
-
-
 VISION_PREFIXES = {  # -> ours, first match wins; inside, the tower keeps the checkpoints' module names (vision.py)
     "vision_tower.vision_model.": "vision.",
     "model.vision_tower.vision_model.": "vision.",
@@ -49,15 +45,11 @@ VISION_PREFIXES = {  # -> ours, first match wins; inside, the tower keeps the ch
     "model.audio_tower.": "audio.",  # Gemma 4's audio tower, its module names kept (gemma4_audio.py)
     "audio_tower.": "audio.",
 }
-
-
 VISION_RENAMES = {  # checkpoint -> ours, within the tower: vision.py has no embeddings/encoder containers
     "embeddings.patch_embedding.": "patch_embedding.",
     "embeddings.position_embedding.": "position_embedding.",
     "encoder.layers.": "layers.",
 }
-
-
 RENAMES = {  # HF module names -> ours
     "embed_tokens.": "embed.",
     ".self_attn.": ".attn.",
@@ -67,14 +59,102 @@ RENAMES = {  # HF module names -> ours
     ".post_feedforward_layernorm.": ".post_ffw_norm.",
     "embed_tokens_per_layer.": "embed_per_layer.",  # Gemma 4's per-layer embeddings (E2B, E4B)
 }
-
-
 QUANTIZED_RENAMES = {  # a quantized weight's tensors, in every part of the model (torchao quantizes the tower too)
     ".weight.int4_data": ".int4_data",
     ".weight.int8_data": ".int8_data",  # ours: int8 with per-row scales, for GGUF tensors stored above 4 bits
     ".weight.scales": ".scales",
     ".weight.zeros": ".zeros",  # ours: the zero points of int4 from asymmetric sources
 }
+
+
+def read(path: Path) -> tuple[dict | None, dict[str, torch.Tensor], set[str]]:
+    """The config.json (None if there is none; its quantization_config decoded away), the tensors (our names, as
+    stored: int4 and int8 pairs, the rest float) and the dense weights that weights="auto" keeps at 8 bits (those
+    an AWQ or compressed-tensors checkpoint names as not quantized)."""
+    hf_config = read_config(path if path.is_dir() else path.parent)
+    quantization = (hf_config or {}).get("quantization_config")
+    tensors = {}
+    for name, t in decode_int4_layouts(read_tensors(path, weight_files(path)), quantization).items():
+        tensors[our_name(name)] = t
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        data = [k for k in quant.FORMATS if f"{module}.{k}" in tensors]
+        if kind in ("scales", "zeros") and not data:
+            raise ValueError(f"{path}: quantized tensor {name} has no matching int4_data")
+        if kind == "zeros" and data != ["int4_data"]:
+            raise ValueError(f"{path}: zero points {name} belong to int4 data, not {data[0]}")
+        if kind in quant.FORMATS:
+            if f"{module}.scales" not in tensors:
+                raise ValueError(f"{path}: quantized tensor {name} has no matching scales")
+            if t.dtype != torch.int8:
+                raise ValueError(f"{path}: quantized tensor {name} has dtype {t.dtype}, expected torch.int8")
+    if hf_config is not None:
+        hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}  # decoded above
+    return hf_config, split_experts(tensors), kept_above_4_bits(quantization, tensors)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint: the safetensors index's shards, or every *.safetensors; without any,
+    the pickled ones (torchao's pytorch_model.bin, or its index's shards)."""
+    if path.is_file():
+        return [path]
+    if (path / INDEX).exists():
+        return indexed_shards(path, INDEX)
+    if shards := sorted(path.glob("*.safetensors")):
+        return shards
+    if (path / PICKLED_INDEX).exists():
+        return indexed_shards(path, PICKLED_INDEX)
+    if shards := sorted(path.glob(PICKLED)):
+        return shards
+    raise FileNotFoundError(f"{path}: no *.safetensors (or {PICKLED}) weights found")
+
+
+def indexed_shards(path: Path, index: str) -> list[Path]:
+    """The shards a safetensors or pytorch_model.bin index lists, each a file inside `path`."""
+    try:
+        weight_map = json.loads((path / index).read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path / index}: not a valid weights index ({e!r})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path / index}: weight_map must map tensor names to shard file names")
+    for name in weight_map.values():  # by name, not resolved: a hub cache's shards link to its blobs
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{path / index}: shard {name!r} is not a file inside {path}")
+    shards = [path / f for f in sorted(set(weight_map.values()))]
+    for f in shards:
+        if not f.exists():
+            raise FileNotFoundError(f"{path / index} lists shard {f.name}, which is missing from {path}")
+    return shards
+
+
+def read_config(directory: Path) -> dict | None:
+    """config.json as a dict, or None if there is none (a dangling or looping link is an error, not none)."""
+    path = directory / "config.json"
+    if not (path.exists() or path.is_symlink()):
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a config must be a JSON object, not {type(config).__name__}")
+    return config
+
+
+def read_tensors(path: Path, shards: list[Path]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors in its own names; torchao's weights (pickled or in safetensors with their
+    metadata) already decoded into int4 / int8 pairs (torchao.decode)."""
+    if all(f.suffix == ".bin" for f in shards):
+        state = {}
+        for f in tqdm(shards, desc="loading weights", unit="shard", disable=None, leave=False):
+            state |= torchao.read_pickle(f)
+        return torchao.decode(state, path)
+    tensors, metadata = read_safetensors_with_metadata(shards)
+    if not torchao.is_torchao_metadata(metadata):
+        return tensors
+    return torchao.decode(torchao.from_safetensors(tensors, metadata, path), path)
 
 
 def read_safetensors(shards: list[Path]) -> dict[str, torch.Tensor]:
@@ -112,18 +192,34 @@ def read_safetensors_with_metadata(shards: list[Path]) -> tuple[dict[str, torch.
     return tensors, metadata
 
 
-def read_tensors(path: Path, shards: list[Path]) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors in its own names; torchao's weights (pickled or in safetensors with their
-    metadata) already decoded into int4 / int8 pairs (torchao.decode)."""
-    if all(f.suffix == ".bin" for f in shards):
-        state = {}
-        for f in tqdm(shards, desc="loading weights", unit="shard", disable=None, leave=False):
-            state |= torchao.read_pickle(f)
-        return torchao.decode(state, path)
-    tensors, metadata = read_safetensors_with_metadata(shards)
-    if not torchao.is_torchao_metadata(metadata):
+INT4_LAYOUTS = {"awq": awq, "compressed-tensors": compressed_tensors}  # quant_method -> its module
+
+
+def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | None) -> dict[str, torch.Tensor]:
+    """AWQ ("<m>.qweight/qzeros/scales") and compressed-tensors ("<m>.weight_packed/weight_scale/weight_shape
+    [/weight_zero_point][/weight_g_idx]") weights -> "<m>.weight.int4_data/.scales" (or "<m>.weight"); other
+    tensors pass."""
+    method = (quantization or {}).get("quant_method")
+    if method not in INT4_LAYOUTS:
+        if method not in (None, "torchao"):  # torchao's weights describe themselves (read_tensors decoded them)
+            raise ValueError(f"quantization_config: quant_method {method!r}: we read awq, compressed-tensors, torchao")
         return tensors
-    return torchao.decode(torchao.from_safetensors(tensors, metadata, path), path)
+    layout = INT4_LAYOUTS[method]
+    group_size, bits = layout.settings(quantization)
+    if bits != 4 or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"{method}: we read 4-bit weights in groups, not bits={bits}, group_size={group_size}")
+    out = {}
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if kind != layout.SUFFIXES[0]:
+            if kind not in layout.SUFFIXES:
+                out[name] = t
+            continue
+        if missing := [f"{module}.{r}" for r in layout.REQUIRED if f"{module}.{r}" not in tensors]:
+            raise ValueError(f"{method} weight {name} comes without {', '.join(missing)}")
+        for kind, value in int4_pair(*layout.unpack(tensors, module, group_size)).items():
+            out[f"{module}.weight" if kind == "weight" else f"{module}.weight.{kind}"] = value
+    return out
 
 
 def our_name(name: str) -> str:
@@ -148,32 +244,6 @@ def our_name(name: str) -> str:
     for old, new in RENAMES.items():
         name = name.replace(old, new)
     return name
-
-
-def read(path: Path) -> tuple[dict | None, dict[str, torch.Tensor], set[str]]:
-    """The config.json (None if there is none; its quantization_config decoded away), the tensors (our names, as
-    stored: int4 and int8 pairs, the rest float) and the dense weights that weights="auto" keeps at 8 bits (those
-    an AWQ or compressed-tensors checkpoint names as not quantized)."""
-    hf_config = read_config(path if path.is_dir() else path.parent)
-    quantization = (hf_config or {}).get("quantization_config")
-    tensors = {}
-    for name, t in decode_int4_layouts(read_tensors(path, weight_files(path)), quantization).items():
-        tensors[our_name(name)] = t
-    for name, t in tensors.items():
-        module, _, kind = name.rpartition(".")
-        data = [k for k in quant.FORMATS if f"{module}.{k}" in tensors]
-        if kind in ("scales", "zeros") and not data:
-            raise ValueError(f"{path}: quantized tensor {name} has no matching int4_data")
-        if kind == "zeros" and data != ["int4_data"]:
-            raise ValueError(f"{path}: zero points {name} belong to int4 data, not {data[0]}")
-        if kind in quant.FORMATS:
-            if f"{module}.scales" not in tensors:
-                raise ValueError(f"{path}: quantized tensor {name} has no matching scales")
-            if t.dtype != torch.int8:
-                raise ValueError(f"{path}: quantized tensor {name} has dtype {t.dtype}, expected torch.int8")
-    if hf_config is not None:
-        hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}  # decoded above
-    return hf_config, split_experts(tensors), kept_above_4_bits(quantization, tensors)
 
 
 def kept_above_4_bits(quantization: dict | None, tensors: dict[str, torch.Tensor]) -> set[str]:
@@ -201,66 +271,6 @@ def split_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         layer, _, part = name.rpartition(".")
         out.update({f"{layer}.{e}.{part}.weight": w for e, w in enumerate(t.unbind())})
     return out
-
-
-def stack_experts(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """The inverse of split_experts, in `dtype` (HF's layout has no per-expert int4): for a dense export."""
-    out, stacked = {}, {}
-    for name, t in tensors.items():
-        module, _, kind = name.rpartition(".")
-        match = re.fullmatch(r"(layers\.\d+\.experts)\.(\d+)\.(gate_up_proj|down_proj)", module)
-        if match is None:
-            out[name] = t
-        elif kind in ("weight", *quant.FORMATS):  # its scales and zeros come with it
-            w = t if kind == "weight" else quant.dequantize(tensors, module)
-            stacked.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = w.to(dtype)
-    for name, experts in stacked.items():
-        out[name] = torch.stack([experts[e] for e in range(len(experts))])
-    return out
-
-
-def read_config(directory: Path) -> dict | None:
-    """config.json as a dict, or None if there is none (a dangling or looping link is an error, not none)."""
-    path = directory / "config.json"
-    if not (path.exists() or path.is_symlink()):
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: a config must be a JSON object, not {type(config).__name__}")
-    return config
-
-
-def hf_name(name: str, multimodal: bool = False, gemma4: bool = False) -> str:
-    """Ours -> the checkpoint name in gaunernst's layout (text-only: model.*; multimodal: language_model.model.*,
-    vision_tower.vision_model.*, multi_modal_projector.*); Gemma 4's multimodal in transformers' (gemma4:
-    model.language_model.*, model.vision_tower.*, model.audio_tower.*, model.embed_vision.*, model.embed_audio.*)."""
-    for old, new in QUANTIZED_RENAMES.items():
-        if name.endswith(new):
-            name = name.removesuffix(new) + old
-    if name.startswith("projector."):
-        return "multi_modal_projector." + name.removeprefix("projector.")
-    if name.startswith("audio."):
-        return "model.audio_tower." + name.removeprefix("audio.")
-    if name.startswith("vision."):
-        name = name.removeprefix("vision.")
-        for old, new in VISION_RENAMES.items():
-            if name.startswith(new):
-                name = old + name[len(new) :]
-        return ("model.vision_tower." if gemma4 else "vision_tower.vision_model.") + name
-    if name.startswith(("embed_vision.", "embed_audio.")):
-        return "model." + name
-    for old, new in RENAMES.items():
-        name = name.replace(new, old)
-    if name.startswith("lm_head."):  # an untied head
-        return ("language_model." if multimodal and not gemma4 else "") + name
-    if gemma4:
-        return "model.language_model." + name
-    return ("language_model.model." if multimodal else "model.") + name
 
 
 def write(
@@ -309,69 +319,47 @@ def write(
             save_safetensors(extra, tmp / name)
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        save_file(tensors, path, metadata={"format": "pt"})
-    except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
-        raise OSError(str(e)) from None
-    os.chmod(path, 0o666 & ~umask())  # safetensors writes through a private (0600) temporary: readable as any file
+def hf_name(name: str, multimodal: bool = False, gemma4: bool = False) -> str:
+    """Ours -> the checkpoint name in gaunernst's layout (text-only: model.*; multimodal: language_model.model.*,
+    vision_tower.vision_model.*, multi_modal_projector.*); Gemma 4's multimodal in transformers' (gemma4:
+    model.language_model.*, model.vision_tower.*, model.audio_tower.*, model.embed_vision.*, model.embed_audio.*)."""
+    for old, new in QUANTIZED_RENAMES.items():
+        if name.endswith(new):
+            name = name.removesuffix(new) + old
+    if name.startswith("projector."):
+        return "multi_modal_projector." + name.removeprefix("projector.")
+    if name.startswith("audio."):
+        return "model.audio_tower." + name.removeprefix("audio.")
+    if name.startswith("vision."):
+        name = name.removeprefix("vision.")
+        for old, new in VISION_RENAMES.items():
+            if name.startswith(new):
+                name = old + name[len(new) :]
+        return ("model.vision_tower." if gemma4 else "vision_tower.vision_model.") + name
+    if name.startswith(("embed_vision.", "embed_audio.")):
+        return "model." + name
+    for old, new in RENAMES.items():
+        name = name.replace(new, old)
+    if name.startswith("lm_head."):  # an untied head
+        return ("language_model." if multimodal and not gemma4 else "") + name
+    if gemma4:
+        return "model.language_model." + name
+    return ("language_model.model." if multimodal else "model.") + name
 
 
-def umask() -> int:
-    mask = os.umask(0o022)  # reading it means setting it: set it straight back
-    os.umask(mask)
-    return mask
-
-
-def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write tensors (checkpoint names) as gaunernst's converter does: model-00001.safetensors, ... and
-    always a model.safetensors.index.json, even for a single shard."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shards, size = [{}], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(tqdm(shards, desc="writing", unit="shard", disable=None, leave=False), 1):
-        file = f"model-{i:05d}.safetensors"
-        save_safetensors(shard, directory / file)
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX).write_text(json.dumps(index, indent=2))
-
-
-INT4_LAYOUTS = {"awq": awq, "compressed-tensors": compressed_tensors}  # quant_method -> its module
-
-
-def decode_int4_layouts(tensors: dict[str, torch.Tensor], quantization: dict | None) -> dict[str, torch.Tensor]:
-    """AWQ ("<m>.qweight/qzeros/scales") and compressed-tensors ("<m>.weight_packed/weight_scale/weight_shape
-    [/weight_zero_point][/weight_g_idx]") weights -> "<m>.weight.int4_data/.scales" (or "<m>.weight"); other
-    tensors pass."""
-    method = (quantization or {}).get("quant_method")
-    if method not in INT4_LAYOUTS:
-        if method not in (None, "torchao"):  # torchao's weights describe themselves (read_tensors decoded them)
-            raise ValueError(f"quantization_config: quant_method {method!r}: we read awq, compressed-tensors, torchao")
-        return tensors
-    layout = INT4_LAYOUTS[method]
-    group_size, bits = layout.settings(quantization)
-    if bits != 4 or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"{method}: we read 4-bit weights in groups, not bits={bits}, group_size={group_size}")
-    out = {}
+def stack_experts(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The inverse of split_experts, in `dtype` (HF's layout has no per-expert int4): for a dense export."""
+    out, stacked = {}, {}
     for name, t in tensors.items():
         module, _, kind = name.rpartition(".")
-        if kind != layout.SUFFIXES[0]:
-            if kind not in layout.SUFFIXES:
-                out[name] = t
-            continue
-        if missing := [f"{module}.{r}" for r in layout.REQUIRED if f"{module}.{r}" not in tensors]:
-            raise ValueError(f"{method} weight {name} comes without {', '.join(missing)}")
-        for kind, value in int4_pair(*layout.unpack(tensors, module, group_size)).items():
-            out[f"{module}.weight" if kind == "weight" else f"{module}.weight.{kind}"] = value
+        match = re.fullmatch(r"(layers\.\d+\.experts)\.(\d+)\.(gate_up_proj|down_proj)", module)
+        if match is None:
+            out[name] = t
+        elif kind in ("weight", *quant.FORMATS):  # its scales and zeros come with it
+            w = t if kind == "weight" else quant.dequantize(tensors, module)
+            stacked.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = w.to(dtype)
+    for name, experts in stacked.items():
+        out[name] = torch.stack([experts[e] for e in range(len(experts))])
     return out
 
 
@@ -426,35 +414,37 @@ def encode_int4_layout(
     return out | packed, config
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The weight files of a checkpoint: the safetensors index's shards, or every *.safetensors; without any,
-    the pickled ones (torchao's pytorch_model.bin, or its index's shards)."""
-    if path.is_file():
-        return [path]
-    if (path / INDEX).exists():
-        return indexed_shards(path, INDEX)
-    if shards := sorted(path.glob("*.safetensors")):
-        return shards
-    if (path / PICKLED_INDEX).exists():
-        return indexed_shards(path, PICKLED_INDEX)
-    if shards := sorted(path.glob(PICKLED)):
-        return shards
-    raise FileNotFoundError(f"{path}: no *.safetensors (or {PICKLED}) weights found")
+def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write tensors (checkpoint names) as gaunernst's converter does: model-00001.safetensors, ... and
+    always a model.safetensors.index.json, even for a single shard."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(tqdm(shards, desc="writing", unit="shard", disable=None, leave=False), 1):
+        file = f"model-{i:05d}.safetensors"
+        save_safetensors(shard, directory / file)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX).write_text(json.dumps(index, indent=2))
 
 
-def indexed_shards(path: Path, index: str) -> list[Path]:
-    """The shards a safetensors or pytorch_model.bin index lists, each a file inside `path`."""
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     try:
-        weight_map = json.loads((path / index).read_text())["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path / index}: not a valid weights index ({e!r})") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ValueError(f"{path / index}: weight_map must map tensor names to shard file names")
-    for name in weight_map.values():  # by name, not resolved: a hub cache's shards link to its blobs
-        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ValueError(f"{path / index}: shard {name!r} is not a file inside {path}")
-    shards = [path / f for f in sorted(set(weight_map.values()))]
-    for f in shards:
-        if not f.exists():
-            raise FileNotFoundError(f"{path / index} lists shard {f.name}, which is missing from {path}")
-    return shards
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+        raise OSError(str(e)) from None
+    os.chmod(path, 0o666 & ~umask())  # safetensors writes through a private (0600) temporary: readable as any file
+
+
+def umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: set it straight back
+    os.umask(mask)
+    return mask
