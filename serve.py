@@ -32,7 +32,9 @@ from gemma3_int4.generation import compile_decode_step, decode_one_token
 
 if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
     sys.exit("error: serve.py needs FastAPI and uvicorn: pip install -e '.[serve]'")
-from gemma3_int4.server import LOCAL_NAMES, Engine, build_app, listen, serve
+from gemma3_int4.engine import Engine
+from gemma3_int4.gate import LOCAL_NAMES
+from gemma3_int4.server import build_app, listen, serve
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -235,6 +235,8 @@ LAYERS = [
     {"gemma4"},  # Gemma 4's decoder, built from model.py's pieces
     {"tokenizer", "loader"},
     {"generation", "ptq"},
+    {"engine"},  # the server's engine thread
+    {"openai_api", "gate"},  # the server's parts
     {"cli", "server", "harness"},
     {"generate", "chat", "eval", "convert", "serve", "finetune"},  # the scripts
 ]

@@ -37,8 +37,11 @@ from test_gemma4_audio import gemma4_with_media, noise_image, speech_like, wav_b
 from gemma3_int4 import gemma4_audio, generation, loader, server, vision
 from gemma3_int4.checkpoint import DEFAULT_MODEL
 from gemma3_int4.config import BOS_ID, STOP_IDS
+from gemma3_int4.engine import Engine, Job
+from gemma3_int4.gate import LOCAL_NAMES
 from gemma3_int4.generation import Request, Sampling, compile_decode_step, generate
-from gemma3_int4.server import LOCAL_NAMES, Engine, Job, StopStrings, build_app, listen, uvicorn_config
+from gemma3_int4.openai_api import StopStrings
+from gemma3_int4.server import build_app, listen, uvicorn_config
 from gemma3_int4.tokenizer import AUDIO_MARK, IMAGE_MARK, Tokenizer
 
 openai = pytest.importorskip("openai")
@@ -829,8 +832,8 @@ ENGINE_FAILS = """
 import sys
 sys.path.insert(0, {root!r})
 import serve
-from gemma3_int4 import server
-server.Engine.join = lambda self, job: 1 / 0  # a bug in the engine's loop
+from gemma3_int4 import engine
+engine.Engine.join = lambda self, job: 1 / 0  # a bug in the engine's loop
 sys.exit(serve.main(sys.argv[1:]))
 """
 
