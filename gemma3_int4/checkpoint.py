@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import files, quant, sentencepiece_model
+from . import files, hf_tokenizer, quant
 from .config import Gemma3Config, Gemma4Config
 from .formats import config_json, gguf, hf, orbax
 from .formats.hf import PICKLED, read_safetensors
@@ -103,7 +103,7 @@ def tokenizer_proto(path_or_hub_id: str | Path) -> bytes:
         if model_file.is_file():
             return model_file.read_bytes()
     if (directory / "tokenizer.json").is_file():  # Gemma 4's checkpoints ship only this
-        return sentencepiece_model.tokenizer_json_proto(directory / "tokenizer.json")
+        return hf_tokenizer.tokenizer_json_proto(directory / "tokenizer.json")
     raise FileNotFoundError(f"tokenizer not found: {' or '.join(map(str, candidates))} (convert.py takes --tokenizer)")
 
 

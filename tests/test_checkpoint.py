@@ -221,15 +221,15 @@ def imported_modules(node: ast.AST, importer: str = "") -> list[str]:
 # Imports go one way, down this list: each module imports ours only from the layers below its own, at the top
 # of the file (no import deferred into a function to dodge a cycle), and no module imports a script.
 LAYERS = [
-    {"config", "files", "hugepages", "sentencepiece_model"},  # import nothing of ours
+    {"config", "files", "hugepages"},  # import nothing of ours
     {"w4a8"},
     {"quant"},
-    {"vision", "formats.config_json", "formats.packed_int4", "qat"},
+    {"vision", "hf_tokenizer", "formats.config_json", "formats.packed_int4", "qat"},
     {"formats.gguf_blocks", "formats.orbax", "formats.torchao"},
     {"formats.gguf"},
     {"formats.awq", "formats.compressed_tensors"},
     {"formats.hf"},
-    {"model", "checkpoint", "hf_tokenizer"},
+    {"model", "checkpoint"},
     {"gemma4_vision"},  # Gemma 4's towers, built from model.py's pieces
     {"gemma4_audio"},
     {"gemma4"},  # Gemma 4's decoder, built from model.py's pieces

@@ -11,7 +11,7 @@ import torch
 from conftest import run_main
 
 import convert
-from gemma3_int4 import checkpoint, loader, quant, sentencepiece_model
+from gemma3_int4 import checkpoint, hf_tokenizer, loader, quant
 from gemma3_int4.formats import gguf as gguf_format
 from gemma3_int4.formats import gguf_blocks
 from gemma3_int4.loader import load_checkpoint
@@ -55,8 +55,8 @@ def test_gguf_tokenizer_round_trip(tiny_int4_dir, tmp_path, tokenizer_file):
     for text in ["Hello  world", "naïve café 日本語 🦀", "def f(x):\n    return x"]:
         assert theirs.encode(text) == ours.encode(text)
     proto = tokenizer_file.read_bytes()
-    assert sentencepiece_model.parse_sentencepiece_proto(gguf_format.tokenizer_proto(tmp_path / "tiny.gguf")) == [
-        (p, pytest.approx(s), t) for p, s, t in sentencepiece_model.parse_sentencepiece_proto(proto)
+    assert hf_tokenizer.parse_sentencepiece_proto(gguf_format.tokenizer_proto(tmp_path / "tiny.gguf")) == [
+        (p, pytest.approx(s), t) for p, s, t in hf_tokenizer.parse_sentencepiece_proto(proto)
     ]
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .. import files, quant
 from ..config import AUDIO_MODULES, VISION_MODULES, Gemma3Config, Gemma4Config
-from ..sentencepiece_model import merge_scores, parse_sentencepiece_proto, sentencepiece_proto
+from ..hf_tokenizer import merge_scores, parse_sentencepiece_proto, sentencepiece_proto
 from .gguf_blocks import q4_0_blocks, q4_0_ints, q4_1_blocks, q4_k_blocks, q4_zero_ints, q8_0_blocks
 
 ARCH, GEMMA4_ARCH = "gemma3", "gemma4"
