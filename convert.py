@@ -28,6 +28,7 @@ from pathlib import Path
 from gemma3_int4 import checkpoint, files, hf_tokenizer, ptq
 from gemma3_int4.cli import one_line_warnings
 from gemma3_int4.config import Gemma3Config
+from gemma3_int4.formats import gguf, hf, packed_int4
 from gemma3_int4.loader import convert_weights, load_checkpoint
 from gemma3_int4.tokenizer import Tokenizer
 
@@ -60,7 +61,7 @@ def convert(
         raise ValueError(f"quantizer {quantizer!r}: rtn or gptq, and gptq only for a quantized target")
     files.check_destination(dst)  # now, and again when the output is published (files.atomic_output)
     src = checkpoint.resolve(src)  # once: a hub id is looked up (downloaded) here, not for each file read below
-    config, tensors, above_4_bits = load_checkpoint(src)
+    config, tensors, above_4_bits = load_checkpoint(src)  # the reader: the source's format (formats/)
     if tokenizer is not None:  # the source's tokenizer files would contradict it: carry none over
         proto, companions, template, stop_ids = tokenizer.read_bytes(), [], None, None
     else:
@@ -77,21 +78,21 @@ def convert(
         ids = ptq.calibration_ids(sentencepiece, text)
         tensors = ptq.gptq(config, convert_weights(tensors, "dense", above_4_bits), ids)
     else:  # awq and compressed-tensors: integer zero points (the encoder refits float ones, writes int8 bf16)
-        integer = to in ("awq", "compressed-tensors")
+        integer = to in hf.INT4_LAYOUTS
         tensors = convert_weights(tensors, "dense" if to == "dense" else weights, above_4_bits, True, integer)
     column_weights = None
-    refit = checkpoint.float_zero_points(tensors) if to in ("awq", "compressed-tensors") else []
+    refit = packed_int4.float_zero_points(tensors) if to in hf.INT4_LAYOUTS else []
     if refit and isinstance(config, Gemma3Config):  # each refit weighed by its inputs (Gemma 4: not)
         ids = ptq.calibration_ids(sentencepiece, text, *REFIT_CALIBRATION)
         print(f"calibrating the refit of {len(refit)} weight(s) with integer zero points on {ids.shape[0]} x "
               f"{ids.shape[1]} tokens", file=sys.stderr)  # fmt: skip
         column_weights = ptq.input_mean_squares(config, tensors, ids)
-    tokenizer_files = None
-    if to != "gguf":  # what transformers, vLLM and SGLang read beside tokenizer.model, where the source has none
+    if to == "gguf":  # the writer, by --to: a GGUF file, the tokenizer and chat template in its metadata
+        gguf.write(config, tensors, proto, dst, template)
+    else:  # a safetensors directory, with what transformers, vLLM and SGLang read beside tokenizer.model
         tokenizer_files = hf_tokenizer.tokenizer_files(proto, template, checkpoint.adds_bos(src),
                                                        list(sentencepiece.stop_ids), config.max_seq_len)  # fmt: skip
-    checkpoint.save(config, tensors, proto, dst, to, companions, text_files=tokenizer_files, chat_template=template,
-                    column_weights=column_weights)  # fmt: skip
+        hf.write(config, tensors, proto, dst, to, companions, text_files=tokenizer_files, column_weights=column_weights)
 
 
 def main(argv=None) -> int:

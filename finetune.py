@@ -35,6 +35,7 @@ from gemma3_int4 import checkpoint, files, loader, qat
 from gemma3_int4.checkpoint import DEFAULT_MODEL
 from gemma3_int4.cli import device_arg, one_line_warnings, positive_float, positive_int
 from gemma3_int4.config import BOS_ID
+from gemma3_int4.formats import hf
 from gemma3_int4.loader import split_projections
 from gemma3_int4.tokenizer import Tokenizer
 
@@ -234,7 +235,7 @@ def finetune(args: argparse.Namespace) -> None:
     tensors = split_projections(qat.int4_tensors(model, levels), model.config)
     source = checkpoint.resolve(args.model)
     proto = checkpoint.tokenizer_proto(source)
-    checkpoint.save(model.config, tensors, proto, args.out, "int4", checkpoint.companion_files(source))
+    hf.write(model.config, tensors, proto, args.out, "int4", checkpoint.companion_files(source))
     files.remove(state)
 
 

@@ -81,7 +81,7 @@ def random_int4_checkpoint(size: str, directory: Path, towers: bool = False) -> 
 
     import torch
 
-    from gemma3_int4.checkpoint import embedded_gguf, save, tokenizer_proto
+    from gemma3_int4.checkpoint import embedded_gguf, tokenizer_proto
     from gemma3_int4.config import (
         AUDIO_MODULES,
         VISION_MODULES,
@@ -90,6 +90,7 @@ def random_int4_checkpoint(size: str, directory: Path, towers: bool = False) -> 
         Gemma4Config,
         Gemma4VisionConfig,
     )
+    from gemma3_int4.formats.hf import write as save
     from gemma3_int4.gemma4 import Gemma4
     from gemma3_int4.loader import split_projections
     from gemma3_int4.model import Gemma3

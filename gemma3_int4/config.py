@@ -1,5 +1,8 @@
-"""The configs: Gemma 3's published sizes, the mapping from transformers' config.json, and the special token
-ids. Everything else builds on this file, and it imports nothing of ours.
+"""The configs of Gemma 3 and Gemma 4, as dataclasses with their published sizes, each field checked where it is
+made: Gemma 3's decoder (Gemma3Config, CONFIGS) and its SigLIP tower (VisionConfig); Gemma 4's decoder
+(Gemma4Config, GEMMA4_CONFIGS) and its vision and audio towers; and the special token ids. Reading and writing
+transformers' config.json is formats/config_json.py's. Everything else builds on this file, and it imports
+nothing of ours.
 """
 
 from __future__ import annotations
@@ -58,42 +61,6 @@ class VisionConfig:
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
 
-    @classmethod
-    def from_hf(cls, hf: dict) -> VisionConfig:
-        """From a multimodal transformers config.json (model_type "gemma3"): its vision_config and the
-        image token fields; what it omits takes transformers' defaults."""
-        v = hf.get("vision_config") or {}
-        if not isinstance(v, dict):
-            raise ValueError(f"vision_config must be a JSON object, not {type(v).__name__}")
-        if v.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-            raise ValueError(f"vision model {v.get('model_type')!r} is not SigLIP")
-        d = cls()
-        return cls(
-            image_size=v.get("image_size", d.image_size),
-            patch_size=v.get("patch_size", d.patch_size),
-            hidden_size=v.get("hidden_size", d.hidden_size),
-            num_layers=v.get("num_hidden_layers", d.num_layers),
-            num_heads=v.get("num_attention_heads", d.num_heads),
-            intermediate_size=v.get("intermediate_size", d.intermediate_size),
-            layer_norm_eps=v.get("layer_norm_eps", d.layer_norm_eps),
-            tokens_per_image=hf.get("mm_tokens_per_image", d.tokens_per_image),
-            image_token_id=hf.get("image_token_index", d.image_token_id),
-        )
-
-    def to_hf(self) -> dict:
-        return {
-            "model_type": "siglip_vision_model",
-            "image_size": self.image_size,
-            "patch_size": self.patch_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "intermediate_size": self.intermediate_size,
-            "layer_norm_eps": self.layer_norm_eps,
-            "hidden_act": "gelu_pytorch_tanh",
-            "vision_use_head": False,
-        }
-
 
 @dataclass
 class Gemma3Config:
@@ -149,121 +116,50 @@ class Gemma3Config:
         return cls(**CONFIGS[name])
 
     @classmethod
-    def from_hf(cls, hf: dict) -> Gemma3Config:
-        """From a transformers config.json: text-only `gemma3_text` or multimodal `gemma3` (text_config)."""
-        model_type, vision_config = hf.get("model_type"), None
-        untied_at_top = hf.get("tie_word_embeddings") is False  # a multimodal config says it here or in text_config
-        if model_type == "gemma3":
-            vision_config = VisionConfig.from_hf(hf)
-            hf = hf.get("text_config") or {}
-            if not isinstance(hf, dict):
-                raise ValueError(f"text_config must be a JSON object, not {type(hf).__name__}")
-            hf = dict(hf)
-            hf.setdefault("vocab_size", 262208)  # transformers' default for the multimodal models
-        elif model_type != "gemma3_text":
-            raise ValueError(f"model_type {model_type!r} is not Gemma 3 ('gemma3' or 'gemma3_text')")
-        for name in ("hidden_size", "num_hidden_layers", "intermediate_size"):
-            if name not in hf:
-                raise ValueError(f"Gemma 3 text config has no {name!r}")
-        for name in ("final_logit_softcapping", "attn_logit_softcapping"):
-            if hf.get(name) is not None:
-                raise ValueError(f"{name} is set, but Gemma 3 has no logit soft-capping")
-        # Fields a config.json may omit take transformers' Gemma3TextConfig defaults.
-        theta_global = hf.get("rope_theta", 1_000_000.0)
-        theta_local = hf.get("rope_local_base_freq", 10_000.0)
-        scaling = hf.get("rope_scaling") or {}
-        rope = hf.get("rope_parameters") or {}  # newer transformers: one dict per layer type
-        if "full_attention" in rope:
-            scaling = rope["full_attention"]
-            theta_global = scaling.get("rope_theta", theta_global)
-            theta_local = rope.get("sliding_attention", {}).get("rope_theta", theta_local)
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type not in ("default", "linear"):
-            raise ValueError(f"RoPE type {rope_type!r} is not supported (only default and linear)")
-        n_layers = hf["num_hidden_layers"]
-        pattern = hf.get("sliding_window_pattern", 6)
-        layer_types = hf.get("layer_types") or [
-            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)
-        ]
-        return cls(
-            hidden_size=hf["hidden_size"],
-            num_layers=n_layers,
-            num_heads=hf.get("num_attention_heads", 8),
-            num_kv_heads=hf.get("num_key_value_heads", 4),
-            head_dim=hf.get("head_dim", 256),
-            intermediate_size=hf["intermediate_size"],
-            sliding_window=hf.get("sliding_window", 4096),
-            vocab_size=hf.get("vocab_size", 262208),
-            query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
-            rope_theta_local=theta_local,
-            rope_theta_global=theta_global,
-            rope_scale_global=scaling.get("factor", 1.0) if rope_type == "linear" else 1.0,
-            max_seq_len=hf.get("max_position_embeddings", 131072),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            global_layers=[t == "full_attention" for t in layer_types],
-            tie_word_embeddings=False if untied_at_top else hf.get("tie_word_embeddings", True),
-            vision_config=vision_config,
-        )
+    def from_shapes(
+        cls, shapes: dict[str, tuple[int, ...]], vision_config: VisionConfig | None = None, any_size: bool = False
+    ) -> Gemma3Config:
+        """The config of a checkpoint that has none, from its tensors' shapes (our names; an Orbax checkpoint's
+        translated by formats/orbax.py): a published size if the shapes are one's. Else, with any_size (Orbax's
+        tiny test models), what the shapes say and Gemma 3's defaults for the rest, as the published models of its
+        kind have them (text-only like 1B, multimodal like 4B; query_pre_attn_scalar = head_dim). A vision tower
+        has the published config unless one is given."""
 
-    @classmethod
-    def from_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> Gemma3Config:
-        """Identify a published size from a state dict's shapes (our names), for checkpoints without config.json."""
+        def rows(module: str) -> int:  # of a weight, dense or quantized
+            return next((s[0] for k in ("weight", "int4_data", "int8_data") if (s := shapes.get(f"{module}.{k}"))), 0)
+
         n_layers = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("layers.")), default=-1)
-        embed = shapes.get("embed.weight") or shapes.get("embed.int4_data") or shapes.get("embed.int8_data")
-        has_vision = "vision.patch_embedding.weight" in shapes
-        untied = any(k.startswith("lm_head.") for k in shapes)
-        for c in CONFIGS.values():
-            if c["num_layers"] == n_layers and shapes.get("norm.weight") == (c["hidden_size"],) and embed:
-                found = {"vocab_size": embed[0], "tie_word_embeddings": not untied}
-                return cls(**{**c, **found, "vision_config": VisionConfig() if has_vision else None})
-        raise ValueError(
-            f"no config.json, and the tensor shapes ({n_layers} layers, norm {shapes.get('norm.weight')}) "
-            f"match no published Gemma 3 size ({', '.join(CONFIGS)})"
+        embed, norm = rows("embed"), shapes.get("norm.weight")
+        head_dim = (shapes.get("layers.0.attn.q_norm.weight") or (0,))[0]
+        sizes = dict(
+            hidden_size=norm[0] if norm else 0,
+            num_layers=n_layers,
+            num_heads=rows("layers.0.attn.q_proj") // max(head_dim, 1),
+            num_kv_heads=rows("layers.0.attn.k_proj") // max(head_dim, 1),
+            head_dim=head_dim,
+            intermediate_size=rows("layers.0.mlp.gate_proj"),
         )
-
-    def to_hf(self) -> dict:
-        """The config.json that transformers reads back to this config: `gemma3_text`, or with a vision
-        tower the multimodal `gemma3` that holds it as its text_config."""
-        text = {
-            "architectures": ["Gemma3ForCausalLM"],
-            "model_type": "gemma3_text",
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            "sliding_window": self.sliding_window,
-            "vocab_size": self.vocab_size,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
-            "rope_local_base_freq": self.rope_theta_local,
-            "rope_theta": self.rope_theta_global,
-            "rope_scaling": None
-            if self.rope_scale_global == 1.0
-            else {"rope_type": "linear", "factor": self.rope_scale_global},
-            "max_position_embeddings": self.max_seq_len,
-            "rms_norm_eps": self.rms_norm_eps,
-            "layer_types": ["full_attention" if g else "sliding_attention" for g in self.global_layers],
-            "hidden_activation": "gelu_pytorch_tanh",
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": BOS_ID,
-            "eos_token_id": list(STOP_IDS),
-            "pad_token_id": PAD_ID,
-        }
-        if self.vision_config is None:
-            return text
-        return {
-            "architectures": ["Gemma3ForConditionalGeneration"],
-            "model_type": "gemma3",
-            "text_config": {k: v for k, v in text.items() if k != "architectures"},
-            "vision_config": self.vision_config.to_hf(),
-            "mm_tokens_per_image": self.vision_config.tokens_per_image,
-            "image_token_index": self.vision_config.image_token_id,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "boi_token_index": START_OF_IMAGE_ID,
-            "eoi_token_index": END_OF_IMAGE_ID,
-            "eos_token_id": list(STOP_IDS),
-        }
+        if vision_config is None and "vision.patch_embedding.weight" in shapes:
+            vision_config = VisionConfig()
+        found = dict(vocab_size=embed, tie_word_embeddings=not any(k.startswith("lm_head.") for k in shapes),
+                     vision_config=vision_config)  # fmt: skip
+        for published in CONFIGS.values():
+            if embed and all(published[k] == v for k, v in sizes.items()):
+                return cls(**{**published, **found})
+        if not any_size:
+            raise ValueError(
+                f"no config.json, and the tensor shapes ({n_layers} layers, norm {norm}) "
+                f"match no published Gemma 3 size ({', '.join(CONFIGS)})"
+            )
+        like = CONFIGS["4b" if vision_config else "1b"]
+        return cls(
+            **sizes,
+            **found,
+            sliding_window=like["sliding_window"],
+            query_pre_attn_scalar=head_dim,
+            rope_scale_global=like.get("rope_scale_global", 1.0),
+            max_seq_len=like["max_seq_len"],
+        )
 
 
 # The published sizes (Google's configs). Vocab 262208 = 262144 tokens padded for the vision models.
@@ -323,52 +219,6 @@ class Gemma4VisionConfig:
         if self.max_soft_tokens not in SOFT_TOKEN_BUDGETS:
             raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_BUDGETS}, got {self.max_soft_tokens!r}")
 
-    @classmethod
-    def from_hf(cls, hf: dict) -> Gemma4VisionConfig:
-        """From a multimodal `gemma4` config.json's vision_config; what it omits takes transformers' defaults."""
-        v = hf.get("vision_config")
-        if not isinstance(v, dict):
-            raise ValueError(f"vision_config must be a JSON object, not {type(v).__name__}")
-        rope = v.get("rope_parameters") or {}
-        if rope.get("rope_type", "axial") != "axial":
-            raise ValueError(f"vision RoPE {rope} is not supported (only Gemma 4's axial)")
-        d = cls()
-        return cls(
-            hidden_size=v.get("hidden_size", d.hidden_size),
-            num_layers=v.get("num_hidden_layers", d.num_layers),
-            num_heads=v.get("num_attention_heads", d.num_heads),
-            num_kv_heads=v.get("num_key_value_heads", d.num_kv_heads),
-            head_dim=v.get("head_dim", d.head_dim),
-            intermediate_size=v.get("intermediate_size", d.intermediate_size),
-            patch_size=v.get("patch_size", d.patch_size),
-            pooling_kernel_size=v.get("pooling_kernel_size", d.pooling_kernel_size),
-            position_embedding_size=v.get("position_embedding_size", d.position_embedding_size),
-            rope_theta=rope.get("rope_theta", d.rope_theta),
-            rms_norm_eps=v.get("rms_norm_eps", d.rms_norm_eps),
-            use_clipped_linears=v.get("use_clipped_linears", d.use_clipped_linears),
-            standardize=v.get("standardize", d.standardize),
-            image_token_id=hf.get("image_token_id", d.image_token_id),
-        )
-
-    def to_hf(self) -> dict:
-        return {
-            "model_type": "gemma4_vision",
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            "patch_size": self.patch_size,
-            "pooling_kernel_size": self.pooling_kernel_size,
-            "position_embedding_size": self.position_embedding_size,
-            "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta},
-            "rms_norm_eps": self.rms_norm_eps,
-            "use_clipped_linears": self.use_clipped_linears,
-            "standardize": self.standardize,
-            "hidden_activation": "gelu_pytorch_tanh",
-        }
-
 
 GEMMA4_AUDIO_TOKEN_ID, GEMMA4_START_OF_AUDIO_ID, GEMMA4_END_OF_AUDIO_ID = 258881, 256000, 258883
 AUDIO_MODULES = ("audio.", "embed_audio.")  # our state-dict prefixes of Gemma 4's audio tower and its projection
@@ -401,52 +251,6 @@ class Gemma4AudioConfig:
             raise ValueError("audio config: heads must divide hidden_size, and the subsampling has two convolutions")
         if (self.attention_chunk_size + self.attention_context_left - 1) // 2 < self.attention_context_left - 1:
             raise ValueError("audio config: the chunks' relative positions do not cover the left context")
-
-    @classmethod
-    def from_hf(cls, hf: dict) -> Gemma4AudioConfig:
-        """From a multimodal `gemma4` config.json's audio_config; what it omits takes transformers' defaults."""
-        a = hf.get("audio_config")
-        if not isinstance(a, dict):
-            raise ValueError(f"audio_config must be a JSON object, not {type(a).__name__}")
-        if a.get("attention_context_right", 0) != 0 or a.get("hidden_act", "silu") != "silu":
-            raise ValueError("audio config: only Gemma 4's causal attention (no right context) and SiLU are supported")
-        d = cls()
-        return cls(
-            hidden_size=a.get("hidden_size", d.hidden_size),
-            num_layers=a.get("num_hidden_layers", d.num_layers),
-            num_heads=a.get("num_attention_heads", d.num_heads),
-            subsampling_conv_channels=tuple(a.get("subsampling_conv_channels", d.subsampling_conv_channels)),
-            conv_kernel_size=a.get("conv_kernel_size", d.conv_kernel_size),
-            residual_weight=a.get("residual_weight", d.residual_weight),
-            attention_chunk_size=a.get("attention_chunk_size", d.attention_chunk_size),
-            attention_context_left=a.get("attention_context_left", d.attention_context_left),
-            attention_logit_cap=a.get("attention_logit_cap", d.attention_logit_cap),
-            use_clipped_linears=a.get("use_clipped_linears", d.use_clipped_linears),
-            rms_norm_eps=a.get("rms_norm_eps", d.rms_norm_eps),
-            gradient_clipping=a.get("gradient_clipping", d.gradient_clipping),
-            output_proj_dims=a.get("output_proj_dims", d.output_proj_dims),
-            audio_token_id=hf.get("audio_token_id", d.audio_token_id),
-        )
-
-    def to_hf(self) -> dict:
-        return {
-            "model_type": "gemma4_audio",
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "subsampling_conv_channels": list(self.subsampling_conv_channels),
-            "conv_kernel_size": self.conv_kernel_size,
-            "residual_weight": self.residual_weight,
-            "attention_chunk_size": self.attention_chunk_size,
-            "attention_context_left": self.attention_context_left,
-            "attention_context_right": 0,
-            "attention_logit_cap": self.attention_logit_cap,
-            "use_clipped_linears": self.use_clipped_linears,
-            "rms_norm_eps": self.rms_norm_eps,
-            "gradient_clipping": self.gradient_clipping,
-            "output_proj_dims": self.output_proj_dims,
-            "hidden_act": "silu",
-        }
 
 
 @dataclass
@@ -535,144 +339,6 @@ class Gemma4Config:
         if name not in GEMMA4_CONFIGS:
             raise ValueError(f"unknown Gemma 4 size {name!r}; known: {', '.join(GEMMA4_CONFIGS)}")
         return cls(**GEMMA4_CONFIGS[name])
-
-    @classmethod
-    def from_hf(cls, hf: dict) -> Gemma4Config:
-        """From a transformers config.json: text-only `gemma4_text`, or the multimodal `gemma4`: its text_config and
-        vision_config and audio_config. Older files give the full layers' head_dim
-        and kv heads as global_head_dim / num_global_key_value_heads, newer ones as per_layer_config (both read)."""
-        model_type = hf.get("model_type")
-        untied_at_top = hf.get("tie_word_embeddings") is False
-        vision_config = audio_config = None
-        if model_type == "gemma4":
-            vision_config = Gemma4VisionConfig.from_hf(hf) if hf.get("vision_config") is not None else None
-            audio_config = Gemma4AudioConfig.from_hf(hf) if hf.get("audio_config") is not None else None
-            hf = hf.get("text_config") or {}
-            if not isinstance(hf, dict):
-                raise ValueError(f"text_config must be a JSON object, not {type(hf).__name__}")
-        elif model_type != "gemma4_text":
-            raise ValueError(f"model_type {model_type!r} is not Gemma 4 ('gemma4' or 'gemma4_text')")
-        for name in ("hidden_size", "num_hidden_layers", "intermediate_size"):
-            if name not in hf:
-                raise ValueError(f"Gemma 4 text config has no {name!r}")
-        if hf.get("use_bidirectional_attention") == "all":
-            raise ValueError("use_bidirectional_attention 'all' is an encoder's setting, not a decoder's")
-        if hf.get("attn_logit_softcapping") is not None:
-            raise ValueError("attn_logit_softcapping is set, but Gemma 4 has no attention soft-capping")
-        n_layers = hf["num_hidden_layers"]
-        layer_types = list(hf.get("layer_types") or [])
-        if layer_types and len(layer_types) != n_layers:
-            raise ValueError(f"layer_types has {len(layer_types)} entries for {n_layers} layers")
-        global_layers = [t == "full_attention" for t in layer_types] or [(i + 1) % 6 == 0 for i in range(n_layers)]
-        global_layers[-1] = True  # as transformers forces it
-        rope = hf.get("rope_parameters") or {}
-        local, full = rope.get("sliding_attention") or {}, rope.get("full_attention") or {}
-        for kind, params, expected in (("sliding", local, "default"), ("full", full, "proportional")):
-            if params.get("rope_type", expected) != expected or params.get("factor", 1.0) != 1.0:
-                raise ValueError(f"{kind} layers' RoPE {params} is not supported (only Gemma 4's {expected})")
-        global_head_dim = hf.get("global_head_dim", 512)
-        global_kv_heads = hf.get("num_global_key_value_heads")
-        overrides = hf.get("per_layer_config") or {}
-        if overrides:
-            if not isinstance(overrides, dict) or not all(isinstance(o, dict) for o in overrides.values()):
-                raise ValueError("per_layer_config must map layer indices to objects")
-            full_overrides = [o for i, o in overrides.items() if str(i).isdigit() and int(i) < n_layers
-                              and global_layers[int(i)]]  # fmt: skip
-            if len(full_overrides) != len(overrides) or any(o != full_overrides[0] for o in full_overrides):
-                raise ValueError("per_layer_config: we read one head_dim / kv heads override for all full layers")
-            global_head_dim = full_overrides[0].get("head_dim", global_head_dim)
-            global_kv_heads = full_overrides[0].get("num_key_value_heads", global_kv_heads)
-        k_eq_v = hf.get("attention_k_eq_v", False)
-        return cls(
-            hidden_size=hf["hidden_size"],
-            num_layers=n_layers,
-            num_heads=hf.get("num_attention_heads", 8),
-            num_kv_heads=hf.get("num_key_value_heads", 4),
-            head_dim=hf.get("head_dim", 256),
-            intermediate_size=hf["intermediate_size"],
-            sliding_window=hf.get("sliding_window", 512),
-            global_head_dim=global_head_dim,
-            num_global_kv_heads=global_kv_heads if k_eq_v else None,
-            attention_k_eq_v=k_eq_v,
-            vocab_size=hf.get("vocab_size", 262144),
-            rope_theta_local=local.get("rope_theta", 10_000.0),
-            rope_theta_global=full.get("rope_theta", 1_000_000.0),
-            partial_rotary_factor=full.get("partial_rotary_factor", 0.25),
-            max_seq_len=hf.get("max_position_embeddings", 131072),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            global_layers=global_layers,
-            num_kv_shared_layers=hf.get("num_kv_shared_layers", 0),
-            use_double_wide_mlp=hf.get("use_double_wide_mlp", False),
-            hidden_size_per_layer_input=hf.get("hidden_size_per_layer_input", 256) or 0,
-            vocab_size_per_layer_input=hf.get("vocab_size_per_layer_input", 262144),
-            num_experts=(hf.get("num_experts") or 0) if hf.get("enable_moe_block") else 0,
-            top_k_experts=(hf.get("top_k_experts") or 0) if hf.get("enable_moe_block") else 0,
-            moe_intermediate_size=(hf.get("moe_intermediate_size") or 0) if hf.get("enable_moe_block") else 0,
-            final_logit_softcapping=hf.get("final_logit_softcapping") or 30.0,
-            tie_word_embeddings=False if untied_at_top else hf.get("tie_word_embeddings", True),
-            vision_config=vision_config,
-            vision_bidirectional=hf.get("use_bidirectional_attention") == "vision",
-            audio_config=audio_config,
-        )
-
-    def to_hf(self) -> dict:
-        """The config.json that transformers reads back to this config: `gemma4_text`, or with a vision tower the
-        multimodal `gemma4` that holds it as its text_config."""
-        if self.vision_config is None and self.audio_config is None:
-            return self.text_hf()
-        v, a = self.vision_config, self.audio_config
-        return {
-            "architectures": ["Gemma4ForConditionalGeneration"],
-            "model_type": "gemma4",
-            "text_config": {k: v for k, v in self.text_hf().items() if k != "architectures"},
-            "vision_config": None if v is None else v.to_hf(),
-            "audio_config": None if a is None else a.to_hf(),
-            **({} if v is None else {"image_token_id": v.image_token_id}),
-            **({} if a is None else {"audio_token_id": a.audio_token_id}),
-            "tie_word_embeddings": self.tie_word_embeddings,
-        }
-
-    def text_hf(self) -> dict:
-        return {
-            "architectures": ["Gemma4ForCausalLM"],
-            "model_type": "gemma4_text",
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "global_head_dim": self.global_head_dim,
-            "num_global_key_value_heads": self.num_global_kv_heads if self.attention_k_eq_v else None,
-            "attention_k_eq_v": self.attention_k_eq_v,
-            "intermediate_size": self.intermediate_size,
-            "sliding_window": self.sliding_window,
-            "vocab_size": self.vocab_size,
-            "rope_parameters": {
-                "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_theta_local},
-                "full_attention": {
-                    "rope_type": "proportional",
-                    "rope_theta": self.rope_theta_global,
-                    "partial_rotary_factor": self.partial_rotary_factor,
-                },
-            },  # fmt: skip
-            "max_position_embeddings": self.max_seq_len,
-            "rms_norm_eps": self.rms_norm_eps,
-            "layer_types": ["full_attention" if g else "sliding_attention" for g in self.global_layers],
-            "num_kv_shared_layers": self.num_kv_shared_layers,
-            "use_double_wide_mlp": self.use_double_wide_mlp,
-            "hidden_size_per_layer_input": self.hidden_size_per_layer_input,
-            "vocab_size_per_layer_input": self.vocab_size_per_layer_input,
-            "enable_moe_block": self.num_experts > 0,
-            "num_experts": self.num_experts or None,
-            "top_k_experts": self.top_k_experts or None,
-            "moe_intermediate_size": self.moe_intermediate_size or None,
-            "final_logit_softcapping": self.final_logit_softcapping,
-            "hidden_activation": "gelu_pytorch_tanh",
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "use_bidirectional_attention": "vision" if self.vision_bidirectional else None,
-            "bos_token_id": BOS_ID,
-            "pad_token_id": PAD_ID,
-        }
 
 
 def gemma4_layers(n: int, every: int) -> list[bool]:

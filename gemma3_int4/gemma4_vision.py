@@ -16,7 +16,7 @@ In the prompt an image is <|image> + one <|image|> per soft token + <image|>; th
 embeddings at the <|image|> tokens (gemma4.Gemma4.embed_tokens).
 
 The tower stays float (bf16 as the checkpoints store it); module names follow the checkpoints'
-(model.vision_tower.*, checkpoint.our_name), so loading is a renaming of prefixes.
+(model.vision_tower.*, formats/hf.py's our_name), so loading is a renaming of prefixes.
 """
 
 from __future__ import annotations

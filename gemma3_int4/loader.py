@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import checkpoint, cpu_kernels, quant
 from .config import AUDIO_MODULES, GEMMA4_MODEL_TYPES, VISION_MODULES, Gemma3Config, Gemma4Config
+from .formats import config_json
 from .gemma4 import Gemma4
 from .model import Gemma3
 
@@ -37,7 +38,7 @@ def from_pretrained(
 
     weights="auto":  int4 stays int4, dense weights are quantized to int4 (group 32: QAT weights exactly on their
                      grid, others asymmetric, with zero points),
-                     GGUF tensors stored at more than 4 bits become int8 (see gguf_format.py), and
+                     GGUF tensors stored at more than 4 bits become int8 (see formats/gguf.py), and
                      an int8 head ranks the vocabulary with an int4 copy first (Int8Linear.unembed);
     weights="int4":  every linear weight int4;  weights="dense": every weight a float tensor of `dtype`.
     The vision tower and projector (4B/12B/27B) keep their float weights, in `dtype` (float32 for a bf16 `dtype`
@@ -110,7 +111,7 @@ def load_checkpoint(path_or_hub_id: str | Path) -> tuple[Config, dict[str, torch
         return Gemma3Config.from_shapes({k: tuple(t.shape) for k, t in tensors.items()}), tensors, above_4_bits
     gemma4 = hf_config.get("model_type") in GEMMA4_MODEL_TYPES
     try:
-        config = (Gemma4Config if gemma4 else Gemma3Config).from_hf(hf_config)
+        config = config_json.from_hf(hf_config)
     except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
         where = "GGUF metadata" if str(path_or_hub_id).endswith(".gguf") else "config.json"
         raise ValueError(f"{path_or_hub_id}: {where}: {e}") from None

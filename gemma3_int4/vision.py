@@ -7,7 +7,7 @@ image is 256 "soft tokens" whose embeddings are these vectors (model.Gemma3.embe
 
 The tower stays in bf16 (as the checkpoints store it); the language model may be int4. Module names
 follow the checkpoints' (vision_tower.vision_model.*) so that loading is a renaming of prefixes
-(checkpoint.our_name).
+(formats/hf.py's our_name).
 """
 
 from __future__ import annotations

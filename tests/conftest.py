@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gemma3_int4 import cpu_kernels, quant
-from gemma3_int4.checkpoint import write_shards
+from gemma3_int4.formats.hf import write_shards
 
 
 @pytest.fixture(autouse=True)

@@ -19,8 +19,10 @@ import chat
 import convert
 import eval as eval_script
 import generate
-from gemma3_int4 import checkpoint, files, gguf_format, vision
+from gemma3_int4 import checkpoint, files, vision
 from gemma3_int4.config import START_OF_IMAGE_ID
+from gemma3_int4.formats import gguf as gguf_format
+from gemma3_int4.formats import hf
 from gemma3_int4.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,18 +152,18 @@ def test_a_config_symlink_loop_is_not_a_missing_config(model_copy):
 def test_index_shards_stay_inside_the_checkpoint(model_copy, shard):
     """An index naming a file outside the directory is refused, whether or not that file exists."""
     (model_copy.parent / "outside.safetensors").write_bytes((model_copy / "model-00001.safetensors").read_bytes())
-    index = json.loads((model_copy / checkpoint.INDEX).read_text())
+    index = json.loads((model_copy / hf.INDEX).read_text())
     index["weight_map"][next(iter(index["weight_map"]))] = shard
-    (model_copy / checkpoint.INDEX).write_text(json.dumps(index))
+    (model_copy / hf.INDEX).write_text(json.dumps(index))
     code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"])
-    assert_one_line_error(code, err, checkpoint.INDEX, repr(shard), "not a file inside")
+    assert_one_line_error(code, err, hf.INDEX, repr(shard), "not a file inside")
 
 
 @pytest.mark.parametrize("weight_map", [["a"], {"model.norm.weight": 3}, "x"])
 def test_an_index_weight_map_must_map_names_to_files(model_copy, weight_map):
-    (model_copy / checkpoint.INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    (model_copy / hf.INDEX).write_text(json.dumps({"weight_map": weight_map}))
     code, _, err = run(generate, ["--model", model_copy, "--prompt", "Hi"])
-    assert_one_line_error(code, err, checkpoint.INDEX, "weight_map")
+    assert_one_line_error(code, err, hf.INDEX, "weight_map")
 
 
 def edit_tensor(directory: Path, suffix: str, change) -> str:
@@ -313,13 +315,13 @@ def test_convert_needs_the_destination_directory(tiny_int4_dir, tmp_path, name):
 def test_convert_does_not_replace_a_destination_that_appears_meanwhile(tiny_int4_dir, tmp_path, monkeypatch, to, dst):
     """Someone writes DST while the conversion runs: the conversion fails, DST keeps their bytes, no temporary."""
     dst = tmp_path / dst
-    writer = gguf_format.write_gguf if to == "gguf" else checkpoint.write_shards
+    writer = gguf_format.write_gguf if to == "gguf" else hf.write_shards
 
     def write_and_race(*args, **kwargs):
         writer(*args, **kwargs)
         dst.write_text("precious")
 
-    monkeypatch.setattr(gguf_format if to == "gguf" else checkpoint, writer.__name__, write_and_race)
+    monkeypatch.setattr(gguf_format if to == "gguf" else hf, writer.__name__, write_and_race)
     code, _, err = run(convert, [tiny_int4_dir, dst, "--to", to])
     assert_one_line_error(code, err, str(dst), "not replaced")
     assert dst.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == [dst.name]
@@ -339,13 +341,13 @@ CONVERT_AND_SIGNAL = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import convert
-from gemma3_int4 import checkpoint
+from gemma3_int4.formats import hf
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal has it (a background job inherits it ignored)
-write = checkpoint.write_shards
+write = hf.write_shards
 def write_then_signal(*args, **kwargs):
     write(*args, **kwargs)
     os.kill(os.getpid(), signal.{signal})  # mid-conversion: the shards are written, the rename is not done
-checkpoint.write_shards = write_then_signal
+hf.write_shards = write_then_signal
 sys.exit(convert.main([{src!r}, {dst!r}, "--to", "int4"]))
 """
 
@@ -458,13 +460,13 @@ def test_a_concurrent_first_run_uses_the_others_cache(tiny_int4_dir, tmp_path, m
     assert checkpoint.embedded_gguf() == gguf and gguf.stat().st_size == size
     assert run(convert, [tiny_int4_dir, tmp_path / "tiny.gguf", "--to", "gguf"])[0] == 0
     monkeypatch.setattr(checkpoint, "embedded_gguf", lambda: tmp_path / "tiny.gguf")
-    save = checkpoint.save
+    save = hf.write
 
     def save_after_the_other(*args, **kwargs):
         shutil.copytree(tiny_int4_dir, directory)  # the other process published its conversion meanwhile
         save(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save", save_after_the_other)
+    monkeypatch.setattr(hf, "write", save_after_the_other)
     assert checkpoint.default_model() == directory
     assert snapshot(directory) == snapshot(tiny_int4_dir)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
@@ -478,7 +480,7 @@ def test_a_gguf_without_a_tokenizer_says_so(tiny_int4_dir, tmp_path, monkeypatch
         monkeypatch.setattr(gguf.GGUFWriter, method, lambda *args: None)
     assert run(convert, [tiny_int4_dir, tmp_path / "bare.gguf", "--to", "gguf"])[0] == 0
     monkeypatch.undo()
-    config, _, _ = gguf_format.load(tmp_path / "bare.gguf")
+    config, _, _ = gguf_format.read(tmp_path / "bare.gguf")
     assert config["vocab_size"] == json.loads((tiny_int4_dir / "config.json").read_text())["vocab_size"]
     code, _, err = run(generate, ["--model", tmp_path / "bare.gguf", "--prompt", "Hi"])
     progress = "converting bare.gguf into "  # the GGUF cache's line, printed before the conversion reads the file

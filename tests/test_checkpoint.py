@@ -15,6 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from gemma3_int4 import checkpoint, loader, quant
 from gemma3_int4 import config as config_module
+from gemma3_int4.formats.config_json import from_hf
+from gemma3_int4.formats.hf import PICKLED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +67,7 @@ def test_single_safetensors_file_without_config(tmp_path, monkeypatch):
     hf = hf_text_model()
     hf.save_pretrained(tmp_path)
     (tmp_path / "config.json").unlink()
-    cfg = config_module.Gemma3Config.from_hf({**hf.config.to_dict(), "model_type": "gemma3_text"})
+    cfg = from_hf({**hf.config.to_dict(), "model_type": "gemma3_text"})
     sizes = {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                                           "intermediate_size", "sliding_window", "query_pre_attn_scalar",
                                           "rope_scale_global", "max_seq_len")}  # fmt: skip
@@ -184,24 +186,36 @@ def test_an_unreachable_hub_fails_in_one_line(tmp_path):
 
 
 SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py"))
-LIBRARY = sorted(p.stem for p in (ROOT / "gemma3_int4").glob("*.py") if p.stem != "__init__")
+PACKAGE = ROOT / "gemma3_int4"
+# dotted below the package: "quant", "formats.gguf"
+LIBRARY = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py")
+                 if p.stem != "__init__")  # fmt: skip
 MODULES = LIBRARY + SCRIPTS
 
 
 def module_path(module: str) -> Path:
-    return ROOT / (f"{module}.py" if module in SCRIPTS else f"gemma3_int4/{module}.py")
+    return ROOT / (f"{module}.py" if module in SCRIPTS else f"gemma3_int4/{module.replace('.', '/')}.py")
 
 
-def imported_modules(node: ast.AST) -> list[str]:
-    """Which of our modules an import statement names: `import convert`, `from gemma3_int4 import quant`,
-    `from gemma3_int4.quant import X`, and inside the package `from . import quant`, `from .quant import X`."""
+def imported_modules(node: ast.AST, importer: str = "") -> list[str]:
+    """Which of our modules an import statement in `importer` names: `import convert`, `from gemma3_int4 import
+    quant`, `from gemma3_int4.formats.gguf import X`, and inside the package `from . import quant`, `from .quant
+    import X`, in formats/ `from .. import quant`, `from ..config import X`, `from .hf import X`."""
     if isinstance(node, ast.Import):
         return [a.name.removeprefix("gemma3_int4.") for a in node.names]
     if not isinstance(node, ast.ImportFrom):
         return []
-    if node.module in (None, "gemma3_int4"):  # from . import x / from gemma3_int4 import x
-        return [a.name for a in node.names]
-    return [node.module.removeprefix("gemma3_int4.")]
+    if node.level:  # relative: from the importer's package, one level up per dot after the first
+        package = importer.split(".")[:-1]
+        base = package[: len(package) - node.level + 1]
+    else:
+        base = [] if node.module == "gemma3_int4" else node.module.removeprefix("gemma3_int4.").split(".")
+    if node.level and node.module:
+        base = base + node.module.split(".")
+    names = [".".join([*base, a.name]) for a in node.names]
+    if node.module in (None, "gemma3_int4") or all(n in LIBRARY for n in names):  # modules imported by name
+        return names
+    return [".".join(base)]
 
 
 # Imports go one way, down this list: each module imports ours only from the layers below its own, at the top
@@ -212,8 +226,12 @@ LAYERS = [
     {"cpu_kernels"},  # the CPU kernels of quant's layers, and when each runs
     {"quant"},
     {"attention"},  # masks, the KV cache, attend: imports nothing of ours
-    {"vision", "gguf_format", "flax_format", "torchao_format", "qat"},
-    {"model", "checkpoint", "hf_tokenizer"},
+    {"vision", "hf_tokenizer", "formats.config_json", "formats.packed_int4", "qat"},
+    {"formats.gguf_blocks", "formats.orbax", "formats.torchao"},
+    {"formats.gguf"},
+    {"formats.awq", "formats.compressed_tensors"},
+    {"formats.hf"},
+    {"model", "checkpoint"},
     {"gemma4_vision"},  # Gemma 4's towers, built from model.py's pieces
     {"gemma4_audio"},
     {"gemma4"},  # Gemma 4's decoder, built from model.py's pieces
@@ -231,7 +249,7 @@ def test_imports_go_one_way():
     layer = {m: i for i, group in enumerate(LAYERS) for m in group}
     for module in MODULES:
         for node in ast.walk(ast.parse(module_path(module).read_text())):
-            for name in (n for n in imported_modules(node) if n in layer):
+            for name in (n for n in imported_modules(node, module) if n in layer):
                 assert layer[name] < layer[module], f"{module} imports {name}, which is not below it"
                 assert node.col_offset == 0, f"{module} imports {name} inside a function"
 
@@ -289,5 +307,5 @@ def test_hub_downloads_pickles_only_from_a_repo_without_safetensors(monkeypatch)
     info = lambda repo: SimpleNamespace(siblings=[SimpleNamespace(rfilename=name) for name in listings[repo]])
     monkeypatch.setattr(huggingface_hub, "model_info", info)
     assert checkpoint.hub_patterns("a/safe") == checkpoint.HUB_FILES
-    assert checkpoint.hub_patterns("a/pickled") == [*checkpoint.HUB_FILES, checkpoint.PICKLED]
-    assert checkpoint.hub_patterns("a/unknown") == [*checkpoint.HUB_FILES, checkpoint.PICKLED]  # lookup failed
+    assert checkpoint.hub_patterns("a/pickled") == [*checkpoint.HUB_FILES, PICKLED]
+    assert checkpoint.hub_patterns("a/unknown") == [*checkpoint.HUB_FILES, PICKLED]  # lookup failed

@@ -13,8 +13,17 @@ from conftest import TINY, hf_multimodal_model, hf_text_model, int4_checkpoint, 
 from safetensors.torch import load_file, save_file
 
 import convert
-from gemma3_int4 import checkpoint, loader, ptq, quant
+from gemma3_int4 import loader, ptq, quant
 from gemma3_int4.config import TEXT_VOCAB_SIZE
+from gemma3_int4.formats import awq, packed_int4
+from gemma3_int4.formats.hf import (
+    decode_int4_layouts,
+    encode_int4_layout,
+    our_name,
+    read_safetensors,
+    weight_files,
+    write_shards,
+)
 from gemma3_int4.loader import load_checkpoint
 from gemma3_int4.tokenizer import Tokenizer
 
@@ -41,7 +50,7 @@ def export(tmp_path_factory):
 
 
 def stored(directory: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.read_safetensors(checkpoint.weight_files(directory))
+    return read_safetensors(weight_files(directory))
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +176,8 @@ def awq_dir(tmp_path: Path, zeros: int | None, group_size: int) -> tuple[Path, d
             )
             s = (torch.rand(n, k // group_size, generator=g) / 50).to(torch.bfloat16)
             module = name.removesuffix(".weight")
-            tensors[f"{module}.qweight"] = checkpoint.pack_nibbles(q.t(), checkpoint.AWQ_ORDER)
-            tensors[f"{module}.qzeros"] = checkpoint.pack_nibbles(z.t(), checkpoint.AWQ_ORDER)
+            tensors[f"{module}.qweight"] = packed_int4.pack_nibbles(q.t(), awq.ORDER)
+            tensors[f"{module}.qzeros"] = packed_int4.pack_nibbles(z.t(), awq.ORDER)
             tensors[f"{module}.scales"] = s.t().contiguous()
             parts = tensors[f"{module}.qweight"], tensors[f"{module}.qzeros"], tensors[f"{module}.scales"].float()
             dense[name] = awq_reference_unpack(*parts)
@@ -247,7 +256,7 @@ def test_float_zero_points_are_refitted_as_integers(tiny_int4_dir, tokenizer_fil
     w = w + torch.linspace(0, 0.05, w.shape[0])[:, None]  # shifted rows: asymmetric groups
     parts = quant.quantize_int4_asymmetric(w)  # float zeros: not whole multiples of the scales
     tensors |= dict(zip([f"{module}.int4_data", f"{module}.scales", f"{module}.zeros"], parts, strict=True))
-    checkpoint.write_shards(tensors, src)
+    write_shards(tensors, src)
     shutil.copy(tiny_int4_dir / "config.json", src)
     source = quant.dequantize_int4(parts[0], parts[1].float(), parts[2])  # as the checkpoint gives it
     data, scales, zeros = quant.quantize_int4_asymmetric(source, integer_zero_points=True)
@@ -288,7 +297,7 @@ def test_int8_weights_are_kept_unquantized(tiny_int4_dir, tokenizer_file, tmp_pa
     embed = "model.embed_tokens.weight"  # and an int8 embedding (a GGUF's Q8_0)
     w = quant.dequantize_int4(tensors.pop(f"{embed}.int4_data"), tensors.pop(f"{embed}.scales").float())
     tensors[f"{embed}.int8_data"], tensors[f"{embed}.scales"] = quant.quantize_int8(w)
-    checkpoint.write_shards(tensors, src)
+    write_shards(tensors, src)
     shutil.copy(tiny_int4_dir / "config.json", src)
     expected = quant.dequantize_int8(tensors[f"{module}.int8_data"], tensors[f"{module}.scales"]).to(torch.bfloat16)
     for layout, listed in (("awq", "modules_to_not_convert"), ("compressed-tensors", "ignore")):
@@ -313,10 +322,10 @@ def test_zero_points_of_rows_not_a_multiple_of_8_are_padded():
     q = torch.randint(0, 16, (12, 64), generator=gen)
     zp = torch.randint(0, 16, (12, 2), generator=gen)
     scales = (torch.rand(12, 2, generator=gen) / 50).to(torch.bfloat16)
-    ours = {f"m.weight.{k}": v for k, v in checkpoint.int4_pair(q, zp, scales, torch.arange(64) // 32).items()}
-    out, config = checkpoint.encode_int4_layout(ours, "compressed-tensors", multimodal=False)
+    ours = {f"m.weight.{k}": v for k, v in packed_int4.int4_pair(q, zp, scales, torch.arange(64) // 32).items()}
+    out, config = encode_int4_layout(ours, "compressed-tensors", multimodal=False)
     assert out["m.weight_zero_point"].shape == (2, 2)
-    back = checkpoint.decode_int4_layouts(out, config)
+    back = decode_int4_layouts(out, config)
     assert all(torch.equal(back[k].float(), ours[k].float()) for k in ours)
 
 
@@ -478,7 +487,7 @@ def test_compressed_tensors_in_as_llm_compressor_writes_it(kind, tmp_path):
     (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
     _, ours, _ = load_checkpoint(tmp_path / "ct")
     for name, w in expected.items():
-        module = checkpoint.our_name(name).removesuffix(".weight")
+        module = our_name(name).removesuffix(".weight")
         if kind == "activation order":
             assert torch.equal(ours[f"{module}.weight"], w), name
         else:

@@ -14,6 +14,7 @@ from test_gemma4 import hf_gemma4
 import finetune
 from gemma3_int4 import checkpoint, loader, qat, quant
 from gemma3_int4.config import BOS_ID
+from gemma3_int4.formats.hf import write
 from gemma3_int4.loader import split_projections
 from gemma3_int4.tokenizer import Tokenizer
 
@@ -46,7 +47,7 @@ def test_int4_checkpoint_runs_the_training_forward(tmp_path, tokenizer_file, gem
         levels = qat.merge(model)
         unquantized = model(ids)  # the merged float weights, not rounded to the grid
     tensors = split_projections(qat.int4_tensors(model, levels), model.config)
-    checkpoint.save(model.config, tensors, tokenizer_file.read_bytes(), tmp_path / "int4")
+    write(model.config, tensors, tokenizer_file.read_bytes(), tmp_path / "int4")
     int4 = loader.from_pretrained(tmp_path / "int4", torch.float32)
     assert isinstance(int4.layers[0].mlp.down_proj, quant.Int4Linear) and isinstance(int4.embed, quant.Int4Linear)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Google's Flax/Orbax checkpoints (flax_format.py): tiny Gemma 3 models whose weights lie on an int4 grid, as the
+"""Google's Flax/Orbax checkpoints (formats/orbax.py): tiny Gemma 3 models whose weights lie on an int4 grid, as the
 QAT checkpoints' do, written with orbax in Google's tree layout, read back, quantized bit for bit, and run against
 transformers holding the same weights."""
 
@@ -10,16 +10,18 @@ import torch
 from conftest import TINY, VISION_TINY, randomize, run_main
 
 import convert
-from gemma3_int4 import flax_format, loader, quant
-from gemma3_int4.checkpoint import our_name
+from gemma3_int4 import loader, quant
 from gemma3_int4.config import CONFIGS, IMAGE_TOKEN_ID, TEXT_VOCAB_SIZE, VISION_MODULES, Gemma3Config
+from gemma3_int4.formats import orbax
+from gemma3_int4.formats.config_json import from_hf
+from gemma3_int4.formats.hf import our_name
 from gemma3_int4.loader import convert_weights, load_checkpoint
 
 ocp = pytest.importorskip("orbax.checkpoint")
 bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
 
 SIGLIP = "SigLiPFromPatches_0/siglip_encoder"
-# A tiny Orbax checkpoint has no config: flax_format takes the shapes' and Gemma 3's defaults for the rest (1B's
+# A tiny Orbax checkpoint has no config: formats/orbax.py takes the shapes' and Gemma 3's defaults for the rest (1B's
 # for text-only models, 4B's for multimodal ones, query_pre_attn_scalar = head_dim). The references agree.
 TEXT = {**TINY, "query_pre_attn_scalar": 32, "sliding_window": 512, "rope_scaling": None,
         "max_position_embeddings": 32768}  # fmt: skip
@@ -150,11 +152,11 @@ CASES = {"text": (False, np.float32), "text, bf16 arrays": (False, bfloat16), "m
 
 @pytest.fixture(scope="module", params=list(CASES))
 def loaded(request, tmp_path_factory):
-    """(transformers reference, its int4 grids, what flax_format.load returns for its Orbax checkpoint)."""
+    """(transformers reference, its int4 grids, what orbax.read returns for its Orbax checkpoint)."""
     multimodal, dtype = CASES[request.param]
     hf, grids = reference(multimodal)
     directory = write_orbax(google_tree(hf), tmp_path_factory.mktemp("orbax") / "ckpt", dtype)
-    return hf, grids, flax_format.load(directory)
+    return hf, grids, orbax.read(directory)
 
 
 def int4(tensors: dict[str, torch.Tensor], grids: dict) -> dict[str, torch.Tensor]:
@@ -179,12 +181,12 @@ def test_qat_grid_is_recovered_bit_exactly(loaded):
 
 def test_config_is_inferred_from_the_shapes(loaded):
     hf, _, (hf_config, _, _) = loaded
-    assert Gemma3Config.from_hf(hf_config) == Gemma3Config.from_hf(hf.config.to_dict())
+    assert from_hf(hf_config) == from_hf(hf.config.to_dict())
 
 
 def test_logits_match_transformers(loaded):
     hf, grids, (hf_config, tensors, _) = loaded
-    ours = loader.from_tensors(Gemma3Config.from_hf(hf_config), int4(tensors, grids), torch.float32)
+    ours = loader.from_tensors(from_hf(hf_config), int4(tensors, grids), torch.float32)
     g = torch.Generator().manual_seed(2)
     words = lambda n: torch.randint(0, 500, (n,), generator=g).tolist()
     if ours.vision is None:
@@ -203,8 +205,8 @@ def test_logits_match_transformers(loaded):
 @pytest.mark.parametrize("size", list(CONFIGS))
 def test_published_sizes_are_recognised(size):
     config = Gemma3Config.from_name(size)
-    shapes = {key: shape for key, shape, _ in flax_format.layout(config).values()}
-    assert flax_format.config_from_shapes(shapes) == config
+    shapes = {key: shape for key, shape, _ in orbax.layout(config).values()}
+    assert orbax.config_from_shapes(shapes) == config
     if size == "4b":  # Google's shapes, as published
         assert shapes["transformer/embedder/input_embedding"] == (262144, 2560)
         assert shapes["transformer/layer_0/attn/q_einsum/w"] == (8, 2560, 256)
@@ -219,32 +221,32 @@ def test_what_is_an_orbax_checkpoint(tmp_path):
     hf_directory = tmp_path / "hf"
     hf_directory.mkdir()
     (hf_directory / "config.json").write_text("{}")
-    assert flax_format.is_orbax(directory)
-    assert not flax_format.is_orbax(hf_directory) and not flax_format.is_orbax(tmp_path / "missing")
-    assert not flax_format.is_orbax(directory / "_CHECKPOINT_METADATA")  # a file
+    assert orbax.is_orbax(directory)
+    assert not orbax.is_orbax(hf_directory) and not orbax.is_orbax(tmp_path / "missing")
+    assert not orbax.is_orbax(directory / "_CHECKPOINT_METADATA")  # a file
     with pytest.raises(ValueError, match="not a readable Orbax checkpoint"):
-        flax_format.load(hf_directory)
+        orbax.read(hf_directory)
 
 
 def test_trees_that_are_not_gemma_3(tmp_path):
     write_orbax({"params": {"w": np.ones((4, 4))}}, tmp_path / "other")
     with pytest.raises(ValueError, match="not of Gemma 3: it has no transformer/embedder/input_embedding"):
-        flax_format.load(tmp_path / "other")
+        orbax.read(tmp_path / "other")
     hf, _ = reference(multimodal=False)
     tree = google_tree(hf)
     del tree["transformer/layer_3/post_ffw_norm"]
     with pytest.raises(ValueError, match="has no transformer/layer_3/post_ffw_norm/scale"):
-        flax_format.load(write_orbax(tree, tmp_path / "missing"))
+        orbax.read(write_orbax(tree, tmp_path / "missing"))
     tree = google_tree(hf)
     tree["transformer/layer_2/mlp/linear"]["w"] = tree["transformer/layer_2/mlp/linear"]["w"].T
     with pytest.raises(ValueError, match=r"layer_2/mlp/linear/w has shape \(64, 96\), expected \(96, 64\)"):
-        flax_format.load(write_orbax(tree, tmp_path / "transposed"))
+        orbax.read(write_orbax(tree, tmp_path / "transposed"))
 
 
 def test_without_orbax(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
     with pytest.raises(ImportError, match=r"needs orbax-checkpoint: pip install \.\[flax\]"):
-        flax_format.load(tmp_path)
+        orbax.read(tmp_path)
 
 
 def test_convert_py_writes_the_qat_checkpoint_losslessly(tmp_path, tokenizer_file):

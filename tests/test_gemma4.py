@@ -12,8 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gemma3_int4 import checkpoint, loader, quant
+from gemma3_int4 import loader, quant
 from gemma3_int4.config import GEMMA4_CONFIGS, Gemma4Config
+from gemma3_int4.formats.config_json import from_hf, to_hf
+from gemma3_int4.formats.hf import hf_name, our_name, stack_experts
 from gemma3_int4.gemma4 import Gemma4
 from gemma3_int4.generation import Sampling, generate, prefill
 
@@ -185,7 +187,7 @@ def dequantized(ours: Gemma4) -> dict[str, torch.Tensor]:
     modules = {name.rpartition(".")[0] for name in stored if name.rpartition(".")[2] in quant.FORMATS}
     dense = {k: v for k, v in stored.items() if k.rpartition(".")[2] not in quant.QUANT_PARTS}
     dense |= {f"{m}.weight": quant.dequantize(stored, m) for m in modules}
-    return {checkpoint.hf_name(k): v for k, v in checkpoint.stack_experts(dense, torch.float32).items()}
+    return {hf_name(k): v for k, v in stack_experts(dense, torch.float32).items()}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -220,9 +222,9 @@ def test_published_configs_round_trip_through_transformers():
 
     for name in GEMMA4_CONFIGS:
         ours = Gemma4Config.from_name(name)
-        hf = Gemma4TextConfig(**{k: v for k, v in ours.to_hf().items() if k not in ("architectures", "model_type")})
-        assert Gemma4Config.from_hf(hf.to_dict()) == ours, name  # per_layer_config
-        assert Gemma4Config.from_hf(ours.to_hf()) == ours, name  # global_head_dim
+        hf = Gemma4TextConfig(**{k: v for k, v in to_hf(ours).items() if k not in ("architectures", "model_type")})
+        assert from_hf(hf.to_dict()) == ours, name  # per_layer_config
+        assert from_hf(to_hf(ours)) == ours, name  # global_head_dim
         modes = hf.kv_sharing_modes
         assert [m == "reuse" for m in modes] == [ours.kv_source(i) != i for i in range(ours.num_layers)]
     e4b = Gemma4Config.from_name("e4b")
@@ -295,7 +297,7 @@ def test_compressed_tensors_w4a16_loads_exactly(tmp_path, group_size):
     _, stored, _ = loader.load_checkpoint(tmp_path / "ct")
     assert len(expected) == 7 * 5 + 4 * 2 + 1  # as the community checkpoint: 5 per layer, k/v where owned, PLE proj
     for name, w in expected.items():
-        module = checkpoint.our_name(name).removesuffix(".weight")
+        module = our_name(name).removesuffix(".weight")
         assert f"{module}.zeros" not in stored and torch.equal(quant.dequantize(stored, module), w), name
     ours = loader.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     assert isinstance(ours.layers[6].attn.q_proj, quant.Int4Linear)
@@ -325,7 +327,7 @@ def test_qat_q4_0_unquantized_is_recovered_exactly(tmp_path):
     _, stored, _ = loader.load_checkpoint(tmp_path)
     tensors = quant.convert_state_dict(stored, "auto")
     for name, (q, s) in grids.items():
-        module = checkpoint.our_name(name).removesuffix(".weight")
+        module = our_name(name).removesuffix(".weight")
         assert torch.equal(quant.unpack_int4(tensors[f"{module}.int4_data"]).float(), q), name
         assert torch.equal(tensors[f"{module}.scales"], s), name
 

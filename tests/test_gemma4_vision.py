@@ -11,8 +11,9 @@ from PIL import Image
 from test_gemma4 import KINDS, TINY, randomize
 from test_vision import odd_images, photos
 
-from gemma3_int4 import checkpoint, gemma4_vision, loader
+from gemma3_int4 import gemma4_vision, loader
 from gemma3_int4.config import SOFT_TOKEN_BUDGETS
+from gemma3_int4.formats import hf as hf_format
 from gemma3_int4.generation import Sampling, generate
 from gemma3_int4.tokenizer import GEMMA4_IMAGE_IDS
 
@@ -253,7 +254,7 @@ def test_int4_layout_round_trip_keeps_the_tower_float(pair, tmp_path):
     config, tensors, above = loader.load_checkpoint(tmp_path_of(hf, tmp_path))
     tensors = loader.convert_weights(tensors, "int4", above)
     assert all(t.is_floating_point() for k, t in tensors.items() if k.startswith(("vision.", "embed_vision.")))
-    checkpoint.save(config, tensors, b"", tmp_path / "int4")
+    hf_format.write(config, tensors, b"", tmp_path / "int4")
     hf_config = json.loads((tmp_path / "int4" / "config.json").read_text())
     assert hf_config["model_type"] == "gemma4" and hf_config["vision_config"]["standardize"]
     back = loader.from_pretrained(tmp_path / "int4", dtype=torch.float32)
@@ -322,7 +323,7 @@ def test_dense_export_is_transformers_layout(tmp_path):
     hf = hf_gemma4_vision("e-style")
     hf.save_pretrained(tmp_path / "src")
     config, tensors, above = loader.load_checkpoint(tmp_path / "src")
-    checkpoint.save(config, loader.convert_weights(tensors, "dense", above), b"", tmp_path / "dense", layout="dense")
+    hf_format.write(config, loader.convert_weights(tensors, "dense", above), b"", tmp_path / "dense", layout="dense")
     back, info = Gemma4ForConditionalGeneration.from_pretrained(tmp_path / "dense", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     theirs = dict(back.float().state_dict())

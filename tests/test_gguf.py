@@ -11,7 +11,9 @@ import torch
 from conftest import run_main
 
 import convert
-from gemma3_int4 import checkpoint, gguf_format, loader, quant
+from gemma3_int4 import checkpoint, hf_tokenizer, loader, quant
+from gemma3_int4.formats import gguf as gguf_format
+from gemma3_int4.formats import gguf_blocks
 from gemma3_int4.loader import load_checkpoint
 from gemma3_int4.tokenizer import Tokenizer
 
@@ -53,20 +55,20 @@ def test_gguf_tokenizer_round_trip(tiny_int4_dir, tmp_path, tokenizer_file):
     for text in ["Hello  world", "naïve café 日本語 🦀", "def f(x):\n    return x"]:
         assert theirs.encode(text) == ours.encode(text)
     proto = tokenizer_file.read_bytes()
-    assert gguf_format.parse_sentencepiece_proto(gguf_format.tokenizer_proto(tmp_path / "tiny.gguf")) == [
-        (p, pytest.approx(s), t) for p, s, t in gguf_format.parse_sentencepiece_proto(proto)
+    assert hf_tokenizer.parse_sentencepiece_proto(gguf_format.tokenizer_proto(tmp_path / "tiny.gguf")) == [
+        (p, pytest.approx(s), t) for p, s, t in hf_tokenizer.parse_sentencepiece_proto(proto)
     ]
 
 
 def test_q4_0_bytes_follow_llama_cpp(tmp_path):
     """Our Q4_0 blocks decode, by gguf's own dequantizer, to exactly our dequantized weights."""
     data, scales = quant.quantize_int4(torch.randn(16, 128))
-    blocks, exact = gguf_format.q4_0_blocks(data, scales)
+    blocks, exact = gguf_blocks.q4_0_blocks(data, scales)
     assert exact
     theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_0)
     assert np.array_equal(theirs, quant.dequantize_int4(data, scales.float()).numpy())
     data8, scales8 = quant.quantize_int8(torch.randn(16, 128))
-    theirs8 = gguf.quants.dequantize(gguf_format.q8_0_blocks(data8, scales8), gguf.GGMLQuantizationType.Q8_0)
+    theirs8 = gguf.quants.dequantize(gguf_blocks.q8_0_blocks(data8, scales8), gguf.GGMLQuantizationType.Q8_0)
     ours8 = quant.dequantize_int8(data8, scales8.half().float()).numpy()
     assert np.array_equal(theirs8, ours8)
 
@@ -75,11 +77,11 @@ def test_bf16_scales_that_fp16_cannot_hold(tmp_path):
     data, scales = quant.quantize_int4(torch.randn(4, 64))
     small = scales.clone()
     small[0, 0] = torch.tensor(1.0078125 * 2**-20, dtype=torch.bfloat16)  # subnormal in fp16: bits lost
-    assert not gguf_format.q4_0_blocks(data, small)[1]
+    assert not gguf_blocks.q4_0_blocks(data, small)[1]
     huge = scales.clone()
     huge[0, 0] = 1e6
     with pytest.raises(ValueError, match="outside float16's range"):
-        gguf_format.q4_0_blocks(data, huge)
+        gguf_blocks.q4_0_blocks(data, huge)
 
 
 def test_inexact_scales_fall_back_to_f32(tiny_int4_dir, tmp_path):
@@ -87,7 +89,7 @@ def test_inexact_scales_fall_back_to_f32(tiny_int4_dir, tmp_path):
     tensors["layers.0.mlp.up_proj.scales"][0, 0] = 1.0078125 * 2**-20
     tokenizer = (tiny_int4_dir / "tokenizer.model").read_bytes()
     with pytest.warns(UserWarning, match="layers.0.mlp.up_proj: scales are not exact in fp16"):
-        gguf_format.save(config, tensors, tokenizer, tmp_path / "x.gguf")
+        gguf_format.write(config, tensors, tokenizer, tmp_path / "x.gguf")
     _, back, _ = load_checkpoint(tmp_path / "x.gguf")
     up = "layers.0.mlp.up_proj"
     expected = quant.dequantize_int4(tensors[f"{up}.int4_data"], tensors[f"{up}.scales"].float())
@@ -138,14 +140,14 @@ def test_q4_1_and_q4_k_load_exactly_as_int4_with_zeros(kind):
     else:
         raw = q4_k_blocks(64, 512, gen)
     w = torch.from_numpy(gguf.quants.dequantize(raw, tensor_type))
-    data, scales, zeros = gguf_format.q4_zero_ints(raw, w, tensor_type)
+    data, scales, zeros = gguf_blocks.q4_zero_ints(raw, w, tensor_type)
     assert data.shape == (64, 256) and scales.shape == zeros.shape == (64, 512 // 32)
     assert torch.equal(quant.dequantize_int4(data, scales, zeros), w)
     assert bool((zeros != 0).any())
-    if kind == "Q4_K":  # and back out as Q4_K, exactly (gguf_format.q4_k_blocks finds each block's d and dmin)
-        blocks = gguf_format.q4_k_blocks(data, scales, zeros)
+    if kind == "Q4_K":  # and back out as Q4_K, exactly (gguf_blocks.q4_k_blocks finds each block's d and dmin)
+        blocks = gguf_blocks.q4_k_blocks(data, scales, zeros)
         assert np.array_equal(gguf.quants.dequantize(blocks, tensor_type), w.numpy())
-        assert gguf_format.q4_k_blocks(data, scales * (1 + 2**-12), zeros) is None  # no fp16 d fits: not Q4_K
+        assert gguf_blocks.q4_k_blocks(data, scales * (1 + 2**-12), zeros) is None  # no fp16 d fits: not Q4_K
 
 
 def test_zero_points_go_out_as_q4_1(tmp_path, tiny_int4_dir):
@@ -161,7 +163,7 @@ def test_zero_points_go_out_as_q4_1(tmp_path, tiny_int4_dir):
     tensors["lm_head.int4_data"], tensors["lm_head.scales"] = quant.quantize_int4(torch.randn(512, 64, generator=gen))
     config.tie_word_embeddings = False
     tokenizer = (tiny_int4_dir / "tokenizer.model").read_bytes()
-    blocks, change = gguf_format.q4_1_blocks(
+    blocks, change = gguf_blocks.q4_1_blocks(
         tensors[f"{up}.int4_data"], tensors[f"{up}.scales"], tensors[f"{up}.zeros"]
     )
     assert change == 0
@@ -169,14 +171,14 @@ def test_zero_points_go_out_as_q4_1(tmp_path, tiny_int4_dir):
     assert np.array_equal(theirs, quant.dequantize(tensors, up).numpy())  # llama.cpp's reading of our bytes
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        gguf_format.save(config, tensors, tokenizer, tmp_path / "x.gguf")
+        gguf_format.write(config, tensors, tokenizer, tmp_path / "x.gguf")
     back_config, back, _ = load_checkpoint(tmp_path / "x.gguf")
     assert not back_config.tie_word_embeddings and torch.equal(back["lm_head.int4_data"], tensors["lm_head.int4_data"])
     assert torch.equal(back[f"{up}.int4_data"], tensors[f"{up}.int4_data"])
     assert torch.equal(quant.dequantize(back, up), quant.dequantize(tensors, up))
     tensors[f"{up}.scales"] = tensors[f"{up}.scales"].float() * (1 + 2**-12)  # 17 bits: not an fp16
     with pytest.warns(UserWarning, match=r"1 int4 weight\(s\) with zero points written as Q4_1 .* rounded"):
-        gguf_format.save(config, tensors, tokenizer, tmp_path / "y.gguf")
+        gguf_format.write(config, tensors, tokenizer, tmp_path / "y.gguf")
 
 
 def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tiny_int4_dir, tmp_path, monkeypatch, capsys):
@@ -186,8 +188,8 @@ def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tiny_int4_dir, tmp_
     path = tmp_path / "tiny.gguf"
     assert run_convert(tiny_int4_dir, path, "--to", "gguf").returncode == 0
     reads = []
-    real_load = gguf_format.load
-    monkeypatch.setattr(gguf_format, "load", lambda p: reads.append(p) or real_load(p))
+    real_read = gguf_format.read
+    monkeypatch.setattr(gguf_format, "read", lambda p: reads.append(p) or real_read(p))
     first = loader.from_pretrained(path, dtype=torch.float32).state_dict()
     second = loader.from_pretrained(path, dtype=torch.float32).state_dict()
     assert len(reads) == 1 and capsys.readouterr().err.count("converting tiny.gguf") == 1

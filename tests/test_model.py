@@ -6,8 +6,10 @@ import pytest
 import torch
 from conftest import TINY, hf_text_model
 
-from gemma3_int4 import checkpoint, loader
+from gemma3_int4 import loader
 from gemma3_int4.config import CONFIGS, TEXT_VOCAB_SIZE, Gemma3Config
+from gemma3_int4.formats.config_json import from_hf, to_hf
+from gemma3_int4.formats.hf import hf_name
 from gemma3_int4.loader import split_projections
 from gemma3_int4.model import Gemma3
 
@@ -57,7 +59,7 @@ def test_an_untied_head_is_its_own_linear(tmp_path, weights):
         modules = {name.rpartition(".")[0] for name in stored if name.endswith(".int4_data")}
         dense = {f"{m}.weight": quant.dequantize(stored, m) for m in modules}
         dense |= {k: v for k, v in stored.items() if k.endswith("norm.weight")}
-        hf.load_state_dict({checkpoint.hf_name(k): v for k, v in dense.items()})
+        hf.load_state_dict({hf_name(k): v for k, v in dense.items()})
     ids = torch.randint(0, TINY["vocab_size"], (2, 20))
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= TOL
@@ -210,8 +212,8 @@ def test_published_configs_match_transformers_defaults():
     for name in CONFIGS:
         ours = Gemma3Config.from_name(name)
         hf_class = Gemma3TextConfig if ours.vision_config is None else HFGemma3Config  # 4B/12B/27B: multimodal
-        hf = hf_class(**ours.to_hf()).to_dict()
-        assert Gemma3Config.from_hf(hf) == ours, name
+        hf = hf_class(**to_hf(ours)).to_dict()
+        assert from_hf(hf) == ours, name
         assert (ours.vision_config is None) == (name in ("270m", "1b")), name
         assert sum(ours.global_layers) == ours.num_layers // 6
 
@@ -237,7 +239,7 @@ def test_configs_are_the_published_ones(name):
             "query_pre_attn_scalar": scalar, "rope_scaling": factor and {"rope_type": "linear", "factor": factor},
             "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "rms_norm_eps": 1e-6}  # fmt: skip
     hf = text if factor is None else {"model_type": "gemma3", "text_config": text, "vision_config": {}}
-    assert Gemma3Config.from_hf(hf) == Gemma3Config.from_name(name)
+    assert from_hf(hf) == Gemma3Config.from_name(name)
     assert Gemma3Config.from_name(name).global_layers == [(i + 1) % 6 == 0 for i in range(layers)]
 
 
@@ -250,26 +252,26 @@ def test_config_from_real_multimodal_layout():
                         "sliding_window": 1024},
         "vision_config": {"hidden_size": 1152},
     }  # fmt: skip
-    assert Gemma3Config.from_hf(hf) == Gemma3Config.from_name("4b")
+    assert from_hf(hf) == Gemma3Config.from_name("4b")
 
 
 def test_bad_configs_name_the_problem():
     with pytest.raises(ValueError, match="'llama' is not Gemma 3"):
-        Gemma3Config.from_hf({"model_type": "llama", "hidden_size": 8})
+        from_hf({"model_type": "llama", "hidden_size": 8})
     with pytest.raises(ValueError, match="no 'hidden_size'"):
-        Gemma3Config.from_hf({"model_type": "gemma3_text", "num_hidden_layers": 2, "intermediate_size": 8})
+        from_hf({"model_type": "gemma3_text", "num_hidden_layers": 2, "intermediate_size": 8})
     with pytest.raises(ValueError, match="soft-capping"):
-        Gemma3Config.from_hf({**TINY, "model_type": "gemma3_text", "final_logit_softcapping": 30.0})
+        from_hf({**TINY, "model_type": "gemma3_text", "final_logit_softcapping": 30.0})
     with pytest.raises(ValueError, match="RoPE type 'yarn'"):
-        Gemma3Config.from_hf({**TINY, "model_type": "gemma3_text", "rope_scaling": {"rope_type": "yarn"}})
+        from_hf({**TINY, "model_type": "gemma3_text", "rope_scaling": {"rope_type": "yarn"}})
     with pytest.raises(ValueError, match="unknown Gemma 3 size"):
         Gemma3Config.from_name("3b")
 
 
 def test_config_json_roundtrip(tmp_path):
     c = Gemma3Config.from_name("27b")
-    (tmp_path / "config.json").write_text(json.dumps(c.to_hf()))
-    assert Gemma3Config.from_hf(json.loads((tmp_path / "config.json").read_text())) == c
+    (tmp_path / "config.json").write_text(json.dumps(to_hf(c)))
+    assert from_hf(json.loads((tmp_path / "config.json").read_text())) == c
 
 
 def small_state_dict(kinds: dict[str, str]) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:

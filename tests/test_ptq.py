@@ -9,6 +9,7 @@ from conftest import TINY, hf_text_model, randomize
 import convert
 from gemma3_int4 import loader, ptq, quant
 from gemma3_int4.config import BOS_ID, Gemma3Config
+from gemma3_int4.formats.hf import our_name
 from gemma3_int4.loader import FUSED, split_projections
 from gemma3_int4.model import Gemma3
 
@@ -164,7 +165,6 @@ def test_convert_py_gptq(tmp_path, tokenizer_file):
 def test_input_mean_squares_match_transformers(tmp_path):
     """Each linear's inputs' mean square per column (the refit's column weights) over the calibration tokens: as
     forward hooks on transformers' model with the same weights see them, q/k/v and gate/up each their own."""
-    from gemma3_int4 import checkpoint
 
     hf = hf_text_model()
     hf.save_pretrained(tmp_path)
@@ -181,5 +181,5 @@ def test_input_mean_squares_match_transformers(tmp_path):
         hf(ids)
     assert len(expected) == len(got) == 7 * TINY["num_hidden_layers"]
     for name, mean_square in expected.items():
-        ours = got[checkpoint.our_name(f"model.layers.{name}.weight").removesuffix(".weight")]
+        ours = got[our_name(f"model.layers.{name}.weight").removesuffix(".weight")]
         torch.testing.assert_close(ours, mean_square, rtol=1e-4, atol=1e-6)

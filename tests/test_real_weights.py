@@ -152,7 +152,7 @@ def test_gguf_import_keeps_each_tensors_precision(real_gguf):
     (the Q8_0 embedding, Q5_0 attn_q) at 8 bits, as Int8Linear, and the Q4_K attn_output as int4 with zeros."""
     import gguf
 
-    from gemma3_int4.gguf_format import open_gguf
+    from gemma3_int4.formats.gguf import open_gguf
     from gemma3_int4.loader import load_checkpoint
     from gemma3_int4.quant import Int4Linear, Int8Linear, dequantize
 
@@ -184,7 +184,7 @@ def test_gguf_export_runs_in_llama_cpp(real_gguf, tmp_path, tok):
     import numpy as np
     from llama_cpp import Llama
 
-    from gemma3_int4.gguf_format import open_gguf
+    from gemma3_int4.formats.gguf import open_gguf
     from gemma3_int4.loader import load_checkpoint
     from gemma3_int4.quant import convert_state_dict
 

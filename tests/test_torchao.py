@@ -15,7 +15,8 @@ import torch
 from conftest import hf_text_model
 
 import convert
-from gemma3_int4 import checkpoint, loader, quant
+from gemma3_int4 import loader, quant
+from gemma3_int4.formats.hf import our_name, read_tensors
 from gemma3_int4.loader import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +173,7 @@ def test_loads_exactly_without_torchao(recipe, serialization, tmp_path, monkeypa
     _, tensors, _ = load_checkpoint(tmp_path / "ckpt")  # here torchao is importable: the same exact weights
     decoded = 0
     for name, w in dense.items():
-        module = checkpoint.our_name(name).removesuffix(".weight")
+        module = our_name(name).removesuffix(".weight")
         if f"{module}.scales" in tensors:
             assert torch.equal(quant.dequantize(tensors, module), w), name
             decoded += 1
@@ -223,7 +224,7 @@ def test_a_damaged_pickle_is_one_clear_error(pickled, tmp_path):
         for item in src.infolist():
             dst.writestr(item, pickled if item.filename.endswith("data.pkl") else src.read(item))
     with pytest.raises(ValueError, match="pytorch_model.bin: (not a readable PyTorch checkpoint|refused)"):
-        checkpoint.read_tensors(tmp_path / "ckpt", [tmp_path / "ckpt" / "pytorch_model.bin"])
+        read_tensors(tmp_path / "ckpt", [tmp_path / "ckpt" / "pytorch_model.bin"])
 
 
 @pytest.mark.parametrize(
@@ -245,7 +246,7 @@ def test_bad_torchao_metadata_is_one_clear_error(metadata, tmp_path):
                "w._weight_zero_point": torch.zeros(1, 4)}  # fmt: skip
     save_file(tensors, tmp_path / "ckpt" / "model.safetensors", metadata=metadata)
     with pytest.raises(ValueError, match="model.safetensors|ckpt"):
-        checkpoint.read_tensors(tmp_path / "ckpt", [tmp_path / "ckpt" / "model.safetensors"])
+        read_tensors(tmp_path / "ckpt", [tmp_path / "ckpt" / "model.safetensors"])
 
 
 def float_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -300,7 +301,7 @@ def test_a_quantized_vision_tower_is_dequantized():
 
 
 def stand_in(kind: str, **attributes) -> torch.Tensor:
-    from gemma3_int4 import torchao_format
+    from gemma3_int4.formats import torchao as torchao_format
 
     weight = torch.Tensor._make_wrapper_subclass(torchao_format.CLASSES[kind], attributes["qdata"].shape)
     weight.__dict__.update(attributes)
@@ -309,7 +310,7 @@ def stand_in(kind: str, **attributes) -> torch.Tensor:
 
 def test_weights_our_formats_cannot_hold_exactly_come_in_dense():
     """A partial last group (K = 80 in groups of 32) or zero points on a per-row int8 weight: dense, the formula's."""
-    from gemma3_int4 import torchao_format
+    from gemma3_int4.formats import torchao as torchao_format
 
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-8, 8, (16, 80), generator=g, dtype=torch.int8)

@@ -333,13 +333,13 @@ def test_transformers_4_layout_loads_the_same(multimodal, tmp_path):
 
 def test_gguf_export_leaves_out_the_vision_tower(multimodal, tokenizer_file, tmp_path):
     """llama.cpp keeps the vision tower in a separate mmproj file: the GGUF holds the language model only."""
-    from gemma3_int4 import gguf_format
+    from gemma3_int4.formats import gguf as gguf_format
     from gemma3_int4.loader import load_checkpoint
 
     _, _, directory = multimodal
     config, tensors, _ = load_checkpoint(directory)
     assert any(name.startswith("vision.") for name in tensors)
     with pytest.warns(UserWarning, match="vision tower is not written"):
-        gguf_format.save(config, tensors, tokenizer_file.read_bytes(), tmp_path / "mm.gguf")
+        gguf_format.write(config, tensors, tokenizer_file.read_bytes(), tmp_path / "mm.gguf")
     _, back, _ = load_checkpoint(tmp_path / "mm.gguf")
     assert set(back) == {name for name in tensors if not name.startswith(VISION_MODULES)}

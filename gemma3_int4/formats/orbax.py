@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import CONFIGS, Gemma3Config, VisionConfig
+from ..config import Gemma3Config, VisionConfig
+from . import config_json
 
 SIGLIP = "SigLiPFromPatches_0/siglip_encoder"
 MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")  # what orbax writes beside the arrays
@@ -34,7 +35,7 @@ def is_orbax(path: Path) -> bool:
     return path.is_dir() and any((path / marker).is_file() for marker in MARKERS)
 
 
-def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
+def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
     """The config (transformers' config.json, inferred from the shapes), the tensors (our names, dense float32,
     the vision tower included) and the names of weights to keep above 4 bits (none: see checkpoint.load_weights)."""
     try:
@@ -63,7 +64,7 @@ def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
     for name, (key, _, to_ours) in tqdm(expected.items(), desc="converting", unit="tensor", disable=None, leave=False):
         w = to_ours(np.asarray(arrays[key], dtype=np.float32))  # bf16 (ml_dtypes) too
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
-    return config.to_hf(), tensors, set()
+    return config_json.to_hf(config), tensors, set()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -84,10 +85,9 @@ def unflatten(flat: dict) -> dict:
 
 
 def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "checkpoint") -> Gemma3Config:
-    """The config of a Gemma 3 tree (slash-joined keys -> shapes). Orbax checkpoints hold no config: a tree whose
-    shapes are a published size's gets that size's config; any other (tiny test models) gets what the shapes say
-    (layers, widths, heads, vocabulary, vision tower) and Gemma 3's defaults for the rest, as the published models
-    of its kind have them (text-only like 1B, multimodal like 4B; query_pre_attn_scalar = head_dim)."""
+    """The config of a Gemma 3 tree (slash-joined keys -> shapes), which Orbax checkpoints do not hold: the sizes
+    its shapes give, in our names, to Gemma3Config.from_shapes (any size: tiny test models too), with the vision
+    tower's config read here (its heads are an axis of their own in Google's layout)."""
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
@@ -97,14 +97,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "c
 
     vocab, hidden = shape("transformer/embedder/input_embedding")
     num_heads, _, head_dim = shape("transformer/layer_0/attn/q_einsum/w")
-    dims = dict(
-        hidden_size=hidden,
-        num_layers=count(shapes, "transformer/layer_{}/attn/_key_norm/scale"),
-        num_heads=num_heads,
-        num_kv_heads=shape("transformer/layer_0/attn/kv_einsum/w")[1],
-        head_dim=head_dim,
-        intermediate_size=shape("transformer/layer_0/mlp/linear/w")[0],
-    )
+    num_layers = count(shapes, "transformer/layer_{}/attn/_key_norm/scale")
     vision = None
     if f"{SIGLIP}/pos_embedding" in shapes:
         _, patches, width = shape(f"{SIGLIP}/pos_embedding")
@@ -120,19 +113,16 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path | str = "c
             tokens_per_image=(side // POOL) ** 2,
         )
         vocab += MULTIMODAL_EXTRA_ROWS
-    for published in CONFIGS.values():
-        if all(published[k] == v for k, v in dims.items()):
-            return Gemma3Config(**{**published, "vocab_size": vocab, "vision_config": vision})
-    like = CONFIGS["4b" if vision else "1b"]
-    return Gemma3Config(
-        **dims,
-        vocab_size=vocab,
-        sliding_window=like["sliding_window"],
-        query_pre_attn_scalar=head_dim,
-        rope_scale_global=like.get("rope_scale_global", 1.0),
-        max_seq_len=like["max_seq_len"],
-        vision_config=vision,
-    )
+    ours = {  # the shapes the config is read from, in our names
+        "embed.weight": (vocab, hidden),
+        "norm.weight": (hidden,),
+        f"layers.{num_layers - 1}.input_norm.weight": (hidden,),
+        "layers.0.attn.q_norm.weight": (head_dim,),
+        "layers.0.attn.q_proj.weight": (num_heads * head_dim, hidden),
+        "layers.0.attn.k_proj.weight": (shape("transformer/layer_0/attn/kv_einsum/w")[1] * head_dim, hidden),
+        "layers.0.mlp.gate_proj.weight": (shape("transformer/layer_0/mlp/linear/w")[0], hidden),
+    }
+    return Gemma3Config.from_shapes(ours, vision, any_size=True)
 
 
 def count(shapes: dict, pattern: str) -> int:

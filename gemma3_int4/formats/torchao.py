@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import quant
+from .. import quant
 
 
 class TorchaoTensor(torch.Tensor):

@@ -5,15 +5,14 @@ llama.cpp's conventions differ from transformers' in three places, all undone he
 - Gemma 3's norm weights are stored with the +1 of its (1 + w) RMSNorm already added (Gemma 4's scale by w);
 - the tokenizer lives in the metadata (tokens, scores, token types), rebuilt here as a SentencePiece model.
 Q4_0 is symmetric int4 with groups of 32, like ours, and imports exactly; Q4_1 and Q4_K (a scale and a minimum per
-32) import exactly as int4 with zero points, and go back out as Q4_K (when the blocks are Q4_K's) or Q4_1; types
-with more than 4 bits are kept at 8 bits by weights="auto" (int8, one scale per row: +0.3% perplexity on the
-270M, see README).
+32) import exactly as int4 with zero points, and go back out as Q4_K (when the blocks are Q4_K's) or Q4_1 (the
+blocks: gguf_blocks.py); types with more than 4 bits are kept at 8 bits by weights="auto" (int8, one scale per
+row: close to what the file holds, see bench/README.md).
 """
 
 from __future__ import annotations
 
 import functools
-import struct
 import sys
 import warnings
 from pathlib import Path
@@ -23,8 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import files, quant
-from .config import AUDIO_MODULES, VISION_MODULES, Gemma3Config, Gemma4Config
+from .. import files, quant
+from ..config import AUDIO_MODULES, VISION_MODULES, Gemma3Config, Gemma4Config
+from ..hf_tokenizer import merge_scores, parse_sentencepiece_proto, sentencepiece_proto
+from .gguf_blocks import q4_0_blocks, q4_0_ints, q4_1_blocks, q4_k_blocks, q4_zero_ints, q8_0_blocks
 
 ARCH, GEMMA4_ARCH = "gemma3", "gemma4"
 NAMES = {  # GGUF -> ours; "blk.{i}." becomes "layers.{i}."
@@ -217,44 +218,7 @@ def our_name(name: str, arch: str = ARCH) -> str:
     raise ValueError(f"GGUF tensor {name!r} is not one of {'Gemma 4' if arch == GEMMA4_ARCH else 'Gemma 3'}'s")
 
 
-def q4_0_ints(raw: np.ndarray, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The integers and scales of a Q4_0 tensor: each block of 32 starts with its fp16 scale d, and gguf's
-    dequantization w = q * d is exact in float32, so q = w / d is recovered exactly."""
-    n, k = w.shape
-    d = torch.from_numpy(np.array(raw)).view(n, k // 32, -1)[..., :2].contiguous().view(torch.float16)
-    q = torch.round(w.view(n, k // 32, 32) / d.float())
-    return torch.where(d == 0, 0.0, q).view(n, k).to(torch.int8), d.view(n, k // 32)
-
-
-def q4_zero_ints(raw: np.ndarray, w: torch.Tensor, tensor_type: int) -> tuple[torch.Tensor, ...]:
-    """The integers, scales and zeros of a Q4_1 or Q4_K tensor, ours: each group of 32 is w = s * u + b for u in
-    0..15 (Q4_1: fp16 s and b in each block; Q4_K: s = d * sc and b = -dmin * mn, with 6-bit sc and mn per 32
-    and fp16 d and dmin per 256), so q = u - 8 and zeros = b + 8 s. gguf's float32 dequantization w gives u by
-    rounding, and q * s + zeros reproduces w in float32."""
-    n, k = w.shape
-    blocks = torch.from_numpy(np.array(raw)).view(n, -1, gguf.GGML_QUANT_SIZES[tensor_type][1])
-    halves = blocks[..., :4].contiguous().view(torch.float16).float()  # (n, blocks, 2): d and m, or d and dmin
-    if tensor_type == Q.Q4_1:
-        s, b = halves[..., 0], halves[..., 1]  # (n, k/32)
-    else:
-        sc, mn = k_quant_scales_mins(blocks[..., 4:16])  # (n, k/256, 8)
-        s, b = (halves[..., :1] * sc).flatten(1), -(halves[..., 1:] * mn).flatten(1)
-    u = torch.round((w.view(n, k // 32, 32) - b[..., None]) / s[..., None])
-    u = torch.where(s[..., None] == 0, 0.0, u).clamp(0, 15)
-    return quant.pack_int4((u - 8).view(n, k)), s, b + 8 * s
-
-
-def k_quant_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8 six-bit scales and minimums of a Q4_K super-block from its 12 bytes (..., 12) -> (..., 8) each:
-    bytes 0-3 hold scales 0-3, 4-7 minimums 0-3 (low 6 bits each); bytes 8-11 the low 4 bits of scales 4-7 and
-    minimums 4-7, whose top 2 bits are the top bits of bytes 0-3 and 4-7."""
-    p = packed.to(torch.int32)
-    high_scales = (p[..., 8:] & 0xF) | ((p[..., :4] >> 6) << 4)
-    high_mins = (p[..., 8:] >> 4) | ((p[..., 4:8] >> 6) << 4)
-    return torch.cat([p[..., :4] & 63, high_scales], -1).float(), torch.cat([p[..., 4:8] & 63, high_mins], -1).float()
-
-
-def load(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
+def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], set[str]]:
     """The config and tensors (our names) of a Gemma 3 GGUF: Q4_0 as our int4 and Q4_1 / Q4_K as int4 with zero
     points (exact), every other type as float32 from gguf's own dequantizers (norms shifted back to
     transformers' w). The third item names the weights the file stores above 4 bits (Q5_0, Q8_0, Q6_K...),
@@ -323,89 +287,6 @@ def tokenizer_proto(path: Path) -> bytes:
     return sentencepiece_proto(pieces, scores, types, ids)
 
 
-# A SentencePiece ModelProto is small enough to write by hand (sentencepiece_model.proto field numbers),
-# which spares a protobuf dependency.
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, value) -> bytes:
-    if isinstance(value, bytes):  # length-delimited
-        return _varint(number << 3 | 2) + _varint(len(value)) + value
-    if isinstance(value, float):  # fixed32
-        return _varint(number << 3 | 5) + struct.pack("<f", value)
-    return _varint(number << 3) + _varint(value & 0xFFFFFFFFFFFFFFFF)  # varint (bool, int, enum)
-
-
-def merge_scores(pieces: list[str], merges: list[list[str]]) -> list[float]:
-    """SentencePiece scores for a BPE given as ranked merges (tokenizers', llama.cpp's gemma4): tokenizers merges
-    the pair of lowest rank first, SentencePiece the pair whose piece scores highest, so a piece scores minus the
-    rank of the first merge that makes it."""
-    rank = {}
-    for r, (left, right) in enumerate(merges):
-        rank.setdefault(left + right, r)
-    return [-float(rank.get(piece, 0)) for piece in pieces]
-
-
-def sentencepiece_proto(pieces: list[bytes], scores, types, ids: dict[str, int | None]) -> bytes:
-    """Gemma's settings: BPE with byte fallback, no normalization, no dummy prefix, spaces as U+2581."""
-    proto = b"".join(
-        _field(1, _field(1, p) + _field(2, float(s)) + _field(3, int(t)))
-        for p, s, t in zip(pieces, scores, types, strict=True)
-    )
-    trainer = _field(3, 2) + _field(4, len(pieces)) + _field(35, True)  # model_type BPE, vocab_size, byte_fallback
-    for number, key in ((40, "unknown"), (41, "bos"), (42, "eos"), (43, "padding")):
-        trainer += _field(number, -1 if ids[key] is None else ids[key])
-    normalizer = _field(1, b"identity") + _field(3, False) + _field(4, False) + _field(5, True)
-    return proto + _field(2, trainer) + _field(3, normalizer)
-
-
-def parse_sentencepiece_proto(proto: bytes) -> list[tuple[bytes, float, int]]:
-    """(piece, score, type) of every piece of a serialized SentencePiece ModelProto (field 1 of it)."""
-
-    def fields(buf: bytes):
-        i = 0
-        while i < len(buf):
-            key, i = _read_varint(buf, i)
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                value, i = _read_varint(buf, i)
-            elif wire == 5:
-                value, i = struct.unpack_from("<f", buf, i)[0], i + 4
-            elif wire == 1:
-                value, i = buf[i : i + 8], i + 8
-            elif wire == 2:
-                n, i = _read_varint(buf, i)
-                value, i = buf[i : i + n], i + n
-            else:
-                raise ValueError(f"tokenizer: unsupported protobuf wire type {wire}")
-            yield number, value
-
-    pieces = []
-    for number, value in fields(proto):
-        if number == 1:
-            p = {1: b"", 2: 0.0, 3: 1} | dict(fields(value))
-            pieces.append((p[1], p[2], p[3]))
-    return pieces
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        value |= (byte & 0x7F) << shift
-        i, shift = i + 1, shift + 7
-        if byte < 0x80:
-            return value, i
-
-
 def gguf_name(name: str) -> str:
     """Ours -> GGUF's (a quantized weight's data names its tensor; Gemma 4's too)."""
     inverse = {v: k for k, v in (NAMES | GEMMA4_NAMES).items()}
@@ -419,96 +300,7 @@ def gguf_name(name: str) -> str:
     return f"{inverse[parts[0]]}.weight"
 
 
-def fp16_scales(scales: torch.Tensor) -> torch.Tensor:
-    """Scales as GGUF's fp16 block scales; bf16 has the wider range, so check that nothing overflows or vanishes."""
-    half = scales.to(torch.float16)
-    if torch.isinf(half).any() or ((half == 0) & (scales != 0)).any():
-        raise ValueError("quantization scales outside float16's range cannot be stored in GGUF blocks")
-    return half
-
-
-def q4_block_nibbles(int4_data: torch.Tensor) -> torch.Tensor:
-    """Our int4 (N, K/2) -> the 16 bytes of each block of 32 in Q4_0's and Q4_1's order (N, K/32, 16): u = q + 8,
-    byte j holding u[j] low and u[j + 16] high."""
-    n, k = int4_data.shape[0], int4_data.shape[1] * 2
-    u = (quant.unpack_int4(int4_data).view(n, k // 32, 32) + 8).to(torch.uint8)
-    return u[..., :16] | (u[..., 16:] << 4)
-
-
-def q4_0_blocks(int4_data: torch.Tensor, scales: torch.Tensor) -> tuple[np.ndarray, bool]:
-    """Our int4 pair -> Q4_0 bytes (N, K/32 * 18), and whether the fp16 scales are exactly ours."""
-    n, k = int4_data.shape[0], int4_data.shape[1] * 2
-    nibbles = q4_block_nibbles(int4_data)
-    d = fp16_scales(scales)
-    blocks = torch.cat([d.view(n, k // 32, 1).view(torch.uint8), nibbles], dim=-1)
-    return blocks.reshape(n, -1).numpy(), bool(torch.equal(d.float(), scales.float()))
-
-
-def q4_1_blocks(int4_data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[np.ndarray, float]:
-    """Our int4 with zero points -> Q4_1 bytes (N, K/32 * 20): d = scale and m = zero - 8 * scale (w = d * u + m
-    for u = q + 8), both fp16; and the largest relative change that fp16 rounding made to a d or m (0: exact)."""
-    n = int4_data.shape[0]
-    nibbles = q4_block_nibbles(int4_data)
-    d, m = scales.float(), zeros.float() - 8 * scales.float()
-    halves = torch.stack([fp16_scales(d), m.to(torch.float16)], dim=-1)  # (N, K/32, 2)
-    if torch.isinf(halves).any():
-        raise ValueError("quantization minimums outside float16's range cannot be stored in GGUF blocks")
-    exact = torch.stack([d, m], dim=-1)
-    change = ((halves.float() - exact).abs() / exact.abs().clamp(min=torch.finfo(torch.float32).tiny)).max()
-    blocks = torch.cat([halves.view(torch.uint8), nibbles], dim=-1)
-    return blocks.reshape(n, -1).numpy(), float(change)
-
-
-def q4_k_blocks(int4_data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> np.ndarray | None:
-    """Our int4 with zero points -> Q4_K bytes (N, K/256 * 144), if every 256 weights of a row are a Q4_K block:
-    scale_j = d * sc_j and 8 * scale_j - zero_j = dmin * mn_j (w = scale_j * u - dmin * mn_j, u = q + 8) for
-    fp16 d, dmin and 6-bit sc_j, mn_j, as a Q4_K source's are; else None."""
-    n, k = int4_data.shape[0], int4_data.shape[1] * 2
-    if k % 256:
-        return None
-    s = scales.float().view(n, k // 256, 8)
-    scale_grid, min_grid = six_bit_grid(s), six_bit_grid(8 * s - zeros.float().view(n, k // 256, 8))
-    if scale_grid is None or min_grid is None:
-        return None
-    (d, sc), (dmin, mn) = scale_grid, min_grid  # (n, k/256) fp16, (n, k/256, 8) in 0..63
-    packed = torch.cat(
-        [
-            sc[..., :4] | (sc[..., 4:] >> 4 << 6),
-            mn[..., :4] | (mn[..., 4:] >> 4 << 6),
-            (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4),
-        ],
-        dim=-1,
-    ).to(torch.uint8)  # the inverse of k_quant_scales_mins
-    u = (quant.unpack_int4(int4_data).view(n, k // 256, 4, 2, 32) + 8).to(torch.uint8)  # 64-weight chunks
-    nibbles = (u[..., 0, :] | (u[..., 1, :] << 4)).flatten(-2)  # byte i of a chunk: u[i] low, u[i + 32] high
-    halves = torch.stack([d, dmin], dim=-1).view(torch.uint8)  # (n, k/256, 4)
-    return torch.cat([halves, packed, nibbles], dim=-1).reshape(n, -1).numpy()
-
-
-def six_bit_grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(..., 8) float32 -> an fp16 d (...) and integers (..., 8) in 0..63 with d * integers == x exactly, for
-    every block, or None. d is the block's largest value over some integer c (tried from 63 down)."""
-    top = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # (..., 1)
-    found = top[..., 0] == 0  # an all-zero block: d = 0
-    d_found, ints_found = torch.zeros_like(top[..., 0]), torch.zeros_like(x)
-    for c in range(63, 0, -1):
-        d = (top / c).to(torch.float16).float()
-        ints = torch.round(x / d)
-        fits = (d * ints == x).all(-1) & ((ints >= 0) & (ints <= 63)).all(-1) & ~found
-        d_found, ints_found = torch.where(fits, d[..., 0], d_found), torch.where(fits[..., None], ints, ints_found)
-        found |= fits
-    return (d_found.to(torch.float16), ints_found.to(torch.int32)) if bool(found.all()) else None
-
-
-def q8_0_blocks(int8_data: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
-    """Our int8 pair -> Q8_0 bytes (N, K/32 * 34): every block of a row gets the row's scale (as fp16)."""
-    n, k = int8_data.shape
-    d = fp16_scales(scales)[:, None, None].expand(n, k // 32, 1).contiguous().view(torch.uint8)
-    blocks = torch.cat([d, int8_data.view(n, k // 32, 32).view(torch.uint8)], dim=-1)
-    return blocks.reshape(n, -1).numpy()
-
-
-def save(config: Gemma3Config | Gemma4Config, tensors: dict[str, torch.Tensor], tokenizer: bytes, path: Path,
+def write(config: Gemma3Config | Gemma4Config, tensors: dict[str, torch.Tensor], tokenizer: bytes, path: Path,
          chat_template: str | None = None) -> None:  # fmt: skip
     """Write a Gemma 3 (or Gemma 4) GGUF that llama.cpp runs: int4 -> Q4_0 (exact when the bf16 scales fit fp16
     exactly, as QAT scales do); int4 with zero points -> Q4_K where each 256 weights are a Q4_K block (a Q4_K
@@ -628,7 +420,7 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer: bytes) -> None:
 
 
 def add_tensors(w: gguf.GGUFWriter, tensors: dict, norm_shift: float) -> None:
-    """Every tensor in its GGUF type (see save); a list (stack_experts) becomes one tensor, (experts, N, K)."""
+    """Every tensor in its GGUF type (see write); a list (stack_experts) becomes one tensor, (experts, N, K)."""
     text_tensors = {name: t for name, t in tensors.items() if not name.startswith((*VISION_MODULES, *AUDIO_MODULES))}
     towers = [kind for kind, prefixes in (("vision", VISION_MODULES), ("audio", AUDIO_MODULES))
               if any(name.startswith(prefixes) for name in tensors)]  # fmt: skip
