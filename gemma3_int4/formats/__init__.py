@@ -3,7 +3,7 @@
     read(path) -> (config.json as a dict, or None; tensors in our names; names of weights stored above 4 bits)
     write(config, tensors in our names, tokenizer (a SentencePiece model), dst, ...)   (where we write it)
 
-and checkpoint.py (find any checkpoint, read it, save it) chooses the module by the path, or by the layout asked.
+checkpoint.py finds a checkpoint and reads it with the module its path calls for; convert.py chooses the writer.
 Reading order:
 
 hf                  the Hugging Face layouts: dense, gaunernst int4, and (decoded on the way in, encoded on the
