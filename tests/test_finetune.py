@@ -1,6 +1,7 @@
 """finetune.py and qat.py: the int4 checkpoint runs the fake-quantized training forward (Gemma 3 and Gemma 4,
-LoRA and full), gradients pass the rounding, the loss falls, LoRA merged is LoRA applied, a resumed run ends where
-an uninterrupted one does, and a chat trains on the model's replies only."""
+LoRA and full), training from an int4 checkpoint starts from it exactly, gradients pass the rounding, the loss
+falls, LoRA merged is LoRA applied, a resumed run ends where an uninterrupted one does, and a chat trains on the
+model's replies only."""
 
 import json
 from pathlib import Path
