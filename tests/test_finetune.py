@@ -204,3 +204,22 @@ def test_bad_data_is_one_line(tmp_path, tokenizer_file):
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: {tmp_path / 'data.jsonl'}:2: a message's role is")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_output_carries_a_gguf_sources_chat_template(tmp_path, tokenizer_file):
+    """A GGUF source holds its chat template in its metadata: the fine-tuned directory writes it (and the stop ids)
+    into the tokenizer files that chat.py and transformers read."""
+    import convert
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    source = dense_dir(tmp_path, tokenizer_file)
+    (source / "chat_template.jinja").write_text(template)
+    convert.convert(str(source), tmp_path / "source.gguf", "gguf")
+    write_jsonl(tmp_path / "data.jsonl", [{"text": "A sentence or two to train on, once."}])
+    args = ["--model", tmp_path / "source.gguf", "--data", tmp_path / "data.jsonl", "--out", tmp_path / "out",
+            "--steps", 1, "--warmup", 0, "--held-out", 0]  # fmt: skip
+    result = run_main(finetune, *args)
+    assert result.returncode == 0, result.stderr
+    ours, tuned = Tokenizer.from_pretrained(tmp_path / "source.gguf"), Tokenizer.from_pretrained(tmp_path / "out")
+    assert tuned.chat_template == ours.chat_template == template
+    assert tuned.stop_ids == ours.stop_ids
