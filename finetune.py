@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gemma3_int4 import checkpoint, files, loader, qat
+from gemma3_int4 import checkpoint, files, hf_tokenizer, loader, qat
 from gemma3_int4.checkpoint import DEFAULT_MODEL
 from gemma3_int4.cli import device_arg, one_line_warnings, positive_float, positive_int
 from gemma3_int4.config import BOS_ID
@@ -235,7 +235,10 @@ def finetune(args: argparse.Namespace) -> None:
     tensors = split_projections(qat.int4_tensors(model, levels), model.config)
     source = checkpoint.resolve(args.model)
     proto = checkpoint.tokenizer_proto(source)
-    hf.write(model.config, tensors, proto, args.out, "int4", checkpoint.companion_files(source))
+    # the tokenizer files transformers and chat.py read, with the source's chat template and stop ids (a GGUF's too)
+    text_files = hf_tokenizer.tokenizer_files(proto, tokenizer.chat_template, checkpoint.adds_bos(source),
+                                              list(tokenizer.stop_ids), model.config.max_seq_len)  # fmt: skip
+    hf.write(model.config, tensors, proto, args.out, "int4", checkpoint.companion_files(source), text_files=text_files)
     files.remove(state)
 
 

@@ -3,8 +3,9 @@
 QAT: the training forward sees each weight that our int4 checkpoint stores as int4 on that very grid (symmetric,
 a bf16 scale per group of 32 along K, q in -8..7), fake-quantized: w_q = round(w / s).clamp(-8, 7) * s with
 s = bf16(max |w| / levels). The float weight w is what the optimizer updates; the gradient passes the rounding as
-if it were not there (the straight-through estimator). `levels` is 7 per group (Google's grid), or for a group of a
-QAT int4 source whose largest |q| is below 7 that q, so that the source's grid is kept. int4_tensors quantizes
+if it were not there (the straight-through estimator). `levels` is 7 per group (Google's grid) for a dense weight;
+for an int4 source (a QAT, GPTQ or round-to-nearest checkpoint) each group's own largest |q|, 8 where that is
+q = -8, so that training starts from the source's int4 weights exactly and on its grid. int4_tensors quantizes
 with the same arithmetic: the int4 model's forward (float32) is the fake-quantized training forward.
 
 LoRA: W + (alpha / rank) * B @ A, with A (rank, K) and B (N, rank, zero at first) the only trained tensors of the
@@ -96,11 +97,41 @@ def int4_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def source_levels(w: torch.Tensor) -> torch.Tensor:
-    """Each group's largest |q| on the grid quant.quantize_int4 finds: 7 for dense weights, and for a QAT int4
-    source its own (the rare group whose largest |q| is below 7 keeps its coarser grid)."""
+    """Each group's largest |q|, for FakeQuant's grid s = bf16(max |w| / levels): the source's own grid where the
+    weight is int4 already (exact_levels), else the one quant.quantize_int4 finds: 7 for dense weights, and a QAT
+    source's own, to bf16 precision (the rare group whose largest |q| is below 7 keeps its coarser grid)."""
+    levels = exact_levels(w)
+    if levels is not None:
+        return levels
     data, _ = quant.quantize_int4(w)
     levels = quant.unpack_int4(data).unflatten(-1, (-1, G)).abs().amax(-1).float()
     return torch.where(levels == 0, torch.full_like(levels, 7.0), levels)
+
+
+# Largest |q| tried by exact_levels, the one that counts last: 7 (Google's grid, round to nearest's) before the
+# others, then the finest (8: a group whose largest |w| is q = -8, as GPTQ or a clipped scale leaves it)
+EXACT_LEVELS = (1, 2, 3, 4, 5, 6, 8, 7)
+
+
+def exact_levels(w: torch.Tensor) -> torch.Tensor | None:
+    """A dequantized int4 weight (N, K) (a checkpoint's, loaded dense: every group exactly q * s, s a bf16 value,
+    q in -8..7, whatever its largest |q|) -> each group's largest |q| m, (N, K/32), so that max |w| / m is s and
+    the fake quantization reproduces every weight; None for a weight that is not such (a dense one). (A group can
+    fit two grids, q all even: m and m / 2. Both give the same weights; the finer is kept.)"""
+    blocks = []
+    for i in range(0, w.shape[0], quant.ROW_BLOCK):
+        groups = w[i : i + quant.ROW_BLOCK].float().unflatten(-1, (-1, G))  # (rows, K/32, 32)
+        absmax = groups.abs().amax(-1)
+        levels = torch.where(absmax == 0, 7.0, 0.0)  # an all-zero group: any grid
+        for m in EXACT_LEVELS:
+            s = absmax / m
+            q = torch.round(groups / s[..., None])
+            exact = (q * s[..., None] == groups).all(-1) & (q >= -8).all(-1) & (q <= 7).all(-1)
+            levels = torch.where(exact & (s.to(torch.bfloat16).float() == s), float(m), levels)
+        if (levels == 0).any():
+            return None  # on the first block for a dense weight: its groups fit no grid
+        blocks.append(levels)
+    return torch.cat(blocks)
 
 
 def prepare(

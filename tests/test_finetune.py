@@ -1,8 +1,10 @@
 """finetune.py and qat.py: the int4 checkpoint runs the fake-quantized training forward (Gemma 3 and Gemma 4,
-LoRA and full), gradients pass the rounding, the loss falls, LoRA merged is LoRA applied, a resumed run ends where
-an uninterrupted one does, and a chat trains on the model's replies only."""
+LoRA and full), training from an int4 checkpoint starts from it exactly, gradients pass the rounding, the loss
+falls, LoRA merged is LoRA applied, a resumed run ends where an uninterrupted one does, and a chat trains on the
+model's replies only."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,14 +58,39 @@ def test_int4_checkpoint_runs_the_training_forward(tmp_path, tokenizer_file, gem
     assert (unquantized - trained).abs().max() > 100 * (got - trained).abs().max()  # the grid is what matched
 
 
-def test_qat_source_keeps_its_grid(tiny_int4_dir):
-    """Starting from an int4 checkpoint, the fake quantization reproduces its weights: exported untrained, every
-    int4 tensor comes back as it was."""
-    model = loader.from_pretrained(tiny_int4_dir, torch.float32, weights="dense")
-    qat.prepare(model, lora_rank=4, targets=("qkv_proj",))
+def awkward_int4_dir(tmp_path, source: Path) -> Path:
+    """The int4 checkpoint `source` with groups as GPTQ or a clipping round to nearest leave them: one of each row
+    holding q = -8 (its largest |w| is 8 s) in a third of the rows, one whose largest |q| is 5 in another third, one
+    of even q only in the rest."""
+    config, tensors, _ = loader.load_checkpoint(source)
+    for name in [n for n in tensors if n.endswith(".int4_data")]:
+        q = quant.unpack_int4(tensors[name]).unflatten(-1, (-1, qat.G)).clone()  # (N, K/32, 32)
+        q[0::3, -1, 0] = -8
+        q[1::3, -1] = q[1::3, -1].clamp(-5, 5)
+        q[2::3, -1] = q[2::3, -1].div(2, rounding_mode="floor") * 2
+        tensors[name] = quant.pack_int4(q.flatten(-2))
+    checkpoint.save(config, tensors, checkpoint.tokenizer_proto(source), tmp_path / "awkward")
+    return tmp_path / "awkward"
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_int4_source_keeps_its_grid_exactly(tmp_path, tiny_int4_dir, lora_rank):
+    """QAT from an int4 checkpoint starts from that very model: at step 0 every fake-quantized weight is the
+    checkpoint's int4 weight, bit for bit, so the training forward is the int4 model's, and exported untrained
+    every int4 tensor comes back as it was. Also for groups whose largest |q| is not 7 (q = -8, or below 7)."""
+    source = awkward_int4_dir(tmp_path, tiny_int4_dir)
+    int4 = loader.from_pretrained(source, torch.float32)
+    model = loader.from_pretrained(source, torch.float32, weights="dense")
+    qat.prepare(model, lora_rank, targets=("qkv_proj",))
+    int4_layers = dict(int4.named_modules())
+    for name, m in qat.int4_modules(model).items():
+        assert torch.equal(m.weight, int4_layers[name].dequantize().float()), name
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), int4(ids), atol=1e-5, rtol=1e-5)
     tensors = split_projections(qat.int4_tensors(model, qat.merge(model)), model.config)
-    _, source, _ = loader.load_checkpoint(tiny_int4_dir)
-    for name, t in source.items():
+    _, stored, _ = loader.load_checkpoint(source)
+    for name, t in stored.items():
         if name.endswith((".int4_data", ".scales")):
             assert torch.equal(tensors[name], t), name
 
@@ -177,3 +204,22 @@ def test_bad_data_is_one_line(tmp_path, tokenizer_file):
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: {tmp_path / 'data.jsonl'}:2: a message's role is")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_output_carries_a_gguf_sources_chat_template(tmp_path, tokenizer_file):
+    """A GGUF source holds its chat template in its metadata: the fine-tuned directory writes it (and the stop ids)
+    into the tokenizer files that chat.py and transformers read."""
+    import convert
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    source = dense_dir(tmp_path, tokenizer_file)
+    (source / "chat_template.jinja").write_text(template)
+    convert.convert(str(source), tmp_path / "source.gguf", "gguf")
+    write_jsonl(tmp_path / "data.jsonl", [{"text": "A sentence or two to train on, once."}])
+    args = ["--model", tmp_path / "source.gguf", "--data", tmp_path / "data.jsonl", "--out", tmp_path / "out",
+            "--steps", 1, "--warmup", 0, "--held-out", 0]  # fmt: skip
+    result = run_main(finetune, *args)
+    assert result.returncode == 0, result.stderr
+    ours, tuned = Tokenizer.from_pretrained(tmp_path / "source.gguf"), Tokenizer.from_pretrained(tmp_path / "out")
+    assert tuned.chat_template == ours.chat_template == template
+    assert tuned.stop_ids == ours.stop_ids

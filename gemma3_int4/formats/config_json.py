@@ -20,6 +20,26 @@ from ..config import (
     VisionConfig,
 )
 
+# The towers' configs: the fields config.json stores as they are, or under transformers' name (RENAMED).
+RENAMED = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
+SIGLIP_FIELDS = ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "layer_norm_eps")  # fmt: skip
+GEMMA4_VISION_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                        "patch_size", "pooling_kernel_size", "position_embedding_size", "rms_norm_eps",
+                        "use_clipped_linears", "standardize")  # fmt: skip
+AUDIO_FIELDS = ("hidden_size", "num_layers", "num_heads", "subsampling_conv_channels", "conv_kernel_size",
+                "residual_weight", "attention_chunk_size", "attention_context_left", "attention_logit_cap",
+                "use_clipped_linears", "rms_norm_eps", "gradient_clipping", "output_proj_dims")  # fmt: skip
+
+
+def tower_from_hf(hf_tower: dict, defaults, fields: tuple[str, ...]) -> dict:
+    """Those fields of a tower's config.json object, each taking `defaults`' (transformers') where it is omitted."""
+    return {f: hf_tower.get(RENAMED.get(f, f), getattr(defaults, f)) for f in fields}
+
+
+def tower_to_hf(tower, fields: tuple[str, ...]) -> dict:
+    return {RENAMED.get(f, f): getattr(tower, f) for f in fields}
+
 
 def from_hf(hf: dict) -> Gemma3Config | Gemma4Config:
     """Our config of a config.json: Gemma 4's for its model types, else Gemma 3's (which names a wrong type)."""
@@ -139,32 +159,14 @@ def vision_from_hf(hf: dict) -> VisionConfig:
     if v.get("model_type", "siglip_vision_model") != "siglip_vision_model":
         raise ValueError(f"vision model {v.get('model_type')!r} is not SigLIP")
     d = VisionConfig()
-    return VisionConfig(
-        image_size=v.get("image_size", d.image_size),
-        patch_size=v.get("patch_size", d.patch_size),
-        hidden_size=v.get("hidden_size", d.hidden_size),
-        num_layers=v.get("num_hidden_layers", d.num_layers),
-        num_heads=v.get("num_attention_heads", d.num_heads),
-        intermediate_size=v.get("intermediate_size", d.intermediate_size),
-        layer_norm_eps=v.get("layer_norm_eps", d.layer_norm_eps),
-        tokens_per_image=hf.get("mm_tokens_per_image", d.tokens_per_image),
-        image_token_id=hf.get("image_token_index", d.image_token_id),
-    )
+    tokens = hf.get("mm_tokens_per_image", d.tokens_per_image)
+    image_token_id = hf.get("image_token_index", d.image_token_id)
+    return VisionConfig(**tower_from_hf(v, d, SIGLIP_FIELDS), tokens_per_image=tokens, image_token_id=image_token_id)
 
 
 def vision_to_hf(v: VisionConfig) -> dict:
-    return {
-        "model_type": "siglip_vision_model",
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "hidden_size": v.hidden_size,
-        "num_hidden_layers": v.num_layers,
-        "num_attention_heads": v.num_heads,
-        "intermediate_size": v.intermediate_size,
-        "layer_norm_eps": v.layer_norm_eps,
-        "hidden_act": "gelu_pytorch_tanh",
-        "vision_use_head": False,
-    }
+    return {"model_type": "siglip_vision_model", **tower_to_hf(v, SIGLIP_FIELDS), "hidden_act": "gelu_pytorch_tanh",
+            "vision_use_head": False}  # fmt: skip
 
 
 def gemma4_from_hf(hf: dict) -> Gemma4Config:
@@ -316,42 +318,15 @@ def gemma4_vision_from_hf(hf: dict) -> Gemma4VisionConfig:
     if rope.get("rope_type", "axial") != "axial":
         raise ValueError(f"vision RoPE {rope} is not supported (only Gemma 4's axial)")
     d = Gemma4VisionConfig()
-    return Gemma4VisionConfig(
-        hidden_size=v.get("hidden_size", d.hidden_size),
-        num_layers=v.get("num_hidden_layers", d.num_layers),
-        num_heads=v.get("num_attention_heads", d.num_heads),
-        num_kv_heads=v.get("num_key_value_heads", d.num_kv_heads),
-        head_dim=v.get("head_dim", d.head_dim),
-        intermediate_size=v.get("intermediate_size", d.intermediate_size),
-        patch_size=v.get("patch_size", d.patch_size),
-        pooling_kernel_size=v.get("pooling_kernel_size", d.pooling_kernel_size),
-        position_embedding_size=v.get("position_embedding_size", d.position_embedding_size),
-        rope_theta=rope.get("rope_theta", d.rope_theta),
-        rms_norm_eps=v.get("rms_norm_eps", d.rms_norm_eps),
-        use_clipped_linears=v.get("use_clipped_linears", d.use_clipped_linears),
-        standardize=v.get("standardize", d.standardize),
-        image_token_id=hf.get("image_token_id", d.image_token_id),
-    )
+    fields = tower_from_hf(v, d, GEMMA4_VISION_FIELDS)
+    rope_theta, image_token_id = rope.get("rope_theta", d.rope_theta), hf.get("image_token_id", d.image_token_id)
+    return Gemma4VisionConfig(**fields, rope_theta=rope_theta, image_token_id=image_token_id)
 
 
 def gemma4_vision_to_hf(v: Gemma4VisionConfig) -> dict:
-    return {
-        "model_type": "gemma4_vision",
-        "hidden_size": v.hidden_size,
-        "num_hidden_layers": v.num_layers,
-        "num_attention_heads": v.num_heads,
-        "num_key_value_heads": v.num_kv_heads,
-        "head_dim": v.head_dim,
-        "intermediate_size": v.intermediate_size,
-        "patch_size": v.patch_size,
-        "pooling_kernel_size": v.pooling_kernel_size,
-        "position_embedding_size": v.position_embedding_size,
-        "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-        "rms_norm_eps": v.rms_norm_eps,
-        "use_clipped_linears": v.use_clipped_linears,
-        "standardize": v.standardize,
-        "hidden_activation": "gelu_pytorch_tanh",
-    }
+    rope = {"rope_type": "axial", "rope_theta": v.rope_theta}
+    return {"model_type": "gemma4_vision", **tower_to_hf(v, GEMMA4_VISION_FIELDS), "rope_parameters": rope,
+            "hidden_activation": "gelu_pytorch_tanh"}  # fmt: skip
 
 
 def gemma4_audio_from_hf(hf: dict) -> Gemma4AudioConfig:
@@ -362,40 +337,11 @@ def gemma4_audio_from_hf(hf: dict) -> Gemma4AudioConfig:
     if a.get("attention_context_right", 0) != 0 or a.get("hidden_act", "silu") != "silu":
         raise ValueError("audio config: only Gemma 4's causal attention (no right context) and SiLU are supported")
     d = Gemma4AudioConfig()
-    return Gemma4AudioConfig(
-        hidden_size=a.get("hidden_size", d.hidden_size),
-        num_layers=a.get("num_hidden_layers", d.num_layers),
-        num_heads=a.get("num_attention_heads", d.num_heads),
-        subsampling_conv_channels=tuple(a.get("subsampling_conv_channels", d.subsampling_conv_channels)),
-        conv_kernel_size=a.get("conv_kernel_size", d.conv_kernel_size),
-        residual_weight=a.get("residual_weight", d.residual_weight),
-        attention_chunk_size=a.get("attention_chunk_size", d.attention_chunk_size),
-        attention_context_left=a.get("attention_context_left", d.attention_context_left),
-        attention_logit_cap=a.get("attention_logit_cap", d.attention_logit_cap),
-        use_clipped_linears=a.get("use_clipped_linears", d.use_clipped_linears),
-        rms_norm_eps=a.get("rms_norm_eps", d.rms_norm_eps),
-        gradient_clipping=a.get("gradient_clipping", d.gradient_clipping),
-        output_proj_dims=a.get("output_proj_dims", d.output_proj_dims),
-        audio_token_id=hf.get("audio_token_id", d.audio_token_id),
-    )
+    fields = tower_from_hf(a, d, AUDIO_FIELDS)
+    fields["subsampling_conv_channels"] = tuple(fields["subsampling_conv_channels"])
+    return Gemma4AudioConfig(**fields, audio_token_id=hf.get("audio_token_id", d.audio_token_id))
 
 
 def gemma4_audio_to_hf(a: Gemma4AudioConfig) -> dict:
-    return {
-        "model_type": "gemma4_audio",
-        "hidden_size": a.hidden_size,
-        "num_hidden_layers": a.num_layers,
-        "num_attention_heads": a.num_heads,
-        "subsampling_conv_channels": list(a.subsampling_conv_channels),
-        "conv_kernel_size": a.conv_kernel_size,
-        "residual_weight": a.residual_weight,
-        "attention_chunk_size": a.attention_chunk_size,
-        "attention_context_left": a.attention_context_left,
-        "attention_context_right": 0,
-        "attention_logit_cap": a.attention_logit_cap,
-        "use_clipped_linears": a.use_clipped_linears,
-        "rms_norm_eps": a.rms_norm_eps,
-        "gradient_clipping": a.gradient_clipping,
-        "output_proj_dims": a.output_proj_dims,
-        "hidden_act": "silu",
-    }
+    return {"model_type": "gemma4_audio", **tower_to_hf(a, AUDIO_FIELDS), "attention_context_right": 0,
+            "subsampling_conv_channels": list(a.subsampling_conv_channels), "hidden_act": "silu"}  # fmt: skip
