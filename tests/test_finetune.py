@@ -71,7 +71,7 @@ def awkward_int4_dir(tmp_path, source: Path) -> Path:
         q[1::3, -1] = q[1::3, -1].clamp(-5, 5)
         q[2::3, -1] = q[2::3, -1].div(2, rounding_mode="floor") * 2
         tensors[name] = quant.pack_int4(q.flatten(-2))
-    checkpoint.save(config, tensors, checkpoint.tokenizer_proto(source), tmp_path / "awkward")
+    write(config, tensors, checkpoint.tokenizer_proto(source), tmp_path / "awkward")
     return tmp_path / "awkward"
 
 
