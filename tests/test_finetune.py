@@ -21,15 +21,15 @@ from gemma3_int4.loader import split_projections
 from gemma3_int4.tokenizer import Tokenizer
 
 
-def dense_dir(tmp_path, tokenizer_file, gemma4: bool = False):
-    """A tiny random dense checkpoint (Gemma 3, or Gemma 4 with per-layer embeddings) with our test tokenizer."""
+def dense_dir(tmp_path, tokenizer_file, gemma4: str | None = None):
+    """A tiny random dense checkpoint (Gemma 3, or a Gemma 4 of test_gemma4's KINDS) with our test tokenizer."""
     directory = tmp_path / "dense"
-    (hf_gemma4("e-style") if gemma4 else hf_text_model()).save_pretrained(directory)
+    (hf_gemma4(gemma4) if gemma4 else hf_text_model()).save_pretrained(directory)
     (directory / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
     return directory
 
 
-@pytest.mark.parametrize("gemma4", [False, True], ids=["gemma3", "gemma4"])
+@pytest.mark.parametrize("gemma4", [None, "e-style", "moe"], ids=["gemma3", "gemma4", "gemma4-moe"])
 @pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
 def test_int4_checkpoint_runs_the_training_forward(tmp_path, tokenizer_file, gemma4, lora_rank):
     source = dense_dir(tmp_path, tokenizer_file, gemma4)
@@ -52,6 +52,8 @@ def test_int4_checkpoint_runs_the_training_forward(tmp_path, tokenizer_file, gem
     write(model.config, tensors, tokenizer_file.read_bytes(), tmp_path / "int4")
     int4 = loader.from_pretrained(tmp_path / "int4", torch.float32)
     assert isinstance(int4.layers[0].mlp.down_proj, quant.Int4Linear) and isinstance(int4.embed, quant.Int4Linear)
+    if gemma4 == "moe":  # the experts trained on the grid too, and exported as int4
+        assert isinstance(int4.layers[0].experts[0].gate_up_proj, quant.Int4Linear)
     with torch.no_grad():
         got = int4(ids)
     torch.testing.assert_close(got, trained, atol=1e-5, rtol=1e-5)
@@ -69,7 +71,7 @@ def awkward_int4_dir(tmp_path, source: Path) -> Path:
         q[1::3, -1] = q[1::3, -1].clamp(-5, 5)
         q[2::3, -1] = q[2::3, -1].div(2, rounding_mode="floor") * 2
         tensors[name] = quant.pack_int4(q.flatten(-2))
-    checkpoint.save(config, tensors, checkpoint.tokenizer_proto(source), tmp_path / "awkward")
+    write(config, tensors, checkpoint.tokenizer_proto(source), tmp_path / "awkward")
     return tmp_path / "awkward"
 
 

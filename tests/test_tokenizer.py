@@ -1,3 +1,6 @@
+"""tokenizer.py: special ids, round trips, the chat template against the checkpoint's, streaming decode, which
+models are instruction-tuned, and bad tokenizer files."""
+
 import random
 
 import pytest
