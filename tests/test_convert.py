@@ -332,22 +332,22 @@ def test_zero_points_of_rows_not_a_multiple_of_8_are_padded():
 def test_bad_inputs_give_clear_errors(tiny_int4_dir, export, tmp_path):
     out = run_convert(tiny_int4_dir, tmp_path / "x", "--to", "exl2")
     assert out.returncode == 2 and "invalid choice" in out.stderr
-    awq = tmp_path / "awq"
-    shutil.copytree(export(tiny_int4_dir, "awq"), awq)
-    out = run_convert(tiny_int4_dir, awq, "--to", "awq")
+    awq_dir = tmp_path / "awq"
+    shutil.copytree(export(tiny_int4_dir, "awq"), awq_dir)
+    out = run_convert(tiny_int4_dir, awq_dir, "--to", "awq")
     assert out.returncode == 1 and "already exists" in out.stderr
-    config = json.loads((awq / "config.json").read_text())
+    config = json.loads((awq_dir / "config.json").read_text())
     for bad, message in [({"quant_method": "gptq"}, "quant_method 'gptq'"), ({"bits": 8}, "bits=8")]:
         broken = config | {"quantization_config": config["quantization_config"] | bad}
-        (awq / "config.json").write_text(json.dumps(broken))
+        (awq_dir / "config.json").write_text(json.dumps(broken))
         with pytest.raises(ValueError, match=message):
-            convert.convert(str(awq), tmp_path / "again", "int4")
-    (awq / "config.json").write_text(json.dumps(config))
-    shard = next(awq.glob("*.safetensors"))
+            convert.convert(str(awq_dir), tmp_path / "again", "int4")
+    (awq_dir / "config.json").write_text(json.dumps(config))
+    shard = next(awq_dir.glob("*.safetensors"))
     tensors = load_file(shard)
     del tensors[next(k for k in tensors if k.endswith(".qzeros"))]
     save_file(tensors, shard)
-    out = run_convert(awq, tmp_path / "again", "--to", "int4")
+    out = run_convert(awq_dir, tmp_path / "again", "--to", "int4")
     assert out.returncode == 1 and "comes without" in out.stderr and "qzeros" in out.stderr
     assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))
 
